@@ -1,0 +1,611 @@
+"""One typed configuration for every mars_ray stage.
+
+The root :class:`Config` is a tree of small dataclasses, one per concern. Values come
+from three layers, later ones winning::
+
+    defaults  <  --config FILE.yaml  <  dotted overrides (--mars.tau 0.5, --train.lr=2e-5)
+
+Every key is a dotted path (``mars.tau``). Unknown keys are errors with a "did you mean"
+hint; values are type-checked and never silently changed; cross-field rules live in one
+place, :meth:`Config.validate`. Each stage receives only its own sub-config.
+
+This module imports only the standard library and PyYAML so it is cheap to import from
+the CLI, from Ray workers and from tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+CONFIG_FILENAME = "config.yaml"
+
+
+# --------------------------------------------------------------------------------------
+# Sections. Each field's help text is its comment; `mars-ray config show` prints values.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    # File path (jsonl/json/csv/parquet), a Hugging Face dataset id, or "builtin:demo".
+    path: str = "builtin:demo"
+    # Reader: auto-detected from the fields when "auto".
+    format: Literal[
+        "auto", "pairs", "hh-rlhf", "pku-saferlhf", "ultrafeedback", "rewardbench", "generic"
+    ] = "auto"
+    # Generic format: our field name -> column in the file (keys: prompt, chosen, rejected, subset).
+    columns: dict[str, str] = field(default_factory=dict)
+    # PKU-SafeRLHF native rows: follow the helpfulness ("better") or the safety ("safer") label.
+    pku_label: Literal["better", "safer"] = "safer"
+    # Hugging Face datasets only: split and config name.
+    hf_split: str = "train"
+    hf_name: Optional[str] = None
+    # Keep at most this many pairs (deterministic under `seed`); null keeps all.
+    max_pairs: Optional[int] = None
+    # Held-out fractions; the rest is train. Splits depend only on data + seed, never on method.
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    # Keep all pairs of one prompt in the same split ("prompt") or split pair by pair ("pair").
+    split_by: Literal["prompt", "pair"] = "prompt"
+    # Token limits: prompts are truncated from the left, responses capped; no pair is dropped.
+    max_prompt_tokens: int = 512
+    max_response_tokens: int = 192
+    # Tokenizer for length statistics and limits; null uses model.reward.
+    tokenizer: Optional[str] = None
+    # Stop with an error when more than this fraction of rows is quarantined (wrong format?).
+    max_bad_fraction: float = 0.5
+    # Keep rows whose chosen == rejected (flagged) instead of quarantining them.
+    keep_identical: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # Reward-model backbone: hub id, local path, or builtin:minilm.
+    reward: str = "builtin:minilm"
+    # Sentence encoder for semantic distances.
+    encoder: str = "builtin:minilm"
+    # Where converted built-in models and generation caches live; null: $MARS_RAY_CACHE or ~/.cache/mars_ray.
+    cache_dir: Optional[str] = None
+    # Compute dtype: "auto" is bfloat16 on GPU and float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Never touch the hub (also implied by HF_HUB_OFFLINE=1); null: from the environment.
+    offline: Optional[bool] = None
+
+
+@dataclass
+class MarsConfig:
+    # What differs per method.
+    strategy: Literal["mars", "mars-nosem", "uniform", "none", "west-of-n", "adaboost"] = "mars"
+    # Allocation q = softmax(-tau * margin): "signed" (v2), "abs" (v1: |margin|), "uniform".
+    allocation: Literal["signed", "abs", "uniform"] = "signed"
+    # Temperature of the allocation; tau -> 0 is uniform.
+    tau: float = 0.5
+    # Synthetic pairs added per epoch (the paper: 5000 per 1,000 pairs).
+    budget: int = 200
+    # Outer MARS epochs T.
+    epochs: int = 2
+    # West-of-N: responses generated per prompt.
+    west_of_n: int = 4
+    # AdaBoost-style weights w ∝ exp(-beta * margin).
+    adaboost_beta: float = 1.0
+
+
+@dataclass
+class SemanticConfig:
+    # Rewrite semantically-too-close pairs (off for the mars-nosem ablation).
+    enabled: bool = True
+    # Distance threshold; null uses the dataset mean distance (the paper).
+    threshold: Optional[float] = None
+    batch_size: int = 64
+
+
+@dataclass
+class RewriteConfig:
+    # "local": a chat model through transformers; "openai": any OpenAI-compatible endpoint.
+    backend: Literal["local", "openai"] = "local"
+    model: str = "builtin:smollm2"
+    # OpenAI-compatible endpoint; the key is read from the environment variable named here.
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_attempts_rejected: int = 5
+    max_attempts_chosen: int = 5
+    max_new_tokens: int = 192
+    temperature: float = 0.7
+    # Endpoint etiquette: parallel requests, per-request timeout, retries, budgets (null: unlimited).
+    concurrency: int = 4
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    max_requests: Optional[int] = None
+    max_tokens: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
+class ParaphraseConfig:
+    # "local": chat model; "seq2seq": T5-style "paraphrase: <text>"; "openai": endpoint.
+    backend: Literal["local", "seq2seq", "openai"] = "local"
+    model: str = "builtin:smollm2"
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    num_beams: int = 4
+    no_repeat_ngram_size: int = 3
+    max_new_tokens: int = 160
+    temperature: float = 0.0
+    batch_size: int = 8
+    # Quality gate on every paraphrase.
+    min_length_ratio: float = 0.5
+    max_length_ratio: float = 2.0
+    max_copy_similarity: float = 0.95
+    min_semantic_similarity: float = 0.7
+    # Paraphrase prompts too.
+    prompts: bool = False
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-5
+    batch_size: int = 8
+    # Passes over D^t per MARS epoch.
+    passes: int = 1
+    max_steps: Optional[int] = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    grad_accum: int = 1
+    # LoRA through peft (paper: r=16, alpha=32; the score head is trained in full).
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # Add a per-pair margin term to the Bradley-Terry loss.
+    margin_term: bool = False
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+    stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Use torch's AdamW inside DeepSpeed (no fused-Adam compilation).
+    torch_adam: bool = True
+
+
+@dataclass
+class TuneConfig:
+    # Grid values or ranges per dotted key, e.g. {"mars.tau": [0.1, 0.5, 1.0]}.
+    space: dict[str, list[Any]] = field(default_factory=dict)
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = 1
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["fifo", "asha"] = "asha"
+    max_concurrent: int = 1
+    trial_cpus: float = 0.01
+
+
+@dataclass
+class ServeConfig:
+    # Loopback unless told otherwise.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_replicas: int = 1
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.01
+    # Bearer token read from this environment variable (null: no auth).
+    auth_token_env: Optional[str] = None
+    max_text_chars: int = 20000
+    max_batch_items: int = 256
+    normalize: bool = False
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class RLConfig:
+    policy: str = "builtin:smollm2"
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    steps: int = 2
+    lr: float = 1e-5
+    kl_coef: float = 0.02
+    clip: float = 0.2
+    num_generations: int = 4
+    max_new_tokens: int = 32
+    # Judge for win-rates: "local" model or an OpenAI-compatible endpoint.
+    judge_backend: Literal["local", "openai"] = "local"
+    judge_model: str = "builtin:smollm2"
+    judge_base_url: Optional[str] = None
+
+
+@dataclass
+class ResourcesConfig:
+    # Ray cluster address ("auto", "ray://host:10001"); null starts/joins a local Ray
+    # (a job started with `ray job submit` joins its cluster automatically).
+    ray_address: Optional[str] = None
+    # CPUs for a local Ray started by mars-ray (null: all).
+    num_cpus: Optional[int] = None
+    # Ray Data actor pools (scoring, embedding, generation).
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int = 32
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    # Refuse to write into a non-empty directory unless set.
+    overwrite: bool = False
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mars: MarsConfig = field(default_factory=MarsConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    paraphrase: ParaphraseConfig = field(default_factory=ParaphraseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "Config":
+        """Build a config from a nested mapping (e.g. parsed YAML) over the defaults.
+
+        Raises:
+            ValueError: an unknown key (with a "did you mean" hint) or a value of the wrong type.
+        """
+        cfg = cls()
+        for key, value in _flatten(data, source=source).items():
+            cfg.set(key, value, source=source)
+        return cfg
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+    ) -> "Config":
+        """defaults < YAML file at ``path`` < ``overrides`` (dotted key -> value), validated.
+
+        Raises:
+            ValueError: unreadable file, unknown key, bad value, or a failed cross-field check.
+        """
+        cfg = cls()
+        if path is not None:
+            cfg = cls.from_dict(read_yaml(path), source=str(path))
+        for key, value in (overrides or {}).items():
+            cfg.set(key, value, source="command line", from_text=isinstance(value, str))
+        return cfg.validate()
+
+    def set(self, key: str, value: Any, *, source: str = "config", from_text: bool = False) -> None:
+        """Set a dotted key. With ``from_text`` the value is a command-line string parsed as YAML.
+
+        Raises:
+            ValueError: unknown key or a value that does not fit the field's type.
+        """
+        owner, name, hint = _locate(self, key)
+        if from_text:
+            value = _parse_text(value, hint)
+        setattr(owner, name, _check_type(value, hint, f"{key} (from {source})"))
+
+    def get(self, key: str) -> Any:
+        owner, name, _ = _locate(self, key)
+        return getattr(owner, name)
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> "Config":
+        """Check every field's type and the cross-field rules; return self.
+
+        Raises:
+            ValueError: listing every problem found, each with how to fix it.
+        """
+        problems: list[str] = []
+        for key, hint, value in _walk(self):
+            try:
+                _check_type(value, hint, key)
+            except ValueError as e:
+                problems.append(str(e))
+        problems += _cross_field_problems(self)
+        if problems:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    # ---------------------------------------------------------------- output
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def hash(self) -> str:
+        """Short stable hash of the resolved values (for run ids, caches, /health)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the resolved config as ``directory/config.yaml`` (runnable with --config)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / CONFIG_FILENAME
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(self.to_yaml(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def keys() -> list[str]:
+    """Every dotted key the config knows, in declaration order."""
+    return [k for k, _, _ in _walk(Config())]
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping.
+
+    Raises:
+        ValueError: missing/unreadable file, invalid YAML, or a top level that is not a mapping.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: cannot read config file: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# Internals
+# --------------------------------------------------------------------------------------
+
+_LEAF_DICT_KEYS = {"data.columns", "tune.space"}
+
+
+def _flatten(data: dict[str, Any], *, source: str, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in _LEAF_DICT_KEYS:
+            if not v:
+                continue
+            out.update(_flatten(v, source=source, prefix=key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _locate(cfg: Config, key: str) -> tuple[Any, str, Any]:
+    """Return (owning dataclass, field name, type hint) for a dotted key."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(type(obj))
+        if part not in hints:
+            prefix = ".".join(parts[:i])
+            known = [f"{prefix}.{h}" if prefix else h for h in hints]
+            raise ValueError(_unknown_key_message(key, known))
+        value = getattr(obj, part)
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(value):
+            if last:
+                raise ValueError(f"{key} is a section; set one of its keys, e.g. {key}.{next(iter(typing.get_type_hints(type(value))))}")
+            obj = value
+            continue
+        if not last:
+            raise ValueError(_unknown_key_message(key, keys()))
+        return obj, part, hints[part]
+    raise ValueError(f"empty config key {key!r}")  # pragma: no cover
+
+
+def _unknown_key_message(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, keys(), n=3, cutoff=0.6) or difflib.get_close_matches(
+        key, candidates, n=3, cutoff=0.5
+    )
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; `mars-ray config show` lists every key"
+    return f"unknown config key {key!r}{hint}"
+
+
+def _walk(obj: Any, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, key + ".")
+        else:
+            yield key, typing.get_type_hints(type(obj))[f.name], value
+
+
+def _parse_text(text: str, hint: Any) -> Any:
+    """Parse a command-line string: YAML scalars/lists for typed fields, raw text for str fields."""
+    if _accepts_str(hint):
+        parsed = yaml.safe_load(text) if text.strip() else text
+        # "null" on the command line clears an Optional[str]; everything else stays verbatim text.
+        return None if parsed is None and _is_optional(hint) else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse {text!r}: {e}") from None
+
+
+def _is_optional(hint: Any) -> bool:
+    return _is_union(hint) and type(None) in typing.get_args(hint)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def _accepts_str(hint: Any) -> bool:
+    if hint is str:
+        return True
+    if _is_union(hint):
+        return any(a is str for a in typing.get_args(hint))
+    return False
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Return ``value`` if it fits ``hint`` (ints are accepted for floats), else raise."""
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if _is_union(hint):
+        errors = []
+        for arg in typing.get_args(hint):
+            try:
+                return _check_type(value, arg, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}: {value!r} is not a valid {_type_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        tip = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{where}: {value!r} is not one of {list(choices)}{tip}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(hint) or (Any, Any)
+        return {_check_type(k, kt, where): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # pragma: no cover
+
+
+def _type_name(hint: Any) -> str:
+    if _is_union(hint):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _cross_field_problems(cfg: Config) -> list[str]:
+    """Rules that involve more than one field or a range; each message says how to fix it."""
+    p: list[str] = []
+    d, m = cfg.data, cfg.mars
+    if not d.path:
+        p.append("data.path is empty: give a file, a Hugging Face dataset id, or builtin:demo")
+    if d.max_pairs is not None and d.max_pairs < 1:
+        p.append(f"data.max_pairs={d.max_pairs} must be >= 1 (or null to keep all pairs)")
+    for name in ("val_fraction", "test_fraction"):
+        v = getattr(d, name)
+        if not 0.0 <= v < 1.0:
+            p.append(f"data.{name}={v} must be in [0, 1)")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        p.append(
+            f"data.val_fraction + data.test_fraction = {d.val_fraction + d.test_fraction} leaves no "
+            "training data; make their sum < 1"
+        )
+    if d.max_prompt_tokens < 1 or d.max_response_tokens < 1:
+        p.append("data.max_prompt_tokens and data.max_response_tokens must be >= 1")
+    if not 0.0 < d.max_bad_fraction <= 1.0:
+        p.append(f"data.max_bad_fraction={d.max_bad_fraction} must be in (0, 1]")
+    if d.format == "generic" and not {"prompt", "chosen", "rejected"} <= set(d.columns):
+        p.append(
+            "data.format=generic needs data.columns with prompt, chosen and rejected, e.g. "
+            "--data.columns '{prompt: question, chosen: good, rejected: bad}'"
+        )
+    unknown_cols = set(d.columns) - {"prompt", "chosen", "rejected", "subset"}
+    if unknown_cols:
+        p.append(f"data.columns has unknown keys {sorted(unknown_cols)}; use prompt, chosen, rejected, subset")
+    if m.tau <= 0:
+        p.append(f"mars.tau={m.tau} must be > 0 (small tau approaches uniform allocation; use mars.allocation=uniform for exactly uniform)")
+    if m.budget < 0:
+        p.append(f"mars.budget={m.budget} must be >= 0")
+    if m.epochs < 1:
+        p.append(f"mars.epochs={m.epochs} must be >= 1")
+    if m.west_of_n < 2:
+        p.append(f"mars.west_of_n={m.west_of_n} must be >= 2 (best and worst of N)")
+    pp = cfg.paraphrase
+    if not 0 < pp.min_length_ratio <= 1 <= pp.max_length_ratio:
+        p.append("paraphrase.min_length_ratio must be in (0, 1] and paraphrase.max_length_ratio >= 1")
+    for name in ("max_copy_similarity", "min_semantic_similarity"):
+        if not 0.0 <= getattr(pp, name) <= 1.0:
+            p.append(f"paraphrase.{name} must be in [0, 1]")
+    for section in (cfg.rewrite, cfg.paraphrase):
+        sec = "rewrite" if section is cfg.rewrite else "paraphrase"
+        if section.backend == "openai" and not section.base_url and not os.environ.get(section.api_key_env):
+            p.append(
+                f"{sec}.backend=openai needs {sec}.base_url (an OpenAI-compatible server) or the "
+                f"environment variable {section.api_key_env} for api.openai.com"
+            )
+    t = cfg.train
+    if t.lr <= 0:
+        p.append(f"train.lr={t.lr} must be > 0")
+    if t.batch_size < 1 or t.grad_accum < 1 or t.passes < 1:
+        p.append("train.batch_size, train.grad_accum and train.passes must be >= 1")
+    if t.num_workers < 0:
+        p.append("train.num_workers must be >= 0 (0 runs the loop in the driver, for tests)")
+    if cfg.deepspeed.enabled and t.num_workers < 1:
+        p.append("deepspeed.enabled needs train.num_workers >= 1 (DeepSpeed runs on Ray Train workers)")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
+        p.append("deepspeed.offload_params needs deepspeed.stage=3")
+    if not 1 <= cfg.serve.port <= 65535:
+        p.append(f"serve.port={cfg.serve.port} must be in 1..65535")
+    if cfg.resources.actors < 1:
+        p.append("resources.actors must be >= 1")
+    if cfg.resources.batch_size < 1:
+        p.append("resources.batch_size must be >= 1")
+    if cfg.tune.space:
+        for key in cfg.tune.space:
+            try:
+                _locate(cfg, key)
+            except ValueError as e:
+                p.append(f"tune.space: {e}")
+    if not cfg.output.dir:
+        p.append("output.dir is empty")
+    return p

@@ -1,0 +1,45 @@
+"""Ray start-up shared by every command (thin wiring; no algorithm code here).
+
+The same command runs three ways, chosen by configuration only:
+
+- locally: no address anywhere -> start a private local Ray (``resources.num_cpus``);
+- as a job: ``ray job submit ... -- mars-ray ...`` sets ``RAY_ADDRESS`` for the driver, which joins
+  the cluster it was submitted to (its runtime_env, e.g. ``--working-dir``, is already applied);
+- remote driver: ``--ray-address`` / ``resources.ray_address`` (``auto``, ``ray://host:10001``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mars_ray.config import ResourcesConfig
+
+# Environment that workers need to behave like the driver (offline hub, caches, thread counts).
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "MARS_RAY_CACHE", "DS_ACCELERATOR")
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def init_ray(cfg: ResourcesConfig, **kwargs: Any):
+    """Start or join Ray once per process; returns ``ray.get_runtime_context()``.
+
+    Re-entrant: does nothing if Ray is already initialised (tests and nested commands).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    runtime_env = {"env_vars": worker_env()}
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, runtime_env=runtime_env, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):
+        # A job driver: its runtime_env comes from `ray job submit` (merging ours could conflict).
+        ray.init(**kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+    return ray.get_runtime_context()

@@ -1,0 +1,60 @@
+"""Shared fixtures. Tests are layered: unit (no Ray), `ray` (local Ray), `slow` (real models)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Never reach for the hub from tests; built-in models are on disk.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def shared_file(name: str) -> Path:
+    """A file from ../shared/data, or skip the test with a clear reason."""
+    p = SHARED_DATA / name
+    if not p.exists():
+        pytest.skip(f"real data file {p} is absent (the ../shared/data folder is not beside the project)")
+    return p
+
+
+HH = "hh_rlhf_helpful_base_test.jsonl"
+PKU = "pku_saferlhf_v0test_safe_vs_unsafe_3590.jsonl"
+UF = "ultrafeedback_binarized_sample_1200.jsonl"
+LLMBAR = "llmbar_rewardbench_chat_hard_419.jsonl"
+
+
+def head_lines(name: str, n: int, out: Path) -> Path:
+    """Copy the first ``n`` lines of a shared data file to ``out`` (a tmp file, never the repo)."""
+    src = shared_file(name)
+    with src.open("rb") as f, out.open("wb") as g:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            g.write(line)
+    return out
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (start-up costs ~5 s)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
