@@ -24,8 +24,11 @@ def text_problem(value: object) -> str | None:
         return f"expected a string, got {type(value).__name__}"
     if not value.strip():
         return "empty or whitespace-only"
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
-        return "invalid UTF-8 (undecodable bytes)"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")  # fails only on lone surrogates, i.e. undecodable input bytes
+        except UnicodeEncodeError:
+            return "invalid UTF-8 (undecodable bytes)"
     return None
 
 

