@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,9 +60,10 @@ def ray_head():
     Stopped by signalling only its own process group: `ray stop` would also kill every other
     Ray on the machine, including the one this test session uses.
     """
-    if shutil.which("ray") is None:
-        pytest.skip("the `ray` CLI is not on PATH")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # The `ray` and `mars-ray` scripts live beside this interpreter (the venv may not be activated).
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    assert shutil.which("ray", path=env["PATH"]), f"the ray CLI is missing from {bin_dir}"
     env.pop("RAY_ADDRESS", None)
     tmp = tempfile.mkdtemp(prefix="/tmp/mrh")
     gcs, dash = _free_port(), _free_port()
