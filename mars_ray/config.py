@@ -102,6 +102,14 @@ class MarsConfig:
 
 
 @dataclass
+class AugmentConfig:
+    # `mars-ray augment`: which MARS epoch this is (lineage; epoch 1 scores with the base model).
+    epoch: int = 1
+    # Text generation: prompts per generate() call inside an actor.
+    generation_batch_size: int = 8
+
+
+@dataclass
 class SemanticConfig:
     # Rewrite semantically-too-close pairs (off for the mars-nosem ablation).
     enabled: bool = True
@@ -258,6 +266,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mars: MarsConfig = field(default_factory=MarsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     paraphrase: ParaphraseConfig = field(default_factory=ParaphraseConfig)
@@ -568,6 +577,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"mars.budget={m.budget} must be >= 0")
     if m.epochs < 1:
         p.append(f"mars.epochs={m.epochs} must be >= 1")
+    if cfg.augment.epoch < 1:
+        p.append(f"augment.epoch={cfg.augment.epoch} must be >= 1")
     if m.west_of_n < 2:
         p.append(f"mars.west_of_n={m.west_of_n} must be >= 2 (best and worst of N)")
     pp = cfg.paraphrase

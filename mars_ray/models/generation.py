@@ -1,0 +1,204 @@
+"""One interface for every text generator (local chat model, seq2seq paraphraser, OpenAI-compatible
+endpoint), and a content-hash cache in front of any of them.
+
+A *request* is either a plain string (seq2seq input, or a single user turn for chat models) or a
+list of chat messages ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+
+``generate(requests, n)`` returns, for each request, a list of ``n`` outputs; an output is ``None``
+when that generation failed (endpoint error after retries, budget exhausted). A generator never
+raises for one bad request: callers count failures and carry on, so no pair is lost.
+
+The cache works in *slots*: output k of request r under (model id, generation params) is stored
+under ``sha256(model_id, params, r, k)``. Asking later for more outputs of the same request reuses
+the slots already generated and produces only the missing ones, so an epoch, a rerun or a sweep
+never generates the same text twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence, Union, runtime_checkable
+
+Message = dict[str, str]
+Request = Union[str, list[Message]]
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Decoding parameters; part of every cache key."""
+
+    max_new_tokens: int = 160
+    temperature: float = 0.0  # 0: deterministic (beam search when n > 1, else greedy)
+    top_p: float = 1.0
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+    seed: int = 0
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@runtime_checkable
+class TextGenerator(Protocol):
+    """What every back end implements."""
+
+    model_id: str  # stable id for lineage and cache keys, e.g. "builtin:smollm2" or "openai:gpt-4.1"
+    params: GenParams
+
+    def generate(self, requests: Sequence[Request], n: int = 1) -> list[list[str | None]]:
+        """``n`` outputs per request (``None`` marks a failed one); never raises for one bad request."""
+        ...
+
+
+def as_messages(request: Request, system: str | None = None) -> list[Message]:
+    """A request as chat messages (a plain string becomes one user turn)."""
+    if isinstance(request, str):
+        msgs = [{"role": "user", "content": request}]
+    else:
+        msgs = [dict(m) for m in request]
+    if system and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+def as_text(request: Request) -> str:
+    """A request as plain text (chat messages: the last user turn)."""
+    if isinstance(request, str):
+        return request
+    users = [m["content"] for m in request if m.get("role") == "user"]
+    return users[-1] if users else request[-1]["content"]
+
+
+def request_key(model_id: str, params: GenParams, request: Request, slot: int) -> str:
+    blob = json.dumps([model_id, params.key(), request, slot], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class GenerationCache:
+    """An on-disk key -> text store (SQLite, safe for several processes on one machine).
+
+    On a multi-node cluster point ``model.cache_dir`` at shared storage to share it across nodes.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as c:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT, created REAL)")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60)
+            self._local.conn = conn
+        return conn
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        conn = self._conn()
+        for i in range(0, len(keys), 500):
+            chunk = list(keys[i : i + 500])
+            q = f"SELECT key, text FROM gen WHERE key IN ({','.join('?' * len(chunk))})"
+            out.update(dict(conn.execute(q, chunk).fetchall()))
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, str]], model: str = "") -> None:
+        if not items:
+            return
+        now = time.time()
+        with self._conn() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO gen (key, text, model, created) VALUES (?, ?, ?, ?)",
+                [(k, t, model, now) for k, t in items],
+            )
+
+    def __len__(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM gen").fetchone()[0])
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for Ray actors: reconnect on the other side
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+
+@dataclass
+class CacheStats:
+    requested: int = 0  # outputs asked for
+    hits: int = 0  # served from the cache
+    generated: int = 0  # produced by the back end
+    failed: int = 0  # back end returned None (not cached, retried on a later call)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class CachedGenerator:
+    """A :class:`TextGenerator` behind a :class:`GenerationCache` (only successes are cached)."""
+
+    inner: TextGenerator
+    cache: GenerationCache | None
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def params(self) -> GenParams:
+        return self.inner.params
+
+    def generate(self, requests: Sequence[Request], n: int = 1) -> list[list[str | None]]:
+        self.stats.requested += len(requests) * n
+        if self.cache is None or n == 0:
+            outs = self.inner.generate(requests, n) if n else [[] for _ in requests]
+            self._count(outs)
+            return outs
+        keys = [[request_key(self.model_id, self.params, r, k) for k in range(n)] for r in requests]
+        found = self.cache.get_many([k for ks in keys for k in ks])
+        self.stats.hits += len(found)
+        results: list[list[str | None]] = [[found.get(k) for k in ks] for ks in keys]
+        # Generate the missing slots, grouping requests by how many they miss (one call per group).
+        by_missing: dict[int, list[int]] = {}
+        for i, row in enumerate(results):
+            missing = sum(1 for t in row if t is None)
+            if missing:
+                by_missing.setdefault(missing, []).append(i)
+        new_items: list[tuple[str, str]] = []
+        for m, idxs in by_missing.items():
+            outs = self.inner.generate([requests[i] for i in idxs], m)
+            self._count(outs)
+            for i, gen in zip(idxs, outs):
+                it = iter(gen)
+                for k in range(n):
+                    if results[i][k] is None:
+                        text = next(it, None)
+                        results[i][k] = text
+                        if text is not None:
+                            new_items.append((keys[i][k], text))
+        self.cache.put_many(new_items, model=self.model_id)
+        return results
+
+    def _count(self, outs: list[list[str | None]]) -> None:
+        for row in outs:
+            for t in row:
+                if t is None:
+                    self.stats.failed += 1
+                else:
+                    self.stats.generated += 1
+
+
+def default_cache(cache_dir: str | None = None) -> GenerationCache:
+    from mars_ray.models.resolve import cache_root
+
+    return GenerationCache(cache_root(cache_dir) / "generations.sqlite")
