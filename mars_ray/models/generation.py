@@ -9,9 +9,8 @@ when that generation failed (endpoint error after retries, budget exhausted). A 
 raises for one bad request: callers count failures and carry on, so no pair is lost.
 
 The cache works in *slots*: output k of request r under (model id, generation params) is stored
-under ``sha256(model_id, params, r, k)``. Asking later for more outputs of the same request reuses
-the slots already generated and produces only the missing ones, so an epoch, a rerun or a sweep
-never generates the same text twice.
+under ``sha256(model_id, params, r, k)``. A request whose slots are all cached costs nothing, so a
+rerun, a resumed epoch or a sweep trial with the same requests generates nothing again.
 """
 
 from __future__ import annotations
@@ -135,7 +134,7 @@ class GenerationCache:
 class CacheStats:
     requested: int = 0  # outputs asked for
     hits: int = 0  # served from the cache
-    generated: int = 0  # produced by the back end
+    generated: int = 0  # produced by the back end (a partly cached request is generated whole)
     failed: int = 0  # back end returned None (not cached, retried on a later call)
 
     def as_dict(self) -> dict[str, int]:
@@ -168,24 +167,19 @@ class CachedGenerator:
         found = self.cache.get_many([k for ks in keys for k in ks])
         self.stats.hits += len(found)
         results: list[list[str | None]] = [[found.get(k) for k in ks] for ks in keys]
-        # Generate the missing slots, grouping requests by how many they miss (one call per group).
-        by_missing: dict[int, list[int]] = {}
-        for i, row in enumerate(results):
-            missing = sum(1 for t in row if t is None)
-            if missing:
-                by_missing.setdefault(missing, []).append(i)
+        # Requests with any missing slot are generated again with the same n, and only the missing
+        # slots are filled from the same positions: output k of an n-output call (beam k of n, or
+        # sample k) stays distinct from the cached ones, which asking for fewer outputs would not.
+        todo = [i for i, row in enumerate(results) if any(t is None for t in row)]
         new_items: list[tuple[str, str]] = []
-        for m, idxs in by_missing.items():
-            outs = self.inner.generate([requests[i] for i in idxs], m)
+        if todo:
+            outs = self.inner.generate([requests[i] for i in todo], n)
             self._count(outs)
-            for i, gen in zip(idxs, outs):
-                it = iter(gen)
+            for i, gen in zip(todo, outs):
                 for k in range(n):
-                    if results[i][k] is None:
-                        text = next(it, None)
-                        results[i][k] = text
-                        if text is not None:
-                            new_items.append((keys[i][k], text))
+                    if results[i][k] is None and k < len(gen) and gen[k] is not None:
+                        results[i][k] = gen[k]
+                        new_items.append((keys[i][k], gen[k]))
         self.cache.put_many(new_items, model=self.model_id)
         return results
 

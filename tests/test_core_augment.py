@@ -1,0 +1,215 @@
+"""Pure augmentation core: allocation (Lemma 1, limits), semantic labels, pools, lineage, gates, refinement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mars_ray.core.allocation import allocation_weights, integer_budgets, lemma1_objective, split_counts
+from mars_ray.core.filters import clean_generation, copy_similarity, introduced_harm, is_degenerate, paraphrase_rejection
+from mars_ray.core.pairs import Draw, fit_budgets, operation_name, pool_capacity, sample_pool, synthetic_rows
+from mars_ray.core.refine import RefineItem, refine_batch, refine_summary
+from mars_ray.core.semantic import cosine_distance, semantic_labels
+
+# ------------------------------------------------------------------ allocation
+
+
+def test_signed_softmax_favours_low_and_negative_margins():
+    m = np.array([-2.0, 0.0, 1.0, 3.0])
+    q = allocation_weights(m, tau=0.5)
+    assert np.isclose(q.sum(), 1) and np.all(np.diff(q) < 0)
+    expected = np.exp(-0.5 * m) / np.exp(-0.5 * m).sum()
+    assert np.allclose(q, expected)
+    q_abs = allocation_weights(m, tau=0.5, mode="abs")
+    assert q_abs[1] == q_abs.max() and np.isclose(q_abs[0], q_abs[3] * np.exp(-0.5 * (2 - 3)))
+
+
+def test_lemma1_q_maximises_the_regularised_objective():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=20)
+    for tau in (0.1, 0.5, 2.0):
+        q = allocation_weights(m, tau)
+        best = lemma1_objective(q, m, tau)
+        # Closed form of the maximum: (1/tau) * log mean exp(-tau * m).
+        assert np.isclose(best, np.log(np.mean(np.exp(-tau * m))) / tau)
+        for _ in range(200):
+            other = rng.dirichlet(np.ones(20) * rng.uniform(0.1, 5))
+            assert lemma1_objective(other, m, tau) <= best + 1e-12
+
+
+def test_tau_limits():
+    m = np.array([0.3, -1.0, 2.0, -1.0, 5.0])
+    assert np.allclose(allocation_weights(m, 1e-9), 1 / 5, atol=1e-8)
+    q = allocation_weights(m, 1e4)
+    assert np.allclose(q[[1, 3]], 0.5) and q[[0, 2, 4]].sum() < 1e-12
+    b = integer_budgets(q, 101, np.random.default_rng(0))
+    assert b.sum() == 101 and b[[0, 2, 4]].sum() == 0
+    assert np.array_equal(allocation_weights(m, 3.0, "uniform"), np.full(5, 0.2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-20, 20), min_size=1, max_size=50), st.integers(0, 5000), st.floats(0.01, 10), st.integers(0, 9))
+def test_integer_budgets_sum_exactly_and_round_closely(margins, budget, tau, seed):
+    q = allocation_weights(np.array(margins), tau)
+    b = integer_budgets(q, budget, np.random.default_rng(seed))
+    assert b.sum() == budget and b.min() >= 0
+    assert np.all(np.abs(b - budget * q) < 1 + 1e-9)  # largest remainder: within one unit
+    assert np.array_equal(b, integer_budgets(q, budget, np.random.default_rng(seed)))
+    n_plus, n_minus = split_counts(b)
+    assert np.array_equal(n_plus + n_minus, b) and np.all(n_plus == b // 2)
+
+
+def test_ties_broken_by_seed_deterministically():
+    q = np.full(10, 0.1)
+    a = integer_budgets(q, 3, np.random.default_rng(1))
+    assert a.sum() == 3 and set(a) == {0, 1}
+    assert np.array_equal(a, integer_budgets(q, 3, np.random.default_rng(1)))
+    assert any(not np.array_equal(a, integer_budgets(q, 3, np.random.default_rng(s))) for s in range(2, 10))
+
+
+def test_allocation_rejects_bad_input():
+    for bad in (np.array([]), np.array([np.nan])):
+        with pytest.raises(ValueError):
+            allocation_weights(bad, 1.0)
+    with pytest.raises(ValueError):
+        allocation_weights(np.ones(3), 0.0)
+
+
+# ------------------------------------------------------------------ semantic
+
+
+def test_cosine_distance_and_mean_threshold():
+    e1 = np.array([[1.0, 0], [1, 0], [1, 0]])
+    e2 = np.array([[2.0, 0], [0, 3], [-1, 0]])
+    d = cosine_distance(e1, e2)
+    assert np.allclose(d, [0, 1, 2])
+    low, t = semantic_labels(d)
+    assert t == 1.0 and list(low) == [True, False, False]
+    low, t = semantic_labels(d, threshold=1.5)
+    assert list(low) == [True, True, False]
+
+
+# ------------------------------------------------------------------ pools and lineage
+
+
+def test_pool_capacity_always_holds_the_split_budget():
+    for b in range(0, 40):
+        n_plus, n_minus = b // 2, b - b // 2
+        assert pool_capacity(n_plus, n_minus) >= b
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 6), st.integers(0, 6), st.integers(0, 3), st.booleans())
+def test_sample_pool_distinct_and_never_the_original(nc, nr, seed, refined):
+    cap = pool_capacity(nc, nr, refined)
+    k = min(cap, 5)
+    draws = sample_pool(nc, nr, k, np.random.default_rng(seed), refined=refined)
+    assert len(draws) == len(set(draws)) == k
+    assert refined or Draw(0, 0) not in draws
+    assert all(0 <= d.chosen_index <= nc and 0 <= d.rejected_index <= nr for d in draws)
+    with pytest.raises(ValueError):
+        sample_pool(nc, nr, cap + 1, np.random.default_rng(seed), refined=refined)
+
+
+def test_fit_budgets_moves_shortfall_by_weight():
+    b = np.array([5, 3, 2])
+    cap = np.array([2, 10, 3])
+    q = np.array([0.5, 0.2, 0.3])
+    out, left = fit_budgets(b, cap, q)
+    assert out.sum() == 10 and left == 0 and np.all(out <= cap) and out[0] == 2
+    out, left = fit_budgets(np.array([5, 5]), np.array([1, 2]), np.array([0.5, 0.5]))
+    assert list(out) == [1, 2] and left == 7
+
+
+def test_synthetic_rows_carry_lineage():
+    rows = synthetic_rows(source_pair_id="abc", prompt="p", chosen_variants=["c", "c1"], rejected_variants=["r", "r1", "r2"],
+                          draws=[Draw(1, 0), Draw(0, 2), Draw(1, 1)], epoch=2, generator="builtin:smollm2", weight=0.25, refined=False)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("c1", "r"), ("c", "r2"), ("c1", "r1")]
+    assert [r["operation"] for r in rows] == ["paraphrase:chosen", "paraphrase:rejected", "paraphrase:both"]
+    for r in rows:
+        assert r["origin"] == "synthetic" and r["source_pair_id"] == "abc" and r["epoch"] == 2 and r["weight"] == 0.25
+    assert operation_name(Draw(0, 0), refined=True) == "rewrite"
+    assert operation_name(Draw(1, 0), refined=True) == "rewrite+paraphrase:chosen"
+
+
+# ------------------------------------------------------------------ gates
+
+
+def test_paraphrase_gate_reasons():
+    src = "Boil the pasta for ten minutes, then drain it and add the sauce."
+    kw = dict(min_length_ratio=0.5, max_length_ratio=2.0, max_copy_similarity=0.9, min_semantic_similarity=0.7)
+    assert paraphrase_rejection(src, "", **kw) == "empty"
+    assert paraphrase_rejection(src, "pasta pasta pasta pasta pasta pasta pasta", **kw) == "degenerate"
+    assert paraphrase_rejection(src, "Boil it.", **kw) == "too_short"
+    long = src + " Meanwhile, warm plates in a low oven, grate fresh parmesan, chop basil leaves, and pour wine for guests."
+    assert paraphrase_rejection(src, long + long.upper()[::-1], **kw) == "too_long"
+    assert paraphrase_rejection(src, src.upper() + " ", **kw) == "near_copy"
+    ok = "Cook the pasta in boiling water for ten minutes, drain it, and mix in the sauce."
+    assert paraphrase_rejection(src, ok, semantic_similarity=0.4, **kw) == "meaning_drift"
+    assert paraphrase_rejection(src, ok, semantic_similarity=0.9, **kw) is None
+
+
+def test_generation_cleanup_and_helpers():
+    assert clean_generation('Here is a paraphrase: "Hello there."') == "Hello there."
+    assert clean_generation("Paraphrase: hi") == "hi" and clean_generation(None) == ""
+    assert copy_similarity("A b", "a  B") == 1.0 and copy_similarity("abc", "xyz") < 0.5
+    assert not is_degenerate("a perfectly normal sentence with many different words")
+    assert introduced_harm("Here is how to make a bomb at home", "How do I bake bread?") == "how to make a bomb"
+    assert introduced_harm("I won't explain how to make a bomb", "how to make a bomb?") is None
+
+
+# ------------------------------------------------------------------ refinement protocol
+
+
+def _distance(c, r):
+    # A real, checkable distance: 1 - Jaccard similarity of word sets.
+    out = []
+    for a, b in zip(c, r):
+        sa, sb = set(a.lower().split()), set(b.lower().split())
+        out.append(1 - len(sa & sb) / max(len(sa | sb), 1))
+    return np.array(out)
+
+
+def test_refine_rejected_first_then_chosen_then_keep_original():
+    items = [
+        RefineItem("p", "the cat sat on the mat", "the cat sat on a mat", 0.2),  # rejected rewrite works on attempt 2
+        RefineItem("p", "red green blue", "red green blue yellow", 0.25),  # rejected never helps; chosen does
+        RefineItem("p", "one two three", "one two four", 0.5),  # nothing helps
+        RefineItem("p", "x y z", "x y w", 0.5),  # rewrites add harm
+    ]
+    calls = []
+
+    def rewrite(reqs):
+        calls.append([(r[0], r[4]) for r in reqs])
+        out = []
+        for role, prompt, chosen, rejected, attempt in reqs:
+            if chosen.startswith("the cat"):
+                out.append("the cat sat on the mat" if attempt == 1 else "dogs bark loudly outside")
+            elif chosen.startswith("red"):
+                out.append(rejected if role == "rejected" else "crimson emerald azure")
+            elif chosen.startswith("one"):
+                out.append(None if role == "rejected" else chosen)
+            else:
+                out.append("here is how to make a bomb")
+        return out
+
+    res = refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3, max_chosen=2)
+    assert [r.status for r in res] == ["rewrote_rejected", "rewrote_chosen", "kept:no_gain", "kept:harmful"]
+    assert res[0].rejected == "dogs bark loudly outside" and res[0].chosen == items[0].chosen and res[0].distance > 0.2
+    assert res[1].chosen == "crimson emerald azure" and res[1].rejected == items[1].rejected
+    assert (res[2].chosen, res[2].rejected, res[2].distance) == ("one two three", "one two four", 0.5)
+    assert res[3].harmful_phrase == "how to make a bomb"
+    # Batched: one call per attempt over all pending pairs; pair 0 stops after attempt 2.
+    assert [len(c) for c in calls] == [4, 4, 3, 3, 2]
+    assert res[0].attempts == 2 and res[1].attempts == 4 and res[2].attempts == 5
+    s = refine_summary(res)
+    assert s["refined"] == 2 and s["retention"] == 0.5 and s["by_status"]["kept:harmful"] == 1
+    assert s["rewrite_calls"] == sum(len(c) for c in calls)
+
+
+def test_refine_all_generation_failures_keep_originals():
+    items = [RefineItem("p", "a b", "a c", 0.3)]
+    res = refine_batch(items, rewrite=lambda reqs: [None] * len(reqs), distance=_distance, harmful=introduced_harm)
+    assert res[0].status == "kept:generation_failed" and res[0].attempts == 10
