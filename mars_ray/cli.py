@@ -138,6 +138,44 @@ def cmd_models_resolve(args, extra) -> int:
     return EXIT_OK
 
 
+def cmd_augment(args, extra) -> int:
+    import pyarrow.parquet as pq
+
+    from mars_ray.augment import run_epoch, summary_markdown
+    from mars_ray.core import schema as S
+    from mars_ray.data import read_preferences
+
+    cfg = build_config(args, extra)
+    data = read_preferences(cfg.data, seed=cfg.seed)
+    train = data.table.filter(pa_equal(data.table, S.SPLIT, "train"))
+    print(f"data: {data.report['read']} read, {train.num_rows} training pairs")
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out)
+    res = run_epoch(cfg, train, reward_ref=cfg.model.reward, epoch=cfg.augment.epoch)
+    pq.write_table(res.synthetic, out / "synthetic.parquet")
+    pq.write_table(res.per_pair, out / "allocation.parquet")
+    res.summary["data"] = {k: data.report[k] for k in ("read", "kept", "quarantined", "selected")}
+    (out / "augment_summary.json").write_text(json.dumps(res.summary, indent=2, default=float) + "\n", encoding="utf-8")
+    md = summary_markdown(res.summary)
+    (out / "augment_summary.md").write_text(md, encoding="utf-8")
+    print(md, end="")
+    print(f"wrote {out / 'synthetic.parquet'} ({res.synthetic.num_rows} synthetic pairs)")
+    return EXIT_OK
+
+
+def cmd_llm_server(args, extra) -> int:
+    from mars_ray.models.openai_server import main as server_main
+
+    return server_main(list(extra))
+
+
+def pa_equal(table, column: str, value: str):
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column(column), value)
+
+
 def _print_counts(r: dict[str, Any]) -> None:
     print(
         f"read {r['read']} = kept {r['kept']} + quarantined {r['quarantined']}; "
@@ -178,6 +216,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?", default=None, help="a prepared directory or a data file (default: data.path)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_data_inspect)
+
+    s = sub.add_parser("augment", parents=[common], help="one MARS epoch of data work: synthetic pairs + summary")
+    s.set_defaults(func=cmd_augment)
+
+    s = sub.add_parser("llm-server", add_help=False,
+                       help="serve a local chat model over an OpenAI-compatible HTTP API (see --help)")
+    s.set_defaults(func=cmd_llm_server)
 
     modelsp = sub.add_parser("models", help="resolve model references (hub id, path, builtin:NAME)")
     models_sub = modelsp.add_subparsers(dest="action", required=True)

@@ -156,8 +156,6 @@ class ParaphraseConfig:
     max_length_ratio: float = 2.0
     max_copy_similarity: float = 0.95
     min_semantic_similarity: float = 0.7
-    # Paraphrase prompts too.
-    prompts: bool = False
 
 
 @dataclass

@@ -1,0 +1,272 @@
+"""One epoch of MARS data work (Algorithm 1, steps 1-6), as a pipeline of Ray Data stages.
+
+    score margins -> allocate budget -> semantic labels -> refine low-distance pairs
+                  -> paraphrase -> sample pools -> synthetic pairs with lineage
+
+The driver holds only per-pair numbers and the texts it must assemble; models live in actors.
+What a strategy changes is decided here and nowhere else:
+
+=============  ==========  ==============  ===================
+strategy       margins     allocation      semantic + refine
+=============  ==========  ==============  ===================
+mars           yes         mars.allocation yes
+mars-nosem     yes         mars.allocation no
+uniform        no          uniform         no
+none           (no augmentation at all)
+=============  ==========  ==============  ===================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from mars_ray.config import Config
+from mars_ray.core import schema as S
+from mars_ray.core.allocation import allocation_weights, integer_budgets, split_counts
+from mars_ray.core.pairs import fit_budgets, pool_capacity, sample_pool, synthetic_rows
+from mars_ray.core.semantic import semantic_labels
+
+AUGMENTING = ("mars", "mars-nosem", "uniform")
+
+
+@dataclass
+class EpochResult:
+    synthetic: pa.Table  # PAIR_SCHEMA rows, origin "synthetic", with lineage
+    per_pair: pa.Table  # one row per original pair: margin, q, budget, distance, refine status, ...
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _stage(name: str, times: dict[str, float], log: Callable[[str], None]):
+    class _Timer:
+        def __enter__(self):
+            log(f"[augment] {name} ...")
+            self.t0 = time.perf_counter()
+
+        def __exit__(self, *exc):
+            times[name] = round(time.perf_counter() - self.t0, 3)
+            if exc[0] is None:
+                log(f"[augment] {name} done in {times[name]:.1f}s")
+
+    return _Timer()
+
+
+def run_epoch(
+    cfg: Config,
+    pairs: pa.Table,
+    *,
+    reward_ref: str,
+    epoch: int,
+    log: Callable[[str], None] = print,
+) -> EpochResult:
+    """Synthetic pairs for one epoch from the original ``pairs`` (PAIR_SCHEMA, train split).
+
+    Raises:
+        ValueError: a strategy that does not augment through this pipeline.
+    """
+    from mars_ray.runtime import init_ray
+
+    strategy = cfg.mars.strategy
+    if strategy not in AUGMENTING + ("none",):
+        raise ValueError(f"mars.strategy={strategy} does not augment with paraphrases; `mars-ray train` runs it")
+    rng = np.random.default_rng([cfg.seed, epoch])
+    n = pairs.num_rows
+    times: dict[str, float] = {}
+    ids = pairs.column(S.PAIR_ID).to_pylist()
+    per_pair: dict[str, Any] = {S.PAIR_ID: ids}
+    summary: dict[str, Any] = {"epoch": epoch, "strategy": strategy, "pairs": n, "budget": cfg.mars.budget}
+    if strategy == "none" or cfg.mars.budget == 0 or n == 0:
+        summary.update(synthetic=0, stage_seconds=times)
+        return EpochResult(pa.Table.from_pylist([], schema=S.PAIR_SCHEMA), pa.table(per_pair), summary)
+    init_ray(cfg.resources)
+
+    # 1. Margins with r^{t-1}.
+    margins = np.zeros(n)
+    if strategy != "uniform":
+        from mars_ray.stages.score import score_margins
+
+        with _stage("score margins", times, log):
+            scored = score_margins(pairs, model_ref=reward_ref, cfg=cfg)
+            margins = _align(ids, scored, "margin")
+        per_pair["margin"] = margins
+
+    # 2. Allocation.
+    mode = "uniform" if strategy == "uniform" else cfg.mars.allocation
+    q = allocation_weights(margins, cfg.mars.tau, mode)
+    b = integer_budgets(q, cfg.mars.budget, rng)
+    per_pair.update(q=q, budget=b)
+
+    # 3-4. Semantic labels and refinement of low-distance pairs that receive budget.
+    chosen = np.array(pairs.column(S.CHOSEN).to_pylist(), dtype=object)
+    rejected = np.array(pairs.column(S.REJECTED).to_pylist(), dtype=object)
+    refined = np.zeros(n, dtype=bool)
+    status = np.full(n, "", dtype=object)
+    gen_stats: Counter = Counter()
+    if strategy == "mars" and cfg.semantic.enabled:
+        summary["semantic"], summary["refine"] = _semantic_and_refine(
+            cfg, pairs, ids, b, chosen, rejected, refined, status, per_pair, gen_stats, times, log)
+
+    # 5. Paraphrases of the (refined) responses.
+    n_plus, n_minus = split_counts(b)
+    kept_c, kept_r, para = _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log)
+    summary["paraphrase"] = para
+
+    # 6. Pools -> exactly B synthetic pairs where the pools can hold them.
+    cap = np.array([pool_capacity(len(kept_c[i]), len(kept_r[i]), bool(refined[i])) for i in range(n)])
+    b_fit, unspent = fit_budgets(b, cap, q)
+    prompts = pairs.column(S.PROMPT).to_pylist()
+    subsets = pairs.column(S.SUBSET).to_pylist()
+    refined_by = f"rewrite={cfg.rewrite.model};paraphrase={cfg.paraphrase.model}"
+    rows: list[dict] = []
+    for i in np.flatnonzero(b_fit):
+        draws = sample_pool(len(kept_c[i]), len(kept_r[i]), int(b_fit[i]), rng, refined=bool(refined[i]))
+        rows += synthetic_rows(
+            source_pair_id=ids[i], prompt=prompts[i], chosen_variants=[chosen[i], *kept_c[i]],
+            rejected_variants=[rejected[i], *kept_r[i]], draws=draws, epoch=epoch,
+            generator=refined_by if refined[i] else cfg.paraphrase.model, weight=float(q[i]),
+            refined=bool(refined[i]), subset=subsets[i],
+        )
+    per_pair.update(budget_spent=b_fit, refine_status=status)
+    synthetic = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
+    summary.update(
+        synthetic=synthetic.num_rows,
+        budget_unspent=unspent,
+        operations=dict(Counter(r[S.OPERATION] for r in rows)),
+        allocation=_allocation_summary(margins if strategy != "uniform" else None, q, b),
+        generation=dict(gen_stats),
+        stage_seconds=times,
+    )
+    return EpochResult(synthetic, pa.table(per_pair), summary)
+
+
+def _align(ids: list[str], table: pa.Table, column: str) -> np.ndarray:
+    """``table[column]`` in the order of ``ids`` (every id must be present exactly once)."""
+    got = dict(zip(table.column("pair_id").to_pylist(), table.column(column).to_pylist()))
+    missing = [i for i in ids if i not in got]
+    if missing or len(got) != len(ids):
+        raise RuntimeError(f"stage returned {len(got)} of {len(ids)} pairs (missing e.g. {missing[:3]})")
+    return np.array([got[i] for i in ids], dtype=np.float64)
+
+
+def _semantic_and_refine(cfg, pairs, ids, b, chosen, rejected, refined, status, per_pair, gen_stats, times, log):
+    from mars_ray.stages.common import actor_threads, map_with_actors
+    from mars_ray.stages.embed import semantic_distances
+    from mars_ray.stages.generate import STAT_COLUMNS, RefineActor
+
+    with _stage("semantic distances", times, log):
+        dist = _align(ids, semantic_distances(pairs, cfg), "distance")
+    low, threshold = semantic_labels(dist, cfg.semantic.threshold)
+    per_pair.update(distance=dist, low_distance=low)
+    todo = np.flatnonzero(low & (b > 0))
+    sem = {"threshold": threshold, "low": int(low.sum()), "high": int((~low).sum()), "low_with_budget": int(todo.size)}
+    ref: dict[str, Any] = {"candidates": int(todo.size)}
+    if todo.size:
+        sub = pairs.take(pa.array(todo)).select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED])
+        sub = sub.append_column("distance", pa.array(dist[todo]))
+        kwargs = dict(rewrite=dataclasses.asdict(cfg.rewrite), encoder_ref=cfg.model.encoder, seed=cfg.seed,
+                      batch_size=cfg.rewrite.batch_size, encoder_batch_size=cfg.semantic.batch_size,
+                      num_threads=actor_threads(cfg.resources.cpus_per_actor), cache_dir=cfg.model.cache_dir)
+        with _stage(f"refine {todo.size} low-distance pairs", times, log):
+            out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
+        by_id = {r["pair_id"]: r for r in out.to_pylist()}
+        for i in todo:
+            r = by_id[ids[i]]
+            status[i] = r["refine_status"]
+            if r["refine_status"].startswith("rewrote"):
+                refined[i] = True
+                chosen[i], rejected[i] = r["refined_chosen"], r["refined_rejected"]
+                dist[i] = r["refined_distance"]
+        for c in STAT_COLUMNS:
+            gen_stats[f"rewrite_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
+        counts = Counter(status[todo])
+        ref.update(refined=int(refined.sum()), retention=float(refined.sum() / todo.size),
+                   by_status=dict(counts), rewrite_calls=int(np.sum(out.column("refine_attempts").to_numpy())))
+    per_pair["distance_after"] = dist
+    return sem, ref
+
+
+def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log):
+    from mars_ray.stages.common import actor_threads, map_with_actors
+    from mars_ray.stages.generate import STAT_COLUMNS, ParaphraseActor
+
+    n = len(ids)
+    keys, texts, counts = [], [], []
+    for i in range(n):
+        for side, text, k in (("c", chosen[i], n_plus[i]), ("r", rejected[i], n_minus[i])):
+            if k > 0:
+                keys.append(f"{i}:{side}")
+                texts.append(text)
+                counts.append(int(k))
+    kept_c: list[list[str]] = [[] for _ in range(n)]
+    kept_r: list[list[str]] = [[] for _ in range(n)]
+    info: dict[str, Any] = {"texts": len(texts), "requested": int(sum(counts))}
+    if not texts:
+        return kept_c, kept_r, info
+    req = pa.table({"key": keys, "text": texts, "n": counts})
+    kwargs = dict(paraphrase=dataclasses.asdict(cfg.paraphrase), encoder_ref=cfg.model.encoder,
+                  batch_size=cfg.augment.generation_batch_size, encoder_batch_size=cfg.semantic.batch_size,
+                  num_threads=actor_threads(cfg.resources.cpus_per_actor), cache_dir=cfg.model.cache_dir, seed=cfg.seed)
+    with _stage(f"paraphrase {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
+        out = map_with_actors(req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.augment.generation_batch_size)
+    reasons: Counter = Counter()
+    kept_total = 0
+    for row in out.select(["key", "kept", "rejected_reasons"]).to_pylist():
+        i, side = row["key"].split(":")
+        kept = json.loads(row["kept"])
+        kept_total += len(kept)
+        (kept_c if side == "c" else kept_r)[int(i)].extend(kept)
+        reasons.update(json.loads(row["rejected_reasons"]))
+    for c in STAT_COLUMNS:
+        gen_stats[f"paraphrase_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
+    info.update(kept=kept_total, filtered=dict(reasons), filtered_total=int(sum(reasons.values())))
+    return kept_c, kept_r, info
+
+
+def _allocation_summary(margins: np.ndarray | None, q: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Budget by margin decile (how much went to the lowest-margin pairs) and concentration."""
+    out: dict[str, Any] = {"pairs_with_budget": int((b > 0).sum()), "max_budget": int(b.max()), "q_max": float(q.max())}
+    if margins is not None and margins.size >= 2:
+        order = np.argsort(margins, kind="stable")
+        bins = np.array_split(order, min(10, margins.size))
+        out["by_margin_decile"] = [
+            {"margin_lo": float(margins[ix].min()), "margin_hi": float(margins[ix].max()), "budget": int(b[ix].sum())}
+            for ix in bins
+        ]
+        out["margin"] = {"mean": float(margins.mean()), "std": float(margins.std()), "negative": int((margins < 0).sum())}
+    return out
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """A short human-readable account of one epoch."""
+    lines = [f"# MARS augmentation, epoch {summary['epoch']} ({summary['strategy']})", "",
+             f"- original pairs: {summary['pairs']}; budget: {summary['budget']}; synthetic pairs: {summary['synthetic']}"
+             + (f"; unspent: {summary['budget_unspent']}" if summary.get("budget_unspent") else "")]
+    if "operations" in summary:
+        lines.append("- operations: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["operations"].items())))
+    sem, ref = summary.get("semantic"), summary.get("refine")
+    if sem:
+        lines.append(f"- semantic: threshold {sem['threshold']:.3f}, low {sem['low']}, high {sem['high']}, low with budget {sem['low_with_budget']}")
+    if ref and ref.get("candidates"):
+        lines.append(f"- refinement: {ref['refined']} of {ref['candidates']} refined (retention {ref['retention']:.0%}); "
+                     + ", ".join(f"{k} {v}" for k, v in ref["by_status"].items()))
+    para = summary.get("paraphrase")
+    if para and para.get("texts"):
+        lines.append(f"- paraphrases: requested {para['requested']}, kept {para.get('kept', 0)}, filtered "
+                     + (", ".join(f"{k} {v}" for k, v in sorted(para.get("filtered", {}).items())) or "none"))
+    if summary.get("generation"):
+        lines.append("- generation: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["generation"].items())))
+    alloc = summary.get("allocation", {})
+    if "by_margin_decile" in alloc:
+        lines += ["", "| margin decile | margin range | budget |", "|---|---|---|"]
+        for k, d in enumerate(alloc["by_margin_decile"], 1):
+            lines.append(f"| {k} | {d['margin_lo']:+.3f} … {d['margin_hi']:+.3f} | {d['budget']} |")
+    if summary.get("stage_seconds"):
+        lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in summary["stage_seconds"].items()]
+    return "\n".join(lines) + "\n"

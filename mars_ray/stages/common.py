@@ -1,0 +1,52 @@
+"""Small helpers shared by the Ray Data stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+def set_threads(num_threads: int | None) -> None:
+    """Ray gives num_cpus=1 actors OMP_NUM_THREADS=1; set torch's pool to what the actor was given."""
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(int(num_threads))
+
+
+def actor_threads(cpus_per_actor: float) -> int:
+    return max(1, int(round(cpus_per_actor)))
+
+
+def map_with_actors(table: pa.Table, actor_cls: type, kwargs: dict[str, Any], *, resources, batch_size: int) -> pa.Table:
+    """Stream ``table`` through an actor pool running ``actor_cls(**kwargs)`` and collect the result.
+
+    Resources come from the typed config (``resources``): pool size, CPUs and GPUs per actor.
+    """
+    import ray.data
+
+    ds = ray.data.from_arrow(table)
+    out = ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor,
+    )
+    return _collect(out)
+
+
+def _collect(ds) -> pa.Table:
+    import ray
+
+    tables = ray.get(ds.to_arrow_refs())
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+
+def as_list(col: Any) -> list:
+    return col.tolist() if isinstance(col, np.ndarray) else list(col)

@@ -1,0 +1,153 @@
+"""Refinement and paraphrase generation on Ray Data actor pools.
+
+Each actor loads its generator (local chat model, seq2seq paraphraser or OpenAI-compatible client,
+behind the shared content-hash cache) and a sentence encoder once, then processes batches. The
+protocol and the quality gates are the pure functions in :mod:`mars_ray.core`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from mars_ray.core.filters import clean_generation, introduced_harm, paraphrase_rejection
+from mars_ray.core.refine import RefineItem, refine_batch
+from mars_ray.models.generation import CachedGenerator, GenParams, default_cache
+from mars_ray.prompts import render
+from mars_ray.stages.common import as_list, set_threads
+from mars_ray.stages.embed import Encoder
+
+STAT_COLUMNS = ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
+
+
+def build_generator(section: dict[str, Any], *, batch_size: int, cache_dir: str | None, use_cache: bool = True) -> CachedGenerator:
+    """A cached generator from a rewrite/paraphrase config section (as a plain dict)."""
+    from mars_ray.models.local_generators import make_generator
+
+    params = GenParams(
+        max_new_tokens=section["max_new_tokens"],
+        temperature=section["temperature"],
+        num_beams=section.get("num_beams", 1),
+        no_repeat_ngram_size=section.get("no_repeat_ngram_size", 0),
+        seed=section.get("seed", 0),
+    )
+    openai_kwargs = {}
+    if section["backend"] == "openai":
+        openai_kwargs = {k: section[k] for k in ("concurrency", "timeout_s", "max_retries", "max_requests", "max_tokens") if k in section}
+    gen = make_generator(section["backend"], section["model"], params, batch_size=batch_size,
+                         base_url=section.get("base_url"), api_key_env=section.get("api_key_env", "OPENAI_API_KEY"),
+                         cache_dir=cache_dir, **openai_kwargs)
+    return CachedGenerator(gen, default_cache(cache_dir) if use_cache else None)
+
+
+class _StatsMixin:
+    gen: CachedGenerator
+
+    def _stats_columns(self, n_rows: int, before: dict[str, int]) -> dict[str, np.ndarray]:
+        """Generator counters for this batch, on its first row (zeros elsewhere): sums are exact."""
+        now = self.gen.stats.as_dict()
+        cols = {}
+        for name in STAT_COLUMNS:
+            col = np.zeros(n_rows, dtype=np.int64)
+            if n_rows:
+                col[0] = now[name.removeprefix("gen_")] - before[name.removeprefix("gen_")]
+            cols[name] = col
+        return cols
+
+
+class RefineActor(_StatsMixin):
+    """Rewrites semantically-too-close pairs (rejected first, then chosen), keeps what separates them."""
+
+    def __init__(self, rewrite: dict[str, Any], encoder_ref: str, *, seed: int, batch_size: int,
+                 encoder_batch_size: int, num_threads: int | None, cache_dir: str | None):
+        set_threads(num_threads)
+        self.cfg = rewrite
+        self.gen = build_generator(dict(rewrite, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
+        self.base_params = self.gen.inner.params
+        self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
+
+    def _rewrite(self, reqs):
+        role, attempt = reqs[0][0], reqs[0][4]
+        # A distinct, reproducible sampling seed (and cache key) per role and attempt.
+        offset = attempt + (0 if role == "rejected" else 1000)
+        self.gen.inner.params = dataclasses.replace(self.base_params, seed=self.base_params.seed + offset)
+        msgs = [render(f"rewrite_{r[0]}", prompt=r[1], chosen=r[2], rejected=r[3]) for r in reqs]
+        outs = self.gen.generate(msgs, n=1)
+        return [clean_generation(o[0]) or None if o and o[0] is not None else None for o in outs]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        before = self.gen.stats.as_dict()
+        items = [RefineItem(p, c, r, float(d)) for p, c, r, d in zip(as_list(batch["prompt"]), as_list(batch["chosen"]),
+                                                                   as_list(batch["rejected"]), as_list(batch["distance"]))]
+        res = refine_batch(items, rewrite=self._rewrite, distance=self.encoder.distances, harmful=introduced_harm,
+                           max_rejected=self.cfg["max_attempts_rejected"], max_chosen=self.cfg["max_attempts_chosen"])
+        return {
+            "pair_id": batch["pair_id"],
+            "refined_chosen": np.array([o.chosen for o in res], dtype=object),
+            "refined_rejected": np.array([o.rejected for o in res], dtype=object),
+            "refined_distance": np.array([o.distance for o in res], dtype=np.float64),
+            "refine_status": np.array([o.status for o in res], dtype=object),
+            "refine_attempts": np.array([o.attempts for o in res], dtype=np.int64),
+            **self._stats_columns(len(res), before),
+        }
+
+
+class ParaphraseActor(_StatsMixin):
+    """n paraphrases per text, each through the quality gate; kept texts and rejection reasons."""
+
+    def __init__(self, paraphrase: dict[str, Any], encoder_ref: str, *, batch_size: int, encoder_batch_size: int,
+                 num_threads: int | None, cache_dir: str | None, seed: int):
+        set_threads(num_threads)
+        self.cfg = paraphrase
+        self.gen = build_generator(dict(paraphrase, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
+        self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
+
+    def request(self, text: str):
+        if self.cfg["backend"] == "seq2seq":
+            return f"paraphrase: {text}"
+        return render("paraphrase", text=text)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        before = self.gen.stats.as_dict()
+        texts = as_list(batch["text"])
+        ns = [int(n) for n in as_list(batch["n"])]
+        raw: list[list[str | None]] = [[] for _ in texts]
+        for n in sorted(set(ns)):
+            idx = [i for i, k in enumerate(ns) if k == n]
+            outs = self.gen.generate([self.request(texts[i]) for i in idx], n)
+            for i, o in zip(idx, outs):
+                raw[i] = o
+        kept, reasons = self._gate(texts, raw)
+        return {
+            "key": batch["key"],
+            "kept": np.array([json.dumps(k, ensure_ascii=False) for k in kept], dtype=object),
+            "rejected_reasons": np.array([json.dumps(r) for r in reasons], dtype=object),
+            **self._stats_columns(len(texts), before),
+        }
+
+    def _gate(self, texts: list[str], raw: list[list[str | None]]):
+        cands = [(i, clean_generation(t)) for i, outs in enumerate(raw) for t in outs if t is not None]
+        failed = [sum(1 for t in outs if t is None) for outs in raw]
+        sims = self.encoder.similarity([texts[i] for i, _ in cands], [c for _, c in cands]) if cands else np.zeros(0)
+        kept: list[list[str]] = [[] for _ in texts]
+        reasons: list[Counter] = [Counter() for _ in texts]
+        for (i, cand), sim in zip(cands, sims):
+            why = paraphrase_rejection(
+                texts[i], cand, min_length_ratio=self.cfg["min_length_ratio"], max_length_ratio=self.cfg["max_length_ratio"],
+                max_copy_similarity=self.cfg["max_copy_similarity"], min_semantic_similarity=self.cfg["min_semantic_similarity"],
+                semantic_similarity=float(sim),
+            )
+            if why is None and cand in kept[i]:
+                why = "duplicate"
+            if why:
+                reasons[i][why] += 1
+            else:
+                kept[i].append(cand)
+        for i, f in enumerate(failed):
+            if f:
+                reasons[i]["generation_failed"] += f
+        return kept, [dict(r) for r in reasons]

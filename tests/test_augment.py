@@ -1,0 +1,173 @@
+"""One MARS epoch: actors in-process on tiny models, then the whole epoch on local Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from mars_ray.config import Config
+from mars_ray.core import schema as S
+from mars_ray.data import read_preferences
+
+
+def tiny_cfg(tmp_path, bert, llama, **over) -> Config:
+    """Tiny real models; gates relaxed so a random tiny chat model's output can pass them."""
+    base = {
+        "model.reward": str(bert), "model.encoder": str(bert), "model.cache_dir": str(tmp_path / "cache"),
+        "rewrite.model": str(llama), "paraphrase.model": str(llama),
+        "rewrite.max_new_tokens": "12", "paraphrase.max_new_tokens": "12", "paraphrase.num_beams": "1",
+        "rewrite.max_attempts_rejected": "2", "rewrite.max_attempts_chosen": "1",
+        "paraphrase.min_length_ratio": "0.01", "paraphrase.max_length_ratio": "100",
+        "paraphrase.max_copy_similarity": "1.0", "paraphrase.min_semantic_similarity": "0.0",
+        "paraphrase.temperature": "1.0",
+        "data.max_pairs": "40", "data.val_fraction": "0", "data.test_fraction": "0",
+        "mars.budget": "30", "resources.actors": "1", "resources.cpus_per_actor": "1", "resources.batch_size": "16",
+        "augment.generation_batch_size": "8", "semantic.batch_size": "16",
+    }
+    base.update(over)
+    return Config.load(overrides=base)
+
+
+@pytest.fixture
+def demo_pairs():
+    cfg = Config.load(overrides={"data.max_pairs": "40", "data.val_fraction": "0", "data.test_fraction": "0"})
+    return read_preferences(cfg.data, seed=0).table
+
+
+def test_refine_actor_in_process(tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs):
+    from mars_ray.stages.generate import RefineActor
+
+    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir)
+    actor = RefineActor(dataclasses.asdict(cfg.rewrite), str(tiny_bert_dir), seed=0, batch_size=4, encoder_batch_size=8,
+                        num_threads=1, cache_dir=cfg.model.cache_dir)
+    t = demo_pairs.slice(0, 5)
+    batch = {k: np.array(t.column(k).to_pylist(), dtype=object) for k in ("pair_id", "prompt", "chosen", "rejected")}
+    batch["distance"] = np.full(5, 0.0001)  # almost any rewrite increases it
+    out = actor(batch)
+    assert list(out["pair_id"]) == list(batch["pair_id"])
+    for st, c, r, c0, r0, d in zip(out["refine_status"], out["refined_chosen"], out["refined_rejected"],
+                                   batch["chosen"], batch["rejected"], out["refined_distance"]):
+        if st == "rewrote_rejected":
+            assert c == c0 and r != r0 and d > 0.0001
+        elif st == "rewrote_chosen":
+            assert c != c0 and r == r0 and d > 0.0001
+        else:
+            assert (c, r) == (c0, r0)
+    assert out["gen_requested"].sum() == out["refine_attempts"].sum() > 0
+
+
+def test_paraphrase_actor_gates_and_cache(tmp_path, tiny_bert_dir, tiny_llama_dir):
+    from mars_ray.stages.generate import ParaphraseActor
+
+    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"paraphrase.min_semantic_similarity": "0.999"})
+    kw = dict(encoder_ref=str(tiny_bert_dir), batch_size=4, encoder_batch_size=8, num_threads=1, cache_dir=cfg.model.cache_dir, seed=0)
+    actor = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)
+    batch = {"key": np.array(["0:c", "1:r"], dtype=object), "text": np.array(["Boil water first.", "Use a map."], dtype=object),
+             "n": np.array([2, 3])}
+    out = actor(batch)
+    kept = [json.loads(k) for k in out["kept"]]
+    reasons = [json.loads(r) for r in out["rejected_reasons"]]
+    # Every generated candidate is either kept or rejected with a reason.
+    assert [len(k) + sum(r.values()) for k, r in zip(kept, reasons)] == [2, 3]
+    assert out["gen_generated"].sum() == 5 and out["gen_hits"].sum() == 0
+    again = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)  # a new actor, same disk cache
+    assert again["gen_generated"].sum() == 0 and again["gen_hits"].sum() == 5
+    assert list(again["kept"]) == list(out["kept"])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("strategy", ["mars", "uniform"])  # mars-nosem: the command test below
+def test_epoch_on_local_ray_spends_budget_with_lineage(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs, strategy):
+    from mars_ray.augment import run_epoch
+
+    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"mars.strategy": strategy, "mars.tau": "2.0"})
+    res = run_epoch(cfg, demo_pairs, reward_ref=cfg.model.reward, epoch=1, log=lambda m: None)
+    syn, s = res.synthetic, res.summary
+    assert syn.schema.equals(S.PAIR_SCHEMA)
+    assert syn.num_rows == 30 and s["budget_unspent"] == 0
+    ids = set(demo_pairs.column("pair_id").to_pylist())
+    assert set(syn.column("source_pair_id").to_pylist()) <= ids
+    assert set(syn.column("origin").to_pylist()) == {"synthetic"} and set(syn.column("epoch").to_pylist()) == {1}
+    assert not (set(syn.column("pair_id").to_pylist()) & ids)  # no original pair re-added
+    pp = res.per_pair.to_pydict()
+    assert sum(pp["budget"]) == 30
+    if strategy == "uniform":
+        assert max(pp["budget"]) - min(pp["budget"]) <= 1
+    else:
+        m, b = np.array(pp["margin"]), np.array(pp["budget"])
+        low, high = m < np.median(m), m >= np.median(m)
+        assert b[low].sum() > b[high].sum()  # low-margin pairs got more
+    if strategy == "mars":
+        assert s["refine"]["candidates"] == s["semantic"]["low_with_budget"]
+        assert sum(s["refine"].get("by_status", {}).values()) == s["refine"]["candidates"]
+    else:
+        assert "refine" not in s
+    # Synthetic pairs of one source keep that source's prompt.
+    prompts = dict(zip(demo_pairs.column("pair_id").to_pylist(), demo_pairs.column("prompt").to_pylist()))
+    assert all(prompts[src] == p for src, p in zip(syn.column("source_pair_id").to_pylist(), syn.column("prompt").to_pylist()))
+
+
+@pytest.mark.ray
+def test_augment_command_writes_outputs_and_rerun_hits_cache(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, capsys):
+    import pyarrow.parquet as pq
+
+    from mars_ray.cli import main
+
+    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"mars.strategy": "mars-nosem"})
+    args = [f"--{k}={v}" for k, v in _flat(cfg)]
+    out1, out2 = tmp_path / "a1", tmp_path / "a2"
+    assert main(["augment", *args, f"--output.dir={out1}", "--augment.epoch=2"]) == 0
+    syn = pq.read_table(out1 / "synthetic.parquet")
+    for col in ("source_pair_id", "epoch", "operation", "generator", "prompt", "chosen", "rejected"):
+        assert col in syn.column_names
+    assert set(syn.column("epoch").to_pylist()) == {2}
+    s1 = json.loads((out1 / "augment_summary.json").read_text())
+    assert s1["generation"]["paraphrase_generated"] > 0
+    assert (out1 / "augment_summary.md").read_text().startswith("# MARS augmentation, epoch 2")
+    assert main(["augment", *args, f"--output.dir={out2}", "--augment.epoch=2"]) == 0
+    s2 = json.loads((out2 / "augment_summary.json").read_text())
+    assert s2["generation"]["paraphrase_generated"] == 0 and s2["generation"]["paraphrase_hits"] == s1["generation"]["paraphrase_requested"]
+    assert pq.read_table(out2 / "synthetic.parquet").equals(syn)
+
+
+def _flat(cfg: Config):
+    from mars_ray.config import keys
+
+    default = Config()
+    for k in keys():
+        v = cfg.get(k)
+        if v != default.get(k) and not isinstance(v, (dict, list)):
+            yield k, "null" if v is None else (str(v).lower() if isinstance(v, bool) else v)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_real_epoch_on_64_real_pairs(ray_local, tmp_path):
+    """builtin:minilm scores and embeds, builtin:smollm2 rewrites and paraphrases 64 real HH-RLHF pairs."""
+    from conftest import HH, shared_file
+    from mars_ray.augment import run_epoch
+
+    cfg = Config.load(overrides={
+        "data.path": str(shared_file(HH)), "data.max_pairs": "64", "data.val_fraction": "0", "data.test_fraction": "0",
+        "mars.budget": "48", "mars.tau": "4", "rewrite.max_attempts_rejected": "2", "rewrite.max_attempts_chosen": "1",
+        "rewrite.max_new_tokens": "64", "paraphrase.max_new_tokens": "64", "paraphrase.num_beams": "2",
+        "resources.actors": "1", "resources.cpus_per_actor": "2", "model.cache_dir": str(tmp_path / "cache"),
+    })
+    pairs = read_preferences(cfg.data, seed=cfg.seed).table
+    assert pairs.num_rows == 64
+    res = run_epoch(cfg, pairs, reward_ref="builtin:minilm", epoch=1, log=print)
+    s = res.summary
+    print(json.dumps(s, indent=1, default=float))
+    assert res.synthetic.num_rows + s["budget_unspent"] == 48
+    assert s["budget_unspent"] <= 4  # quality gates may leave a few units no pool can hold
+    m, b = np.array(res.per_pair.column("margin").to_pylist()), np.array(res.per_pair.column("budget").to_pylist())
+    order = np.argsort(m)
+    assert b[order[:32]].sum() > b[order[32:]].sum()
+    ids = set(pairs.column("pair_id").to_pylist())
+    assert set(res.synthetic.column("source_pair_id").to_pylist()) <= ids
+    assert s["refine"]["candidates"] == sum(s["refine"]["by_status"].values())
