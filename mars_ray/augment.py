@@ -211,10 +211,10 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
         return kept_c, kept_r, info
     req = pa.table({"key": keys, "text": texts, "n": counts})
     kwargs = dict(paraphrase=dataclasses.asdict(cfg.paraphrase), encoder_ref=cfg.model.encoder,
-                  batch_size=cfg.augment.generation_batch_size, encoder_batch_size=cfg.semantic.batch_size,
+                  batch_size=cfg.paraphrase.batch_size, encoder_batch_size=cfg.semantic.batch_size,
                   num_threads=actor_threads(cfg.resources.cpus_per_actor), cache_dir=cfg.model.cache_dir, seed=cfg.seed)
     with _stage(f"paraphrase {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
-        out = map_with_actors(req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.augment.generation_batch_size)
+        out = map_with_actors(req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size)
     reasons: Counter = Counter()
     kept_total = 0
     for row in out.select(["key", "kept", "rejected_reasons"]).to_pylist():

@@ -105,8 +105,6 @@ class MarsConfig:
 class AugmentConfig:
     # `mars-ray augment`: which MARS epoch this is (lineage; epoch 1 scores with the base model).
     epoch: int = 1
-    # Text generation: prompts per generate() call inside an actor.
-    generation_batch_size: int = 8
 
 
 @dataclass
@@ -119,38 +117,42 @@ class SemanticConfig:
 
 
 @dataclass
-class RewriteConfig:
-    # "local": a chat model through transformers; "openai": any OpenAI-compatible endpoint.
-    backend: Literal["local", "openai"] = "local"
+class EndpointConfig:
+    """Settings of a text generator, shared by the rewrite and paraphrase sections."""
+
+    # "local": a chat model through transformers; "seq2seq": T5-style (paraphrase only);
+    # "openai": any OpenAI-compatible endpoint (GPT-4.1, vLLM, llama.cpp, `mars-ray llm-server`).
+    backend: Literal["local", "seq2seq", "openai"] = "local"
     model: str = "builtin:smollm2"
     # OpenAI-compatible endpoint; the key is read from the environment variable named here.
     base_url: Optional[str] = None
     api_key_env: str = "OPENAI_API_KEY"
-    max_attempts_rejected: int = 5
-    max_attempts_chosen: int = 5
-    max_new_tokens: int = 192
-    temperature: float = 0.7
-    # Endpoint etiquette: parallel requests, per-request timeout, retries, budgets (null: unlimited).
+    # Endpoint etiquette: parallel requests, per-request timeout, retries with backoff (by the
+    # openai client), and per-actor budgets of requests and tokens (null: unlimited).
     concurrency: int = 4
     timeout_s: float = 60.0
     max_retries: int = 4
     max_requests: Optional[int] = None
     max_tokens: Optional[int] = None
+    max_new_tokens: int = 160
+    temperature: float = 0.0
     batch_size: int = 8
 
 
 @dataclass
-class ParaphraseConfig:
-    # "local": chat model; "seq2seq": T5-style "paraphrase: <text>"; "openai": endpoint.
-    backend: Literal["local", "seq2seq", "openai"] = "local"
-    model: str = "builtin:smollm2"
-    base_url: Optional[str] = None
-    api_key_env: str = "OPENAI_API_KEY"
+class RewriteConfig(EndpointConfig):
+    max_attempts_rejected: int = 5
+    max_attempts_chosen: int = 5
+    max_new_tokens: int = 192
+    # Sampling, so repeated attempts differ.
+    temperature: float = 0.7
+
+
+@dataclass
+class ParaphraseConfig(EndpointConfig):
+    # Deterministic beam search (temperature 0) with n-gram blocking, as in the paper.
     num_beams: int = 4
     no_repeat_ngram_size: int = 3
-    max_new_tokens: int = 160
-    temperature: float = 0.0
-    batch_size: int = 8
     # Quality gate on every paraphrase.
     min_length_ratio: float = 0.5
     max_length_ratio: float = 2.0
@@ -585,8 +587,12 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     for name in ("max_copy_similarity", "min_semantic_similarity"):
         if not 0.0 <= getattr(pp, name) <= 1.0:
             p.append(f"paraphrase.{name} must be in [0, 1]")
+    if cfg.rewrite.backend == "seq2seq":
+        p.append("rewrite.backend=seq2seq is not supported (rewriting needs instructions): use local or openai")
     for section in (cfg.rewrite, cfg.paraphrase):
         sec = "rewrite" if section is cfg.rewrite else "paraphrase"
+        if section.concurrency < 1 or section.max_retries < 0 or section.timeout_s <= 0:
+            p.append(f"{sec}.concurrency must be >= 1, {sec}.max_retries >= 0 and {sec}.timeout_s > 0")
         if section.backend == "openai" and not section.base_url and not os.environ.get(section.api_key_env):
             p.append(
                 f"{sec}.backend=openai needs {sec}.base_url (an OpenAI-compatible server) or the "

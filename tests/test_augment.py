@@ -27,7 +27,7 @@ def tiny_cfg(tmp_path, bert, llama, **over) -> Config:
         "paraphrase.temperature": "1.0",
         "data.max_pairs": "40", "data.val_fraction": "0", "data.test_fraction": "0",
         "mars.budget": "30", "resources.actors": "1", "resources.cpus_per_actor": "1", "resources.batch_size": "16",
-        "augment.generation_batch_size": "8", "semantic.batch_size": "16",
+        "paraphrase.batch_size": "8", "semantic.batch_size": "16",
     }
     base.update(over)
     return Config.load(overrides=base)
@@ -171,3 +171,41 @@ def test_real_epoch_on_64_real_pairs(ray_local, tmp_path):
     ids = set(pairs.column("pair_id").to_pylist())
     assert set(res.synthetic.column("source_pair_id").to_pylist()) <= ids
     assert s["refine"]["candidates"] == sum(s["refine"]["by_status"].values())
+
+
+@pytest.mark.ray
+def test_epoch_through_openai_endpoint_survives_429_500_and_timeouts(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs):
+    """Rewrites and paraphrases through a real OpenAI-compatible server that answers the first
+    requests with 429/500 and delays some past the client timeout: retried within bounds, reported,
+    no crash, no pair lost."""
+    from mars_ray.augment import run_epoch
+    from mars_ray.models.generation import GenParams
+    from mars_ray.models.local_generators import LocalChatGenerator
+    from mars_ray.models.openai_server import Faults, run_server
+
+    gen = LocalChatGenerator(str(tiny_llama_dir), GenParams(max_new_tokens=8), batch_size=8)
+    handles = [run_server(gen, faults=Faults(fail_first=3, fail_status=s, delay_s=d, delay_first=df))
+               for s, d, df in ((429, 0.0, None), (500, 3.0, 5))]
+    try:
+        over = {"mars.strategy": "mars", "mars.tau": "2.0", "mars.budget": "20",
+                "rewrite.backend": "openai", "rewrite.base_url": handles[0].url, "rewrite.model": "tiny",
+                "rewrite.timeout_s": "1.0", "rewrite.max_retries": "2", "rewrite.concurrency": "2",
+                "paraphrase.backend": "openai", "paraphrase.base_url": handles[1].url, "paraphrase.model": "tiny",
+                "paraphrase.timeout_s": "1.0", "paraphrase.max_retries": "2", "paraphrase.concurrency": "2",
+                "data.max_pairs": "16"}
+        cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
+        pairs = demo_pairs.slice(0, 16)
+        res = run_epoch(cfg, pairs, reward_ref=cfg.model.reward, epoch=1, log=lambda m: None)
+        stats = [h.stats() for h in handles]
+    finally:
+        for h in handles:
+            h.stop()
+    s = res.summary
+    assert res.per_pair.num_rows == 16 and sorted(res.per_pair.column("pair_id").to_pylist()) == sorted(pairs.column("pair_id").to_pylist())
+    assert res.synthetic.num_rows + s["budget_unspent"] == 20
+    # Both servers saw their injected failures and then served real completions.
+    assert all(st["injected_failures"] == 3 and st["completed"] > 0 for st in stats), stats
+    assert stats[1]["delayed"] > 0
+    gen_stats = s["generation"]
+    assert gen_stats["paraphrase_generated"] > 0
+    assert sum(s["refine"]["by_status"].values()) == s["refine"]["candidates"]
