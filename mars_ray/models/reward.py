@@ -1,0 +1,489 @@
+"""Bradley-Terry reward model r(x, y) -> scalar: loading, pair encoding and batched scoring.
+
+Pure torch/transformers (no Ray); :mod:`mars_ray.stages.score` wires it into Ray Data and the
+training stage reuses :func:`encode_pairs` / :func:`encode_preferences` / :func:`pad_batch`.
+
+Encoding rule (the project's promise: no pair is ever dropped for length). Prompt and response are
+tokenised *without* special tokens, then :func:`mars_ray.core.lengths.truncate_pair_tokens` keeps
+the END of the prompt and the START of the response (capped at its limit); if prompt + response +
+special tokens would still exceed the model's context (e.g. 512 positions for BERT/MiniLM while
+the limits are 512 + 192), the prompt is shortened further from the left. The model's own special
+tokens are then added as a pair: ``[CLS] p [SEP] r [SEP]`` for BERT, ``<s> p </s></s> r </s>`` for
+RoBERTa, plain ``p r`` for decoder tokenizers, which additionally get a final EOS token.
+
+transformers 5 fast tokenizers no longer have ``build_inputs_with_special_tokens``; when it is
+missing the pair template is read off the tokenizer itself (one probe encoding of a sentinel pair,
+checked against a second probe), so the result is exactly what ``tokenizer(prompt, response)``
+would produce for the same (truncated) token ids.
+
+Decoder models (Llama/Qwen/SmolLM2-style) pool the rightmost token that is not ``pad_token_id``.
+When the pad token *is* the EOS token (SmolLM2, and every tokenizer we give eos-as-pad), that
+rightmost token is the last response token (the trailing EOS counts as padding); it has attended
+to the whole prompt and response, and right padding cannot change it (causal attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from mars_ray.core.lengths import truncate_pair_tokens
+
+__all__ = [
+    "Encoded",
+    "encode_pairs",
+    "encode_preferences",
+    "load_reward_model",
+    "pad_batch",
+    "resolve_dtype",
+    "score_encoded",
+    "score_pairs",
+    "score_texts",
+]
+
+# Tokenizers report a huge sentinel (int(1e30)) when they know no limit.
+_NO_LIMIT = 1_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: Any, device: str = "cpu"):
+    """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere; names and torch dtypes pass through."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    try:
+        out = getattr(torch, str(dtype))
+    except AttributeError:
+        out = None
+    if not isinstance(out, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return out
+
+
+def load_reward_model(
+    ref: str,
+    *,
+    seed: int = 0,
+    dtype: Any = "auto",
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    offline: bool | None = None,
+) -> tuple[Any, Any]:
+    """Load ``ref`` as a scalar reward model (``num_labels=1``) and its tokenizer.
+
+    The fresh score head (and anything else the checkpoint lacks) is initialised from ``seed``
+    inside a forked RNG, so the same seed gives the same model and the caller's global RNG is
+    untouched. ``model.config.pad_token_id`` is set to the tokenizer's pad id (EOS when the
+    tokenizer has no pad token) and the tokenizer's ``model_max_length`` is capped at the model's
+    ``max_position_embeddings``, so :func:`encode_pairs` never exceeds the position table.
+
+    Raises:
+        ModelResolutionError: ``ref`` cannot be resolved (see :func:`mars_ray.models.resolve_model`).
+        ValueError: the tokenizer has neither a pad nor an EOS token.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from mars_ray.models.resolve import load_tokenizer, resolve_model
+
+    resolved = resolve_model(ref, cache_dir=cache_dir, offline=offline)
+    tokenizer = load_tokenizer(resolved)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{ref}: the tokenizer has neither a pad nor an EOS token; cannot batch")
+        tokenizer.pad_token = tokenizer.eos_token
+    torch_dtype = resolve_dtype(dtype, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path, num_labels=1, dtype=torch_dtype
+        )
+    # Padding uses the tokenizer's pad id, so the model's last-non-pad pooling must agree with it.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if _text_config(model.config) is not model.config:
+        _text_config(model.config).pad_token_id = tokenizer.pad_token_id
+    max_pos = getattr(_text_config(model.config), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and max_pos > 0 and int(tokenizer.model_max_length) > max_pos:
+        tokenizer.model_max_length = max_pos
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Model-ready token ids (special tokens included, not padded), one row per input pair.
+
+    ``token_type_ids`` is None for models that do not take them (decoders, RoBERTa-style).
+    ``prompt_truncated`` / ``response_truncated`` count rows whose prompt lost its beginning /
+    whose response was capped; no row is ever dropped.
+    """
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    prompt_truncated: int
+    response_truncated: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+@dataclass(frozen=True)
+class _PairTemplate:
+    prefix: tuple[int, ...]
+    middle: tuple[int, ...]
+    suffix: tuple[int, ...]
+    # token type ids of each part (None when the model takes no token_type_ids)
+    types: tuple[tuple[int, ...], int, tuple[int, ...], int, tuple[int, ...]] | None
+    eos_id: int | None  # appended when the sequence does not end with it (decoder tokenizers)
+
+    @property
+    def n_special(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix) + (1 if self.eos_id is not None else 0)
+
+
+def _wants_token_types(tokenizer: Any) -> bool:
+    return "token_type_ids" in (getattr(tokenizer, "model_input_names", None) or [])
+
+
+def _split_template(full: Sequence[int], a: Sequence[int], b: Sequence[int], n_special: int | None):
+    """Find ``full == prefix + a + middle + b + suffix``; returns the three parts' slices or None."""
+    full, a, b = list(full), list(a), list(b)
+    for i in range(len(full) - len(a) + 1):
+        if full[i : i + len(a)] != a:
+            continue
+        for j in range(i + len(a), len(full) - len(b) + 1):
+            if full[j : j + len(b)] != b:
+                continue
+            parts = ((0, i), (i + len(a), j), (j + len(b), len(full)))
+            if n_special is None or sum(e - s for s, e in parts) == n_special:
+                return parts
+    return None
+
+
+def _template_from_builder(tokenizer: Any) -> _PairTemplate | None:
+    """Template from ``build_inputs_with_special_tokens`` (slow / transformers-4 tokenizers)."""
+    build = getattr(tokenizer, "build_inputs_with_special_tokens", None)
+    if not callable(build):
+        return None
+    a, b = [-11, -12], [-21, -22, -23]  # sentinels: never real ids, the builder only concatenates
+    try:
+        full = list(build(a, b))
+    except Exception:  # noqa: BLE001 - "if it works for that tokenizer"
+        return None
+    parts = _split_template(full, a, b, None)
+    if parts is None:
+        return None
+    prefix, middle, suffix = (tuple(full[s:e]) for s, e in parts)
+    types = None
+    if _wants_token_types(tokenizer):
+        make_types = getattr(tokenizer, "create_token_type_ids_from_sequences", None)
+        tt = list(make_types(a, b)) if callable(make_types) else [0] * (len(full) - len(b)) + [1] * len(b)
+        types = _split_types(tt, parts, len(a), len(b))
+    return _PairTemplate(prefix, middle, suffix, types, None)
+
+
+def _split_types(tt: Sequence[int], parts, na: int, nb: int):
+    (p0, p1), (m0, m1), (s0, s1) = parts
+    ta = set(tt[p1 : p1 + na])
+    tb = set(tt[m1 : m1 + nb])
+    if len(ta) != 1 or len(tb) != 1:
+        return None
+    return (tuple(tt[p0:p1]), ta.pop(), tuple(tt[m0:m1]), tb.pop(), tuple(tt[s0:s1]))
+
+
+_PROBES = (("hello there", "world peace"), ("one two three", "four five"))
+
+
+def _template_from_probe(tokenizer: Any) -> _PairTemplate:
+    """Template read off ``tokenizer(a, b)`` for sentinel texts, verified on a second probe."""
+    want_types = _wants_token_types(tokenizer)
+    try:
+        n_special = int(tokenizer.num_special_tokens_to_add(pair=True))
+    except Exception:  # noqa: BLE001
+        n_special = None
+    found = None
+    for text_a, text_b in _PROBES:
+        a = tokenizer(text_a, add_special_tokens=False)["input_ids"]
+        b = tokenizer(text_b, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(text_a, text_b, add_special_tokens=True, return_token_type_ids=want_types)
+        full = list(enc["input_ids"])
+        parts = _split_template(full, a, b, n_special)
+        if parts is None:
+            raise ValueError(
+                f"cannot read the pair template of {type(tokenizer).__name__}: "
+                f"{text_a!r}+{text_b!r} encodes to {full}"
+            )
+        prefix, middle, suffix = (tuple(full[s:e]) for s, e in parts)
+        types = _split_types(list(enc["token_type_ids"]), parts, len(a), len(b)) if want_types else None
+        if want_types and types is None:
+            raise ValueError(f"{type(tokenizer).__name__}: token type ids are not constant per segment")
+        t = (prefix, middle, suffix, types)
+        if found is not None and found != t:
+            raise ValueError(f"{type(tokenizer).__name__}: the pair template differs between probes")
+        found = t
+    return _PairTemplate(*found, None)
+
+
+def _pair_template(tokenizer: Any) -> _PairTemplate:
+    """How ``tokenizer`` joins a (prompt, response) pair, plus the EOS rule for decoder tokenizers."""
+    t = _template_from_builder(tokenizer) or _template_from_probe(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    # Decoder tokenizers add nothing after the response: the sequence must end with EOS.
+    if not t.suffix and eos is not None:
+        t = _PairTemplate(t.prefix, t.middle, t.suffix, t.types, int(eos))
+    return t
+
+
+def _max_length(tokenizer: Any, max_length: int | None) -> int | None:
+    if max_length is not None:
+        return int(max_length)
+    m = getattr(tokenizer, "model_max_length", None)
+    return int(m) if isinstance(m, int) and 0 < m < _NO_LIMIT else None
+
+
+def _tokenize(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """One batched call, no special tokens, no truncation (the pair rule truncates)."""
+    if len(texts) == 0:
+        return []
+    return tokenizer(
+        list(texts),
+        add_special_tokens=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )["input_ids"]
+
+
+def _assemble(
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    max_length: int | None,
+) -> Encoded:
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    t = _pair_template(tokenizer)
+    limit = _max_length(tokenizer, max_length)
+    n_special = t.n_special
+    resp_cap = max_response_tokens
+    if limit is not None:
+        if limit - n_special < 1:
+            raise ValueError(f"max_length {limit} leaves no room for a response ({n_special} special tokens)")
+        resp_cap = min(resp_cap, limit - n_special)
+    prefix, middle, suffix = list(t.prefix), list(t.middle), list(t.suffix)
+    ids_out: list[list[int]] = []
+    types_out: list[list[int]] | None = [] if t.types is not None else None
+    n_p = n_r = 0
+    for p, r in zip(prompt_ids, response_ids):
+        p_cap = max_prompt_tokens
+        if limit is not None:
+            p_cap = max(0, min(p_cap, limit - n_special - min(len(r), resp_cap)))
+        cut = truncate_pair_tokens(p, r, p_cap, resp_cap)
+        n_p += cut.prompt_truncated
+        n_r += cut.response_truncated
+        ids = prefix + cut.prompt_ids + middle + cut.response_ids + suffix
+        eos_added = t.eos_id is not None and (not ids or ids[-1] != t.eos_id)
+        if eos_added:
+            ids.append(t.eos_id)
+        ids_out.append(ids)
+        if types_out is not None:
+            tp, ta, tm, tb, ts = t.types
+            tt = [*tp, *([ta] * len(cut.prompt_ids)), *tm, *([tb] * len(cut.response_ids)), *ts]
+            if eos_added:
+                tt.append(tb)
+            types_out.append(tt)
+    return Encoded(ids_out, types_out, n_p, n_r)
+
+
+def encode_pairs(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    max_length: int | None = None,
+) -> Encoded:
+    """Encode (prompt, response) pairs for a reward model; never drops a pair.
+
+    Args:
+        tokenizer: a (fast) Hugging Face tokenizer; each list is tokenised in one call.
+        max_prompt_tokens: keep at most this many tokens from the END of the prompt.
+        max_response_tokens: keep at most this many tokens from the START of the response.
+        max_length: total length limit including special tokens; ``None`` uses
+            ``tokenizer.model_max_length`` (capped at the model's positions by
+            :func:`load_reward_model`). When needed the prompt is shortened further (from the left).
+
+    Returns:
+        :class:`Encoded` with one row per pair, in input order.
+    """
+    return _assemble(
+        tokenizer,
+        _tokenize(tokenizer, prompts),
+        _tokenize(tokenizer, responses),
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+        max_length=max_length,
+    )
+
+
+def encode_preferences(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    max_length: int | None = None,
+) -> tuple[Encoded, Encoded]:
+    """``(encode_pairs(prompts, chosen), encode_pairs(prompts, rejected))`` with each prompt
+    tokenised once and all responses in one tokenizer call."""
+    n = len(prompts)
+    if not (len(chosen) == len(rejected) == n):
+        raise ValueError(f"{n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+    p_ids = _tokenize(tokenizer, prompts)
+    r_ids = _tokenize(tokenizer, [*chosen, *rejected])
+    kw = dict(max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens, max_length=max_length)
+    return (
+        _assemble(tokenizer, p_ids, r_ids[:n], **kw),
+        _assemble(tokenizer, p_ids, r_ids[n:], **kw),
+    )
+
+
+def pad_batch(
+    input_ids: Sequence[Sequence[int]],
+    token_type_ids: Sequence[Sequence[int]] | None,
+    pad_token_id: int,
+) -> dict[str, Any]:
+    """Right-pad to the longest row: ``input_ids``, ``attention_mask`` (and ``token_type_ids``)
+    as int64 torch tensors."""
+    import torch
+
+    n = len(input_ids)
+    width = max((len(x) for x in input_ids), default=0)
+    ids = np.full((n, width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    types = np.zeros((n, width), dtype=np.int64) if token_type_ids is not None else None
+    for i, row in enumerate(input_ids):
+        k = len(row)
+        ids[i, :k] = row
+        mask[i, :k] = 1
+        if types is not None:
+            types[i, :k] = token_type_ids[i]
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if types is not None:
+        out["token_type_ids"] = torch.from_numpy(types)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+def score_encoded(model: Any, tokenizer: Any, enc: Encoded, *, batch_size: int) -> np.ndarray:
+    """Rewards (float32, input order) of encoded sequences: longest first, batches of
+    ``batch_size`` sequences each padded only to its own longest row."""
+    import torch
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    n = len(enc)
+    out = np.empty(n, dtype=np.float32)
+    if n == 0:
+        return out
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token (load the model with load_reward_model)")
+    order = np.argsort(-enc.lengths, kind="stable")
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            batch = pad_batch(
+                [enc.input_ids[i] for i in idx],
+                [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None,
+                pad_id,
+            )
+            if device.type != "cpu":
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            logits = model(**batch).logits
+            out[idx] = logits[:, 0].float().cpu().numpy()
+    return out
+
+
+def score_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    batch_size: int,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    max_length: int | None = None,
+) -> np.ndarray:
+    """r(prompt_i, response_i) for every i as float32, in input order."""
+    enc = encode_pairs(
+        tokenizer, prompts, responses,
+        max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens, max_length=max_length,
+    )
+    return score_encoded(model, tokenizer, enc, batch_size=batch_size)
+
+
+def score_pairs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    *,
+    batch_size: int,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    max_length: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(r_chosen, r_rejected)`` (float32, input order) in one length-sorted pass over all 2n
+    sequences; the margin is ``r_chosen - r_rejected``."""
+    enc_c, enc_r = encode_preferences(
+        tokenizer, prompts, chosen, rejected,
+        max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens, max_length=max_length,
+    )
+    both = Encoded(
+        enc_c.input_ids + enc_r.input_ids,
+        (enc_c.token_type_ids + enc_r.token_type_ids) if enc_c.token_type_ids is not None else None,
+        enc_c.prompt_truncated + enc_r.prompt_truncated,
+        enc_c.response_truncated + enc_r.response_truncated,
+    )
+    r = score_encoded(model, tokenizer, both, batch_size=batch_size)
+    n = len(prompts)
+    return r[:n], r[n:]
+

@@ -1,0 +1,6 @@
+"""Reward-model training on Ray Train (DDP or DeepSpeed); heavy imports happen on first use."""
+
+from mars_ray.train.deepspeed_config import build_ds_config
+from mars_ray.train.loop import MODEL_SUBDIR, TRAIN_STATE, fit_reward_model, train_loop_per_worker
+
+__all__ = ["MODEL_SUBDIR", "TRAIN_STATE", "build_ds_config", "fit_reward_model", "train_loop_per_worker"]

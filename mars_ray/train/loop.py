@@ -1,0 +1,538 @@
+"""Bradley-Terry reward-model training on Ray Train (DDP over gloo/nccl, or DeepSpeed ZeRO).
+
+:func:`train_loop_per_worker` receives everything in one plain dict (no globals), so it runs the
+same in-process (``train.num_workers=0``), on Ray Train workers, and after a restart
+(``FailureConfig``): it resumes from ``ray.train.get_checkpoint()`` (completed passes are skipped).
+
+Per pass the training pairs are shuffled (seed, epoch, pass) identically on every worker and dealt
+out by rank (every rank gets the same number of pairs, wrapping around, so collective steps line
+up). A micro-batch of ``train.batch_size`` pairs is one forward over its 2·B sequences
+(chosen rows first), then the BT loss with optional per-pair weights / margins.
+
+After every pass rank 0 reports a checkpoint::
+
+    <checkpoint>/model/         plain HF folder (LoRA merged), loads with
+                                AutoModelForSequenceClassification.from_pretrained
+    <checkpoint>/model/         + the tokenizer
+    <checkpoint>/train_state.pt trainable parameters, optimizer state, RNG states, progress
+
+The last report also carries validation metrics (:func:`mars_ray.core.losses.pair_metrics`,
+``val_loss``, ``val_tokens_per_s``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mars_ray.config import Config
+from mars_ray.core import schema as S
+
+__all__ = [
+    "MODEL_SUBDIR",
+    "TRAIN_STATE",
+    "fit_reward_model",
+    "lora_target_modules",
+    "train_loop_per_worker",
+    "wrap_lora",
+]
+
+MODEL_SUBDIR = "model"
+TRAIN_STATE = "train_state.pt"
+
+# LoRA targets per architecture (config.model_type); anything else falls back to peft's table.
+_LORA_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+}
+_HEAD_NAMES = ("classifier", "score")
+
+
+# --------------------------------------------------------------------------------------------
+# Model helpers
+# --------------------------------------------------------------------------------------------
+
+
+def lora_target_modules(model: Any) -> list[str]:
+    """LoRA target module names for ``model``'s architecture.
+
+    Raises:
+        ValueError: an architecture we have no targets for (use full fine-tuning: train.lora=false).
+    """
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in _LORA_TARGETS:
+        return list(_LORA_TARGETS[model_type])
+    try:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    except ImportError:  # pragma: no cover - older peft
+        table = {}
+    if model_type in table:
+        return list(table[model_type])
+    raise ValueError(
+        f"no LoRA target modules known for model_type={model_type!r}; set train.lora=false "
+        "(full fine-tuning) or use a BERT/RoBERTa/DeBERTa/Llama-style backbone"
+    )
+
+
+def _head_names(model: Any) -> list[str]:
+    names = [n for n in _HEAD_NAMES if hasattr(model, n)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
+    return names
+
+
+def wrap_lora(model: Any, *, r: int, alpha: int, dropout: float) -> Any:
+    """``peft`` LoRA on the attention query/value projections; the score head is trained in full
+    (``modules_to_save``)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        task_type="SEQ_CLS",
+        r=int(r),
+        lora_alpha=int(alpha),
+        lora_dropout=float(dropout),
+        target_modules=lora_target_modules(model),
+        modules_to_save=_head_names(model),
+    )
+    return get_peft_model(model, cfg)
+
+
+def _plain_model(model: Any) -> Any:
+    """A copy of ``model`` as a plain transformers model (LoRA merged); ``model`` is untouched."""
+    m = copy.deepcopy(model)
+    if hasattr(m, "merge_and_unload"):
+        m = m.merge_and_unload()
+    return m
+
+
+def _trainable_state(model: Any) -> dict[str, Any]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# --------------------------------------------------------------------------------------------
+# Data helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _read_pairs(path: str, extra: list[str]) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    cols = [S.PROMPT, S.CHOSEN, S.REJECTED, *[c for c in extra if c]]
+    names = pq.read_schema(path).names
+    missing = [c for c in cols if c not in names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file must have PAIR_SCHEMA rows")
+    return pq.read_table(path, columns=cols).to_pydict()
+
+
+def _column_floats(data: dict[str, list], column: str | None, what: str, path: str) -> np.ndarray | None:
+    if not column:
+        return None
+    vals = data[column]
+    if any(v is None for v in vals):
+        raise ValueError(f"{path}: column {column!r} ({what}) has missing values; fill them (e.g. 1.0)")
+    arr = np.asarray(vals, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{path}: column {column!r} ({what}) has non-finite values")
+    return arr
+
+
+def _shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Rank's share of ``order``; every rank gets ceil(n/world) items (wrapping around)."""
+    n = len(order)
+    per = math.ceil(n / world) if n else 0
+    idx = (np.arange(per) * world + rank) % max(n, 1)
+    return order[idx] if n else order
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Train one reward model; all inputs in ``config``:
+
+    ``config`` (``Config.to_dict()``), ``init_model`` (model ref or a previous model dir),
+    ``train_path`` / ``val_path`` (parquet, PAIR_SCHEMA columns), optional ``weights_column`` and
+    ``margin_column`` (used when ``train.margin_term``), ``epoch`` (MARS epoch, seeds the shuffle),
+    ``local`` (True when running in-process: keep the caller's thread settings).
+
+    Returns the final metrics (also reported through ``ray.train.report``).
+    """
+    import torch
+    import ray.train
+
+    from mars_ray.core.losses import bt_loss, pair_metrics
+    from mars_ray.models.reward import encode_preferences, load_reward_model, pad_batch, score_pairs
+
+    cfg = Config.from_dict(config["config"])
+    t, dsc = cfg.train, cfg.deepspeed
+    epoch = int(config.get("epoch", 1))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not config.get("local"):
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    # ---- model
+    device = "cuda" if (t.use_gpu and torch.cuda.is_available()) else "cpu"
+    model, tokenizer = load_reward_model(
+        config["init_model"], seed=cfg.seed, dtype="float32" if dsc.enabled else cfg.model.dtype,
+        cache_dir=cfg.model.cache_dir, offline=cfg.model.offline,
+    )
+    torch.manual_seed(cfg.seed + 7919 * epoch)  # LoRA init + dropout: identical on every rank
+    if t.lora:
+        model = wrap_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout)
+    model.train()
+
+    # ---- resume
+    state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if (Path(d) / TRAIN_STATE).exists():
+                state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=False)
+    if state is not None:
+        missing = set(state["trainable"]) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise ValueError(f"checkpoint does not match the model (unknown parameters {sorted(missing)[:3]})")
+        model.load_state_dict(state["trainable"], strict=False)
+
+    # ---- data
+    extra = [config.get("weights_column"), config.get("margin_column") if t.margin_term else None]
+    train = _read_pairs(config["train_path"], [c for c in extra if c])
+    val = _read_pairs(config["val_path"], []) if config.get("val_path") else None
+    n_train = len(train[S.PROMPT])
+    if n_train == 0:
+        raise ValueError(f"{config['train_path']}: no training pairs")
+    weights = _column_floats(train, config.get("weights_column"), "weights", config["train_path"])
+    margins = _column_floats(train, extra[1], "margins", config["train_path"])
+    lim = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens)
+    enc_c, enc_r = encode_preferences(tokenizer, train[S.PROMPT], train[S.CHOSEN], train[S.REJECTED], **lim)
+    has_types = enc_c.token_type_ids is not None
+
+    # ---- distributed wrapping + optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if dsc.enabled:
+        if device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        from mars_ray.train.deepspeed_config import build_ds_config
+
+        ds_config = build_ds_config(dsc, t, world_size=world)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+        fwd = engine
+    else:
+        model.to(device)
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        if distributed and world > 1:
+            fwd = ray.train.torch.prepare_model(model, move_to_device=False)
+        else:
+            fwd = model
+        engine = None
+    if state is not None and state.get("optimizer") is not None and engine is None:
+        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        _set_rng_state(state["rng"])
+
+    per_rank = math.ceil(n_train / world)
+    micro_per_pass = math.ceil(per_rank / t.batch_size)
+    steps_per_pass = math.ceil(micro_per_pass / t.grad_accum)
+    total_steps = steps_per_pass * t.passes
+    if t.max_steps is not None:
+        total_steps = min(total_steps, int(t.max_steps))
+    warmup = int(round(t.warmup_ratio * total_steps))
+
+    def lr_at(step: int) -> float:
+        return t.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+    passes_done = int(state["passes_done"]) if state else 0
+    step = int(state["step"]) if state else 0
+    losses: list[float] = list(state.get("losses", [])) if state else []
+    step_times: list[float] = []
+    train_tokens = 0
+    metrics: dict[str, Any] = {}
+    ckpt_model = engine.module if engine is not None else model  # the module under DDP / DeepSpeed
+
+    if state is not None and (passes_done >= t.passes or step >= total_steps):
+        # Restarted after the last checkpoint was written: report it again and stop.
+        metrics = dict(state.get("metrics") or {})
+        _report(metrics, ckpt_model, tokenizer, optimizer if engine is None else None, losses,
+                passes_done, step, rank, config.get("local", False), dsc.stage if dsc.enabled else None)
+        return metrics
+    prev_local: Path | None = None
+    for p in range(passes_done, t.passes):
+        if step >= total_steps:
+            break
+        rng = np.random.default_rng([cfg.seed, epoch, p])
+        mine = _shard(rng.permutation(n_train), rank, world)
+        micro = [mine[i : i + t.batch_size] for i in range(0, len(mine), t.batch_size)]
+        acc_loss, n_acc, t0 = 0.0, 0, time.perf_counter()
+        for k, idx in enumerate(micro):
+            if step >= total_steps:
+                break
+            ids = [enc_c.input_ids[i] for i in idx] + [enc_r.input_ids[i] for i in idx]
+            tts = ([enc_c.token_type_ids[i] for i in idx] + [enc_r.token_type_ids[i] for i in idx]) if has_types else None
+            batch = pad_batch(ids, tts, tokenizer.pad_token_id)
+            train_tokens += int(batch["attention_mask"].sum())
+            batch = {key: v.to(device) for key, v in batch.items()}
+            rewards = fwd(**batch).logits[:, 0].float()
+            b = len(idx)
+            w = torch.from_numpy(weights[idx]).to(device) if weights is not None else None
+            m = torch.from_numpy(margins[idx]).to(device) if margins is not None else None
+            loss = bt_loss(rewards[:b], rewards[b:], weights=w, margin=m)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step)
+            if engine is not None:
+                engine.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
+                engine.step()
+            else:
+                (loss / t.grad_accum).backward()
+            acc_loss += float(loss.detach())
+            n_acc += 1
+            boundary = (k + 1) % t.grad_accum == 0 or k + 1 == len(micro)
+            if boundary:
+                if engine is None:
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(acc_loss / n_acc)
+                step_times.append(time.perf_counter() - t0)
+                step += 1
+                acc_loss, n_acc, t0 = 0.0, 0, time.perf_counter()
+        passes_done = p + 1
+        last = passes_done >= t.passes or step >= total_steps
+        metrics = _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed)
+        if last and val is not None:
+            metrics.update(_validate(ckpt_model, tokenizer, val, lim, cfg, rank, world, distributed,
+                                     bt_loss, pair_metrics, score_pairs))
+        d = _report(metrics, ckpt_model, tokenizer, optimizer if engine is None else None, losses,
+                    passes_done, step, rank, config.get("local", False), dsc.stage if dsc.enabled else None)
+        if config.get("local") and prev_local is not None:
+            shutil.rmtree(prev_local, ignore_errors=True)  # superseded in-process checkpoint
+        prev_local = d
+        if last:
+            break
+    return metrics
+
+
+def _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed) -> dict:
+    import torch
+
+    hist = torch.tensor(losses, dtype=torch.float64)
+    if distributed and world > 1 and len(hist):
+        torch.distributed.all_reduce(hist)
+        hist /= world
+    hist_l = [float(x) for x in hist]
+    st = float(np.mean(step_times)) if step_times else float("nan")
+    total_t = float(np.sum(step_times)) if step_times else 0.0
+    return {
+        "epoch": epoch,
+        "passes_done": passes_done,
+        "steps": step,
+        "train_loss": float(np.mean(hist_l[-max(1, len(step_times)):])) if hist_l else float("nan"),
+        "train_loss_first": hist_l[0] if hist_l else float("nan"),
+        "train_loss_last": hist_l[-1] if hist_l else float("nan"),
+        "train_loss_history": hist_l,
+        "step_time_s": st,
+        "train_tokens_per_s": (train_tokens / total_t) if total_t > 0 else float("nan"),
+        "world_size": world,
+    }
+
+
+def _validate(model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss, pair_metrics, score_pairs) -> dict:
+    """Validation rewards, sharded by rank (equal-size shards), gathered to every rank."""
+    import torch
+
+    n = len(val[S.PROMPT])
+    mine = _shard(np.arange(n), rank, world) if n else np.arange(0)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    rc, rr = score_pairs(model, tokenizer, [val[S.PROMPT][i] for i in mine], [val[S.CHOSEN][i] for i in mine],
+                         [val[S.REJECTED][i] for i in mine], batch_size=2 * cfg.train.batch_size, **lim)
+    elapsed = time.perf_counter() - t0
+    if was_training:
+        model.train()
+    from mars_ray.models.reward import encode_preferences
+
+    ec, er = encode_preferences(tokenizer, [val[S.PROMPT][i] for i in mine], [val[S.CHOSEN][i] for i in mine],
+                                [val[S.REJECTED][i] for i in mine], **lim)
+    tokens = int(ec.lengths.sum() + er.lengths.sum())
+    if distributed and world > 1:
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, (mine, rc, rr, tokens, elapsed))
+        full_c = np.empty(n, dtype=np.float32)
+        full_r = np.empty(n, dtype=np.float32)
+        for idx, c, r, _, _ in parts:
+            full_c[idx], full_r[idx] = c, r
+        tokens = sum(x[3] for x in parts)
+        elapsed = max(x[4] for x in parts)
+        rc, rr = full_c, full_r
+    out = {f"val_{k}": v for k, v in pair_metrics(rc, rr).items()}
+    out["val_loss"] = float(bt_loss(torch.from_numpy(rc), torch.from_numpy(rr))) if n else float("nan")
+    out["val_tokens_per_s"] = tokens / elapsed if elapsed > 0 else float("nan")
+    return out
+
+
+def _report(metrics, model, tokenizer, optimizer, losses, passes_done, step, rank, local, ds_stage) -> Path | None:
+    """Rank 0 writes and reports the checkpoint (others report metrics only); returns the local
+    directory when it still exists (in-process runs), else None."""
+    import torch
+    import ray.train
+
+    if ds_stage == 3:  # parameters are partitioned: gather them (collective) before saving
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            plain = _plain_model(model) if rank == 0 else None
+            trainable = _trainable_state(model) if rank == 0 else None
+    else:
+        plain = _plain_model(model) if rank == 0 else None
+        trainable = _trainable_state(model) if rank == 0 else None
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return None
+    # In-process runs hand the directory itself back as the checkpoint: it must outlive this call.
+    d = Path(tempfile.mkdtemp(prefix="mars_ray_ckpt_"))
+    plain.save_pretrained(d / MODEL_SUBDIR)
+    tokenizer.save_pretrained(d / MODEL_SUBDIR)
+    torch.save(
+        {
+            "trainable": trainable,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "rng": _rng_state(),
+            "passes_done": passes_done,
+            "step": step,
+            # the history averaged over workers (what was reported), identical on every rank
+            "losses": list(metrics.get("train_loss_history", losses)),
+            "metrics": metrics,
+        },
+        d / TRAIN_STATE,
+    )
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+    if not local:
+        shutil.rmtree(d, ignore_errors=True)  # uploaded synchronously to storage_path
+        return None
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side
+# --------------------------------------------------------------------------------------------
+
+
+def fit_reward_model(
+    cfg: Config,
+    *,
+    init_model: str,
+    train_path: str | os.PathLike,
+    val_path: str | os.PathLike | None,
+    run_dir: str | os.PathLike,
+    name: str,
+    weights_column: str | None = None,
+    margin_column: str | None = None,
+    epoch: int = 1,
+    max_failures: int = 0,
+) -> dict:
+    """Train a reward model with Ray Train; returns the final metrics plus ``model_dir`` (a plain
+    HF folder, LoRA merged) and ``checkpoint_dir``.
+
+    ``train.num_workers=0`` runs the loop in this process (no workers; tests). Re-running with the
+    same ``run_dir`` / ``name`` resumes from the latest checkpoint (Ray Train's behaviour).
+
+    Raises:
+        ValueError: invalid configuration (checked before anything starts).
+        ray.train.WorkerGroupError / RuntimeError: training failed (after ``max_failures`` retries).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg.validate()
+    t = cfg.train
+    if cfg.deepspeed.enabled:
+        from mars_ray.train.deepspeed_config import build_ds_config
+
+        build_ds_config(cfg.deepspeed, t, world_size=max(1, t.num_workers))  # fail fast, on the driver
+    local = t.num_workers == 0
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop_config = {
+        "config": cfg.to_dict(),
+        "init_model": str(init_model),
+        "train_path": str(Path(train_path).resolve()),
+        "val_path": str(Path(val_path).resolve()) if val_path else None,
+        "weights_column": weights_column,
+        "margin_column": margin_column,
+        "epoch": int(epoch),
+        "local": local,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker=None if local else {"CPU": t.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    if getattr(result, "error", None) is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name!r} reported no checkpoint")
+    ckpt_dir = Path(result.checkpoint.path)
+    if local:  # move the in-process checkpoint next to the Ray runs
+        dest = run_dir / name / "checkpoint_local"
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(ckpt_dir), dest)
+        ckpt_dir = dest
+    metrics = dict(result.metrics or {})
+    metrics["checkpoint_dir"] = str(ckpt_dir)
+    metrics["model_dir"] = str(ckpt_dir / MODEL_SUBDIR)
+    return metrics

@@ -1,0 +1,324 @@
+"""Reward-model training: losses, DeepSpeed config, the Ray Train loop (in-process, DDP, DeepSpeed)."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Ray Train V2 polls worker health every second by default; faster polls shorten every fit().
+# (Set before the session's Ray starts so the controller inherits it.)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+torch = pytest.importorskip("torch")
+
+from mars_ray.config import Config, DeepSpeedConfig, TrainConfig  # noqa: E402
+from mars_ray.core.losses import adaboost_weights, bt_loss, pair_metrics  # noqa: E402
+from mars_ray.train.deepspeed_config import build_ds_config  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# Losses (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def _nll(d: float) -> float:
+    return math.log1p(math.exp(-d))
+
+
+def test_bt_loss_matches_hand_computation():
+    rc = torch.tensor([1.0, 0.0, -2.0])
+    rr = torch.tensor([0.0, 0.5, 1.0])
+    want = np.mean([_nll(1.0), _nll(-0.5), _nll(-3.0)])
+    assert float(bt_loss(rc, rr)) == pytest.approx(want, rel=1e-6)
+    # stable for huge margins
+    assert float(bt_loss(torch.tensor([1000.0]), torch.tensor([0.0]))) == pytest.approx(0.0, abs=1e-6)
+    assert float(bt_loss(torch.tensor([0.0]), torch.tensor([1000.0]))) == pytest.approx(1000.0, rel=1e-6)
+
+
+def test_bt_loss_weights_and_margin():
+    rc = torch.tensor([2.0, 0.0])
+    rr = torch.tensor([0.0, 1.0])
+    l0, l1 = _nll(2.0), _nll(-1.0)
+    # weights: weighted mean, invariant to scaling; weight on the wrong pair raises the loss
+    assert float(bt_loss(rc, rr, weights=torch.tensor([1.0, 3.0]))) == pytest.approx((l0 + 3 * l1) / 4, rel=1e-6)
+    assert float(bt_loss(rc, rr, weights=[2.0, 6.0])) == pytest.approx((l0 + 3 * l1) / 4, rel=1e-6)
+    assert float(bt_loss(rc, rr, weights=[1.0, 3.0])) > float(bt_loss(rc, rr))
+    assert float(bt_loss(rc, rr, weights=[1.0, 1.0])) == pytest.approx(float(bt_loss(rc, rr)))
+    # margin: subtracted inside the sigmoid, so a positive margin raises the loss
+    m = torch.tensor([0.5, 0.25])
+    assert float(bt_loss(rc, rr, margin=m)) == pytest.approx((_nll(1.5) + _nll(-1.25)) / 2, rel=1e-6)
+    assert float(bt_loss(rc, rr, margin=1.0)) == pytest.approx((_nll(1.0) + _nll(-2.0)) / 2, rel=1e-6)
+    assert float(bt_loss(rc, rr, margin=m)) > float(bt_loss(rc, rr))
+    # gradients flow
+    x = torch.tensor([0.3, -0.1], requires_grad=True)
+    bt_loss(x, torch.zeros(2), weights=[1.0, 2.0]).backward()
+    assert x.grad is not None and bool((x.grad < 0).all())
+    with pytest.raises(ValueError, match="weights"):
+        bt_loss(rc, rr, weights=[0.0, 0.0])
+    with pytest.raises(ValueError):
+        bt_loss(rc, rr, weights=[-1.0, 1.0])
+    with pytest.raises(ValueError):
+        bt_loss(rc, torch.zeros(3))
+
+
+def test_adaboost_weights():
+    d = np.array([-1.0, 0.0, 2.0])
+    w = adaboost_weights(d, beta=0.5)
+    raw = np.exp(-0.5 * d)
+    np.testing.assert_allclose(w, raw / raw.mean())
+    assert w.mean() == pytest.approx(1.0)
+    assert w[0] > w[1] > w[2]  # mis-ranked pairs weigh most
+    np.testing.assert_allclose(adaboost_weights(d, 0.0), np.ones(3))
+    big = adaboost_weights(np.array([-1000.0, 1000.0]), 1.0)  # no overflow
+    assert np.all(np.isfinite(big)) and big.mean() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        adaboost_weights([], 1.0)
+    with pytest.raises(ValueError):
+        adaboost_weights([1.0, np.nan], 1.0)
+    with pytest.raises(ValueError):
+        adaboost_weights([1.0], -1.0)
+
+
+def test_pair_metrics():
+    m = pair_metrics(np.array([1.0, 2.0, 0.0, 3.0]), torch.tensor([0.0, 2.0, 1.0, 1.0]))
+    d = np.array([1.0, 0.0, -1.0, 2.0])
+    assert m["accuracy"] == 0.5  # the tie counts as wrong
+    assert m["margin_mean"] == pytest.approx(d.mean())
+    assert m["margin_std"] == pytest.approx(d.std())
+    assert m["snr"] == pytest.approx(d.mean() / d.std())
+    assert m["chosen_mean"] == pytest.approx(1.5) and m["rejected_mean"] == pytest.approx(1.0)
+    assert m["n"] == 4
+    assert pair_metrics([2.0, 2.0], [1.0, 1.0])["snr"] == math.inf
+    assert pair_metrics([0.0, 0.0], [1.0, 1.0])["snr"] == -math.inf
+    assert math.isnan(pair_metrics([1.0], [1.0])["snr"])
+    assert math.isnan(pair_metrics([], [])["accuracy"])
+
+
+def test_build_ds_config():
+    t = TrainConfig(lr=1e-3, batch_size=4, grad_accum=2, weight_decay=0.01)
+    c = build_ds_config(DeepSpeedConfig(stage=2), t, world_size=2)
+    assert c["zero_optimization"]["stage"] == 2
+    assert c["train_batch_size"] == 16 and c["train_micro_batch_size_per_gpu"] == 4
+    assert c["gradient_accumulation_steps"] == 2 and c["gradient_clipping"] == 1.0
+    assert c["optimizer"]["type"] == "AdamW"
+    assert c["optimizer"]["params"] == {
+        "lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True
+    }
+    assert c["bf16"]["enabled"] is False
+    c3 = build_ds_config(DeepSpeedConfig(stage=3, bf16=True, offload_params=True, offload_optimizer=True), t, world_size=1)
+    assert c3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert c3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert c3["bf16"]["enabled"] is True
+    with pytest.raises(ValueError, match="stage=3"):
+        build_ds_config(DeepSpeedConfig(stage=2, offload_params=True), t, world_size=1)
+    with pytest.raises(ValueError, match="num_workers"):
+        build_ds_config(DeepSpeedConfig(), t, world_size=0)
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        build_ds_config(DeepSpeedConfig(stage=0, offload_optimizer=True), t, world_size=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Model helpers + training loop
+# --------------------------------------------------------------------------------------------
+
+_GOOD = ["great", "excellent", "wonderful"]
+_WORDS = "the a cat dog house tree river car book song blue red small large happy quiet window door".split()
+
+
+def _pairs(n: int, seed: int):
+    """Easy synthetic preferences: the chosen response contains a marker word, the rejected not."""
+    from mars_ray.core.schema import human_row
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = f"question {i}: " + " ".join(rng.choices(_WORDS, k=6))
+        base = rng.choices(_WORDS, k=5)
+        chosen = " ".join(base[:2] + [rng.choice(_GOOD)] + base[2:])
+        rejected = " ".join(base[:2] + [rng.choice(_WORDS)] + base[2:])
+        rows.append(human_row(prompt=prompt, chosen=chosen, rejected=rejected))
+    return rows
+
+
+def _write(path: Path, rows, weight: float | None = None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mars_ray.core.schema import PAIR_SCHEMA, WEIGHT
+
+    if weight is not None:
+        rows = [{**r, WEIGHT: weight} for r in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_data")
+    return _write(d / "train.parquet", _pairs(64, 1), weight=1.0), _write(d / "val.parquet", _pairs(32, 2))
+
+
+def _cfg(**over) -> Config:
+    base = {
+        "seed": 0,
+        "train.lr": 5e-2,  # tiny random BERT: a large lr learns the marker in 24 steps
+        "train.batch_size": 8,
+        "train.passes": 3,
+        "train.lora": True,
+        "train.lora_r": 8,
+        "train.lora_alpha": 16,
+        "train.lora_dropout": 0.0,
+        "train.num_workers": 0,
+        "data.max_prompt_tokens": 24,
+        "data.max_response_tokens": 16,
+    }
+    base.update(over)
+    return Config.load(overrides=base)
+
+
+def _score(model, tok, path):
+    import pyarrow.parquet as pq
+
+    from mars_ray.models.reward import score_pairs
+
+    t = pq.read_table(path).to_pydict()
+    return score_pairs(model, tok, t["prompt"], t["chosen"], t["rejected"], batch_size=16,
+                       max_prompt_tokens=24, max_response_tokens=16)
+
+
+def test_lora_merged_equals_unmerged_and_saved_dir_loads_plain(tiny_bert_dir, data_files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mars_ray.models.reward import load_reward_model
+    from mars_ray.train.loop import _plain_model, lora_target_modules, wrap_lora
+
+    model, tok = load_reward_model(str(tiny_bert_dir), seed=0)
+    assert lora_target_modules(model) == ["query", "value"]
+    peft_model = wrap_lora(model, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-trivial adapters (B starts at zero) and a changed head
+        for n, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    peft_model.eval()
+    rc, rr = _score(peft_model, tok, data_files[1])
+    plain = _plain_model(peft_model)
+    assert not hasattr(plain, "peft_config") or not plain.peft_config
+    mc, mr = _score(plain, tok, data_files[1])
+    np.testing.assert_allclose(mc, rc, atol=1e-5)
+    np.testing.assert_allclose(mr, rr, atol=1e-5)
+    plain.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    lc, lr = _score(loaded, AutoTokenizer.from_pretrained(tmp_path / "m"), data_files[1])
+    np.testing.assert_allclose(lc, rc, atol=1e-5)
+    np.testing.assert_allclose(lr, rr, atol=1e-5)
+    # the peft model itself is untouched by the merged copy
+    rc2, _ = _score(peft_model, tok, data_files[1])
+    np.testing.assert_allclose(rc2, rc, atol=0)
+
+
+def test_lora_on_llama_targets_q_v_and_merges(tiny_llama_dir):
+    from mars_ray.models.reward import load_reward_model, score_texts
+    from mars_ray.train.loop import _plain_model, lora_target_modules, wrap_lora
+
+    model, tok = load_reward_model(str(tiny_llama_dir), seed=0)
+    assert lora_target_modules(model) == ["q_proj", "v_proj"]
+    peft_model = wrap_lora(model, r=4, alpha=8, dropout=0.0)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and all("lora_" in n or "score" in n for n in trainable)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    peft_model.eval()
+    kw = dict(batch_size=4, max_prompt_tokens=16, max_response_tokens=8)
+    texts = (["hi there", "what is up"], ["fine thanks", "nothing much at all"])
+    np.testing.assert_allclose(score_texts(_plain_model(peft_model), tok, *texts, **kw),
+                               score_texts(peft_model, tok, *texts, **kw), atol=1e-5)
+
+
+def test_local_fit_learns_and_saves_plain_hf_folder(tiny_bert_dir, data_files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mars_ray.train import fit_reward_model
+
+    train_path, val_path = data_files
+    m = fit_reward_model(_cfg(), init_model=str(tiny_bert_dir), train_path=train_path, val_path=val_path,
+                         run_dir=tmp_path, name="local", weights_column="weight")
+    hist = m["train_loss_history"]
+    assert m["steps"] == 3 * 8 and len(hist) == 24
+    assert np.mean(hist[-4:]) < np.mean(hist[:4]) - 0.05, hist
+    assert m["val_accuracy"] >= 0.75, m
+    assert m["val_n"] == 32 and m["val_tokens_per_s"] > 0 and m["step_time_s"] > 0
+    mdir = Path(m["model_dir"])
+    assert (mdir / "config.json").exists() and (Path(m["checkpoint_dir"]) / "train_state.pt").exists()
+    assert not (mdir / "adapter_config.json").exists()
+    # plain transformers, no mars_ray: scores reproduce the in-memory model's validation metrics
+    model = AutoModelForSequenceClassification.from_pretrained(mdir).eval()
+    rc, rr = _score(model, AutoTokenizer.from_pretrained(mdir), val_path)
+    assert pair_metrics(rc, rr)["margin_mean"] == pytest.approx(m["val_margin_mean"], abs=1e-5)
+    assert pair_metrics(rc, rr)["accuracy"] == m["val_accuracy"]
+    state = torch.load(Path(m["checkpoint_dir"]) / "train_state.pt", weights_only=False)
+    assert state["passes_done"] == 3 and state["optimizer"]["state"] and "torch" in state["rng"]
+
+    # warm start from the trained folder, full fine-tuning, margin term, max_steps
+    m2 = fit_reward_model(_cfg(**{"train.lora": False, "train.lr": 1e-3, "train.max_steps": 2,
+                                  "train.margin_term": True}),
+                          init_model=str(mdir), train_path=train_path, val_path=val_path, run_dir=tmp_path,
+                          name="warm", margin_column="weight", epoch=2)
+    assert m2["steps"] == 2
+    assert m2["train_loss_first"] > 0.0
+
+
+def test_fit_rejects_missing_column(tiny_bert_dir, data_files, tmp_path):
+    from mars_ray.train import fit_reward_model
+
+    with pytest.raises(ValueError, match="nope"):
+        fit_reward_model(_cfg(), init_model=str(tiny_bert_dir), train_path=data_files[0], val_path=None,
+                         run_dir=tmp_path, name="bad", weights_column="nope")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_ddp_two_workers_one_pass(ray_local, tiny_bert_dir, data_files, tmp_path):
+    from mars_ray.train import fit_reward_model
+
+    cfg = _cfg(**{"train.num_workers": 2, "train.passes": 1, "train.cpus_per_worker": 1.0})
+    m = fit_reward_model(cfg, init_model=str(tiny_bert_dir), train_path=data_files[0], val_path=data_files[1],
+                         run_dir=tmp_path, name="ddp2")
+    assert m["world_size"] == 2
+    assert m["steps"] == 4  # 64 pairs / 2 workers / 8 per micro-batch
+    assert m["val_n"] == 32 and 0.0 <= m["val_accuracy"] <= 1.0
+    assert Path(m["model_dir"], "config.json").exists()
+
+    # Same run name again with one more pass: resumes from the checkpoint (pass 1 is not redone).
+    cfg2 = _cfg(**{"train.num_workers": 2, "train.passes": 2, "train.cpus_per_worker": 1.0})
+    m2 = fit_reward_model(cfg2, init_model=str(tiny_bert_dir), train_path=data_files[0], val_path=data_files[1],
+                          run_dir=tmp_path, name="ddp2")
+    assert m2["passes_done"] == 2 and m2["steps"] == 8
+    assert m2["train_loss_history"][:4] == pytest.approx(m["train_loss_history"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_deepspeed_zero2_matches_ddp_first_step(ray_local, tiny_bert_dir, data_files, tmp_path):
+    pytest.importorskip("deepspeed")
+    from mars_ray.train import fit_reward_model
+
+    over = {"train.passes": 1, "train.max_steps": 2}
+    ref = fit_reward_model(_cfg(**over), init_model=str(tiny_bert_dir), train_path=data_files[0],
+                           val_path=data_files[1], run_dir=tmp_path, name="ref")
+    cfg = _cfg(**over, **{"train.num_workers": 1, "deepspeed.enabled": True, "deepspeed.stage": 2})
+    m = fit_reward_model(cfg, init_model=str(tiny_bert_dir), train_path=data_files[0], val_path=data_files[1],
+                         run_dir=tmp_path, name="ds")
+    assert m["steps"] == 2
+    assert m["train_loss_history"][0] == pytest.approx(ref["train_loss_history"][0], abs=1e-4)
+    assert m["train_loss_history"][1] == pytest.approx(ref["train_loss_history"][1], abs=1e-3)
+    assert Path(m["model_dir"], "config.json").exists()
