@@ -118,9 +118,27 @@ def run_epoch(
     kept_c, kept_r, para = _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log)
     summary["paraphrase"] = para
 
-    # 6. Pools -> exactly B synthetic pairs where the pools can hold them.
-    cap = np.array([pool_capacity(len(kept_c[i]), len(kept_r[i]), bool(refined[i])) for i in range(n)])
-    b_fit, unspent = fit_budgets(b, cap, q)
+    # 6. Pools -> exactly B synthetic pairs. When the quality gate left the pools too small, top-up
+    # rounds sample more paraphrases (temperature > 0, a new seed per round) for the pairs with the
+    # largest allocation weight until the budget fits or the rounds run out.
+    def fit():
+        cap = np.array([pool_capacity(len(kept_c[i]), len(kept_r[i]), bool(refined[i])) for i in range(n)])
+        return fit_budgets(b, cap, q)
+
+    b_fit, unspent = fit()
+    para["topup_rounds"] = []
+    for rnd in range(1, cfg.paraphrase.topup_rounds + 1):
+        if unspent == 0:
+            break
+        order = np.lexsort((np.arange(n), -q))
+        extra = np.zeros(n, dtype=np.int64)
+        extra[order[: min(n, unspent)]] = 1
+        more_c, more_r, info = _paraphrase(cfg, ids, chosen, rejected, extra, extra, gen_stats, times, log, topup=rnd)
+        for i in range(n):
+            kept_c[i] += [t for t in more_c[i] if t not in kept_c[i]]
+            kept_r[i] += [t for t in more_r[i] if t not in kept_r[i]]
+        b_fit, unspent = fit()
+        para["topup_rounds"].append({**info, "unspent_after": unspent})
     prompts = pairs.column(S.PROMPT).to_pylist()
     subsets = pairs.column(S.SUBSET).to_pylist()
     refined_by = f"rewrite={cfg.rewrite.model};paraphrase={cfg.paraphrase.model}"
@@ -192,7 +210,7 @@ def _semantic_and_refine(cfg, pairs, ids, b, chosen, rejected, refined, status, 
     return sem, ref
 
 
-def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log):
+def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log, topup: int = 0):
     from mars_ray.stages.common import actor_threads, map_with_actors
     from mars_ray.stages.generate import STAT_COLUMNS, ParaphraseActor
 
@@ -210,10 +228,14 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     if not texts:
         return kept_c, kept_r, info
     req = pa.table({"key": keys, "text": texts, "n": counts})
-    kwargs = dict(paraphrase=dataclasses.asdict(cfg.paraphrase), encoder_ref=cfg.model.encoder,
+    section = dataclasses.asdict(cfg.paraphrase)
+    if topup:  # sample, so top-up outputs differ from the deterministic first round (and each other)
+        section.update(temperature=cfg.paraphrase.topup_temperature, num_beams=1)
+    kwargs = dict(paraphrase=section, encoder_ref=cfg.model.encoder,
                   batch_size=cfg.paraphrase.batch_size, encoder_batch_size=cfg.semantic.batch_size,
-                  num_threads=actor_threads(cfg.resources.cpus_per_actor), cache_dir=cfg.model.cache_dir, seed=cfg.seed)
-    with _stage(f"paraphrase {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
+                  num_threads=actor_threads(cfg.resources.cpus_per_actor), cache_dir=cfg.model.cache_dir, seed=cfg.seed + topup)
+    label = f"paraphrase top-up {topup}" if topup else "paraphrase"
+    with _stage(f"{label}: {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
         out = map_with_actors(req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size)
     reasons: Counter = Counter()
     kept_total = 0
@@ -260,6 +282,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if para and para.get("texts"):
         lines.append(f"- paraphrases: requested {para['requested']}, kept {para.get('kept', 0)}, filtered "
                      + (", ".join(f"{k} {v}" for k, v in sorted(para.get("filtered", {}).items())) or "none"))
+    for r in (para or {}).get("topup_rounds", []):
+        lines.append(f"- paraphrase top-up: requested {r['requested']}, kept {r.get('kept', 0)}, unspent after {r['unspent_after']}")
     if summary.get("generation"):
         lines.append("- generation: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["generation"].items())))
     alloc = summary.get("allocation", {})

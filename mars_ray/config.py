@@ -158,6 +158,9 @@ class ParaphraseConfig(EndpointConfig):
     max_length_ratio: float = 2.0
     max_copy_similarity: float = 0.95
     min_semantic_similarity: float = 0.7
+    # When the gate leaves pools too small for the budget: rounds of extra sampled paraphrases.
+    topup_rounds: int = 2
+    topup_temperature: float = 0.8
 
 
 @dataclass
@@ -587,6 +590,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     for name in ("max_copy_similarity", "min_semantic_similarity"):
         if not 0.0 <= getattr(pp, name) <= 1.0:
             p.append(f"paraphrase.{name} must be in [0, 1]")
+    if cfg.paraphrase.topup_rounds < 0 or cfg.paraphrase.topup_temperature <= 0:
+        p.append("paraphrase.topup_rounds must be >= 0 and paraphrase.topup_temperature > 0")
     if cfg.rewrite.backend == "seq2seq":
         p.append("rewrite.backend=seq2seq is not supported (rewriting needs instructions): use local or openai")
     for section in (cfg.rewrite, cfg.paraphrase):
