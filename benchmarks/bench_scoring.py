@@ -40,24 +40,37 @@ BATCH = 32
 
 
 class TreeRss:
-    """Peak summed RSS of this process and all its descendants, sampled in a thread."""
+    """Peak summed RSS of this process and all its descendants, sampled in a thread; also the CPU
+    seconds they used (last sample per process), a measure of work that other load on the machine
+    distorts less than wall time."""
 
     def __init__(self, every: float = 0.1) -> None:
         self.every, self.peak, self._stop = every, 0, threading.Event()
+        self._cpu: dict[tuple[int, float], float] = {}
+        self._cpu0 = 0.0
 
     def _sample(self) -> None:
         import psutil
 
         me = psutil.Process()
+        t = me.cpu_times()
+        self._cpu0 = t.user + t.system
         while not self._stop.is_set():
             total = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    with p.oneshot():
+                        total += p.memory_info().rss
+                        c = p.cpu_times()
+                        self._cpu[(p.pid, p.create_time())] = c.user + c.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             self.peak = max(self.peak, total)
             self._stop.wait(self.every)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self._cpu.values()) - self._cpu0
 
     def __enter__(self) -> "TreeRss":
         try:
@@ -183,8 +196,10 @@ def child(variant: str, reps: int, path: Path, n: int) -> None:
                 import ray
 
                 ray.shutdown()  # not timed; the next rep starts Ray again
+    load = os.getloadavg()[1]  # 5-minute load average at the end: other work on the machine distorts timings
     print(json.dumps({"seconds": secs, "rows": rows, "peak_rss_mb": rss.peak_mb or peak_rss_mb(),
-                      "driver_rss_mb": peak_rss_mb(), **extra}))
+                      "driver_rss_mb": peak_rss_mb(), "cpu_s_per_rep": rss.cpu_s / max(reps, 1),
+                      "load5": round(load, 2), **extra}))
 
 
 def main() -> int:
@@ -195,6 +210,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--file", type=Path, default=HH)
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--save", type=Path, help="append each variant's result to this JSON-lines file")
+    ap.add_argument("--resume", action="store_true", help="reuse the variants already in --save")
     a = ap.parse_args()
     if not a.file.exists():
         print(f"skip: {a.file} is absent (../shared/data not beside the project)")
@@ -205,21 +222,37 @@ def main() -> int:
     if a.variant:
         child(a.variant, a.reps, a.file, a.pairs)
         return 0
+    saved = {}
+    if a.save and a.resume and a.save.exists():
+        for line in a.save.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("pairs") == a.pairs:
+                saved[r["key"]] = r
     rows = []
     for v in a.only.split(","):
+        if v in saved:
+            rows.append(saved[v])
+            continue
         reps = a.reps if v == "plain" else a.ray_reps
         r = run_variant(Path(__file__), v, "--file", str(a.file), "--pairs", str(a.pairs), reps=reps)
-        rows.append({"key": v, "variant": VARIANTS[v][0], "reps": reps, **r})
+        rows.append({"key": v, "variant": VARIANTS[v][0], "reps": reps, "pairs": a.pairs, **r})
+        if a.save:
+            with a.save.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
         print(f"  done: {VARIANTS[v][0]} {['%.1f' % s for s in r['seconds']]}", file=sys.stderr)
     n = rows[0]["rows"]
     print(f"{a.file.name}: {n} pairs, {MODEL}, batch {BATCH}, each variant in a fresh process (median of reps)")
     base = next((statistics.median(r["seconds"]) for r in rows if r["key"] == "plain"), None)
-    print(f"{'variant':28s} {'reps':>4s} {'median s':>9s} {'pairs/s':>8s} {'vs plain':>9s} {'peak RSS MB':>12s} {'driver MB':>10s}")
+    print(f"{'variant':28s} {'reps':>4s} {'median s':>9s} {'pairs/s':>8s} {'vs plain':>9s} {'peak RSS MB':>12s} "
+          f"{'driver MB':>10s} {'CPU s/rep':>10s} {'load5':>6s}")
     for r in rows:
         med = statistics.median(r["seconds"])
         ratio = f"{base / med:8.2f}x" if base else "      n/a"
         print(f"{r['variant']:28s} {r['reps']:4d} {med:9.2f} {r['rows'] / med:8.1f} {ratio} "
-              f"{r['peak_rss_mb']:12.0f} {r['driver_rss_mb']:10.0f}")
+              f"{r['peak_rss_mb']:12.0f} {r['driver_rss_mb']:10.0f} {r['cpu_s_per_rep']:10.0f} {r['load5']:6.1f}")
+    print("CPU s/rep: CPU time of the whole process tree per repetition (incl. untimed set-up such as data "
+          "loading); load5: the machine's 5-min load average when the variant ended (2 cores: > 2 means "
+          "other work competed)")
     for r in rows:
         if "padded_tokens" in r:
             p, q = r["padded_tokens"][0], r["real_tokens"][0]

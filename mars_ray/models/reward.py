@@ -111,9 +111,13 @@ def load_reward_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     if _text_config(model.config) is not model.config:
         _text_config(model.config).pad_token_id = tokenizer.pad_token_id
-    max_pos = getattr(_text_config(model.config), "max_position_embeddings", None)
-    if isinstance(max_pos, int) and max_pos > 0 and int(tokenizer.model_max_length) > max_pos:
-        tokenizer.model_max_length = max_pos
+    text_cfg = _text_config(model.config)
+    max_pos = getattr(text_cfg, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and max_pos > 0:
+        if "roberta" in str(getattr(text_cfg, "model_type", "")):  # positions start at pad_token_id + 1
+            max_pos -= int(getattr(text_cfg, "pad_token_id", 1) or 1) + 1
+        if int(tokenizer.model_max_length) > max_pos:
+            tokenizer.model_max_length = max_pos
     model.to(device)
     model.eval()
     return model, tokenizer
