@@ -32,8 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	RAY_AUTH_MODE=disabled $(BIN)/mars-ray data prepare --output.dir $(RUN_DIR)/data
-	$(BIN)/mars-ray models resolve builtin:minilm builtin:smollm2
+	RAY_AUTH_MODE=disabled $(BIN)/mars-ray train --output.dir $(RUN_DIR) --output.overwrite true
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -132,7 +132,7 @@ def run_epoch(
             break
         order = np.lexsort((np.arange(n), -q))
         extra = np.zeros(n, dtype=np.int64)
-        extra[order[: min(n, unspent)]] = 1
+        extra[order[: min(n, 2 * unspent)]] = 1  # twice the shortfall: about half pass the gate
         more_c, more_r, info = _paraphrase(cfg, ids, chosen, rejected, extra, extra, gen_stats, times, log, topup=rnd)
         for i in range(n):
             kept_c[i] += [t for t in more_c[i] if t not in kept_c[i]]

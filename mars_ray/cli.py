@@ -164,6 +164,30 @@ def cmd_augment(args, extra) -> int:
     return EXIT_OK
 
 
+def cmd_train(args, extra) -> int:
+    from mars_ray.pipeline import load_run_config, run_mars
+
+    if args.resume:
+        cfg = load_run_config(args.resume)
+        overrides = parse_overrides(extra)
+        if args.ray_address:
+            overrides["resources.ray_address"] = args.ray_address
+        bad = [k for k in overrides if not k.startswith("resources.")]
+        if bad:
+            raise UsageError(f"--resume continues a run with its own config; only resources.* may change (got {', '.join(bad)})")
+        for k, v in overrides.items():
+            cfg.set(k, v, source="command line", from_text=True)
+        cfg.output.dir = str(Path(args.resume))
+        cfg.validate()
+    else:
+        cfg = build_config(args, extra)
+    summary = run_mars(cfg, resume=bool(args.resume))
+    final = summary.get("final", {})
+    print(f"done: {summary['strategy']}, {summary['epochs']} epoch(s), val_accuracy {final.get('val_accuracy')}, "
+          f"test_accuracy {final.get('test_accuracy')}; model {summary['model']}; metrics {summary['run_dir']}/metrics.jsonl")
+    return EXIT_OK
+
+
 def cmd_llm_server(args, extra) -> int:
     from mars_ray.models.openai_server import main as server_main
 
@@ -219,6 +243,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("augment", parents=[common], help="one MARS epoch of data work: synthetic pairs + summary")
     s.set_defaults(func=cmd_augment)
+
+    s = sub.add_parser("train", parents=[common],
+                       help="the T-epoch MARS loop (or a baseline): augment, train, evaluate; writes a run directory")
+    s.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a killed run from its last finished epoch (and Ray Train checkpoint)")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("llm-server", add_help=False,
                        help="serve a local chat model over an OpenAI-compatible HTTP API (see --help)")

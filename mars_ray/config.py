@@ -20,6 +20,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,12 +92,15 @@ class MarsConfig:
     allocation: Literal["signed", "abs", "uniform"] = "signed"
     # Temperature of the allocation; tau -> 0 is uniform.
     tau: float = 0.5
-    # Synthetic pairs added per epoch (the paper: 5000 per 1,000 pairs).
-    budget: int = 200
+    # Synthetic pairs added per epoch. The default keeps the embedded demo to minutes on 2 CPU
+    # cores; the paper used 5 synthetic pairs per original pair.
+    budget: int = 48
     # Outer MARS epochs T.
     epochs: int = 2
-    # West-of-N: responses generated per prompt.
+    # West-of-N: responses generated per prompt (each group of N yields one best-vs-worst pair),
+    # sampled at this temperature with the paraphrase section's generator.
     west_of_n: int = 4
+    west_of_n_temperature: float = 0.8
     # AdaBoost-style weights w ∝ exp(-beta * margin).
     adaboost_beta: float = 1.0
 
@@ -180,9 +184,17 @@ class TrainConfig:
     lora_dropout: float = 0.05
     # Add a per-pair margin term to the Bradley-Terry loss.
     margin_term: bool = False
+    # Batches of similar length (less padding): shuffled order cut into windows of this many
+    # batches, each sorted by length, batch order shuffled again. 1: plain random batches.
+    length_group: int = 32
+    # bf16 autocast for forward passes (fp32 weights and optimizer); on CPUs with bf16 matrix
+    # units (AMX / AVX512-BF16) this is several times faster. DeepSpeed: use deepspeed.bf16.
+    bf16_autocast: bool = False
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Worker-group restarts from the last checkpoint when a worker dies (Ray Train FailureConfig).
+    max_failures: int = 2
 
 
 @dataclass
@@ -251,6 +263,9 @@ class ResourcesConfig:
     num_cpus: Optional[int] = None
     # Ray Data actor pools (scoring, embedding, generation).
     actors: int = 1
+    # Run the data stages in the driver process, one actor object per stage reused across epochs,
+    # instead of Ray Data actor pools (tiny data and debugging: no actor start-up).
+    in_process: bool = False
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     batch_size: int = 32
@@ -371,6 +386,27 @@ def keys() -> list[str]:
     return [k for k, _, _ in _walk(Config())]
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loading, except that ``1e-3`` / ``2E5`` are numbers (YAML 1.1 reads them as
+    strings, which would make ``--train.lr 1e-3`` a type error)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping.
 
@@ -385,7 +421,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: cannot read config file: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: invalid YAML: {e}") from None
     if data is None:
@@ -459,11 +495,11 @@ def _walk(obj: Any, prefix: str = ""):
 def _parse_text(text: str, hint: Any) -> Any:
     """Parse a command-line string: YAML scalars/lists for typed fields, raw text for str fields."""
     if _accepts_str(hint):
-        parsed = yaml.safe_load(text) if text.strip() else text
+        parsed = _yaml_load(text) if text.strip() else text
         # "null" on the command line clears an Optional[str]; everything else stays verbatim text.
         return None if parsed is None and _is_optional(hint) else text
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"cannot parse {text!r}: {e}") from None
 
@@ -582,6 +618,12 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"mars.epochs={m.epochs} must be >= 1")
     if cfg.augment.epoch < 1:
         p.append(f"augment.epoch={cfg.augment.epoch} must be >= 1")
+    if cfg.train.length_group < 1:
+        p.append(f"train.length_group={cfg.train.length_group} must be >= 1 (1: plain random batches)")
+    if cfg.train.max_failures < 0:
+        p.append(f"train.max_failures={cfg.train.max_failures} must be >= 0")
+    if m.west_of_n_temperature <= 0:
+        p.append(f"mars.west_of_n_temperature={m.west_of_n_temperature} must be > 0 (N sampled responses must differ)")
     if m.west_of_n < 2:
         p.append(f"mars.west_of_n={m.west_of_n} must be >= 2 (best and worst of N)")
     pp = cfg.paraphrase

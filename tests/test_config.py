@@ -98,3 +98,13 @@ def test_read_yaml_errors_name_the_file(tmp_path):
 def test_sections_cannot_be_assigned_whole():
     with pytest.raises(ValueError, match="is a section"):
         Config.load(overrides={"mars": "1"})
+
+
+def test_exponent_floats_parse_on_the_command_line_and_in_yaml(tmp_path):
+    from mars_ray.config import Config
+
+    assert Config.load(overrides={"train.lr": "1e-3"}).train.lr == 0.001
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 2E-5\nmars:\n  tau: 1e1\n")
+    c = Config.load(tmp_path / "c.yaml")
+    assert c.train.lr == 2e-5 and c.mars.tau == 10.0
+    assert Config.load(overrides={"mars.budget": "12"}).mars.budget == 12  # ints stay ints

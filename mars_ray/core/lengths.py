@@ -36,3 +36,29 @@ def truncate_pair_tokens(
         prompt_truncated=p_cut,
         response_truncated=r_cut,
     )
+
+
+def length_grouped_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
+                           rng, group: int = 32) -> list[list[int]]:
+    """Micro-batches of ``order`` with little padding, still in random order.
+
+    ``order`` (an already shuffled list of row indices) is cut into windows of ``group`` batches;
+    each window is sorted by ``lengths`` (longest first, stable) and cut into batches of
+    ``batch_size``; then the batch order is shuffled with ``rng`` (a NumPy Generator). Every index
+    appears exactly once; batch sizes are those of plain slicing of each window (only a window's
+    last batch can be short). ``group=1`` is plain slicing of ``order``.
+    """
+    if batch_size < 1 or group < 1:
+        raise ValueError("batch_size and group must be >= 1")
+    order = [int(i) for i in order]
+    window = batch_size * group
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        if group > 1:
+            chunk = sorted(chunk, key=lambda i: -int(lengths[i]))
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    if group > 1 and len(batches) > 1:
+        perm = rng.permutation(len(batches))
+        batches = [batches[p] for p in perm]
+    return batches

@@ -20,11 +20,38 @@ def actor_threads(cpus_per_actor: float) -> int:
     return max(1, int(round(cpus_per_actor)))
 
 
+_LOCAL_ACTORS: dict[str, Any] = {}
+
+
+def local_actor(actor_cls: type, kwargs: dict[str, Any]) -> Any:
+    """``actor_cls(**kwargs)`` built once per process and reused (``resources.in_process``): later
+    epochs and stages with the same constructor arguments skip the model load."""
+    import json
+
+    key = actor_cls.__qualname__ + json.dumps(kwargs, sort_keys=True, default=str)
+    if key not in _LOCAL_ACTORS:
+        _LOCAL_ACTORS[key] = actor_cls(**kwargs)
+    return _LOCAL_ACTORS[key]
+
+
 def map_with_actors(table: pa.Table, actor_cls: type, kwargs: dict[str, Any], *, resources, batch_size: int) -> pa.Table:
     """Stream ``table`` through an actor pool running ``actor_cls(**kwargs)`` and collect the result.
 
-    Resources come from the typed config (``resources``): pool size, CPUs and GPUs per actor.
+    Resources come from the typed config (``resources``): pool size, CPUs and GPUs per actor. With
+    ``resources.in_process`` the same actor class runs in this process, batch by batch, without
+    Ray Data (tiny data, debugging: no actor start-up).
     """
+    if getattr(resources, "in_process", False):
+        actor = local_actor(actor_cls, {k: v for k, v in kwargs.items() if k != "num_threads"} | {"num_threads": None}
+                            if "num_threads" in kwargs else kwargs)
+        parts = []
+        for i in range(0, table.num_rows, batch_size):
+            chunk = table.slice(i, batch_size)
+            batch = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
+            parts.append(pa.table(actor(batch)))
+        parts = [t for t in parts if t.num_rows]
+        return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
+
     import ray.data
 
     ds = ray.data.from_arrow(table)

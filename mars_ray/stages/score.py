@@ -177,6 +177,8 @@ def score_margins(table: pa.Table, *, model_ref: str, cfg: Config) -> pa.Table:
     if n == 0:
         return _empty()
     res = cfg.resources
+    if res.in_process:
+        return score_margins_local(table, model_ref=model_ref, cfg=cfg)
     init_ray(res)
     sorted_table = length_sorted(table, cfg)
     # One block per actor batch: blocks stay length-homogeneous and the pool balances over them.

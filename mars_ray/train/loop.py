@@ -36,6 +36,7 @@ import numpy as np
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
+from mars_ray.core.lengths import length_grouped_batches
 
 __all__ = [
     "MODEL_SUBDIR",
@@ -247,6 +248,7 @@ def train_loop_per_worker(config: dict) -> dict:
     lim = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens)
     enc_c, enc_r = encode_preferences(tokenizer, train[S.PROMPT], train[S.CHOSEN], train[S.REJECTED], **lim)
     has_types = enc_c.token_type_ids is not None
+    pair_len = np.maximum(enc_c.lengths, enc_r.lengths)  # a pair's padded width in its batch
 
     # ---- distributed wrapping + optimizer
     params = [p for p in model.parameters() if p.requires_grad]
@@ -273,6 +275,8 @@ def train_loop_per_worker(config: dict) -> dict:
     if state is not None:
         _set_rng_state(state["rng"])
 
+    # bf16 autocast (fp32 master weights and optimizer state); DeepSpeed has its own bf16 switch.
+    amp = bool(t.bf16_autocast) and engine is None
     per_rank = math.ceil(n_train / world)
     micro_per_pass = math.ceil(per_rank / t.batch_size)
     steps_per_pass = math.ceil(micro_per_pass / t.grad_accum)
@@ -304,17 +308,19 @@ def train_loop_per_worker(config: dict) -> dict:
             break
         rng = np.random.default_rng([cfg.seed, epoch, p])
         mine = _shard(rng.permutation(n_train), rank, world)
-        micro = [mine[i : i + t.batch_size] for i in range(0, len(mine), t.batch_size)]
+        micro = length_grouped_batches(mine, pair_len, t.batch_size, rng, group=t.length_group)
         acc_loss, n_acc, t0 = 0.0, 0, time.perf_counter()
         for k, idx in enumerate(micro):
             if step >= total_steps:
                 break
+            _maybe_fail(config.get("fault"), step, rank)
             ids = [enc_c.input_ids[i] for i in idx] + [enc_r.input_ids[i] for i in idx]
             tts = ([enc_c.token_type_ids[i] for i in idx] + [enc_r.token_type_ids[i] for i in idx]) if has_types else None
             batch = pad_batch(ids, tts, tokenizer.pad_token_id)
             train_tokens += int(batch["attention_mask"].sum())
             batch = {key: v.to(device) for key, v in batch.items()}
-            rewards = fwd(**batch).logits[:, 0].float()
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+                rewards = fwd(**batch).logits[:, 0].float()
             b = len(idx)
             w = torch.from_numpy(weights[idx]).to(device) if weights is not None else None
             m = torch.from_numpy(margins[idx]).to(device) if margins is not None else None
@@ -352,6 +358,17 @@ def train_loop_per_worker(config: dict) -> dict:
         if last:
             break
     return metrics
+
+
+def _maybe_fail(fault: dict | None, step: int, rank: int) -> None:
+    """Injected worker failure for recovery tests (see ``fit_reward_model(_fault=...)``)."""
+    if not fault or rank != 0 or step != int(fault["at_step"]):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"failed at step {step}\n", encoding="utf-8")
+    raise RuntimeError(f"injected worker fault at step {step} (recovery test)")
 
 
 def _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed) -> dict:
@@ -472,12 +489,16 @@ def fit_reward_model(
     margin_column: str | None = None,
     epoch: int = 1,
     max_failures: int = 0,
+    _fault: dict | None = None,
 ) -> dict:
     """Train a reward model with Ray Train; returns the final metrics plus ``model_dir`` (a plain
     HF folder, LoRA merged) and ``checkpoint_dir``.
 
     ``train.num_workers=0`` runs the loop in this process (no workers; tests). Re-running with the
     same ``run_dir`` / ``name`` resumes from the latest checkpoint (Ray Train's behaviour).
+    ``max_failures``: worker-group restarts (from the last checkpoint) before giving up.
+    ``_fault`` (recovery tests only): ``{"marker": path, "at_step": k}`` makes rank 0 raise once,
+    before optimizer step ``k``, if ``marker`` does not exist yet (it is created first).
 
     Raises:
         ValueError: invalid configuration (checked before anything starts).
@@ -504,6 +525,7 @@ def fit_reward_model(
         "margin_column": margin_column,
         "epoch": int(epoch),
         "local": local,
+        "fault": _fault,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -1,0 +1,412 @@
+"""`mars-ray train`: the T-epoch MARS loop (Algorithm 1) and every baseline, as one driver.
+
+Per epoch t = 1..T, with r⁰ the base model and D⁰ the original training pairs::
+
+    synthetic data with r^{t-1}   (strategy: what differs, see the table)
+    Dᵗ = D^{t-1} ∪ D_syn          (originals are never dropped; every synthetic row has lineage)
+    rᵗ = train r^{t-1} on Dᵗ      (Ray Train, warm start, checkpoint per pass)
+    validation + test metrics     (one row of metrics.jsonl / metrics.csv)
+
+=============  =====================================================================
+strategy       epoch t adds
+=============  =====================================================================
+none           nothing (the same number of training passes on the originals)
+uniform        B paraphrase pairs, budget spread evenly
+mars           B pairs, budget by softmax(-τΔ) + semantic refinement (v2; abs: v1)
+mars-nosem     as mars without the semantic step
+west-of-n      B (best, worst) pairs from groups of N responses scored by r^{t-1}
+adaboost       no pairs; loss weights ∝ exp(-βΔ) of D^{t-1} under r^{t-1}
+=============  =====================================================================
+
+Every strategy sees the same data subset, splits, seed and budget. The run directory::
+
+    config.yaml                   the resolved configuration
+    data/                         pairs.parquet (all splits), train/val/test.parquet, quarantine, report
+    epochs/NNN/                   synthetic.parquet, train.parquet (Dᵗ, lineage), allocation.parquet,
+                                  augment_summary.json/.md, manifest.json (written last: epoch done)
+    ray_train/epoch_NNN/          Ray Train's checkpoints (model, optimizer, RNG states)
+    metrics.jsonl, metrics.csv    one row per epoch (epoch, val_accuracy, val_snr, test_*, ...)
+    model/                        the final reward model: a plain Hugging Face folder (LoRA merged)
+    summary.json
+
+``resume`` continues a killed run: finished epochs (those with a manifest) are read back, an epoch
+cut off in training resumes from Ray Train's last checkpoint, and generation hits the cache, so the
+run ends with the metrics an uninterrupted run with the same seed gets.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mars_ray.config import CONFIG_FILENAME, Config
+from mars_ray.core import schema as S
+
+METRICS_JSONL, METRICS_CSV, SUMMARY_FILE, MANIFEST = "metrics.jsonl", "metrics.csv", "summary.json", "manifest.json"
+LOSS_WEIGHT = "loss_weight"  # per-epoch AdaBoost weights (train.parquet of that epoch only)
+MODEL_DIR = "model"
+STRATEGIES = ("none", "uniform", "mars", "mars-nosem", "west-of-n", "adaboost")
+
+# Columns of metrics.csv, in order (metrics.jsonl has these and more).
+CSV_COLUMNS = (
+    "epoch", "strategy", "train_pairs", "synthetic", "budget_unspent", "val_accuracy", "val_snr", "val_loss",
+    "val_margin_mean", "val_margin_std", "test_accuracy", "test_snr", "train_loss", "train_tokens_per_s",
+    "steps", "augment_s", "train_s", "eval_s",
+)
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (exists, or is not a run to resume)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory helpers
+# --------------------------------------------------------------------------------------------
+
+
+def epoch_dir(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "epochs" / f"{epoch:03d}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | os.PathLike) -> Config:
+    """The configuration a run was started with (for ``--resume``).
+
+    Raises:
+        RunDirError: ``run_dir`` is not a `mars-ray train` run directory.
+    """
+    path = Path(run_dir) / CONFIG_FILENAME
+    if not path.exists() or not (Path(run_dir) / "data" / "pairs.parquet").exists():
+        raise RunDirError(f"{run_dir}: not a mars-ray train run directory (no {CONFIG_FILENAME} + data/pairs.parquet)")
+    return Config.load(path)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
+    if resume:
+        return
+    used = run_dir.exists() and any(run_dir.iterdir())
+    if used and not cfg.output.overwrite:
+        raise RunDirError(
+            f"{run_dir} is not empty; resume it with `mars-ray train --resume {run_dir}`, choose another "
+            "--output.dir, or pass --output.overwrite true to replace it"
+        )
+    if used:
+        for name in ("epochs", "ray_train", "data", MODEL_DIR, METRICS_JSONL, METRICS_CSV, SUMMARY_FILE, CONFIG_FILENAME):
+            p = run_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _load_data(cfg: Config, run_dir: Path, resume: bool, log) -> dict[str, pa.Table]:
+    """Splits of the run's data; read from the source once, then always from ``data/``."""
+    from mars_ray.data.load import read_preferences, write_quarantine
+
+    d = run_dir / "data"
+    if not (resume and (d / "pairs.parquet").exists()):
+        d.mkdir(parents=True, exist_ok=True)
+        res = read_preferences(cfg.data, seed=cfg.seed)
+        write_quarantine(res.quarantine, d / "quarantine.jsonl")
+        _write_json(d / "data_report.json", res.report)
+        r = res.report
+        log(f"[data] read {r['read']} = kept {r['kept']} + quarantined {r['quarantined']}; selected {r['selected']} "
+            f"(train {r['splits']['train']}, val {r['splits']['val']}, test {r['splits']['test']})")
+        for split in ("train", "val", "test"):
+            _write_parquet(res.table.filter(pc.equal(res.table.column(S.SPLIT), split)), d / f"{split}.parquet")
+        _write_parquet(res.table, d / "pairs.parquet")
+    out = {s: pq.read_table(d / f"{s}.parquet") for s in ("train", "val", "test")}
+    if out["train"].num_rows == 0:
+        raise ValueError(f"{cfg.data.path}: no training pairs after splitting (lower data.val_fraction/test_fraction?)")
+    if out["val"].num_rows == 0:
+        log("[data] warning: no validation pairs (data.val_fraction=0): val_* metrics will be NaN")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# What each strategy adds in one epoch
+# --------------------------------------------------------------------------------------------
+
+
+def _empty_pairs() -> pa.Table:
+    return S.PAIR_SCHEMA.empty_table()
+
+
+def _augment(cfg: Config, originals: pa.Table, current: pa.Table, prev_model: str, epoch: int, ep: Path, log):
+    """Returns (synthetic table, per-epoch summary, AdaBoost weights for ``current`` or None)."""
+    strategy = cfg.mars.strategy
+    if strategy in ("mars", "mars-nosem", "uniform", "none"):
+        from mars_ray.augment import run_epoch, summary_markdown
+
+        res = run_epoch(cfg, originals, reward_ref=prev_model, epoch=epoch, log=log)
+        _write_parquet(res.per_pair, ep / "allocation.parquet")
+        (ep / "augment_summary.md").write_text(summary_markdown(res.summary), encoding="utf-8")
+        return res.synthetic, res.summary, None
+    if strategy == "west-of-n":
+        return (*_west_of_n(cfg, originals, prev_model, epoch, log), None)
+    if strategy == "adaboost":
+        from mars_ray.core.losses import adaboost_weights
+        from mars_ray.stages.score import score_margins
+
+        t0 = time.perf_counter()
+        scored = score_margins(current, model_ref=prev_model, cfg=cfg)
+        margins = np.asarray(scored.column("margin").to_numpy(), dtype=np.float64)
+        w = adaboost_weights(margins, cfg.mars.adaboost_beta)
+        _write_parquet(pa.table({S.PAIR_ID: current.column(S.PAIR_ID), "margin": margins, LOSS_WEIGHT: w}),
+                       ep / "allocation.parquet")
+        summary = {"epoch": epoch, "strategy": strategy, "pairs": current.num_rows, "synthetic": 0,
+                   "weights": {"min": float(w.min()), "max": float(w.max()), "beta": cfg.mars.adaboost_beta},
+                   "stage_seconds": {"score margins": round(time.perf_counter() - t0, 3)}}
+        return _empty_pairs(), summary, w
+    raise ValueError(f"unknown mars.strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+
+
+def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, log):
+    from collections import Counter
+
+    from mars_ray.core.west_of_n import group_counts
+    from mars_ray.runtime import init_ray
+    from mars_ray.stages.west_of_n import west_of_n_groups
+
+    t0 = time.perf_counter()
+    prompts = originals.column(S.PROMPT).to_pylist()
+    ids = originals.column(S.PAIR_ID).to_pylist()
+    subsets = originals.column(S.SUBSET).to_pylist()
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    uniq = sorted(first.values())  # one source pair per distinct prompt (its first occurrence)
+    rng = np.random.default_rng([cfg.seed, epoch, 17])
+    groups = group_counts(len(uniq), cfg.mars.budget, rng)
+    summary: dict[str, Any] = {"epoch": epoch, "strategy": "west-of-n", "pairs": originals.num_rows,
+                               "budget": cfg.mars.budget, "prompts": int((groups > 0).sum()), "n": cfg.mars.west_of_n}
+    if cfg.mars.budget == 0:
+        summary.update(synthetic=0, budget_unspent=0)
+        return _empty_pairs(), summary
+    init_ray(cfg.resources)
+    log(f"[west-of-n] {int(groups.sum())} groups of {cfg.mars.west_of_n} responses over {int((groups > 0).sum())} prompts ...")
+    table = pa.table({"key": [str(i) for i in uniq], "prompt": [prompts[i] for i in uniq]})
+    out = west_of_n_groups(table, cfg, reward_ref=prev_model, groups=groups, epoch=epoch)
+    rows = []
+    status = Counter(out.column("status").to_pylist())
+    for r in sorted(out.to_pylist(), key=lambda r: tuple(int(x) for x in r["key"].split(":"))):
+        if r["status"] != "ok":
+            continue
+        i = int(r["key"].split(":")[0])
+        rows.append({
+            S.PAIR_ID: S.pair_id(prompts[i], r["chosen"], r["rejected"]), S.PROMPT: prompts[i],
+            S.CHOSEN: r["chosen"], S.REJECTED: r["rejected"], S.SUBSET: subsets[i], S.SPLIT: "train",
+            S.SOURCE_FILE: None, S.SOURCE_LINE: None, S.FLAGS: [], S.META: None, S.ORIGIN: S.ORIGIN_SYNTHETIC,
+            S.SOURCE_PAIR_ID: ids[i], S.EPOCH: int(epoch), S.OPERATION: f"west-of-{cfg.mars.west_of_n}",
+            S.GENERATOR: cfg.paraphrase.model, S.WEIGHT: float(r["best_score"] - r["worst_score"]),
+        })
+    syn = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
+    gen = {c.removeprefix("gen_"): int(np.sum(out.column(c).to_numpy())) for c in ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
+           if c in out.column_names}
+    summary.update(synthetic=syn.num_rows, budget_unspent=int(groups.sum()) - syn.num_rows, groups=dict(status),
+                   generation=gen, stage_seconds={"west-of-n": round(time.perf_counter() - t0, 3)})
+    return syn, summary
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _test_metrics(cfg: Config, test: pa.Table, model_dir: str) -> dict[str, Any]:
+    from mars_ray.core.losses import pair_metrics
+    from mars_ray.stages.score import score_margins
+
+    if test.num_rows == 0:
+        return {}
+    scored = score_margins(test, model_ref=model_dir, cfg=cfg)
+    m = pair_metrics(scored.column("reward_chosen").to_numpy(), scored.column("reward_rejected").to_numpy())
+    return {f"test_{k}": v for k, v in m.items()}
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf as None in JSON (strict JSON readers choke on NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """metrics.jsonl (every key) and metrics.csv (CSV_COLUMNS), rewritten from the epoch rows."""
+    tmp = run_dir / (METRICS_JSONL + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: _finite(v) for k, v in r.items()}, ensure_ascii=False, default=_json_default) + "\n")
+    os.replace(tmp, run_dir / METRICS_JSONL)
+    tmp = run_dir / (METRICS_CSV + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+    os.replace(tmp, run_dir / METRICS_CSV)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_JSONL
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    cols = ("epoch", "train_pairs", "synthetic", "val_accuracy", "val_snr", "test_accuracy", "train_loss", "augment_s", "train_s")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, _fault: dict | None = None) -> dict[str, Any]:
+    """Run (or resume) ``cfg.mars.epochs`` epochs of ``cfg.mars.strategy`` into ``cfg.output.dir``.
+
+    ``_fault`` is for recovery tests only: a worker fault to inject (see
+    :func:`mars_ray.train.loop.train_loop_per_worker`).
+
+    Returns the summary (also ``summary.json``).
+
+    Raises:
+        RunDirError: the output directory is in use (and neither resume nor overwrite was asked).
+        ValueError / DataFileError: configuration or data problems, before anything is trained.
+    """
+    from mars_ray.runtime import init_ray
+    from mars_ray.train.loop import fit_reward_model
+
+    cfg.validate()
+    if cfg.mars.strategy not in STRATEGIES:
+        raise ValueError(f"unknown mars.strategy {cfg.mars.strategy!r}; one of {', '.join(STRATEGIES)}")
+    run_dir = Path(cfg.output.dir).resolve()
+    _prepare_run_dir(cfg, run_dir, resume)
+    cfg.save(run_dir)
+    t_run = time.perf_counter()
+    splits = _load_data(cfg, run_dir, resume, log)
+    originals = splits["train"]
+    val_path = run_dir / "data" / "val.parquet" if splits["val"].num_rows else None
+    init_ray(cfg.resources)
+
+    prev_model, current = cfg.model.reward, originals
+    rows: list[dict[str, Any]] = []
+    T = cfg.mars.epochs
+    for t in range(1, T + 1):
+        ep = epoch_dir(run_dir, t)
+        man_path = ep / MANIFEST
+        if man_path.exists():
+            man = json.loads(man_path.read_text(encoding="utf-8"))
+            rows.append(man["metrics"])
+            prev_model = man["model_dir"]
+            current = pq.read_table(ep / "train.parquet").select(S.PAIR_SCHEMA.names)
+            log(f"[epoch {t}/{T}] done earlier: val_accuracy {_fmt(man['metrics'].get('val_accuracy'))} (resumed)")
+            continue
+        ep.mkdir(parents=True, exist_ok=True)
+        log(f"[epoch {t}/{T}] {cfg.mars.strategy}: augment with {'the base model' if t == 1 else f'r{t - 1}'} ...")
+        t0 = time.perf_counter()
+        syn, aug_summary, weights = _augment(cfg, originals, current, prev_model, t, ep, log)
+        augment_s = time.perf_counter() - t0
+        _write_parquet(syn, ep / "synthetic.parquet")
+        _write_json(ep / "augment_summary.json", aug_summary)
+        grown = pa.concat_tables([current, syn.cast(S.PAIR_SCHEMA)]) if syn.num_rows else current
+        to_train = grown.append_column(LOSS_WEIGHT, pa.array(weights, pa.float64())) if weights is not None else grown
+        _write_parquet(to_train, ep / "train.parquet")
+
+        log(f"[epoch {t}/{T}] train on {grown.num_rows} pairs ({syn.num_rows} new) ...")
+        t0 = time.perf_counter()
+        fit = fit_reward_model(
+            cfg, init_model=prev_model, train_path=ep / "train.parquet", val_path=val_path,
+            run_dir=run_dir / "ray_train", name=f"epoch_{t:03d}",
+            weights_column=LOSS_WEIGHT if weights is not None else None, epoch=t,
+            max_failures=cfg.train.max_failures, _fault=_fault,
+        )
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        test = _test_metrics(cfg, splits["test"], fit["model_dir"])
+        eval_s = time.perf_counter() - t0
+        row = {
+            "epoch": t, "strategy": cfg.mars.strategy, "train_pairs": grown.num_rows, "original_pairs": originals.num_rows,
+            "synthetic": syn.num_rows, "synthetic_total": grown.num_rows - originals.num_rows,
+            "budget": cfg.mars.budget, "budget_unspent": int(aug_summary.get("budget_unspent", 0) or 0),
+            **{k: v for k, v in fit.items() if k.startswith("val_")},
+            **test,
+            "train_loss": fit.get("train_loss"), "train_loss_first": fit.get("train_loss_first"),
+            "train_loss_last": fit.get("train_loss_last"), "train_tokens_per_s": fit.get("train_tokens_per_s"),
+            "steps": fit.get("steps"), "world_size": fit.get("world_size"),
+            "augment_s": round(augment_s, 2), "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+        }
+        rows.append(row)
+        manifest = {
+            "epoch": t, "model_dir": fit["model_dir"], "checkpoint_dir": fit["checkpoint_dir"],
+            "init_model": prev_model, "train_file": str(ep / "train.parquet"), "train_pairs": grown.num_rows,
+            "synthetic_file": str(ep / "synthetic.parquet"), "config_hash": cfg.hash(), "metrics": row,
+        }
+        write_metrics(run_dir, rows)
+        _write_json(man_path, manifest)  # last: the epoch is done
+        log(f"[epoch {t}/{T}] val_accuracy {_fmt(row.get('val_accuracy'))}, val_snr {_fmt(row.get('val_snr'))}, "
+            f"test_accuracy {_fmt(row.get('test_accuracy'))} (augment {augment_s:.0f}s, train {train_s:.0f}s)")
+        prev_model, current = fit["model_dir"], grown
+
+    write_metrics(run_dir, rows)
+    final = run_dir / MODEL_DIR
+    tmp = run_dir / (MODEL_DIR + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(prev_model, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    summary = {
+        "run_dir": str(run_dir), "strategy": cfg.mars.strategy, "epochs": T, "model": str(final),
+        "final": rows[-1] if rows else {}, "seconds": round(time.perf_counter() - t_run, 1),
+        "config_hash": cfg.hash(),
+    }
+    _write_json(run_dir / SUMMARY_FILE, {k: (_finite(v) if not isinstance(v, dict) else {a: _finite(b) for a, b in v.items()})
+                                         for k, v in summary.items()})
+    log(summary_table(rows))
+    log(f"final reward model: {final}")
+    return summary

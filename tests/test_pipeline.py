@@ -1,0 +1,250 @@
+"""`mars-ray train`: the T-epoch loop, every strategy, resume after a killed driver, worker faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mars_ray.config import Config
+from mars_ray.core import schema as S
+from mars_ray.core.west_of_n import best_worst, dialogue_messages, group_counts
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+# Metrics that depend on wall time, not on what was computed.
+TIMING = {"augment_s", "train_s", "eval_s", "train_tokens_per_s", "val_tokens_per_s"}
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,budget", [(1, 5), (7, 3), (7, 7), (5, 23), (4, 0)])
+def test_group_counts_spend_the_budget_evenly(n, budget):
+    c = group_counts(n, budget, np.random.default_rng(0))
+    assert c.sum() == budget and c.max() - c.min() <= 1
+    assert np.array_equal(c, group_counts(n, budget, np.random.default_rng(0)))  # seeded
+
+
+def test_group_counts_rejects_impossible_budgets():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        group_counts(0, 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="budget"):
+        group_counts(3, -1, np.random.default_rng(0))
+
+
+def test_best_worst_picks_extremes_and_refuses_degenerate_groups():
+    assert best_worst(["a", "b", "c"], [0.1, 0.9, -0.3]) == (1, 2)
+    assert best_worst(["a", None, "c"], [0.1, float("nan"), 0.5]) == (2, 0)  # failed generations skipped
+    assert best_worst(["same", "same"], [0.2, 0.1]) is None  # one distinct text
+    assert best_worst(["a", "b"], [0.5, 0.5]) is None  # tied
+    assert best_worst(["a", ""], [0.5, 0.1]) is None
+
+
+def test_dialogue_messages_from_transcripts_and_plain_prompts():
+    msgs = dialogue_messages("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: boil an egg?\n\nAssistant:")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"] and msgs[-1]["content"] == "boil an egg?"
+    assert dialogue_messages("How do I boil an egg?") == [{"role": "user", "content": "How do I boil an egg?"}]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop on local Ray with tiny models
+# --------------------------------------------------------------------------------------------
+
+
+def loop_cfg(tmp_path, bert, llama, out: str, **over) -> Config:
+    from test_augment import tiny_cfg
+
+    base = {
+        "output.dir": str(tmp_path / out), "mars.epochs": "2", "mars.budget": "12", "mars.west_of_n": "3",
+        "data.max_pairs": "30", "data.val_fraction": "0.2", "data.test_fraction": "0.2", "data.split_by": "pair",
+        "train.batch_size": "4", "train.lr": "1e-3", "train.passes": "1", "train.lora_r": "4", "train.lora_alpha": "8",
+        "paraphrase.topup_rounds": "0",
+    }
+    base.update(over)
+    return tiny_cfg(tmp_path, bert, llama, **base)
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+STRATEGIES = ["none", "uniform", "mars", "mars-nosem", "west-of-n", "adaboost"]
+
+
+@pytest.mark.ray
+def test_every_strategy_two_epochs(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """2 epochs of each strategy, same data/seed/budget; what differs is what each adds. (Stages
+    in-process: the Ray Data wiring is tested in test_augment and the resume test below.)"""
+    from transformers import AutoModelForSequenceClassification
+
+    from mars_ray.pipeline import read_metrics, run_mars
+
+    runs = {}
+    for strategy in STRATEGIES:
+        cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, strategy, **{
+            "mars.strategy": strategy, "train.num_workers": "0", "resources.in_process": "true"})
+        run_mars(cfg, log=lambda m: None)
+        runs[strategy] = Path(cfg.output.dir)
+
+    originals = {s: pq.read_table(d / "data" / "train.parquet") for s, d in runs.items()}
+    ids = {s: sorted(t.column(S.PAIR_ID).to_pylist()) for s, t in originals.items()}
+    assert all(v == ids["none"] for v in ids.values()), "every strategy must see the same training pairs"
+    n0 = originals["none"].num_rows
+
+    for strategy, d in runs.items():
+        rows = read_metrics(d)
+        assert [r["epoch"] for r in rows] == [1, 2]
+        for r in rows:
+            assert 0.0 <= r["val_accuracy"] <= 1.0 and "val_snr" in r and r["test_n"] > 0
+        assert (d / "metrics.csv").read_text().splitlines()[0].startswith("epoch,strategy,train_pairs")
+        m = AutoModelForSequenceClassification.from_pretrained(d / "model")  # plain HF folder
+        assert m.config.num_labels == 1
+        t1, t2 = (pq.read_table(d / "epochs" / f"00{e}" / "train.parquet") for e in (1, 2))
+        syn = [pq.read_table(d / "epochs" / f"00{e}" / "synthetic.parquet") for e in (1, 2)]
+        # D^t = D^{t-1} ∪ D_syn, originals never dropped
+        assert t1.num_rows == n0 + syn[0].num_rows and t2.num_rows == t1.num_rows + syn[1].num_rows
+        assert set(ids["none"]) <= set(t2.column(S.PAIR_ID).to_pylist())
+        orig_ids = set(ids["none"])
+        for e, s in enumerate(syn, 1):
+            assert set(s.column(S.SOURCE_PAIR_ID).to_pylist()) <= orig_ids  # lineage resolves
+            assert set(s.column(S.EPOCH).to_pylist()) <= {e}
+            assert s.num_rows <= 12
+        if strategy in ("none", "adaboost"):
+            assert syn[0].num_rows == syn[1].num_rows == 0
+        else:
+            assert syn[0].num_rows > 0
+        ops = set(syn[0].column(S.OPERATION).to_pylist())
+        summary = json.loads((d / "epochs" / "001" / "augment_summary.json").read_text())
+        if strategy == "west-of-n":
+            assert ops == {"west-of-3"} and summary["groups"].get("ok", 0) == syn[0].num_rows
+            assert syn[0].num_rows + summary["budget_unspent"] == 12
+        if strategy in ("uniform", "mars", "mars-nosem"):
+            assert all(op.startswith(("paraphrase", "rewrite")) for op in ops)
+        if strategy == "mars":
+            assert "semantic" in summary
+        if strategy == "mars-nosem":
+            assert "semantic" not in summary
+        if strategy == "adaboost":
+            w = t2.column("loss_weight").to_numpy()
+            assert np.isclose(w.mean(), 1.0) and w.std() > 0  # margins of r^1 differ, so do weights
+            assert "loss_weight" not in pq.read_table(d / "epochs" / "002" / "synthetic.parquet").column_names
+    # the strategies do train different models
+    acc = {s: [r["val_loss"] for r in read_metrics(d)] for s, d in runs.items()}
+    assert len({tuple(round(x, 6) for x in v) for v in acc.values()}) > 1
+
+
+@pytest.mark.ray
+def test_run_dir_in_use_is_refused(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
+    from mars_ray.pipeline import RunDirError, run_mars
+
+    cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "used", **{"mars.strategy": "none", "mars.epochs": "1",
+                                                                      "train.num_workers": "0"})
+    Path(cfg.output.dir).mkdir(parents=True)
+    (Path(cfg.output.dir) / "something").write_text("x")
+    with pytest.raises(RunDirError, match="--resume"):
+        run_mars(cfg, log=lambda m: None)
+
+
+@pytest.mark.ray
+def test_killed_driver_resumes_to_the_same_metrics(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """Uninterrupted run in-process; the same run as a `mars-ray train` process killed after epoch 1,
+    then `mars-ray train --resume`: the metrics must be equal."""
+    from mars_ray.cli import main
+    from mars_ray.pipeline import read_metrics, run_mars
+
+    over = {"mars.strategy": "uniform", "train.num_workers": "1"}
+    ref = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "ref", **over)
+    run_mars(ref, log=lambda m: None)
+
+    killed = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "killed", **over)
+    killed.save(tmp_path)  # config.yaml for the child
+    cmd = [sys.executable, "-m", "mars_ray.cli", "train", "--config", str(tmp_path / "config.yaml")]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    manifest = Path(killed.output.dir) / "epochs" / "001" / "manifest.json"
+    deadline = time.time() + 600
+    try:
+        while not manifest.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "epoch 1 did not finish in 10 minutes"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (Path(killed.output.dir) / "epochs" / "002" / "manifest.json").exists(), "killed too late"
+    assert len(read_metrics(killed.output.dir)) == 1
+
+    assert main(["train", "--resume", killed.output.dir]) == 0
+    assert _comparable(read_metrics(killed.output.dir)) == pytest.approx(_comparable(read_metrics(ref.output.dir)))
+    a = pq.read_table(Path(ref.output.dir) / "epochs" / "002" / "train.parquet")
+    b = pq.read_table(Path(killed.output.dir) / "epochs" / "002" / "train.parquet")
+    assert a.column(S.PAIR_ID).to_pylist() == b.column(S.PAIR_ID).to_pylist()
+
+
+@pytest.mark.ray
+def test_worker_fault_mid_epoch_recovers_from_checkpoint(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """Rank 0 raises once in pass 2; FailureConfig restarts the worker group from the pass-1
+    checkpoint and training ends where an unfaulted run ends."""
+    from mars_ray.data import read_preferences
+    from mars_ray.train.loop import fit_reward_model
+
+    cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "fault", **{"train.passes": "3", "train.num_workers": "1",
+                                                                       "data.max_pairs": "24"})
+    t = read_preferences(cfg.data, seed=0).table
+    pq.write_table(t, tmp_path / "train.parquet")
+    steps_per_pass = -(-t.num_rows // cfg.train.batch_size)
+    kw = dict(init_model=str(tiny_bert_dir), train_path=tmp_path / "train.parquet", val_path=tmp_path / "train.parquet",
+              run_dir=tmp_path / "ray_train")
+    clean = fit_reward_model(cfg, name="clean", **kw)
+    marker = tmp_path / "fault.marker"
+    faulted = fit_reward_model(cfg, name="faulted", max_failures=1,
+                               _fault={"marker": str(marker), "at_step": steps_per_pass + 1}, **kw)
+    assert marker.exists(), "the fault was never injected"
+    assert faulted["passes_done"] == clean["passes_done"] == 3
+    assert faulted["train_loss_history"] == pytest.approx(clean["train_loss_history"], rel=1e-4, abs=1e-5)
+    assert faulted["val_accuracy"] == clean["val_accuracy"]
+    assert faulted["val_margin_mean"] == pytest.approx(clean["val_margin_mean"], rel=1e-3, abs=1e-5)
+
+    marker.unlink()
+    with pytest.raises(Exception, match="injected worker fault"):  # no restarts allowed: the error surfaces
+        fit_reward_model(cfg, name="fatal", max_failures=0, _fault={"marker": str(marker), "at_step": 1}, **kw)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_embedded_default_end_to_end(ray_local, tmp_path):
+    """`mars-ray train` with only an output directory: MARS on builtin:demo with builtin:minilm and
+    builtin:smollm2, on local Ray (the README's main command)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mars_ray.cli import main
+    from mars_ray.pipeline import read_metrics
+
+    out = tmp_path / "demo"
+    assert main(["train", "--output.dir", str(out)]) == 0
+    rows = read_metrics(out)
+    cfg = Config.load(out / "config.yaml")
+    assert cfg.mars.strategy == "mars" and cfg.model.reward == "builtin:minilm"
+    assert [r["epoch"] for r in rows] == list(range(1, cfg.mars.epochs + 1))
+    for r in rows:
+        assert r["synthetic"] + r["budget_unspent"] == cfg.mars.budget
+        assert r["synthetic"] > 0 and 0 <= r["val_accuracy"] <= 1
+    # the final model is a plain HF folder that scores pairs without mars_ray
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    enc = tok(["How do I boil an egg?"], ["Put it in boiling water for 8 minutes."], return_tensors="pt")
+    assert model(**enc).logits.shape == (1, 1)
+    s = json.loads((out / "epochs" / "001" / "augment_summary.json").read_text())
+    assert s["refine"]["candidates"] >= 1 and s["paraphrase"]["requested"] >= 1
