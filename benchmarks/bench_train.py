@@ -7,9 +7,12 @@ pass, 2 torch threads. Each variant runs in its own fresh process; the table giv
 ``--reps``, ratios against TRL measured in the same run, and peak memory. Run::
 
     RAY_AUTH_MODE=disabled python benchmarks/bench_train.py [--pairs 1000] [--heldout 200] \
-        [--reps 1] [--only trl,ours,...] [--max-length 512] [--save results.jsonl]
+        [--reps 1] [--only trl,ours,...] [--max-length 512] [--save results.jsonl [--resume]]
 
 (about 45 minutes on 2 idle cores with the defaults; ``--pairs 32 --heldout 16`` is a smoke test).
+On a shared machine, run the variants one at a time when it is idle (``--only trl --save F --resume``,
+then the next, ...) and print the table from the saved rows with the full ``--only`` list and
+``--resume``; the ``load5`` column shows whether other work competed.
 
 Data: the HH-RLHF helpful-base file in ../shared/data (only the test split is there), read with
 mars_ray's reader (no split, input order, 6 unusable rows quarantined): rows [0, pairs) are the
@@ -317,7 +320,8 @@ def ours_padding(train, args, tmp: Path, seed: int) -> dict:
     grouped = np.argsort(-np.maximum(lc, lr), kind="stable")
     return {"real_tokens": int(lc.sum() + lr.sum()), "slots": slots(perm), "slots_grouped": slots(grouped),
             "sumsq": int((lc.astype(np.int64) ** 2).sum() + (lr.astype(np.int64) ** 2).sum()),
-            "prompts_cut": int(ec.prompt_truncated), "responses_cut": int(ec.response_truncated + er.response_truncated)}
+            "prompts_cut": int(ec.prompt_truncated),
+            "responses_cut": int(ec.response_truncated + er.response_truncated)}
 
 
 def run_ours(train, heldout, args, tmp: Path, *, lora: bool, dtype: str) -> dict:
@@ -566,6 +570,8 @@ def main() -> int:
     ap.add_argument("--file", type=Path, default=HH)
     ap.add_argument("--only", default=DEFAULT, help="comma-separated subset of " + ",".join(NAMES))
     ap.add_argument("--save", type=Path, help="append each variant's result to this JSON-lines file")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the variants (and GEMM peak) already in --save for the same sizes; the last one wins")
     a = ap.parse_args()
     if not a.file.exists():
         print(f"skip: {a.file} is absent (../shared/data not beside the project)")
@@ -579,10 +585,19 @@ def main() -> int:
         return 0
     common = ["--file", str(a.file), "--pairs", str(a.pairs), "--heldout", str(a.heldout),
               "--max-length", str(a.max_length)]
+    saved = {}
+    if a.save and a.resume and a.save.exists():
+        for line in a.save.read_text().splitlines():
+            r = json.loads(line)
+            if (r.get("pairs"), r.get("heldout"), r.get("max_length")) == (a.pairs, a.heldout, a.max_length):
+                saved[r["key"]] = r
     rows = []
     for v in ["peak", *[v for v in a.only.split(",") if v and v != "peak"]]:
         if v not in NAMES:
             raise SystemExit(f"unknown variant {v!r}; known: {', '.join(NAMES)}")
+        if v in saved:
+            rows.append(saved[v])
+            continue
         reps = 5 if v == "peak" else (1 if v == "probe" else a.reps)
         try:
             r = run_variant(Path(__file__), v, *common, reps=reps)
