@@ -190,7 +190,7 @@ def _semantic_and_refine(cfg, pairs, ids, b, chosen, rejected, refined, status, 
         sub = sub.append_column("distance", pa.array(dist[todo]))
         kwargs = dict(rewrite=dataclasses.asdict(cfg.rewrite), encoder_ref=cfg.model.encoder, seed=cfg.seed,
                       batch_size=cfg.rewrite.batch_size, encoder_batch_size=cfg.semantic.batch_size,
-                      num_threads=actor_threads(cfg.resources.cpus_per_actor), cache_dir=cfg.model.cache_dir)
+                      num_threads=actor_threads(cfg.resources), cache_dir=cfg.model.cache_dir)
         with _stage(f"refine {todo.size} low-distance pairs", times, log):
             out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
         by_id = {r["pair_id"]: r for r in out.to_pylist()}
@@ -233,7 +233,7 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
         section.update(temperature=cfg.paraphrase.topup_temperature, num_beams=1)
     kwargs = dict(paraphrase=section, encoder_ref=cfg.model.encoder,
                   batch_size=cfg.paraphrase.batch_size, encoder_batch_size=cfg.semantic.batch_size,
-                  num_threads=actor_threads(cfg.resources.cpus_per_actor), cache_dir=cfg.model.cache_dir, seed=cfg.seed + topup)
+                  num_threads=actor_threads(cfg.resources), cache_dir=cfg.model.cache_dir, seed=cfg.seed + topup)
     label = f"paraphrase top-up {topup}" if topup else "paraphrase"
     with _stage(f"{label}: {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
         out = map_with_actors(req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size)

@@ -94,7 +94,7 @@ class MarsConfig:
     tau: float = 0.5
     # Synthetic pairs added per epoch. The default keeps the embedded demo to minutes on 2 CPU
     # cores; the paper used 5 synthetic pairs per original pair.
-    budget: int = 48
+    budget: int = 32
     # Outer MARS epochs T.
     epochs: int = 2
     # West-of-N: responses generated per prompt (each group of N yields one best-vs-worst pair),
@@ -145,8 +145,11 @@ class EndpointConfig:
 
 @dataclass
 class RewriteConfig(EndpointConfig):
-    max_attempts_rejected: int = 5
-    max_attempts_chosen: int = 5
+    # Rewrite attempts per pair: the rejected response first, then the chosen one. The paper used
+    # 5 and 5 with GPT-4-class rewriters; 2 and 2 keep the embedded CPU demo to minutes (each
+    # attempt is a sampled generation of up to twice the response's length).
+    max_attempts_rejected: int = 2
+    max_attempts_chosen: int = 2
     max_new_tokens: int = 192
     # Sampling, so repeated attempts differ.
     temperature: float = 0.7
@@ -154,8 +157,9 @@ class RewriteConfig(EndpointConfig):
 
 @dataclass
 class ParaphraseConfig(EndpointConfig):
-    # Deterministic beam search (temperature 0) with n-gram blocking, as in the paper.
-    num_beams: int = 4
+    # Deterministic decoding (temperature 0) with n-gram blocking: greedy for one paraphrase, beam
+    # search with num_beams = max(num_beams, n) for n (the paper: beams with a T5 paraphraser).
+    num_beams: int = 1
     no_repeat_ngram_size: int = 3
     # Quality gate on every paraphrase.
     min_length_ratio: float = 0.5
@@ -192,7 +196,9 @@ class TrainConfig:
     bf16_autocast: bool = False
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    # CPUs (and torch threads) per training worker; null: reserve 1, use the cluster's CPUs /
+    # num_workers as threads (max 8).
+    cpus_per_worker: Optional[float] = None
     # Worker-group restarts from the last checkpoint when a worker dies (Ray Train FailureConfig).
     max_failures: int = 2
 
@@ -266,7 +272,9 @@ class ResourcesConfig:
     # Run the data stages in the driver process, one actor object per stage reused across epochs,
     # instead of Ray Data actor pools (tiny data and debugging: no actor start-up).
     in_process: bool = False
-    cpus_per_actor: float = 1.0
+    # CPUs (and torch threads) per stage actor; null: reserve 1, use the cluster's CPUs / actors as
+    # threads (max 8).
+    cpus_per_actor: Optional[float] = None
     gpus_per_actor: float = 0.0
     batch_size: int = 32
 
@@ -620,6 +628,10 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"augment.epoch={cfg.augment.epoch} must be >= 1")
     if cfg.train.length_group < 1:
         p.append(f"train.length_group={cfg.train.length_group} must be >= 1 (1: plain random batches)")
+    for key in ("train.cpus_per_worker", "resources.cpus_per_actor"):
+        v = cfg.get(key)
+        if v is not None and v <= 0:
+            p.append(f"{key}={v} must be > 0 (or null: an even share of the cluster's CPUs)")
     if cfg.train.max_failures < 0:
         p.append(f"train.max_failures={cfg.train.max_failures} must be >= 0")
     if m.west_of_n_temperature <= 0:

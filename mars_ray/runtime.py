@@ -43,3 +43,14 @@ def init_ray(cfg: ResourcesConfig, **kwargs: Any):
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
     return ray.get_runtime_context()
+
+
+def auto_cpus(explicit: float | None, parallel: int) -> float:
+    """``explicit`` if set, else an even share of the Ray cluster's CPUs over ``parallel`` actors or
+    workers (at least 1, at most 8: beyond that, more torch threads rarely pay off)."""
+    if explicit is not None:
+        return float(explicit)
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0)) if ray.is_initialized() else float(os.cpu_count() or 1)
+    return float(max(1, min(8, int(total // max(1, parallel)))))

@@ -213,3 +213,14 @@ def test_epoch_through_openai_endpoint_survives_429_500_and_timeouts(ray_local, 
     gen_stats = s["generation"]
     assert gen_stats["paraphrase_generated"] > 0
     assert sum(s["refine"]["by_status"].values()) == s["refine"]["candidates"]
+
+
+def test_output_cap_bounds_generation_by_the_source_length():
+    from mars_ray.stages.generate import output_cap
+
+    assert output_cap("x" * 100, 2.0, 160) == 96  # 2 * 100 / 3 + 16 = 82 -> 96
+    assert output_cap("x" * 30, 2.0, 160) == 64
+    assert output_cap("x" * 3000, 2.0, 160) == 160  # never above max_new_tokens
+    assert output_cap("x", 2.0, 160) == 32 and output_cap("x", 2.0, 192, floor=64) == 64
+    caps = [output_cap("x" * n, 2.0, 1000) for n in range(1, 2000, 7)]
+    assert caps == sorted(caps) and all(c % 32 == 0 for c in caps)

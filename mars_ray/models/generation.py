@@ -183,6 +183,18 @@ class CachedGenerator:
         self.cache.put_many(new_items, model=self.model_id)
         return results
 
+    def with_max_new_tokens(self, max_new_tokens: int) -> "CachedGenerator":
+        """The same model, cache and counters with a smaller output cap (e.g. paraphrases: longer
+        than the gate's length bound is wasted work). The cap is part of the cache key."""
+        import copy
+        from dataclasses import replace
+
+        if max_new_tokens >= self.inner.params.max_new_tokens:
+            return self
+        inner = copy.copy(self.inner)  # shares the loaded model / client
+        inner.params = replace(self.inner.params, max_new_tokens=int(max_new_tokens))
+        return CachedGenerator(inner, self.cache, self.stats)
+
     def _count(self, outs: list[list[str | None]]) -> None:
         for row in outs:
             for t in row:

@@ -16,8 +16,18 @@ def set_threads(num_threads: int | None) -> None:
         torch.set_num_threads(int(num_threads))
 
 
-def actor_threads(cpus_per_actor: float) -> int:
-    return max(1, int(round(cpus_per_actor)))
+def actor_cpus(resources) -> float:
+    """Logical CPUs a stage actor reserves: ``resources.cpus_per_actor``, else 1 (so an actor pool
+    that is still shutting down never holds up the next stage's)."""
+    return float(resources.cpus_per_actor) if resources.cpus_per_actor is not None else 1.0
+
+
+def actor_threads(resources) -> int:
+    """torch threads for a stage actor: its reservation when set, else an even share of the
+    cluster's CPUs over the pool (stages run one after another)."""
+    from mars_ray.runtime import auto_cpus
+
+    return max(1, int(round(auto_cpus(resources.cpus_per_actor, resources.actors))))
 
 
 _LOCAL_ACTORS: dict[str, Any] = {}
@@ -61,7 +71,7 @@ def map_with_actors(table: pa.Table, actor_cls: type, kwargs: dict[str, Any], *,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=resources.actors),
-        num_cpus=resources.cpus_per_actor,
+        num_cpus=actor_cpus(resources),
         num_gpus=resources.gpus_per_actor,
     )
     return _collect(out)

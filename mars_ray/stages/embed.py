@@ -52,6 +52,6 @@ class EmbedActor:
 def semantic_distances(table: pa.Table, cfg: Config) -> pa.Table:
     """(pair_id, distance) for every row of ``table``, computed on ``resources.actors`` actors."""
     kwargs = {"model_ref": cfg.model.encoder, "batch_size": cfg.semantic.batch_size,
-              "num_threads": actor_threads(cfg.resources.cpus_per_actor)}
+              "num_threads": actor_threads(cfg.resources)}
     return map_with_actors(table.select(["pair_id", "chosen", "rejected"]), EmbedActor, kwargs,
                            resources=cfg.resources, batch_size=cfg.semantic.batch_size)

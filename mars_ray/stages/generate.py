@@ -44,6 +44,15 @@ def build_generator(section: dict[str, Any], *, batch_size: int, cache_dir: str 
     return CachedGenerator(gen, default_cache(cache_dir) if use_cache else None)
 
 
+def output_cap(text: str, ratio: float, max_new_tokens: int, floor: int = 32) -> int:
+    """max_new_tokens for an output that should be at most ``ratio`` times ``text``: a token is
+    taken as >= 3 characters (generous for English), plus 16 tokens of slack, rounded up to a
+    multiple of 32 (so texts of similar length share a batch), at least ``floor``, at most
+    ``max_new_tokens``."""
+    limit = int(ratio * len(text) / 3) + 16
+    return int(min(max_new_tokens, max(floor, -(-limit // 32) * 32)))
+
+
 class _StatsMixin:
     gen: CachedGenerator
 
@@ -76,7 +85,10 @@ class RefineActor(_StatsMixin):
         offset = attempt + (0 if role == "rejected" else 1000)
         self.gen.inner.params = dataclasses.replace(self.base_params, seed=self.base_params.seed + offset)
         msgs = [render(f"rewrite_{r[0]}", prompt=r[1], chosen=r[2], rejected=r[3]) for r in reqs]
-        outs = self.gen.generate(msgs, n=1)
+        # A rewrite is a response of about the same size: cap the output at twice the longest
+        # source in the batch (sampled small models otherwise ramble to max_new_tokens).
+        cap = max(output_cap(r[2] if role == "chosen" else r[3], 2.0, self.cfg["max_new_tokens"], floor=64) for r in reqs)
+        outs = self.gen.with_max_new_tokens(cap).generate(msgs, n=1)
         return [clean_generation(o[0]) or None if o and o[0] is not None else None for o in outs]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +118,11 @@ class ParaphraseActor(_StatsMixin):
         self.gen = build_generator(dict(paraphrase, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
         self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
 
+    def output_cap(self, text: str) -> int:
+        """The gate rejects paraphrases longer than ``max_length_ratio`` times the source, so
+        generating past that is wasted."""
+        return output_cap(text, self.cfg["max_length_ratio"], self.cfg["max_new_tokens"])
+
     def request(self, text: str):
         if self.cfg["backend"] == "seq2seq":
             return f"paraphrase: {text}"
@@ -116,9 +133,10 @@ class ParaphraseActor(_StatsMixin):
         texts = as_list(batch["text"])
         ns = [int(n) for n in as_list(batch["n"])]
         raw: list[list[str | None]] = [[] for _ in texts]
-        for n in sorted(set(ns)):
-            idx = [i for i, k in enumerate(ns) if k == n]
-            outs = self.gen.generate([self.request(texts[i]) for i in idx], n)
+        caps = [self.output_cap(t) for t in texts]
+        for n, cap in sorted(set(zip(ns, caps))):
+            idx = [i for i, (k, c) in enumerate(zip(ns, caps)) if (k, c) == (n, cap)]
+            outs = self.gen.with_max_new_tokens(cap).generate([self.request(texts[i]) for i in idx], n)
             for i, o in zip(idx, outs):
                 raw[i] = o
         kept, reasons = self._gate(texts, raw)

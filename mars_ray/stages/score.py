@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
+from mars_ray.stages.common import actor_cpus, actor_threads
 
 REWARD_CHOSEN = "reward_chosen"
 REWARD_REJECTED = "reward_rejected"
@@ -184,13 +185,13 @@ def score_margins(table: pa.Table, *, model_ref: str, cfg: Config) -> pa.Table:
     # One block per actor batch: blocks stay length-homogeneous and the pool balances over them.
     bs = int(res.batch_size)
     blocks = [sorted_table.slice(i, bs) for i in range(0, n, bs)]
-    threads = max(1, int(res.cpus_per_actor)) if res.gpus_per_actor == 0 else None
+    threads = actor_threads(res) if res.gpus_per_actor == 0 else None
     ds = ray.data.from_arrow(blocks).map_batches(
         ScoreActor,
         fn_constructor_kwargs=actor_kwargs(model_ref, cfg, num_threads=threads),
         batch_size=bs,
         compute=ray.data.ActorPoolStrategy(size=int(res.actors)),
-        num_cpus=res.cpus_per_actor,
+        num_cpus=actor_cpus(res),
         num_gpus=res.gpus_per_actor,
         batch_format="numpy",
     )

@@ -85,7 +85,7 @@ def west_of_n_groups(prompts: pa.Table, cfg: Config, *, reward_ref: str, groups:
     table = table.filter(pa.array(np.asarray(groups) > 0))
     kwargs = dict(generator=section, n=cfg.mars.west_of_n, reward_ref=reward_ref, seed=cfg.seed, gen_seed=cfg.seed + 7919 * int(epoch), dtype=cfg.model.dtype,
                   max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
-                  batch_size=cfg.paraphrase.batch_size, num_threads=actor_threads(cfg.resources.cpus_per_actor),
+                  batch_size=cfg.paraphrase.batch_size, num_threads=actor_threads(cfg.resources),
                   cache_dir=cfg.model.cache_dir, offline=cfg.model.offline)
     if table.num_rows == 0:
         return pa.table({c: pa.array([], pa.string() if c in ("key", "chosen", "rejected", "status") else pa.float64())

@@ -209,7 +209,7 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config.get("local"):
-        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+        torch.set_num_threads(int(config.get("threads") or max(1, int(t.cpus_per_worker or 1))))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
 
     # ---- model
@@ -514,6 +514,12 @@ def fit_reward_model(
 
         build_ds_config(cfg.deepspeed, t, world_size=max(1, t.num_workers))  # fail fast, on the driver
     local = t.num_workers == 0
+    threads = None
+    if not local:  # decided once, on the driver, for every worker
+        from mars_ray.runtime import auto_cpus, init_ray
+
+        init_ray(cfg.resources)
+        threads = max(1, int(auto_cpus(t.cpus_per_worker, t.num_workers)))
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {
@@ -526,13 +532,14 @@ def fit_reward_model(
         "epoch": int(epoch),
         "local": local,
         "fault": _fault,
+        "threads": threads,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
-            resources_per_worker=None if local else {"CPU": t.cpus_per_worker},
+            resources_per_worker=None if local else {"CPU": t.cpus_per_worker if t.cpus_per_worker is not None else 1.0},
         ),
         run_config=RunConfig(
             name=name,
