@@ -222,5 +222,5 @@ def test_output_cap_bounds_generation_by_the_source_length():
     assert output_cap("x" * 30, 2.0, 160) == 64
     assert output_cap("x" * 3000, 2.0, 160) == 160  # never above max_new_tokens
     assert output_cap("x", 2.0, 160) == 32 and output_cap("x", 2.0, 192, floor=64) == 64
-    caps = [output_cap("x" * n, 2.0, 1000) for n in range(1, 2000, 7)]
+    caps = [output_cap("x" * n, 2.0, 1024) for n in range(1, 2000, 7)]
     assert caps == sorted(caps) and all(c % 32 == 0 for c in caps)
