@@ -247,7 +247,9 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
         reasons.update(json.loads(row["rejected_reasons"]))
     for c in STAT_COLUMNS:
         gen_stats[f"paraphrase_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
-    info.update(kept=kept_total, filtered=dict(reasons), filtered_total=int(sum(reasons.values())))
+    retried = out.column("retry_rounds").to_numpy() if "retry_rounds" in out.column_names else np.zeros(0)
+    info.update(kept=kept_total, filtered=dict(reasons), filtered_total=int(sum(reasons.values())),
+                texts_resampled=int(np.sum(retried > 0)), resample_rounds=int(np.sum(retried)))
     return kept_c, kept_r, info
 
 
@@ -281,7 +283,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     para = summary.get("paraphrase")
     if para and para.get("texts"):
         lines.append(f"- paraphrases: requested {para['requested']}, kept {para.get('kept', 0)}, filtered "
-                     + (", ".join(f"{k} {v}" for k, v in sorted(para.get("filtered", {}).items())) or "none"))
+                     + (", ".join(f"{k} {v}" for k, v in sorted(para.get("filtered", {}).items())) or "none")
+                     + (f"; {para['texts_resampled']} texts resampled in the actor ({para['resample_rounds']} rounds)"
+                        if para.get("texts_resampled") else ""))
     for r in (para or {}).get("topup_rounds", []):
         lines.append(f"- paraphrase top-up: requested {r['requested']}, kept {r.get('kept', 0)}, unspent after {r['unspent_after']}")
     if summary.get("generation"):

@@ -305,8 +305,12 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, _fault: dict | None = None) -> dict[str, Any]:
+def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, _fault: dict | None = None,
+             on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) ``cfg.mars.epochs`` epochs of ``cfg.mars.strategy`` into ``cfg.output.dir``.
+
+    ``on_epoch`` is called with each epoch's metrics row once that epoch is finished (also for
+    epochs a resumed run finds done), e.g. to report to Ray Tune.
 
     ``_fault`` is for recovery tests only: a worker fault to inject (see
     :func:`mars_ray.train.loop.train_loop_per_worker`).
@@ -344,6 +348,8 @@ def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = 
             prev_model = man["model_dir"]
             current = pq.read_table(ep / "train.parquet").select(S.PAIR_SCHEMA.names)
             log(f"[epoch {t}/{T}] done earlier: val_accuracy {_fmt(man['metrics'].get('val_accuracy'))} (resumed)")
+            if on_epoch is not None:
+                on_epoch(man["metrics"])
             continue
         ep.mkdir(parents=True, exist_ok=True)
         log(f"[epoch {t}/{T}] {cfg.mars.strategy}: augment with {'the base model' if t == 1 else f'r{t - 1}'} ...")
@@ -390,6 +396,8 @@ def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = 
         log(f"[epoch {t}/{T}] val_accuracy {_fmt(row.get('val_accuracy'))}, val_snr {_fmt(row.get('val_snr'))}, "
             f"test_accuracy {_fmt(row.get('test_accuracy'))} (augment {augment_s:.0f}s, train {train_s:.0f}s)")
         prev_model, current = fit["model_dir"], grown
+        if on_epoch is not None:
+            on_epoch(row)
 
     write_metrics(run_dir, rows)
     final = run_dir / MODEL_DIR
@@ -407,6 +415,12 @@ def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = 
     }
     _write_json(run_dir / SUMMARY_FILE, {k: (_finite(v) if not isinstance(v, dict) else {a: _finite(b) for a, b in v.items()})
                                          for k, v in summary.items()})
+    try:
+        from mars_ray.report import run_report
+
+        run_report(run_dir)
+    except Exception as e:  # a report must never cost a finished run
+        log(f"report not written: {type(e).__name__}: {e}")
     log(summary_table(rows))
-    log(f"final reward model: {final}")
+    log(f"final reward model: {final}; report {run_dir / 'report.html'}")
     return summary

@@ -64,7 +64,8 @@ def test_refine_actor_in_process(tmp_path, tiny_bert_dir, tiny_llama_dir, demo_p
 def test_paraphrase_actor_gates_and_cache(tmp_path, tiny_bert_dir, tiny_llama_dir):
     from mars_ray.stages.generate import ParaphraseActor
 
-    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"paraphrase.min_semantic_similarity": "0.999"})
+    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"paraphrase.min_semantic_similarity": "0.999",
+                                                                "paraphrase.retry_rounds": "0"})
     kw = dict(encoder_ref=str(tiny_bert_dir), batch_size=4, encoder_batch_size=8, num_threads=1, cache_dir=cfg.model.cache_dir, seed=0)
     actor = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)
     batch = {"key": np.array(["0:c", "1:r"], dtype=object), "text": np.array(["Boil water first.", "Use a map."], dtype=object),
@@ -78,6 +79,37 @@ def test_paraphrase_actor_gates_and_cache(tmp_path, tiny_bert_dir, tiny_llama_di
     again = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)  # a new actor, same disk cache
     assert again["gen_generated"].sum() == 0 and again["gen_hits"].sum() == 5
     assert list(again["kept"]) == list(out["kept"])
+
+
+def test_paraphrase_actor_resamples_texts_the_gate_left_short(tmp_path, tiny_bert_dir, tiny_llama_dir):
+    from mars_ray.stages.generate import ParaphraseActor
+
+    # A gate nothing passes: every round resamples the whole shortfall, and every candidate is
+    # accounted for (kept or rejected with a reason).
+    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"paraphrase.min_semantic_similarity": "0.999",
+                                                                "paraphrase.retry_rounds": "2"})
+    kw = dict(encoder_ref=str(tiny_bert_dir), batch_size=4, encoder_batch_size=8, num_threads=1, cache_dir=cfg.model.cache_dir, seed=0)
+    batch = {"key": np.array(["0:c", "1:r"], dtype=object), "text": np.array(["Boil water first.", "Use a map."], dtype=object),
+             "n": np.array([2, 3])}
+    out = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)
+    kept = [json.loads(k) for k in out["kept"]]
+    reasons = [json.loads(r) for r in out["rejected_reasons"]]
+    assert kept == [[], []] and list(out["retry_rounds"]) == [2, 2]
+    assert [sum(r.values()) for r in reasons] == [2 * 3, 3 * 3]  # first round + 2 resampling rounds
+    assert out["gen_generated"].sum() + out["gen_failed"].sum() == 15
+    again = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)  # the rerun is all cache hits
+    assert again["gen_generated"].sum() == 0 and again["gen_hits"].sum() == 15
+    # A gate everything passes (no meaning or length bounds) needs no resampling.
+    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{
+        "paraphrase.min_semantic_similarity": "0", "paraphrase.min_length_ratio": "0.001", "paraphrase.max_length_ratio": "1000",
+        "paraphrase.max_copy_similarity": "1", "paraphrase.retry_rounds": "2"})
+    out = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)
+    kept = [json.loads(k) for k in out["kept"]]
+    for k, n, rounds in zip(kept, [2, 3], out["retry_rounds"]):
+        assert len(k) <= n
+        if len(k) < n:
+            assert rounds == 2
+    assert sum(len(k) for k in kept) > 0
 
 
 @pytest.mark.ray

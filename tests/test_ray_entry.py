@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
+from _ray_cluster import LocalRayCluster, submit
 from conftest import ROOT
 from mars_ray.config import Config
 from mars_ray.core.schema import PAIR_SCHEMA
@@ -34,73 +28,15 @@ def test_prepared_table_as_ray_dataset(ray_local):
     assert sorted(r["pair_id"] for r in lengths.take_all()) == sorted(res.table.column("pair_id").to_pylist())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real Ray head (`ray start --head --block`) in its own temp dir and process group.
-
-    Stopped by signalling only its own process group: `ray stop` would also kill every other
-    Ray on the machine, including the one this test session uses.
-    """
-    # The `ray` and `mars-ray` scripts live beside this interpreter (the venv may not be activated).
-    bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    assert shutil.which("ray", path=env["PATH"]), f"the ray CLI is missing from {bin_dir}"
-    env.pop("RAY_ADDRESS", None)
-    tmp = tempfile.mkdtemp(prefix="/tmp/mrh")
-    gcs, dash = _free_port(), _free_port()
-    # Every fixed-default port gets a free one, so this head can run beside another local Ray.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port")]
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--temp-dir", tmp, "--disable-usage-stats", *ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
+    """A real Ray head (`ray start --head --block`) in its own temp dir and process group
+    (see tests/_ray_cluster.py: stopped by signalling only its own process group)."""
+    cluster = LocalRayCluster.start(head_cpus=2)
     try:
-        _wait_http(f"{address}/api/version", timeout=120)
-        yield address, env
+        yield cluster.address, cluster.env
     finally:
-        for sig, wait in ((signal.SIGINT, 15), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def submit(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`ray job submit`, retried while the head's job agent is still starting (bounded)."""
-    deadline = time.time() + 60
-    while True:
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if "No available agent to submit job" not in job.stderr or time.time() > deadline:
-            return job
-        time.sleep(2)
+        cluster.shutdown()
 
 
 def test_ray_job_submit_data_prepare(ray_head, tmp_path):

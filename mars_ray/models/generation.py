@@ -186,13 +186,18 @@ class CachedGenerator:
     def with_max_new_tokens(self, max_new_tokens: int) -> "CachedGenerator":
         """The same model, cache and counters with a smaller output cap (e.g. paraphrases: longer
         than the gate's length bound is wasted work). The cap is part of the cache key."""
+        if max_new_tokens >= self.inner.params.max_new_tokens:
+            return self
+        return self.with_params(max_new_tokens=int(max_new_tokens))
+
+    def with_params(self, **changes: Any) -> "CachedGenerator":
+        """The same loaded model / client, cache and counters with other decoding parameters
+        (they are part of the cache key)."""
         import copy
         from dataclasses import replace
 
-        if max_new_tokens >= self.inner.params.max_new_tokens:
-            return self
-        inner = copy.copy(self.inner)  # shares the loaded model / client
-        inner.params = replace(self.inner.params, max_new_tokens=int(max_new_tokens))
+        inner = copy.copy(self.inner)
+        inner.params = replace(self.inner.params, **changes)
         return CachedGenerator(inner, self.cache, self.stats)
 
     def _count(self, outs: list[list[str | None]]) -> None:

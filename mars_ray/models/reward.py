@@ -491,3 +491,62 @@ def score_pairs(
     n = len(prompts)
     return r[:n], r[n:]
 
+
+
+def _final_projection(model: Any) -> Any:
+    """The last ``nn.Linear`` with one output: the layer that turns the reward model's final
+    features into the reward (BERT/DeBERTa ``classifier``, RoBERTa ``classifier.out_proj``,
+    Llama-style ``score``)."""
+    import torch
+
+    last = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod.out_features == 1:
+            last = mod
+    if last is None:
+        raise ValueError(f"{type(model).__name__}: no single-output linear head found")
+    return last
+
+
+def score_with_features(model: Any, tokenizer: Any, enc: Encoded, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards and the final features φ (the input of the reward head, at the token the model
+    pools: BERT-style heads see one vector per sequence, decoder heads the last real token), in
+    input order. The head is linear, so ``reward = φ·w + b``."""
+    import torch
+
+    n = len(enc)
+    head = _final_projection(model)
+    feats = np.empty((n, head.in_features), dtype=np.float32)
+    rewards = np.empty(n, dtype=np.float32)
+    if n == 0:
+        return rewards, feats
+    captured: list[Any] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    order = np.argsort(-enc.lengths, kind="stable")
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                batch = pad_batch([enc.input_ids[i] for i in idx],
+                                  [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None,
+                                  tokenizer.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                captured.clear()
+                rewards[idx] = model(**batch).logits[:, 0].float().cpu().numpy()
+                phi = captured[-1].float()
+                if phi.dim() == 3:
+                    # Decoder: one vector per token; transformers reads the reward at the last
+                    # token that is not the pad id (with pad = EOS, before a trailing EOS).
+                    ids = batch["input_ids"]
+                    pad = getattr(model.config, "pad_token_id", None)
+                    if pad is None:
+                        last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+                    else:
+                        pos = torch.arange(ids.shape[1], device=ids.device)
+                        last = (pos * (ids != pad)).argmax(dim=-1)
+                    phi = phi[torch.arange(phi.shape[0], device=phi.device), last]
+                feats[idx] = phi.cpu().numpy()
+    finally:
+        hook.remove()
+    return rewards, feats

@@ -64,7 +64,10 @@ def map_with_actors(table: pa.Table, actor_cls: type, kwargs: dict[str, Any], *,
 
     import ray.data
 
-    ds = ray.data.from_arrow(table)
+    # One block per batch, so the pool can hand batches to all its actors (a single block goes to
+    # one actor, whatever the pool size); the batches are the same slices as in-process.
+    blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)] or [table]
+    ds = ray.data.from_arrow(blocks)
     out = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=kwargs,

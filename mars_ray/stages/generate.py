@@ -114,7 +114,7 @@ class ParaphraseActor(_StatsMixin):
     def __init__(self, paraphrase: dict[str, Any], encoder_ref: str, *, batch_size: int, encoder_batch_size: int,
                  num_threads: int | None, cache_dir: str | None, seed: int):
         set_threads(num_threads)
-        self.cfg = paraphrase
+        self.cfg, self.seed = paraphrase, int(seed)
         self.gen = build_generator(dict(paraphrase, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
         self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
 
@@ -132,22 +132,43 @@ class ParaphraseActor(_StatsMixin):
         before = self.gen.stats.as_dict()
         texts = as_list(batch["text"])
         ns = [int(n) for n in as_list(batch["n"])]
-        raw: list[list[str | None]] = [[] for _ in texts]
         caps = [self.output_cap(t) for t in texts]
-        for n, cap in sorted(set(zip(ns, caps))):
-            idx = [i for i, (k, c) in enumerate(zip(ns, caps)) if (k, c) == (n, cap)]
-            outs = self.gen.with_max_new_tokens(cap).generate([self.request(texts[i]) for i in idx], n)
-            for i, o in zip(idx, outs):
-                raw[i] = o
-        kept, reasons = self._gate(texts, raw)
+        kept, reasons = self._gate(texts, self._generate(self.gen, texts, ns, caps))
+        retried = [0] * len(texts)
+        # Texts left short by the gate: sample again in this actor (model already loaded).
+        for rnd in range(1, int(self.cfg.get("retry_rounds", 0)) + 1):
+            short = [i for i, k in enumerate(ns) if len(kept[i]) < k]
+            if not short:
+                break
+            sampler = self.gen.with_params(temperature=float(self.cfg["topup_temperature"]), num_beams=1,
+                                           seed=self.seed * 1000 + 500 + rnd)
+            sub = [texts[i] for i in short]
+            more, why = self._gate(sub, self._generate(sampler, sub, [ns[i] - len(kept[i]) for i in short],
+                                                       [caps[i] for i in short]), exclude=[kept[i] for i in short])
+            for j, i in enumerate(short):
+                kept[i] += more[j]
+                retried[i] += 1
+                for r, c in why[j].items():
+                    reasons[i][r] = reasons[i].get(r, 0) + c
         return {
             "key": batch["key"],
             "kept": np.array([json.dumps(k, ensure_ascii=False) for k in kept], dtype=object),
             "rejected_reasons": np.array([json.dumps(r) for r in reasons], dtype=object),
+            "retry_rounds": np.array(retried, dtype=np.int64),
             **self._stats_columns(len(texts), before),
         }
 
-    def _gate(self, texts: list[str], raw: list[list[str | None]]):
+    def _generate(self, gen: CachedGenerator, texts: list[str], ns: list[int], caps: list[int]) -> list[list[str | None]]:
+        """n outputs per text, batched by (n, output cap) so each generate call shares one shape."""
+        raw: list[list[str | None]] = [[] for _ in texts]
+        for n, cap in sorted(set(zip(ns, caps))):
+            idx = [i for i, (k, c) in enumerate(zip(ns, caps)) if (k, c) == (n, cap)]
+            outs = gen.with_max_new_tokens(cap).generate([self.request(texts[i]) for i in idx], n)
+            for i, o in zip(idx, outs):
+                raw[i] = o
+        return raw
+
+    def _gate(self, texts: list[str], raw: list[list[str | None]], exclude: list[list[str]] | None = None):
         cands = [(i, clean_generation(t)) for i, outs in enumerate(raw) for t in outs if t is not None]
         failed = [sum(1 for t in outs if t is None) for outs in raw]
         sims = self.encoder.similarity([texts[i] for i, _ in cands], [c for _, c in cands]) if cands else np.zeros(0)
@@ -159,7 +180,7 @@ class ParaphraseActor(_StatsMixin):
                 max_copy_similarity=self.cfg["max_copy_similarity"], min_semantic_similarity=self.cfg["min_semantic_similarity"],
                 semantic_similarity=float(sim),
             )
-            if why is None and cand in kept[i]:
+            if why is None and (cand in kept[i] or (exclude is not None and cand in exclude[i])):
                 why = "duplicate"
             if why:
                 reasons[i][why] += 1

@@ -1,0 +1,123 @@
+"""`mars-ray eval` on tiny config-built models (no Ray needed), and the final-feature extraction
+the curvature diagnostic uses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA
+from mars_ray.cli import main
+from mars_ray.core.evaluation import rewardbench_sections
+from mars_ray.models.reward import encode_pairs, load_reward_model, score_pairs, score_with_features
+
+
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_final_features_reproduce_the_reward(which, tiny_bert_dir, tiny_llama_dir):
+    model, tok = load_reward_model(str(tiny_bert_dir if which == "bert" else tiny_llama_dir), seed=3, dtype="float32")
+    model.eval()
+    enc = encode_pairs(tok, ["Hi there.", "A much longer prompt about cooking rice well"], ["Hello!", "Rinse it, then boil."],
+                       max_prompt_tokens=64, max_response_tokens=32)
+    rewards, phi = score_with_features(model, tok, enc, batch_size=1)
+    head = [m for m in model.modules() if isinstance(m, __import__("torch").nn.Linear) and m.out_features == 1][-1]
+    w = head.weight.detach().numpy()[0]
+    b = float(head.bias.detach()) if head.bias is not None else 0.0
+    assert phi.shape == (2, head.in_features)
+    np.testing.assert_allclose(phi @ w + b, rewards, rtol=1e-4, atol=1e-5)
+    # Batched (padded) and one at a time agree: the decoder reads the last real token.
+    r2, phi2 = score_with_features(model, tok, enc, batch_size=2)
+    np.testing.assert_allclose(r2, rewards, atol=1e-5)
+    np.testing.assert_allclose(phi2, phi, atol=1e-5)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_command_writes_metrics_sections_and_curvature(tmp_path, tiny_bert_dir):
+    rng = np.random.default_rng(0)
+    subsets = ["llmbar-natural"] * 6 + ["mt-bench-easy"] * 4 + ["math-prm"] * 3 + ["hep-go"] * 3 + ["donotanswer"] * 4
+    rows = [{"prompt": f"Question {i}: how do I do task {rng.integers(1000)}?", "chosen": f"Careful answer number {i} " * (1 + i % 5),
+             "rejected": f"Bad reply {i}", "subset": s} for i, s in enumerate(subsets)]
+    rows.append({"prompt": "broken row", "chosen": "", "rejected": "x", "subset": "hep-go"})  # quarantined, not lost
+    data = _write(tmp_path / "bench.jsonl", rows)
+    out = tmp_path / "eval"
+    rc = main(["eval", "--model", str(tiny_bert_dir), "--data.path", str(data), "--output.dir", str(out),
+               "--eval.curvature_bins", "4", "--model.dtype", "float32"])
+    assert rc == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["n"] == 20 and res["quarantined"] == 1
+    # The same numbers straight from the model.
+    model, tok = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
+    model.eval()
+    good = rows[:20]
+    rc_, rr_ = score_pairs(model, tok, [r["prompt"] for r in good], [r["chosen"] for r in good], [r["rejected"] for r in good],
+                           batch_size=4, max_prompt_tokens=512, max_response_tokens=192)
+    d = rc_ - rr_
+    assert res["accuracy"] == pytest.approx(float(np.mean(d > 0)))
+    assert res["snr"] == pytest.approx(float(d.mean() / d.std()), rel=1e-4)
+    for s in set(subsets):
+        mask = np.array([x == s for x in subsets])
+        assert res["subsets"][s]["n"] == int(mask.sum())
+        assert res["subsets"][s]["accuracy"] == pytest.approx(float(np.mean(d[mask] > 0)))
+    assert res["sections"] == pytest.approx(rewardbench_sections(res["subsets"])["sections"])
+    assert set(res["sections_covered"]) == {"Chat", "Chat Hard", "Safety", "Reasoning"}
+    assert sum(b["n"] for b in res["curvature"]) == 20 and len(res["curvature"]) == 4
+    assert sum(b["n"] for b in res["by_length"]) == 20
+    for f in ("eval.md", "eval.html", "margins.png", "curvature.png", "sections.png", "scores.npz"):
+        assert (out / f).stat().st_size > 0, f
+    assert "data:image/png;base64," in (out / "eval.html").read_text()
+
+
+def test_eval_reads_a_run_directory_and_needs_a_model(tmp_path, tiny_bert_dir, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_bert_dir, run / "model")
+    data = _write(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)])
+    assert main(["eval", "--model", str(run), "--data.path", str(data), "--output.dir", str(tmp_path / "e")]) == 0
+    res = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert res["model_path"] == str(run / "model") and res["sections"] == {} and res["n"] == 5
+    assert main(["eval", "--data.path", str(data), "--output.dir", str(tmp_path / "e2")]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_eval_leaves_out_the_pairs_a_run_was_trained_on(tmp_path, tiny_bert_dir, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mars_ray.core.schema import pair_id
+
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
+    data = _write(tmp_path / "d.jsonl", rows)
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    used = [pair_id(r["prompt"], r["chosen"], r["rejected"]) for r in rows[:4]] + ["0" * 16]  # + one not in the file
+    pq.write_table(pa.table({"pair_id": used}), run / "data" / "pairs.parquet")
+    out = tmp_path / "e"
+    assert main(["eval", "--model", str(tiny_bert_dir), "--data.path", str(data), "--output.dir", str(out),
+                 "--eval.exclude_pairs", str(run)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["n"] == 6 and res["excluded"] == 4 and res["excluded_from"] == str(run)
+    assert main(["eval", "--model", str(tiny_bert_dir), "--data.path", str(data), "--output.dir", str(out),
+                 "--eval.exclude_pairs", str(tmp_path / "nope")]) == 1
+    assert "exclude_pairs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_minilm_on_llmbar_chat_hard(tmp_path):
+    path = SHARED_DATA / "llmbar_rewardbench_chat_hard_419.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data not beside the project)")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "builtin:minilm", "--data.path", str(path), "--output.dir", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    # LLMBar is five of Chat Hard's six subsets (mt-bench-hard is not in it).
+    assert res["n"] == 419 and res["sections_covered"] == ["Chat Hard"] and not res["sections_complete"]["Chat Hard"]
+    assert set(res["subsets"]) == {"llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst", "llmbar-adver-GPTOut",
+                                   "llmbar-adver-manual"}
+    assert res["sections"]["Chat Hard"] == pytest.approx(
+        sum(v["accuracy"] * v["n"] for v in res["subsets"].values()) / 419)

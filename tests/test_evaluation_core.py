@@ -1,0 +1,106 @@
+"""Evaluation arithmetic on hand-made numbers (no models, no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mars_ray.core.evaluation import (
+    SECTIONS, curvature_bins, length_buckets, paired_comparison, rewardbench_sections, sigmoid, subset_accuracy,
+)
+
+
+def test_subset_accuracy_counts_strict_wins_per_subset():
+    res = subset_accuracy([True, False, True, True], ["a", "a", "b", "b"])
+    assert res == {"a": {"accuracy": 0.5, "n": 2}, "b": {"accuracy": 1.0, "n": 2}}
+    with pytest.raises(ValueError, match="3 results but 2"):
+        subset_accuracy([True, True, False], ["a", "b"])
+
+
+def test_sections_are_example_weighted_and_reasoning_is_half_math_half_hep():
+    per = {
+        "alpacaeval-easy": {"accuracy": 1.0, "n": 100}, "mt-bench-med": {"accuracy": 0.5, "n": 300},
+        "llmbar-natural": {"accuracy": 0.6, "n": 100},
+        "donotanswer": {"accuracy": 0.2, "n": 10}, "xstest-should-respond": {"accuracy": 0.8, "n": 30},
+        "math-prm": {"accuracy": 0.9, "n": 447}, "hep-cpp": {"accuracy": 0.5, "n": 164}, "hep-go": {"accuracy": 0.7, "n": 10},
+        "my-own-subset": {"accuracy": 0.0, "n": 5},
+    }
+    r = rewardbench_sections(per)
+    s = r["sections"]
+    assert s["Chat"] == pytest.approx((1.0 * 100 + 0.5 * 300) / 400)          # 0.625, not the plain mean 0.75
+    assert s["Chat Hard"] == pytest.approx(0.6)
+    assert s["Safety"] == pytest.approx((0.2 * 10 + 0.8 * 30) / 40)           # 0.65
+    assert s["Reasoning"] == pytest.approx(0.5 * 0.9 + 0.5 * (0.5 + 0.7) / 2)  # hep-* unweighted: 0.75
+    assert r["average"] == pytest.approx(np.mean([0.625, 0.6, 0.65, 0.75]))
+    assert r["covered"] == ["Chat", "Chat Hard", "Safety", "Reasoning"]
+    assert r["complete"] == {"Chat": False, "Chat Hard": False, "Safety": False, "Reasoning": False}
+    assert r["unknown_subsets"] == ["my-own-subset"]
+
+
+def test_sections_cover_only_what_the_data_has():
+    per = {s: {"accuracy": 0.5, "n": 4} for s in SECTIONS["Chat Hard"]}
+    r = rewardbench_sections(per)
+    assert r["covered"] == ["Chat Hard"] and r["complete"] == {"Chat Hard": True}
+    assert r["average"] == pytest.approx(0.5)
+    # Reasoning with only hep subsets: the hep mean alone.
+    r = rewardbench_sections({"hep-go": {"accuracy": 0.2, "n": 3}, "hep-rust": {"accuracy": 0.6, "n": 50}})
+    assert r["sections"]["Reasoning"] == pytest.approx(0.4)
+    assert math.isnan(rewardbench_sections({})["average"])
+
+
+def test_length_buckets():
+    out = length_buckets([True, False, True, True], [10, 100, 120, 600], edges=(64, 512))
+    assert out == [{"tokens": "0-63", "n": 1, "accuracy": 1.0}, {"tokens": "64-511", "n": 2, "accuracy": 0.5},
+                   {"tokens": ">=512", "n": 1, "accuracy": 1.0}]
+
+
+def test_curvature_on_a_linear_model_matches_the_closed_form():
+    # Linear reward r(x, y) = w . phi(y) with w = (1, 1): psi = phi+ - phi- and margin = w . psi.
+    # Pairs alternate psi = (a, 0) and (0, a), so each bin's Fisher is diagonal with entries
+    # (1/|B|) sum over that half of c(a) a^2: its smallest eigenvalue is the smaller of the two.
+    a = np.array([0.1, -0.2, 0.4, 0.5, -1.0, 1.5, 2.0, -3.0, 4.0, 6.0])
+    psi = np.zeros((a.size, 2))
+    psi[0::2, 0] = a[0::2]
+    psi[1::2, 1] = a[1::2]
+    margins = psi @ np.array([1.0, 1.0])
+    assert np.allclose(margins, a)
+    out = curvature_bins(margins, psi, bins=5)
+    order = np.argsort(np.abs(a), kind="stable")
+    for k, idx in enumerate(np.array_split(order, 5)):
+        c = sigmoid(a[idx]) * (1 - sigmoid(a[idx]))
+        diag = [sum(c[j] * a[i] ** 2 for j, i in enumerate(idx) if i % 2 == d) / len(idx) for d in (0, 1)]
+        assert out[k]["n"] == 2
+        assert out[k]["mean_c"] == pytest.approx(c.mean())
+        assert out[k]["min_eig"] == pytest.approx(min(diag), abs=1e-12)
+        assert out[k]["max_eig"] == pytest.approx(max(diag))
+    # c(Δ) falls as |Δ| grows: the theory the diagnostic checks.
+    assert all(x["mean_c"] > y["mean_c"] for x, y in zip(out, out[1:]))
+    # Unit-norm features: the bin-averaged Fisher's eigenvalues fall with |Δ| as well.
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(400, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    m = np.linspace(-8, 8, 400)
+    out = curvature_bins(m, u, bins=4)
+    assert all(x["min_eig"] > y["min_eig"] for x, y in zip(out, out[1:]))
+    assert out[0]["abs_margin_lo"] == pytest.approx(0.02, abs=0.01) and out[-1]["abs_margin_hi"] == 8
+    with pytest.raises(ValueError, match="psi must be"):
+        curvature_bins(m, u[:10], bins=4)
+
+
+def test_paired_comparison_matches_the_t_distribution():
+    # Differences 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.4641, df 2 -> p = 0.07418.
+    r = paired_comparison([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], n_boot=2000)
+    assert r["mean_diff"] == pytest.approx(2.0) and r["std_diff"] == pytest.approx(1.0)
+    assert r["t"] == pytest.approx(3.4641016, rel=1e-6)
+    assert r["p_value"] == pytest.approx(0.074180, abs=2e-5)
+    assert 1.0 <= r["ci_low"] <= 2.0 <= r["ci_high"] <= 3.0
+    # df 9, t = 2.262157 is the 97.5% quantile: p = 0.05.
+    x = np.array([0.0] * 9 + [1.0])
+    d = 2.262157 * x.std(ddof=1) / math.sqrt(10)
+    r = paired_comparison(x - x.mean() + d, np.zeros(10))
+    assert r["p_value"] == pytest.approx(0.05, abs=1e-5)
+    # Identical results: no difference, no test.
+    r = paired_comparison([0.5, 0.5], [0.5, 0.5])
+    assert r["mean_diff"] == 0 and math.isnan(r["p_value"])
