@@ -194,6 +194,151 @@ def cmd_llm_server(args, extra) -> int:
     return server_main(list(extra))
 
 
+def cmd_serve(args, extra) -> int:
+    """Serve a reward model on Ray Serve until Ctrl-C / SIGTERM, then delete the app cleanly."""
+    import signal
+    import threading
+
+    from mars_ray.serve.protocol import resolve_target
+
+    model = args.model
+    if model is not None and args.config is None:
+        run_dir = resolve_target(model).run_dir
+        if run_dir is not None and (Path(run_dir) / "config.yaml").is_file():
+            # The run's own settings (token limits, dtype) score exactly as training and evaluation did.
+            args.config = str(Path(run_dir) / "config.yaml")
+            print(f"config: {args.config} (the run's own; --config FILE to use another)")
+    cfg = build_config(args, extra)
+    problems = cfg.serve.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    model = model or cfg.model.reward
+
+    import ray
+
+    from mars_ray.runtime import init_ray
+    from mars_ray.serve import app as serve_app
+
+    app = serve_app.build_app(cfg, model)  # config, model, statistics and token fail here, before Ray starts
+    stop = threading.Event()
+    previous: dict = {}
+    started = False
+    try:
+        init_ray(cfg.resources)
+        # After ray.init, whose core worker installs a SIGTERM handler of its own (it aborts the process):
+        # ours replaces it, so SIGTERM and Ctrl-C both end in the clean shutdown below.
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        _, url = serve_app.start(cfg, app=app)
+        started = True
+        auth = f", bearer token from ${cfg.serve.auth_token_env}" if cfg.serve.auth_token_env else ""
+        print(f"serving {model} at {url}  (POST /score /compare /get_reward, GET /health{auth}; "
+              f"handle: serve.get_app_handle({cfg.serve.app_name!r}); config hash {cfg.hash()})", flush=True)
+        print("Ctrl-C or SIGTERM stops it", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler installed outside Python (cannot be restored)
+                signal.signal(sig, handler)
+        if started:
+            serve_app.stop(cfg.serve.app_name)
+        if ray.is_initialized():
+            ray.shutdown()
+    print("stopped", flush=True)
+    return EXIT_OK
+
+
+def cmd_eval(args, extra) -> int:
+    from mars_ray.evaluate import evaluate
+
+    cfg = build_config(args, extra)
+    if not args.model:
+        raise UsageError("--model RUN_DIR|PATH|HUB_ID is required")
+    evaluate(cfg, args.model)
+    return EXIT_OK
+
+
+def cmd_compare(args, extra) -> int:
+    from mars_ray.tuning import compare
+
+    cfg = _tune_config(args, extra)
+    compare(cfg, restore=bool(args.resume))
+    print(f"report: {cfg.output.dir}/compare.md (and .html, .json)")
+    return EXIT_OK
+
+
+def cmd_sweep(args, extra) -> int:
+    from mars_ray.tuning import sweep
+
+    cfg = _tune_config(args, extra)
+    sweep(cfg, restore=bool(args.resume))
+    print(f"report: {cfg.output.dir}/sweep.md (and .html, .json); best config {cfg.output.dir}/best_config.yaml")
+    return EXIT_OK
+
+
+def _tune_config(args, extra) -> Config:
+    """The experiment's config; with --resume, the one saved beside the interrupted experiment."""
+    if args.resume:
+        path = Path(args.resume) / "experiment_config.yaml"
+        if not path.exists():
+            raise UsageError(f"{args.resume}: no experiment_config.yaml (not a compare/sweep directory)")
+        cfg = Config.load(path)
+        cfg.output.dir = str(Path(args.resume))
+        return cfg
+    cfg = build_config(args, extra)
+    out = Path(cfg.output.dir)
+    if (out / "experiment_config.yaml").exists() and not cfg.output.overwrite:
+        raise UsageError(f"{out} holds an experiment already: --resume {out} continues it, or choose another --output.dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment_config.yaml").write_text(cfg.to_yaml())
+    return cfg
+
+
+def cmd_align(args, extra) -> int:
+    from mars_ray.rl.align import align
+
+    if args.resume:
+        path = Path(args.resume) / "config.yaml"
+        if not path.exists():
+            raise UsageError(f"{args.resume}: no config.yaml (not a mars-ray align directory)")
+        overrides = parse_overrides(extra)
+        if args.ray_address:
+            overrides["resources.ray_address"] = args.ray_address
+        bad = [k for k in overrides if not k.startswith(("resources.", "rl.reward_url", "rl.reward_deploy"))]
+        if bad:
+            raise UsageError(f"--resume continues a run with its own config; only resources.* and rl.reward_* may change "
+                             f"(got {', '.join(bad)})")
+        cfg = Config.load(path, overrides)
+        cfg.output.dir = str(Path(args.resume))
+    else:
+        cfg = build_config(args, extra)
+    summary = align(cfg, resume=bool(args.resume))
+    print(f"done: policy {summary['policy']}; metrics {Path(cfg.output.dir) / 'metrics.jsonl'}")
+    return EXIT_OK
+
+
+def cmd_winrate(args, extra) -> int:
+    from mars_ray.rl.winrate import winrate
+
+    cfg = build_config(args, extra)
+    if not args.policy_a or not args.policy_b:
+        raise UsageError("--policy-a and --policy-b are required (align directories, model folders or hub ids)")
+    names = tuple(args.names.split(",")) if args.names else None
+    if names is not None and len(names) != 2:
+        raise UsageError("--names takes two comma-separated names, e.g. --names mars,uniform")
+    winrate(cfg, args.policy_a, args.policy_b, names=names)
+    return EXIT_OK
+
+
+def cmd_align_compare(args, extra) -> int:
+    from mars_ray.rl.compare import align_compare
+
+    cfg = build_config(args, extra)
+    align_compare(cfg)
+    print(f"report: {cfg.output.dir}/align_compare.md (and .json)")
+    return EXIT_OK
+
+
 def pa_equal(table, column: str, value: str):
     import pyarrow.compute as pc
 
@@ -250,9 +395,48 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue a killed run from its last finished epoch (and Ray Train checkpoint)")
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("eval", parents=[common],
+                       help="score a reward model on preference data: accuracy, SNR, RewardBench sections, curvature")
+    s.add_argument("--model", metavar="RUN_DIR|PATH|HUB_ID", default=None,
+                   help="a training run directory (its model/), a Hugging Face folder, a hub id or builtin:minilm")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compare", parents=[common],
+                       help="strategies x seeds (compare.*), each a full train run as a Ray Tune trial; paired statistics")
+    s.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted compare in DIR")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("sweep", parents=[common],
+                       help="Ray Tune search over tune.space (e.g. mars.tau, mars.budget) with ASHA; writes best_config.yaml")
+    s.add_argument("--resume", metavar="DIR", default=None, help="restore an interrupted sweep in DIR (Tuner.restore)")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("align", parents=[common],
+                       help="policy optimisation (TRL GRPO/RLOO on Ray Train) against the reward model served by Ray Serve")
+    s.add_argument("--resume", metavar="DIR", default=None, help="continue a killed align run in DIR from its last checkpoint")
+    s.set_defaults(func=cmd_align)
+
+    s = sub.add_parser("winrate", parents=[common],
+                       help="two policies' responses to the same prompts judged pairwise by an LLM (both orders)")
+    s.add_argument("--policy-a", default=None, metavar="DIR|PATH|HUB_ID", help="an align directory, a model folder or a hub id")
+    s.add_argument("--policy-b", default=None, metavar="DIR|PATH|HUB_ID", help="the policy it is compared with")
+    s.add_argument("--names", default=None, metavar="A,B", help="names for the report (default: folder names)")
+    s.set_defaults(func=cmd_winrate)
+
+    s = sub.add_parser("align-compare", parents=[common],
+                       help="one policy per reward model (rl.reward_models), identical settings, then pairwise win-rates")
+    s.set_defaults(func=cmd_align_compare)
+
     s = sub.add_parser("llm-server", add_help=False,
                        help="serve a local chat model over an OpenAI-compatible HTTP API (see --help)")
     s.set_defaults(func=cmd_llm_server)
+
+    s = sub.add_parser("serve", parents=[common],
+                       help="serve a reward model over HTTP and DeploymentHandle with Ray Serve (blocks; Ctrl-C stops)")
+    s.add_argument("--model", metavar="RUN_DIR|PATH|HUB_ID", default=None,
+                   help="a training run directory (serves RUN_DIR/model with the run's config), a model "
+                        "folder, a hub id or builtin:minilm (default: model.reward)")
+    s.set_defaults(func=cmd_serve)
 
     modelsp = sub.add_parser("models", help="resolve model references (hub id, path, builtin:NAME)")
     models_sub = modelsp.add_subparsers(dest="action", required=True)

@@ -166,7 +166,11 @@ class ParaphraseConfig(EndpointConfig):
     max_length_ratio: float = 2.0
     max_copy_similarity: float = 0.95
     min_semantic_similarity: float = 0.7
-    # When the gate leaves pools too small for the budget: rounds of extra sampled paraphrases.
+    # A text whose paraphrases failed the gate is resampled in the same actor (temperature
+    # topup_temperature, a new seed per round) up to retry_rounds times: no new stage, no reload.
+    retry_rounds: int = 2
+    # When the pools are still too small for the budget: stage-level rounds of extra sampled
+    # paraphrases for the pairs with the largest allocation weight.
     topup_rounds: int = 2
     topup_temperature: float = 0.8
 
@@ -229,35 +233,196 @@ class TuneConfig:
 
 @dataclass
 class ServeConfig:
-    # Loopback unless told otherwise.
+    """`mars-ray serve`: a Ray Serve deployment of a reward model (see mars_ray/serve)."""
+
+    # HTTP proxy address: loopback unless told otherwise (0.0.0.0 exposes the model to the network).
     host: str = "127.0.0.1"
     port: int = 8000
+    # Application name (DeploymentHandle look-up: serve.get_app_handle(name)) and its route prefix.
+    app_name: str = "mars-reward"
+    route_prefix: str = "/"
+    # Fixed number of replicas; ignored when autoscaling is on (max_replicas set).
     num_replicas: int = 1
+    # Autoscaling between min_replicas and max_replicas (null max_replicas: no autoscaling),
+    # aiming at target_ongoing_requests per replica (null: max_batch_size).
+    min_replicas: Optional[int] = None
+    max_replicas: Optional[int] = None
+    target_ongoing_requests: Optional[float] = None
+    # Requests a replica accepts at once (null: 2 x max_batch_size, so one batch can fill while
+    # another runs); more wait in the proxy.
+    max_ongoing_requests: Optional[int] = None
+    # @serve.batch: requests per batch and how long the first one waits for company.
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.01
-    # Bearer token read from this environment variable (null: no auth).
+    # Sequences per forward pass inside a batch (the batch's pairs are length-sorted first).
+    forward_batch_size: int = 32
+    # End-to-end HTTP request timeout in the proxy (null: none).
+    request_timeout_s: Optional[float] = 60.0
+    # Bearer token read from this environment variable (null: no auth). Never logged or echoed.
     auth_token_env: Optional[str] = None
+    # Request limits: characters per text, items per request, bytes per request body.
     max_text_chars: int = 20000
     max_batch_items: int = 256
+    max_request_bytes: int = 16 * 1024 * 1024
+    # Rewards as (r - mean) / std with mean/std of the rewards recorded in the run directory
+    # (metrics.jsonl: val_*, else test_* chosen/rejected statistics), or norm_mean / norm_std.
     normalize: bool = False
+    norm_mean: Optional[float] = None
+    norm_std: Optional[float] = None
+    # Resources per replica; torch threads per replica (null: max(1, num_cpus)).
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    threads: Optional[int] = None
+
+    def problems(self) -> list[str]:
+        """Range and cross-field problems of this section, each with how to fix it."""
+        p: list[str] = []
+        if not 1 <= self.port <= 65535:
+            p.append(f"serve.port={self.port} must be in 1..65535")
+        if not self.host:
+            p.append("serve.host is empty: use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+        if not self.app_name:
+            p.append("serve.app_name is empty")
+        if not self.route_prefix.startswith("/"):
+            p.append(f"serve.route_prefix={self.route_prefix!r} must start with '/'")
+        for name in ("num_replicas", "max_batch_size", "forward_batch_size", "max_text_chars",
+                     "max_batch_items", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                p.append(f"serve.{name}={getattr(self, name)} must be >= 1")
+        if self.batch_wait_timeout_s < 0:
+            p.append(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0")
+        if self.max_replicas is not None:
+            lo = self.min_replicas if self.min_replicas is not None else 1
+            if lo < 0 or self.max_replicas < max(1, lo):
+                p.append(f"serve.min_replicas={self.min_replicas} and serve.max_replicas={self.max_replicas}: "
+                         "need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        elif self.min_replicas is not None:
+            p.append("serve.min_replicas needs serve.max_replicas (autoscaling); or set serve.num_replicas")
+        if self.target_ongoing_requests is not None and self.target_ongoing_requests <= 0:
+            p.append(f"serve.target_ongoing_requests={self.target_ongoing_requests} must be > 0")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            p.append(f"serve.max_ongoing_requests={self.max_ongoing_requests} is below serve.max_batch_size="
+                     f"{self.max_batch_size}: batches could never fill; raise it or leave it null")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            p.append(f"serve.request_timeout_s={self.request_timeout_s} must be > 0 (or null: no timeout)")
+        if self.auth_token_env is not None and not self.auth_token_env.strip():
+            p.append("serve.auth_token_env is empty: name an environment variable, or null for no auth")
+        if (self.norm_mean is None) != (self.norm_std is None):
+            p.append("serve.norm_mean and serve.norm_std go together: set both or neither")
+        if self.norm_std is not None and not self.norm_std > 0:
+            p.append(f"serve.norm_std={self.norm_std} must be > 0")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            p.append("serve.num_cpus and serve.num_gpus must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            p.append(f"serve.threads={self.threads} must be >= 1 (or null: max(1, serve.num_cpus))")
+        return p
 
 
 @dataclass
 class RLConfig:
+    # The policy to align: a causal chat LM (builtin:smollm2, a local folder or a hub id).
     policy: str = "builtin:smollm2"
+    # TRL engine: grpo (group-normalised advantages) or rloo (leave-one-out baseline); both use
+    # PPO's clipped probability ratio (rl.clip) and a KL penalty to the reference policy (rl.kl_coef).
     algorithm: Literal["grpo", "rloo"] = "grpo"
+    # Optimisation steps (each: rollouts for rl.prompts_per_step prompts per worker, rewards, update).
     steps: int = 2
     lr: float = 1e-5
     kl_coef: float = 0.02
     clip: float = 0.2
+    # Completions sampled per prompt (the group whose rewards form the baseline).
     num_generations: int = 4
+    prompts_per_step: int = 1
     max_new_tokens: int = 32
-    # Judge for win-rates: "local" model or an OpenAI-compatible endpoint.
+    temperature: float = 1.0
+    # Prompts are left-truncated to this many tokens before generation.
+    max_prompt_tokens: int = 256
+    # Training prompts: the first N distinct prompts of the data's train split (null: all of them).
+    num_prompts: Optional[int] = 64
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Ray Train workers for the policy (DDP); CPUs per worker (null: an even share of the cluster).
+    num_workers: int = 1
+    cpus_per_worker: Optional[float] = None
+    use_gpu: bool = False
+    max_failures: int = 1
+    # A checkpoint (adapter, optimizer, RNG, trainer state) every N steps.
+    save_steps: int = 1
+    # The reward model: deployed with Ray Serve as serve.app_name (a run dir, a model folder, a hub
+    # id; null: model.reward). rl.reward_url instead calls an already running reward server over
+    # HTTP (`mars-ray serve`, OpenRLHF-compatible) and deploys nothing; rl.reward_deploy=false uses
+    # the Serve app serve.app_name already running on the cluster.
+    reward_model: Optional[str] = None
+    reward_url: Optional[str] = None
+    reward_token_env: Optional[str] = None
+    reward_deploy: bool = True
+    # How a deployed app is called from the policy workers: its DeploymentHandle or HTTP.
+    reward_transport: Literal["handle", "http"] = "handle"
+    # `mars-ray align-compare`: one policy per reward model (run dirs, folders or hub ids).
+    reward_models: list[str] = field(default_factory=list)
+    # Win-rates: prompts from data.path's test split (or rl.eval_path), responses per policy.
+    eval_path: Optional[str] = None
+    eval_prompts: int = 32
+    eval_max_new_tokens: int = 64
+    # Judge: a local model ("local") or an OpenAI-compatible endpoint ("openai", e.g. GPT-4.1,
+    # vLLM). judge_mode "logits" (local only) compares the judge's next-token probabilities of
+    # "A" and "B"; "text" asks for a verdict and parses it.
     judge_backend: Literal["local", "openai"] = "local"
     judge_model: str = "builtin:smollm2"
     judge_base_url: Optional[str] = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_mode: Literal["logits", "text"] = "logits"
+    judge_max_new_tokens: int = 8
+    judge_concurrency: int = 4
+    judge_timeout_s: float = 60.0
+    judge_max_retries: int = 4
+    # A single-order verdict whose |log p(A) - log p(B)| is below this is a tie (logits mode).
+    tie_margin: float = 0.0
+    judge_batch_size: int = 8
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if self.steps < 1:
+            p.append(f"rl.steps={self.steps} must be >= 1")
+        if not self.lr > 0:
+            p.append(f"rl.lr={self.lr} must be > 0")
+        if self.kl_coef < 0:
+            p.append(f"rl.kl_coef={self.kl_coef} must be >= 0 (0: no reference policy)")
+        if not self.clip > 0:
+            p.append(f"rl.clip={self.clip} must be > 0 (the paper: 0.2)")
+        if self.num_generations < 2:
+            p.append(f"rl.num_generations={self.num_generations} must be >= 2 (the group baseline needs two completions)")
+        for name in ("prompts_per_step", "max_new_tokens", "max_prompt_tokens", "eval_prompts", "eval_max_new_tokens",
+                     "judge_max_new_tokens", "judge_concurrency", "save_steps", "judge_batch_size", "lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                p.append(f"rl.{name}={getattr(self, name)} must be >= 1")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            p.append(f"rl.num_prompts={self.num_prompts} must be >= 1 (or null: every train prompt)")
+        if not self.temperature > 0:
+            p.append(f"rl.temperature={self.temperature} must be > 0 (the group needs different completions)")
+        if self.num_workers < 1:
+            p.append(f"rl.num_workers={self.num_workers} must be >= 1 (the policy trains on Ray Train workers)")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            p.append(f"rl.cpus_per_worker={self.cpus_per_worker} must be > 0 (or null)")
+        if self.max_failures < 0:
+            p.append(f"rl.max_failures={self.max_failures} must be >= 0")
+        if self.lora and not self.lora_target_modules:
+            p.append("rl.lora_target_modules is empty: name the linear layers to adapt, e.g. [q_proj, v_proj]")
+        if self.judge_mode == "logits" and self.judge_backend != "local":
+            p.append("rl.judge_mode=logits needs rl.judge_backend=local (an endpoint answers in text: use rl.judge_mode=text)")
+        if self.judge_backend == "openai" and not self.judge_base_url and not os.environ.get(self.judge_api_key_env):
+            p.append(f"rl.judge_backend=openai needs rl.judge_base_url (an OpenAI-compatible server) or the "
+                     f"environment variable {self.judge_api_key_env} for api.openai.com")
+        if self.tie_margin < 0:
+            p.append(f"rl.tie_margin={self.tie_margin} must be >= 0")
+        if self.judge_timeout_s <= 0 or self.judge_max_retries < 0:
+            p.append("rl.judge_timeout_s must be > 0 and rl.judge_max_retries >= 0")
+        if self.reward_url is not None and not self.reward_url.startswith(("http://", "https://")):
+            p.append(f"rl.reward_url={self.reward_url!r} must be an http(s):// URL of a reward server")
+        return p
 
 
 @dataclass
@@ -277,6 +442,31 @@ class ResourcesConfig:
     cpus_per_actor: Optional[float] = None
     gpus_per_actor: float = 0.0
     batch_size: int = 32
+
+
+@dataclass
+class CompareConfig:
+    # `mars-ray compare`: every strategy x seed is one full `mars-ray train` (a Ray Tune trial).
+    strategies: list[str] = field(default_factory=lambda: ["none", "uniform", "mars", "mars-nosem"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Extra held-out files every final model is evaluated on (e.g. a RewardBench-style file).
+    eval_paths: list[str] = field(default_factory=list)
+    # Leave each trial's own pairs (train, val and test: its data/pairs.parquet) out of the held-out
+    # files, so "the rest of the training file" is a fair held-out set.
+    exclude_training: bool = True
+    max_concurrent: int = 1
+
+
+@dataclass
+class EvalConfig:
+    # `mars-ray eval`: scoring batch (sequences), equal-count |margin| bins of the curvature
+    # diagnostic, and the token-length bucket edges for accuracy by length.
+    batch_size: int = 32
+    curvature_bins: int = 5
+    length_edges: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    # Pairs to leave out (by pair id): a run directory (its data/pairs.parquet) or a parquet file
+    # with a pair_id column, e.g. to evaluate on the rest of the file a run was trained on.
+    exclude_pairs: Optional[str] = None
 
 
 @dataclass
@@ -302,6 +492,8 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     # ---------------------------------------------------------------- construction
@@ -644,8 +836,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     for name in ("max_copy_similarity", "min_semantic_similarity"):
         if not 0.0 <= getattr(pp, name) <= 1.0:
             p.append(f"paraphrase.{name} must be in [0, 1]")
-    if cfg.paraphrase.topup_rounds < 0 or cfg.paraphrase.topup_temperature <= 0:
-        p.append("paraphrase.topup_rounds must be >= 0 and paraphrase.topup_temperature > 0")
+    if cfg.paraphrase.topup_rounds < 0 or cfg.paraphrase.retry_rounds < 0 or cfg.paraphrase.topup_temperature <= 0:
+        p.append("paraphrase.topup_rounds and paraphrase.retry_rounds must be >= 0 and paraphrase.topup_temperature > 0")
     if cfg.rewrite.backend == "seq2seq":
         p.append("rewrite.backend=seq2seq is not supported (rewriting needs instructions): use local or openai")
     for section in (cfg.rewrite, cfg.paraphrase):
@@ -668,6 +860,7 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append("deepspeed.enabled needs train.num_workers >= 1 (DeepSpeed runs on Ray Train workers)")
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         p.append("deepspeed.offload_params needs deepspeed.stage=3")
+    p += cfg.rl.problems()
     if not 1 <= cfg.serve.port <= 65535:
         p.append(f"serve.port={cfg.serve.port} must be in 1..65535")
     if cfg.resources.actors < 1:
