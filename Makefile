@@ -41,7 +41,13 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)
 
 bench: install
+	# Each prints a table of ratios against a baseline measured in the same run, with peak memory.
+	# Run them on an otherwise idle machine (2-thread torch collapses under other load).
 	$(BIN)/python benchmarks/bench_data_prepare.py
+	RAY_AUTH_MODE=disabled $(BIN)/python benchmarks/bench_scoring.py
+	RAY_AUTH_MODE=disabled $(BIN)/python benchmarks/bench_paraphrase.py
+	RAY_AUTH_MODE=disabled $(BIN)/python benchmarks/bench_serve.py
+	RAY_AUTH_MODE=disabled $(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

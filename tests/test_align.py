@@ -41,10 +41,54 @@ def _lora_b(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def aligned(ray_local, tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("align") / "run"
-    assert main(["align", *_tiny(tiny_bert_dir, tiny_llama_dir, out)]) == 0
+def table2(ray_local, tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
+    """`mars-ray align-compare` over two reward models (training run directories: a model/ folder and
+    the run's config.yaml), each deployed in turn on Ray Serve: two aligned policies, one win-rate."""
+    import shutil
+
+    from tiny_models import tiny_bert
+
+    from mars_ray.config import Config
+
+    root = tmp_path_factory.mktemp("table2")
+    runs = []
+    for strategy, seed in (("mars", 0), ("uniform", 0)):
+        run = root / f"rm-{strategy}"
+        if strategy == "mars":
+            shutil.copytree(tiny_bert_dir, run / "model")
+        else:
+            tiny_bert(run / "model", seed=1)  # another reward model: other rewards, other policy
+        c = Config()
+        c.mars.strategy, c.seed = strategy, seed
+        c.save(run)
+        runs.append(str(run))
+    out = root / "out"
+    args = _tiny(tiny_bert_dir, tiny_llama_dir, out, **{"rl.reward_models": f"[{runs[0]}, {runs[1]}]"})
+    assert main(["align-compare", *args]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def aligned(table2):
+    return table2 / "policies" / "mars-seed0"
+
+
+def test_align_compare_aligns_one_policy_per_reward_model_and_judges_them(table2):
+    res = json.loads((table2 / "align_compare.json").read_text())
+    assert list(res["policies"]) == ["mars-seed0", "uniform-seed0"]
+    for name, p in res["policies"].items():
+        s = json.loads((Path(p["dir"]) / "align_summary.json").read_text())
+        assert s["steps"] == 2 and s["reward_model"] == p["reward_model"] and s["seed"] == 0
+        assert s["served_counters_delta"]["pairs"] == 4  # each policy's rewards came from its own deployment
+    (pair,) = res["pairs"].values()
+    assert (pair["policy_a"], pair["policy_b"]) == ("mars-seed0", "uniform-seed0")
+    assert pair["win"] + pair["tie"] + pair["loss"] + pair["invalid"] == 4
+    assert "| mars-seed0 vs uniform-seed0 |" in (table2 / "align_compare.md").read_text()
+    # A rerun keeps the finished policies and win-rates (nothing is trained again).
+    before = {n: (Path(p["dir"]) / "align_summary.json").stat().st_mtime for n, p in res["policies"].items()}
+    cfg = table2 / "config.yaml"
+    assert main(["align-compare", "--config", str(cfg)]) == 0
+    assert before == {n: (Path(p["dir"]) / "align_summary.json").stat().st_mtime for n, p in res["policies"].items()}
 
 
 def test_align_updates_the_adapter_with_rewards_from_serve(aligned, tiny_llama_dir):
@@ -53,7 +97,7 @@ def test_align_updates_the_adapter_with_rewards_from_serve(aligned, tiny_llama_d
 
     s = json.loads((aligned / "align_summary.json").read_text())
     assert s["steps"] == 2 and s["algorithm"] == "grpo" and s["kl_coef"] == 0.02 and s["clip"] == 0.2
-    assert "DeploymentHandle" in s["reward_source"]
+    assert "DeploymentHandle" in s["reward_source"] and s["reward_model"].endswith("rm-mars")
     # Every completion was scored by the Serve deployment: 2 steps x 1 prompt x 2 completions.
     assert s["reward_items"] == 4 and s["reward_calls"] == 2
     assert s["served_counters_delta"]["pairs"] == 4 and s["served_counters_delta"]["requests"] == 2

@@ -102,6 +102,8 @@ def read_preferences(cfg: DataConfig, *, seed: int) -> LoadResult:
             ``cfg.max_bad_fraction`` of its rows quarantined, with the commonest reasons named).
     """
     t0 = time.perf_counter()
+    if cfg.seed is not None:
+        seed = cfg.seed
     files = resolve_data_files(cfg)
     rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []

@@ -52,6 +52,28 @@ _NO_LIMIT = 1_000_000
 # --------------------------------------------------------------------------------------------
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bfloat16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def generation_dtype(dtype: Any, device: str = "cpu"):
+    """A generator's weights dtype: ``"auto"`` -> bfloat16 where it is native (:func:`native_bf16`),
+    else float32; names and torch dtypes as :func:`resolve_dtype`."""
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return resolve_dtype(dtype, device)
+
+
 def resolve_dtype(dtype: Any, device: str = "cpu"):
     """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere; names and torch dtypes pass through."""
     import torch

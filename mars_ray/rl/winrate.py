@@ -46,9 +46,14 @@ def generate_responses(cfg: Config, ref: str, prompts: list[list[dict[str, str]]
     from mars_ray.models.generation import CachedGenerator, GenParams, default_cache
     from mars_ray.models.local_generators import LocalChatGenerator
 
+    from mars_ray.models.reward import generation_dtype
+
     t0 = time.perf_counter()
+    dtype = generation_dtype("auto")
     inner = LocalChatGenerator(policy_path(ref), GenParams(max_new_tokens=cfg.rl.eval_max_new_tokens, temperature=0.0),
-                               batch_size=cfg.rl.judge_batch_size, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline)
+                               batch_size=cfg.rl.judge_batch_size, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline,
+                               dtype=dtype)
+    inner.model_id = f"{inner.model_id}@{str(dtype).removeprefix('torch.')}"  # the dtype changes outputs: cache key
     gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir))
     outs = [o[0].strip() if o and o[0] is not None else None for o in gen.generate(prompts, 1)]
     stats = {"model": inner.model_id, **gen.stats.as_dict(), "seconds": round(time.perf_counter() - t0, 2)}
@@ -64,8 +69,10 @@ class LogitJudge:
                  offline: bool | None = None) -> None:
         from mars_ray.models.resolve import load_causal_lm, resolve_model
 
+        from mars_ray.models.reward import generation_dtype
+
         resolved = resolve_model(model_ref, cache_dir=cache_dir, offline=offline)
-        self.model, self.tokenizer = load_causal_lm(resolved)
+        self.model, self.tokenizer = load_causal_lm(resolved, dtype=generation_dtype("auto"))
         self.model_id = resolved.model_id
         self.batch_size = int(batch_size)
         self.tie_margin = float(tie_margin)

@@ -35,12 +35,21 @@ def build_generator(section: dict[str, Any], *, batch_size: int, cache_dir: str 
         no_repeat_ngram_size=section.get("no_repeat_ngram_size", 0),
         seed=section.get("seed", 0),
     )
-    openai_kwargs = {}
+    openai_kwargs: dict[str, Any] = {}
+    dtype = None
     if section["backend"] == "openai":
         openai_kwargs = {k: section[k] for k in ("concurrency", "timeout_s", "max_retries", "max_requests", "max_tokens") if k in section}
+    else:
+        from mars_ray.models.reward import generation_dtype
+
+        dtype = generation_dtype(section.get("dtype", "auto"))
+        openai_kwargs["dtype"] = dtype
     gen = make_generator(section["backend"], section["model"], params, batch_size=batch_size,
                          base_url=section.get("base_url"), api_key_env=section.get("api_key_env", "OPENAI_API_KEY"),
                          cache_dir=cache_dir, **openai_kwargs)
+    if dtype is not None and str(dtype) != "torch.float32":
+        # Other weights, other outputs: the dtype is part of the generator's id (lineage, cache keys).
+        gen.model_id = f"{gen.model_id}@{str(dtype).removeprefix('torch.')}"
     return CachedGenerator(gen, default_cache(cache_dir) if use_cache else None)
 
 
