@@ -209,6 +209,10 @@ class TrainConfig:
     # CPUs (and torch threads) per training worker; null: reserve 1, use the cluster's CPUs /
     # num_workers as threads (max 8).
     cpus_per_worker: Optional[float] = None
+    # Torch threads per worker (null: train.cpus_per_worker rounded, or the share above). Set it
+    # when a worker reserves less than it may use, e.g. 0.99 CPU inside a Tune trial whose own
+    # process sits idle while the worker trains.
+    threads: Optional[int] = None
     # Worker-group restarts from the last checkpoint when a worker dies (Ray Train FailureConfig).
     max_failures: int = 2
 
@@ -460,6 +464,8 @@ class CompareConfig:
     # Leave each trial's own pairs (train, val and test: its data/pairs.parquet) out of the held-out
     # files, so "the rest of the training file" is a fair held-out set.
     exclude_training: bool = True
+    # Pairs drawn from each held-out file (null: all; drawn before the trial's own pairs are removed).
+    eval_max_pairs: Optional[int] = None
     max_concurrent: int = 1
 
 
@@ -830,6 +836,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         v = cfg.get(key)
         if v is not None and v <= 0:
             p.append(f"{key}={v} must be > 0 (or null: an even share of the cluster's CPUs)")
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        p.append(f"train.threads={cfg.train.threads} must be >= 1 (or null)")
     if cfg.train.max_failures < 0:
         p.append(f"train.max_failures={cfg.train.max_failures} must be >= 0")
     if m.west_of_n_temperature <= 0:

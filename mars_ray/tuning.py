@@ -72,12 +72,25 @@ def mars_trial(config: dict[str, Any]) -> None:
 
     summary = run_mars(cfg, resume=resume, log=lambda m: None, on_epoch=report)
     for k, path in enumerate(config.get("_eval_paths") or []):
-        ecfg = Config.from_dict(cfg.to_dict(), source="trial")
-        ecfg.data.path = path
+        ecfg = heldout_config(cfg, path, config.get("_eval_max_pairs"))
         ecfg.eval.exclude_pairs = str(run_dir) if config.get("_exclude_training", True) else None
         ecfg.output.dir = str(run_dir / "heldout" / f"{k}_{Path(path).stem}")
         if not (Path(ecfg.output.dir) / "eval.json").exists():
             evaluate(ecfg, summary["model"], log=lambda m: None)
+
+
+def heldout_config(cfg: Config, path: str, max_pairs: int | None) -> Config:
+    """The trial's config for evaluating on another file: that file's own format (detected), every
+    pair of it or ``max_pairs`` of them, no column mapping or PKU label carried over."""
+    import dataclasses
+
+    ecfg = Config.from_dict(cfg.to_dict(), source="trial")
+    # One held-out subset for every trial (data.seed, else 0), so trials compare on the same pairs.
+    ecfg.data = dataclasses.replace(type(cfg.data)(), path=path, max_pairs=max_pairs,
+                                    seed=cfg.data.seed if cfg.data.seed is not None else 0,
+                                    max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                    max_response_tokens=cfg.data.max_response_tokens, tokenizer=cfg.data.tokenizer)
+    return ecfg
 
 
 PATH_KEYS = ("data.path", "model.reward", "model.encoder", "model.cache_dir", "rewrite.model", "paraphrase.model",
@@ -123,7 +136,7 @@ def run_trials(cfg: Config, param_space: dict[str, Any], *, root: Path, metric: 
         return tuner.fit()
     space = dict(param_space)
     space.update(_base=cfg.to_dict(), _root=str(root), _eval_paths=list(eval_paths or []),
-                 _exclude_training=bool(cfg.compare.exclude_training))
+                 _exclude_training=bool(cfg.compare.exclude_training), _eval_max_pairs=cfg.compare.eval_max_pairs)
     sched = None
     if scheduler == "asha":
         sched = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max(1, cfg.mars.epochs),

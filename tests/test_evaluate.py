@@ -121,3 +121,16 @@ def test_eval_minilm_on_llmbar_chat_hard(tmp_path):
                                    "llmbar-adver-manual"}
     assert res["sections"]["Chat Hard"] == pytest.approx(
         sum(v["accuracy"] * v["n"] for v in res["subsets"].values()) / 419)
+
+
+def test_heldout_config_reads_the_other_file_as_itself():
+    from mars_ray.config import Config
+    from mars_ray.tuning import heldout_config
+
+    cfg = Config.load(overrides={"data.path": "/x/hh.jsonl", "data.format": "hh-rlhf", "data.max_pairs": "250",
+                                 "data.columns": "{prompt: q, chosen: a, rejected: b}", "data.val_fraction": "0.2",
+                                 "data.max_prompt_tokens": "300", "seed": "3"})
+    e = heldout_config(cfg, "/y/llmbar.jsonl", 1000)
+    assert (e.data.path, e.data.format, e.data.columns, e.data.max_pairs) == ("/y/llmbar.jsonl", "auto", {}, 1000)
+    assert e.data.max_prompt_tokens == 300 and e.data.seed == 0 and e.seed == 3
+    assert heldout_config(cfg, "/y/z.jsonl", None).data.max_pairs is None

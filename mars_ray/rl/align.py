@@ -374,11 +374,13 @@ def align(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         reward.score(["Is this reachable?"], ["Yes."])  # fail fast, before any worker starts
         log(f"align: rewards from {where}")
         before = serve_counters(target.app or deployed)
+        # A worker reserves rl.cpus_per_worker (default 1, so a reward replica fits beside it on a
+        # small machine) but runs torch on an even share of the cluster's cores: rollouts, reward
+        # calls and updates take turns, so the replica is idle while the policy computes.
         total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        serve_cpus = float(cfg.serve.num_cpus) * (1 if deployed else 0)
         cpus = float(r.cpus_per_worker) if r.cpus_per_worker is not None else 1.0
-        threads = max(1, int((total_cpus - serve_cpus) // max(1, r.num_workers))) if r.cpus_per_worker is None \
-            else max(1, int(r.cpus_per_worker))
+        threads = max(1, int(r.cpus_per_worker)) if r.cpus_per_worker is not None \
+            else max(1, min(8, int(total_cpus // max(1, r.num_workers))))
         metrics_path = out / METRICS_FILE
         loop_config = {
             "config": cfg.to_dict(), "prompts_path": str(out / PROMPTS_FILE), "policy_path": policy.path,

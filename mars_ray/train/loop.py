@@ -209,7 +209,7 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config.get("local"):
-        torch.set_num_threads(int(config.get("threads") or max(1, int(t.cpus_per_worker or 1))))
+        torch.set_num_threads(int(config.get("threads") or t.threads or max(1, round(t.cpus_per_worker or 1))))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
 
     # ---- model
@@ -519,7 +519,7 @@ def fit_reward_model(
         from mars_ray.runtime import auto_cpus, init_ray
 
         init_ray(cfg.resources)
-        threads = max(1, int(auto_cpus(t.cpus_per_worker, t.num_workers)))
+        threads = t.threads or max(1, round(auto_cpus(t.cpus_per_worker, t.num_workers)))
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {
