@@ -35,7 +35,7 @@ run: install
 	RAY_AUTH_MODE=disabled $(BIN)/mars-ray train --output.dir $(RUN_DIR) --output.overwrite true
 
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)

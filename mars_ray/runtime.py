@@ -41,8 +41,30 @@ def init_ray(cfg: ResourcesConfig, **kwargs: Any):
         # A job driver: its runtime_env comes from `ray job submit` (merging ours could conflict).
         ray.init(**kwargs)
     else:
+        # No dashboard: it costs ~1 GB of RSS here (measured: 1.7 vs 0.7 GB for a bare local Ray).
+        runtime_env["worker_process_setup_hook"] = "mars_ray.runtime.quiet_state_api_pollers"
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
     return ray.get_runtime_context()
+
+
+_STATE_API_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+def _drop_state_api_noise(record) -> bool:
+    return _STATE_API_NOISE not in record.getMessage()
+
+
+def quiet_state_api_pollers() -> None:
+    """Worker set-up hook of the private local Ray. Ray Train's PlacementGroupCleaner asks the
+    state API (served by the dashboard, which we do not start) whether the train controller is
+    alive, and logs a warning each second it cannot while a fit runs. The cleaner is still stopped
+    by the controller at the end of every fit; only that one message is dropped."""
+    import logging
+
+    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    logger = logging.getLogger(name)
+    if _drop_state_api_noise not in logger.filters:
+        logger.addFilter(_drop_state_api_noise)
 
 
 def auto_cpus(explicit: float | None, parallel: int) -> float:

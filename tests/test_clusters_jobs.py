@@ -624,14 +624,28 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
     from _ray_cluster import as_dict
     from ray.util.state import list_actors
 
-    deadline = time.time() + 60
-    while True:
+    from ray.util.state import list_placement_groups
+
+    # Ray Train's PlacementGroupCleaner is detached on purpose: it outlives its controller, removes
+    # the run's placement group and then exits on its own (polling the controller's state). What
+    # must hold: no actor of the job but that cleaner stays alive, and every placement group of
+    # the job is removed, so the stopped job holds no resources.
+    def leftovers():
         alive = [as_dict(a) for a in list_actors(address=cluster.address, detail=True,
                                                 filters=[("job_id", "=", job2), ("state", "=", "ALIVE")])]
-        if not alive or time.time() > deadline:
+        pgs = [as_dict(p) for p in list_placement_groups(address=cluster.address, detail=True,
+                                                          filters=[("creator_job_id", "=", job2)])]
+        return ([a for a in alive if a["class_name"] != "PlacementGroupCleaner"],
+                [p for p in pgs if p["state"] != "REMOVED"])
+
+    deadline = time.time() + 120
+    while True:
+        alive, pgs = leftovers()
+        if (not alive and not pgs) or time.time() > deadline:
             break
         time.sleep(1)
     assert not alive, [(a["class_name"], a["node_id"][:8]) for a in alive]
+    assert not pgs, [(p["placement_group_id"][:8], p["state"]) for p in pgs]
     assert len(cluster.wait_for_nodes(2, timeout=10)) == 2  # stopping a job leaves the nodes up
     print(f"job stop -> STOPPED in {stop_s:.1f}s; actors of the stopped job per node: "
           f"{ {n[:8]: dict(c) for n, c in _actors_by_node(cluster.address, job2).items()} }")

@@ -68,3 +68,22 @@ def test_failing_job_exits_nonzero(ray_head, tmp_path):
     )
     assert job.returncode != 0
     assert "file not found" in job.stdout + job.stderr
+
+
+def test_state_api_noise_filter_drops_only_the_cleaner_poll_message():
+    """The private local Ray runs without the dashboard (hence without the state API); the worker
+    set-up hook drops Ray Train's per-second "cannot query the controller" warning, nothing else."""
+    import logging
+
+    from mars_ray.runtime import quiet_state_api_pollers
+
+    quiet_state_api_pollers()
+    quiet_state_api_pollers()  # idempotent: one filter
+    logger = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    assert len(logger.filters) == 1
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable."))
+    assert logger.filter(record("Detected that the Ray Train controller actor (abc) is dead. Cleaning up placement group"))
