@@ -622,9 +622,7 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
     # Nothing of the stopped job is left running on either node.
     job2 = client.get_job_info(sid2).job_id
     from _ray_cluster import as_dict
-    from ray.util.state import list_actors
-
-    from ray.util.state import list_placement_groups
+    from ray.util.state import list_actors, list_placement_groups
 
     # Ray Train's PlacementGroupCleaner is detached on purpose: it outlives its controller, removes
     # the run's placement group and then exits on its own (polling the controller's state). What
