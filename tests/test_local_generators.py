@@ -149,6 +149,49 @@ def test_batched_equals_one_at_a_time_and_order_kept(llama_parts, t5_parts):
     assert len({tuple(r) for r in batched}) > 1
 
 
+def test_per_request_caps_share_a_chunk_and_equal_separate_calls(llama_parts, t5_parts):
+    """Greedy and sampled: requests with different output caps run in one model.generate call,
+    and each output is what a call with that cap alone gives."""
+    caps = [2, 9, 5, 9, 1]
+    for params in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 3}):
+        for g in both(llama_parts, t5_parts, batch_size=8, max_new_tokens=9, **params):
+            before, tokens = g.batches, g.generated_tokens
+            mixed = g.generate(REQUESTS, 1, max_new_tokens=caps)
+            assert g.batches == before + 1, type(g).__name__  # one chunk for all five caps
+            assert 0 < g.generated_tokens - tokens <= sum(caps)
+            if params["temperature"] == 0:
+                for r, c, out in zip(REQUESTS, caps, mixed):
+                    assert out == g.generate([r], 1, max_new_tokens=[c])[0], (type(g).__name__, c)
+    g = chat_gen(llama_parts, batch_size=8, max_new_tokens=9)
+    assert g.generate([SHORT], 1, max_new_tokens=[50]) == g.generate([SHORT], 1)  # never above params
+    with pytest.raises(ValueError, match="2 entries for 1 requests"):
+        g.generate([SHORT], 1, max_new_tokens=[3, 4])
+
+
+def test_beam_search_keeps_one_cap_per_chunk(llama_parts):
+    """Beam search depends on its horizon: requests with different caps go to different chunks."""
+    g = chat_gen(llama_parts, batch_size=8, max_new_tokens=9)
+    before = g.batches
+    mixed = g.generate(REQUESTS[:4], 2, max_new_tokens=[3, 7, 3, 7])
+    assert g.batches == before + 2
+    assert mixed[1] == g.generate([REQUESTS[1]], 2, max_new_tokens=[7])[0]
+
+
+def test_cache_keys_follow_each_requests_own_cap(llama_parts, tmp_path):
+    """A request's cached output does not depend on the requests that shared its batch."""
+    inner = chat_gen(llama_parts, batch_size=8, max_new_tokens=9)
+    cached = CachedGenerator(inner, GenerationCache(tmp_path / "gen.sqlite"))
+    first = cached.generate(REQUESTS[:3], 1, max_new_tokens=[4, 9, 6])
+    calls = inner.calls
+    # the same texts, alone or with other company, with their own caps: all cache hits
+    assert cached.generate([REQUESTS[2]], 1, max_new_tokens=[6]) == [first[2]]
+    assert cached.generate([REQUESTS[1], "new"], 1, max_new_tokens=[9, 4])[0] == first[1]
+    assert inner.calls == calls + 1 and cached.stats.generated == 4  # only "new" was generated
+    # another cap is another key
+    cached.generate([REQUESTS[0]], 1, max_new_tokens=[5])
+    assert inner.calls == calls + 2
+
+
 def test_left_padding_and_chat_template_reach_the_model(llama_parts, monkeypatch):
     g = chat_gen(llama_parts, batch_size=4)
     g.system = "You are terse."
@@ -208,10 +251,10 @@ def test_beam_search_is_deterministic_and_uses_n_beams(llama_parts, t5_parts, mo
         assert seen["no_repeat_ngram_size"] == 2
         monkeypatch.undo()
     g = chat_gen(llama_parts, num_beams=5)
-    assert g._decoding_kwargs(2)["num_beams"] == 5  # max(params.num_beams, n)
-    assert g._decoding_kwargs(1)["num_beams"] == 5
-    assert chat_gen(llama_parts)._decoding_kwargs(1)["num_beams"] == 1  # greedy
-    assert "no_repeat_ngram_size" not in chat_gen(llama_parts)._decoding_kwargs(1)
+    assert g._decoding_kwargs(2, 16)["num_beams"] == 5  # max(params.num_beams, n)
+    assert g._decoding_kwargs(1, 16)["num_beams"] == 5
+    assert chat_gen(llama_parts)._decoding_kwargs(1, 16)["num_beams"] == 1  # greedy
+    assert "no_repeat_ngram_size" not in chat_gen(llama_parts)._decoding_kwargs(1, 16)
 
 
 def test_sampling_is_seeded(llama_parts, t5_parts):
@@ -225,7 +268,7 @@ def test_sampling_is_seeded(llama_parts, t5_parts):
         assert g0b.generate(REQUESTS, 2) == a
         assert g1.generate(REQUESTS, 2) != a
         assert any(row[0] != row[1] for row in a)  # n samples, not n copies
-        kw = g0._decoding_kwargs(2)
+        kw = g0._decoding_kwargs(2, 16)
         assert kw["do_sample"] is True and kw["temperature"] == 1.0 and kw["top_p"] == 1.0 and kw["num_beams"] == 1
 
 

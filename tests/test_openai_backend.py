@@ -113,6 +113,15 @@ def test_happy_path_n_outputs_order_and_usage(tiny_gen, serve, secret_env):
     assert elapsed < 30
 
 
+def test_per_request_caps_become_max_tokens(tiny_gen, serve):
+    h = serve(tiny_gen, max_batch=1)
+    reqs = ["The cat sat on the mat.", "Numbers: one two three four five."]
+    gen = client_for(h.url, api_key_env="MARS_RAY_UNSET_KEY_VAR", concurrency=2)
+    out = gen.generate(reqs, n=1, max_new_tokens=[2, 50])  # 50 is above params (8): capped at 8
+    assert out == [tiny_gen.generate([reqs[0]], 1, max_new_tokens=[2])[0], tiny_gen.generate([reqs[1]], 1)[0]]
+    assert 0 < gen.stats["completion_tokens"] <= 2 + 8
+
+
 def test_sampling_slots_differ_and_server_micro_batches(tiny_gen, serve):
     h = serve(tiny_gen, max_batch=8, batch_wait_s=0.2)
     gen = OpenAIGenerator("tiny", GenParams(max_new_tokens=12, temperature=1.0), base_url=h.url,

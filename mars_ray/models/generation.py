@@ -7,6 +7,8 @@ list of chat messages ``[{"role": "system"|"user"|"assistant", "content": str}, 
 ``generate(requests, n)`` returns, for each request, a list of ``n`` outputs; an output is ``None``
 when that generation failed (endpoint error after retries, budget exhausted). A generator never
 raises for one bad request: callers count failures and carry on, so no pair is lost.
+``generate(requests, n, max_new_tokens=[...])`` gives each request its own output cap (at most
+``params.max_new_tokens``), so requests with different caps still share one batch.
 
 The cache works in *slots*: output k of request r under (model id, generation params) is stored
 under ``sha256(model_id, params, r, k)``. A request whose slots are all cached costs nothing, so a
@@ -21,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence, Union, runtime_checkable
 
@@ -51,9 +53,27 @@ class TextGenerator(Protocol):
     model_id: str  # stable id for lineage and cache keys, e.g. "builtin:smollm2" or "openai:gpt-4.1"
     params: GenParams
 
-    def generate(self, requests: Sequence[Request], n: int = 1) -> list[list[str | None]]:
-        """``n`` outputs per request (``None`` marks a failed one); never raises for one bad request."""
+    def generate(
+        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+    ) -> list[list[str | None]]:
+        """``n`` outputs per request (``None`` marks a failed one); never raises for one bad request.
+        ``max_new_tokens``: one output cap per request (capped at ``params.max_new_tokens``)."""
         ...
+
+
+def request_caps(params: GenParams, n_requests: int, max_new_tokens: Sequence[int] | None) -> list[int]:
+    """Each request's output cap: its entry of ``max_new_tokens`` (at least 1), never above
+    ``params.max_new_tokens``; all ``params.max_new_tokens`` when ``max_new_tokens`` is None.
+
+    Raises:
+        ValueError: ``max_new_tokens`` does not have one entry per request.
+    """
+    if max_new_tokens is None:
+        return [params.max_new_tokens] * n_requests
+    caps = [int(c) for c in max_new_tokens]
+    if len(caps) != n_requests:
+        raise ValueError(f"max_new_tokens has {len(caps)} entries for {n_requests} requests")
+    return [max(1, min(c, params.max_new_tokens)) for c in caps]
 
 
 def as_messages(request: Request, system: str | None = None) -> list[Message]:
@@ -157,13 +177,22 @@ class CachedGenerator:
     def params(self) -> GenParams:
         return self.inner.params
 
-    def generate(self, requests: Sequence[Request], n: int = 1) -> list[list[str | None]]:
+    def generate(
+        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+    ) -> list[list[str | None]]:
+        """As :meth:`TextGenerator.generate`; a request's cache key holds its own output cap (the
+        params with ``max_new_tokens`` set to it), so what is cached never depends on which other
+        requests shared its batch."""
         self.stats.requested += len(requests) * n
+        caps = request_caps(self.params, len(requests), max_new_tokens)
         if self.cache is None or n == 0:
-            outs = self.inner.generate(requests, n) if n else [[] for _ in requests]
+            outs = self._inner_generate(list(requests), n, caps) if n else [[] for _ in requests]
             self._count(outs)
             return outs
-        keys = [[request_key(self.model_id, self.params, r, k) for k in range(n)] for r in requests]
+        by_cap: dict[int, GenParams] = {}
+        for c in set(caps):
+            by_cap[c] = self.params if c == self.params.max_new_tokens else replace(self.params, max_new_tokens=c)
+        keys = [[request_key(self.model_id, by_cap[c], r, k) for k in range(n)] for r, c in zip(requests, caps)]
         found = self.cache.get_many([k for ks in keys for k in ks])
         self.stats.hits += len(found)
         results: list[list[str | None]] = [[found.get(k) for k in ks] for ks in keys]
@@ -173,7 +202,7 @@ class CachedGenerator:
         todo = [i for i, row in enumerate(results) if any(t is None for t in row)]
         new_items: list[tuple[str, str]] = []
         if todo:
-            outs = self.inner.generate([requests[i] for i in todo], n)
+            outs = self._inner_generate([requests[i] for i in todo], n, [caps[i] for i in todo])
             self._count(outs)
             for i, gen in zip(todo, outs):
                 for k in range(n):
@@ -183,18 +212,15 @@ class CachedGenerator:
         self.cache.put_many(new_items, model=self.model_id)
         return results
 
-    def with_max_new_tokens(self, max_new_tokens: int) -> "CachedGenerator":
-        """The same model, cache and counters with a smaller output cap (e.g. paraphrases: longer
-        than the gate's length bound is wasted work). The cap is part of the cache key."""
-        if max_new_tokens >= self.inner.params.max_new_tokens:
-            return self
-        return self.with_params(max_new_tokens=int(max_new_tokens))
+    def _inner_generate(self, requests: list[Request], n: int, caps: list[int]) -> list[list[str | None]]:
+        if all(c == self.params.max_new_tokens for c in caps):
+            return self.inner.generate(requests, n)
+        return self.inner.generate(requests, n, max_new_tokens=caps)
 
     def with_params(self, **changes: Any) -> "CachedGenerator":
         """The same loaded model / client, cache and counters with other decoding parameters
         (they are part of the cache key)."""
         import copy
-        from dataclasses import replace
 
         inner = copy.copy(self.inner)
         inner.params = replace(self.inner.params, **changes)

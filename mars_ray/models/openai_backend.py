@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from mars_ray.models.generation import GenParams, Message, Request, as_messages
+from mars_ray.models.generation import GenParams, Message, Request, as_messages, request_caps
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +218,15 @@ class OpenAIGenerator:
         return text.replace(self._secret, "<redacted>") if self._secret else text
 
     # ---------------------------------------------------------------- generate
-    def generate(self, requests: Sequence[Request], n: int = 1) -> list[list[str | None]]:
+    def generate(
+        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+    ) -> list[list[str | None]]:
+        """``n`` outputs per request (one chat completion each); ``max_new_tokens``: one
+        ``max_tokens`` per request (at most ``params.max_new_tokens``)."""
         out: list[list[str | None]] = [[None] * n for _ in requests]
         if n <= 0 or not requests:
             return [[] for _ in requests] if n <= 0 else out
+        caps = request_caps(self.params, len(requests), max_new_tokens)
         msgs: list[list[Message] | None] = []
         for r in requests:
             try:
@@ -232,7 +237,7 @@ class OpenAIGenerator:
         t0 = time.monotonic()
         workers = max(1, min(self.concurrency, len(jobs)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-gen") as pool:
-            futures = {pool.submit(self._one, msgs[i], k): (i, k) for i, k in jobs}
+            futures = {pool.submit(self._one, msgs[i], k, caps[i]): (i, k) for i, k in jobs}
             for fut, (i, k) in futures.items():
                 try:
                     out[i][k] = fut.result()
@@ -242,7 +247,7 @@ class OpenAIGenerator:
         logger.debug("%s: %d outputs in %.2f s", self.model_id, len(jobs), time.monotonic() - t0)
         return out
 
-    def _one(self, messages: list[Message] | None, slot: int) -> str | None:
+    def _one(self, messages: list[Message] | None, slot: int, max_tokens: int) -> str | None:
         import openai
 
         if messages is None:
@@ -261,7 +266,7 @@ class OpenAIGenerator:
             "messages": messages,
             "temperature": p.temperature,
             "top_p": p.top_p,
-            "max_tokens": p.max_new_tokens,
+            "max_tokens": max_tokens,
             "n": 1,
             "seed": p.seed + slot,
         }

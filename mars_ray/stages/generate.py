@@ -94,10 +94,10 @@ class RefineActor(_StatsMixin):
         offset = attempt + (0 if role == "rejected" else 1000)
         self.gen.inner.params = dataclasses.replace(self.base_params, seed=self.base_params.seed + offset)
         msgs = [render(f"rewrite_{r[0]}", prompt=r[1], chosen=r[2], rejected=r[3]) for r in reqs]
-        # A rewrite is a response of about the same size: cap the output at twice the longest
-        # source in the batch (sampled small models otherwise ramble to max_new_tokens).
-        cap = max(output_cap(r[2] if role == "chosen" else r[3], 2.0, self.cfg["max_new_tokens"], floor=64) for r in reqs)
-        outs = self.gen.with_max_new_tokens(cap).generate(msgs, n=1)
+        # A rewrite is a response of about the same size: cap each output at twice its source
+        # (sampled small models otherwise ramble to max_new_tokens).
+        caps = [output_cap(r[2] if role == "chosen" else r[3], 2.0, self.cfg["max_new_tokens"], floor=64) for r in reqs]
+        outs = self.gen.generate(msgs, n=1, max_new_tokens=caps)
         return [clean_generation(o[0]) or None if o and o[0] is not None else None for o in outs]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -168,11 +168,11 @@ class ParaphraseActor(_StatsMixin):
         }
 
     def _generate(self, gen: CachedGenerator, texts: list[str], ns: list[int], caps: list[int]) -> list[list[str | None]]:
-        """n outputs per text, batched by (n, output cap) so each generate call shares one shape."""
+        """n outputs per text, one generate call per distinct n (each text keeps its own cap)."""
         raw: list[list[str | None]] = [[] for _ in texts]
-        for n, cap in sorted(set(zip(ns, caps))):
-            idx = [i for i, (k, c) in enumerate(zip(ns, caps)) if (k, c) == (n, cap)]
-            outs = gen.with_max_new_tokens(cap).generate([self.request(texts[i]) for i in idx], n)
+        for n in sorted(set(ns)):
+            idx = [i for i, k in enumerate(ns) if k == n]
+            outs = gen.generate([self.request(texts[i]) for i in idx], n, max_new_tokens=[caps[i] for i in idx])
             for i, o in zip(idx, outs):
                 raw[i] = o
         return raw
