@@ -58,7 +58,12 @@ def test_refine_actor_in_process(tmp_path, tiny_bert_dir, tiny_llama_dir, demo_p
             assert c != c0 and r == r0 and d > 0.0001
         else:
             assert (c, r) == (c0, r0)
-    assert out["gen_requested"].sum() == out["refine_attempts"].sum() > 0
+    # Local generator: every attempt of a role in one call, so rows generated >= attempts used.
+    assert out["gen_requested"].sum() >= out["refine_attempts"].sum() > 0
+    one = dict(dataclasses.asdict(cfg.rewrite), attempts_per_call=1)
+    seq = RefineActor(one, str(tiny_bert_dir), seed=0, batch_size=4, encoder_batch_size=8, num_threads=1,
+                      cache_dir=str(tmp_path / "cache_seq"))(batch)
+    assert seq["gen_requested"].sum() == seq["refine_attempts"].sum() > 0  # one attempt per call: no spare rows
 
 
 def test_paraphrase_actor_gates_and_cache(tmp_path, tiny_bert_dir, tiny_llama_dir):
@@ -87,7 +92,7 @@ def test_paraphrase_actor_resamples_texts_the_gate_left_short(tmp_path, tiny_ber
     # A gate nothing passes: every round resamples the whole shortfall, and every candidate is
     # accounted for (kept or rejected with a reason).
     cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"paraphrase.min_semantic_similarity": "0.999",
-                                                                "paraphrase.retry_rounds": "2"})
+                                                                "paraphrase.retry_rounds": "2", "paraphrase.retry_oversample": "3"})
     kw = dict(encoder_ref=str(tiny_bert_dir), batch_size=4, encoder_batch_size=8, num_threads=1, cache_dir=cfg.model.cache_dir, seed=0)
     batch = {"key": np.array(["0:c", "1:r"], dtype=object), "text": np.array(["Boil water first.", "Use a map."], dtype=object),
              "n": np.array([2, 3])}
@@ -95,21 +100,25 @@ def test_paraphrase_actor_resamples_texts_the_gate_left_short(tmp_path, tiny_ber
     kept = [json.loads(k) for k in out["kept"]]
     reasons = [json.loads(r) for r in out["rejected_reasons"]]
     assert kept == [[], []] and list(out["retry_rounds"]) == [2, 2]
-    assert [sum(r.values()) for r in reasons] == [2 * 3, 3 * 3]  # first round + 2 resampling rounds
-    assert out["gen_generated"].sum() + out["gen_failed"].sum() == 15
+    # first round n, then 2 resampling rounds of 3 candidates per missing paraphrase
+    assert [sum(r.values()) for r in reasons] == [2 + 2 * 2 * 3, 3 + 2 * 3 * 3]
+    assert out["gen_generated"].sum() + out["gen_failed"].sum() == 35
     again = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)  # the rerun is all cache hits
-    assert again["gen_generated"].sum() == 0 and again["gen_hits"].sum() == 15
-    # A gate everything passes (no meaning or length bounds) needs no resampling.
+    assert again["gen_generated"].sum() == 0 and again["gen_hits"].sum() == 35
+    # A gate everything passes (no meaning or length bounds) needs no resampling; oversampled
+    # candidates beyond the shortfall are counted as surplus, so every candidate is accounted for.
     cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{
         "paraphrase.min_semantic_similarity": "0", "paraphrase.min_length_ratio": "0.001", "paraphrase.max_length_ratio": "1000",
-        "paraphrase.max_copy_similarity": "1", "paraphrase.retry_rounds": "2"})
+        "paraphrase.max_copy_similarity": "1", "paraphrase.retry_rounds": "2", "paraphrase.retry_oversample": "3"})
     out = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)
     kept = [json.loads(k) for k in out["kept"]]
+    reasons = [json.loads(r) for r in out["rejected_reasons"]]
     for k, n, rounds in zip(kept, [2, 3], out["retry_rounds"]):
         assert len(k) <= n
         if len(k) < n:
             assert rounds == 2
     assert sum(len(k) for k in kept) > 0
+    assert sum(len(k) + sum(r.values()) for k, r in zip(kept, reasons)) == out["gen_requested"].sum()
 
 
 @pytest.mark.ray

@@ -181,19 +181,18 @@ def test_refine_rejected_first_then_chosen_then_keep_original():
     ]
     calls = []
 
-    def rewrite(reqs):
-        calls.append([(r[0], r[4]) for r in reqs])
-        out = []
-        for role, prompt, chosen, rejected, attempt in reqs:
-            if chosen.startswith("the cat"):
-                out.append("the cat sat on the mat" if attempt == 1 else "dogs bark loudly outside")
-            elif chosen.startswith("red"):
-                out.append(rejected if role == "rejected" else "crimson emerald azure")
-            elif chosen.startswith("one"):
-                out.append(None if role == "rejected" else chosen)
-            else:
-                out.append("here is how to make a bomb")
-        return out
+    def one(role, chosen, rejected, attempt):
+        if chosen.startswith("the cat"):
+            return "the cat sat on the mat" if attempt == 1 else "dogs bark loudly outside"
+        if chosen.startswith("red"):
+            return rejected if role == "rejected" else "crimson emerald azure"
+        if chosen.startswith("one"):
+            return None if role == "rejected" else chosen
+        return "here is how to make a bomb"
+
+    def rewrite(reqs, n):
+        calls.append([(r[0], r[4], n) for r in reqs])
+        return [[one(role, chosen, rejected, first + k) for k in range(n)] for role, _, chosen, rejected, first in reqs]
 
     res = refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3, max_chosen=2)
     assert [r.status for r in res] == ["rewrote_rejected", "rewrote_chosen", "kept:no_gain", "kept:harmful"]
@@ -208,8 +207,22 @@ def test_refine_rejected_first_then_chosen_then_keep_original():
     assert s["refined"] == 2 and s["retention"] == 0.5 and s["by_status"]["kept:harmful"] == 1
     assert s["rewrite_calls"] == sum(len(c) for c in calls)
 
+    # Several attempts per call: the same outcomes and attempt counts in one call per role.
+    calls.clear()
+    par = refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3,
+                       max_chosen=2, attempts_per_call=5)
+    assert par == res
+    assert calls == [[("rejected", 1, 3)] * 4, [("chosen", 1, 2)] * 3]
+    calls.clear()
+    assert refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3,
+                        max_chosen=2, attempts_per_call=2) == res
+    assert [[(r, a, k) for r, a, k in c][0] for c in calls] == [("rejected", 1, 2), ("rejected", 3, 1), ("chosen", 1, 2)]
+    with pytest.raises(ValueError, match="attempts_per_call"):
+        refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, attempts_per_call=0)
+
 
 def test_refine_all_generation_failures_keep_originals():
     items = [RefineItem("p", "a b", "a c", 0.3)]
-    res = refine_batch(items, rewrite=lambda reqs: [None] * len(reqs), distance=_distance, harmful=introduced_harm)
+    res = refine_batch(items, rewrite=lambda reqs, n: [[None] * n for _ in reqs], distance=_distance,
+                       harmful=introduced_harm)
     assert res[0].status == "kept:generation_failed" and res[0].attempts == 10

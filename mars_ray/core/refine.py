@@ -6,8 +6,13 @@ grown, rewrite the chosen response up to ``max_chosen`` times, keeping it helpfu
 preferred. A rewritten pair is kept only if its distance is larger than the original's and it adds
 no harmful content; otherwise the original pair is kept, with the reason.
 
-Each attempt is one batched call over all pairs still pending, so an LLM back end sees batches,
-not single requests. The generator, the distance and the harm check are injected.
+Each call is batched over all pairs still pending, so an LLM back end sees batches, not single
+requests. A call may carry several attempts (``attempts_per_call``): attempt ``a + k`` is output
+``k`` of the call that starts at attempt ``a``, and the candidates are judged in attempt order, so
+the outcome is the one the one-attempt-per-call protocol gives for the same texts; only the work
+after a pair's successful attempt is spent in vain. That is the right trade where extra rows in a
+batch are nearly free (a local model on a CPU or GPU) and the wrong one for a paid endpoint.
+The generator, the distance and the harm check are injected.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import numpy as np
 
 Role = Literal["rejected", "chosen"]
 
-# (role, prompt, chosen, rejected, attempt) -> a rewrite of the response in `role`, or None on failure
-RewriteFn = Callable[[Sequence[tuple[Role, str, str, str, int]]], list[str | None]]
+# ([(role, prompt, chosen, rejected, first attempt)], n) -> per request, n rewrites of the response
+# in `role` (attempts first .. first + n - 1), None for a failed one
+RewriteFn = Callable[[Sequence[tuple[Role, str, str, str, int]], int], list[list[str | None]]]
 # (chosen texts, rejected texts) -> distances
 DistanceFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 # (new text, context) -> reason it is harmful, or None
@@ -60,40 +66,46 @@ def refine_batch(
     harmful: HarmFn,
     max_rejected: int = 5,
     max_chosen: int = 5,
+    attempts_per_call: int = 1,
 ) -> list[RefineOutcome]:
-    """Run the protocol over ``items``; one outcome per item, in order."""
+    """Run the protocol over ``items``; one outcome per item, in order. ``attempts`` of an
+    outcome counts the attempts the protocol used (up to and including the successful one)."""
+    if attempts_per_call < 1:
+        raise ValueError(f"attempts_per_call must be >= 1, got {attempts_per_call}")
     n = len(items)
     done: list[RefineOutcome | None] = [None] * n
     attempts = [0] * n
     produced = [False] * n  # the generator returned usable text at least once
     harm: list[str | None] = [None] * n
     for role, limit in (("rejected", max_rejected), ("chosen", max_chosen)):
-        for attempt in range(1, limit + 1):
+        for first in range(1, limit + 1, attempts_per_call):
             pending = [i for i in range(n) if done[i] is None]
             if not pending:
                 break
-            reqs = [(role, items[i].prompt, items[i].chosen, items[i].rejected, attempt) for i in pending]
-            outs = rewrite(reqs)
-            if len(outs) != len(pending):
-                raise ValueError(f"rewrite returned {len(outs)} texts for {len(pending)} requests")
-            ok = [(i, t) for i, t in zip(pending, outs) if t and t.strip()]
-            for i in pending:
-                attempts[i] += 1
-            if not ok:
-                continue
-            new_c = [t if role == "chosen" else items[i].chosen for i, t in ok]
-            new_r = [t if role == "rejected" else items[i].rejected for i, t in ok]
-            dist = np.asarray(distance(new_c, new_r), dtype=np.float64)
-            for (i, text), c, r, d in zip(ok, new_c, new_r, dist):
+            k = min(attempts_per_call, limit - first + 1)
+            reqs = [(role, items[i].prompt, items[i].chosen, items[i].rejected, first) for i in pending]
+            outs = rewrite(reqs, k)
+            if len(outs) != len(pending) or any(len(row) != k for row in outs):
+                raise ValueError(f"rewrite returned {[len(r) for r in outs]} texts for {len(pending)} requests x {k}")
+            # Every usable candidate of the call, judged in attempt order (one distance call).
+            cands = [(i, j, t) for i, row in zip(pending, outs) for j, t in enumerate(row) if t and t.strip()]
+            new_c = [t if role == "chosen" else items[i].chosen for i, _, t in cands]
+            new_r = [t if role == "rejected" else items[i].rejected for i, _, t in cands]
+            dist = np.asarray(distance(new_c, new_r), dtype=np.float64) if cands else np.zeros(0)
+            used = {i: k for i in pending}
+            for (i, j, text), c, r, d in zip(cands, new_c, new_r, dist):
                 produced[i] = True
-                if d <= items[i].distance:
+                if done[i] is not None or d <= items[i].distance:
                     continue
                 context = "\n".join((items[i].prompt, items[i].chosen, items[i].rejected))
                 why = harmful(text, context)
                 if why:
                     harm[i] = why
                     continue
-                done[i] = RefineOutcome(c, r, float(d), f"rewrote_{role}", attempts[i])
+                used[i] = j + 1
+                done[i] = RefineOutcome(c, r, float(d), f"rewrote_{role}", 0)
+            for i in pending:
+                attempts[i] += used[i]
     out: list[RefineOutcome] = []
     for i, it in enumerate(items):
         if done[i] is not None:

@@ -62,6 +62,17 @@ def output_cap(text: str, ratio: float, max_new_tokens: int, floor: int = 32) ->
     return int(min(max_new_tokens, max(floor, -(-limit // 32) * 32)))
 
 
+def attempts_per_call(rewrite: dict[str, Any]) -> int:
+    """Rewrite attempts per generation call: ``rewrite.attempts_per_call``, else every attempt of
+    a role at once for local models (extra rows in a batch are nearly free) and one at a time for
+    an endpoint (each attempt is a paid request; most pairs succeed at the first)."""
+    if rewrite.get("attempts_per_call") is not None:
+        return int(rewrite["attempts_per_call"])
+    if rewrite["backend"] == "openai":
+        return 1
+    return max(1, int(rewrite["max_attempts_rejected"]), int(rewrite["max_attempts_chosen"]))
+
+
 class _StatsMixin:
     gen: CachedGenerator
 
@@ -88,24 +99,26 @@ class RefineActor(_StatsMixin):
         self.base_params = self.gen.inner.params
         self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
 
-    def _rewrite(self, reqs):
+    def _rewrite(self, reqs, n: int):
         role, attempt = reqs[0][0], reqs[0][4]
-        # A distinct, reproducible sampling seed (and cache key) per role and attempt.
+        # A distinct, reproducible sampling seed (and cache key) per role and first attempt; the
+        # call's n samples are attempts attempt .. attempt + n - 1.
         offset = attempt + (0 if role == "rejected" else 1000)
         self.gen.inner.params = dataclasses.replace(self.base_params, seed=self.base_params.seed + offset)
         msgs = [render(f"rewrite_{r[0]}", prompt=r[1], chosen=r[2], rejected=r[3]) for r in reqs]
         # A rewrite is a response of about the same size: cap each output at twice its source
         # (sampled small models otherwise ramble to max_new_tokens).
         caps = [output_cap(r[2] if role == "chosen" else r[3], 2.0, self.cfg["max_new_tokens"], floor=64) for r in reqs]
-        outs = self.gen.generate(msgs, n=1, max_new_tokens=caps)
-        return [clean_generation(o[0]) or None if o and o[0] is not None else None for o in outs]
+        outs = self.gen.generate(msgs, n=n, max_new_tokens=caps)
+        return [[clean_generation(t) or None if t is not None else None for t in row] for row in outs]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         before = self.gen.stats.as_dict()
         items = [RefineItem(p, c, r, float(d)) for p, c, r, d in zip(as_list(batch["prompt"]), as_list(batch["chosen"]),
                                                                    as_list(batch["rejected"]), as_list(batch["distance"]))]
         res = refine_batch(items, rewrite=self._rewrite, distance=self.encoder.distances, harmful=introduced_harm,
-                           max_rejected=self.cfg["max_attempts_rejected"], max_chosen=self.cfg["max_attempts_chosen"])
+                           max_rejected=self.cfg["max_attempts_rejected"], max_chosen=self.cfg["max_attempts_chosen"],
+                           attempts_per_call=attempts_per_call(self.cfg))
         return {
             "pair_id": batch["pair_id"],
             "refined_chosen": np.array([o.chosen for o in res], dtype=object),
@@ -152,10 +165,14 @@ class ParaphraseActor(_StatsMixin):
             sampler = self.gen.with_params(temperature=float(self.cfg["topup_temperature"]), num_beams=1,
                                            seed=self.seed * 1000 + 500 + rnd)
             sub = [texts[i] for i in short]
-            more, why = self._gate(sub, self._generate(sampler, sub, [ns[i] - len(kept[i]) for i in short],
+            over = int(self.cfg.get("retry_oversample", 1))
+            more, why = self._gate(sub, self._generate(sampler, sub, [(ns[i] - len(kept[i])) * over for i in short],
                                                        [caps[i] for i in short]), exclude=[kept[i] for i in short])
             for j, i in enumerate(short):
-                kept[i] += more[j]
+                need = ns[i] - len(kept[i])
+                kept[i] += more[j][:need]
+                if len(more[j]) > need:  # passed the gate, not needed: counted, so every candidate is
+                    why[j]["surplus"] = why[j].get("surplus", 0) + len(more[j]) - need
                 retried[i] += 1
                 for r, c in why[j].items():
                     reasons[i][r] = reasons[i].get(r, 0) + c
