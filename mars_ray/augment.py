@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
-from mars_ray.core.allocation import allocation_weights, integer_budgets, split_counts
+from mars_ray.core.allocation import allocation_weights, integer_budgets, reserve_pairs, split_counts
 from mars_ray.core.pairs import fit_budgets, pool_capacity, sample_pool, synthetic_rows
 from mars_ray.core.semantic import semantic_labels
 
@@ -113,9 +113,11 @@ def run_epoch(
         summary["semantic"], summary["refine"] = _semantic_and_refine(
             cfg, pairs, ids, b, chosen, rejected, refined, status, per_pair, gen_stats, times, log)
 
-    # 5. Paraphrases of the (refined) responses.
+    # 5. Paraphrases of the (refined) responses, plus a reserve (reserve_pairs).
     n_plus, n_minus = split_counts(b)
-    kept_c, kept_r, para = _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log)
+    reserve = reserve_pairs(b, q, cfg.paraphrase.reserve)
+    kept_c, kept_r, para = _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus + reserve, gen_stats, times, log)
+    para["reserve_texts"] = int(reserve.sum())
     summary["paraphrase"] = para
 
     # 6. Pools -> exactly B synthetic pairs. When the quality gate left the pools too small, top-up
@@ -151,6 +153,7 @@ def run_epoch(
             generator=refined_by if refined[i] else cfg.paraphrase.model, weight=float(q[i]),
             refined=bool(refined[i]), subset=subsets[i],
         )
+    para["reserve_used"] = int(((b_fit > 0) & (reserve > 0)).sum())
     per_pair.update(budget_spent=b_fit, refine_status=status)
     synthetic = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
     summary.update(

@@ -97,7 +97,7 @@ class MarsConfig:
     tau: float = 0.5
     # Synthetic pairs added per epoch. The default keeps the embedded demo to minutes on 2 CPU
     # cores; the paper used 5 synthetic pairs per original pair.
-    budget: int = 32
+    budget: int = 16
     # Outer MARS epochs T.
     epochs: int = 2
     # West-of-N: responses generated per prompt (each group of N yields one best-vs-worst pair),
@@ -158,10 +158,11 @@ class RewriteConfig(EndpointConfig):
     # attempt is a sampled generation of up to twice the response's length).
     max_attempts_rejected: int = 2
     max_attempts_chosen: int = 2
-    # Attempts generated per call (the candidates are judged in attempt order, so the outcome is
-    # the same). null: all of a role's attempts at once for local models (extra rows are nearly
-    # free), one at a time for openai (each attempt is a paid request).
-    attempts_per_call: Optional[int] = None
+    # Attempts per generation call: sequential (one, the paper's protocol), by_role (all of the
+    # rejected, then all of the chosen) or all (both roles at once); candidates are judged in
+    # protocol order, so the outcome is the same. null: all for local models (extra rows in a
+    # batch are nearly free), sequential for openai (each attempt is a paid request).
+    schedule: Optional[Literal["sequential", "by_role", "all"]] = None
     max_new_tokens: int = 192
     # Sampling, so repeated attempts differ.
     temperature: float = 0.7
@@ -184,6 +185,10 @@ class ParaphraseConfig(EndpointConfig):
     # the first that pass (SmolLM2 on demo texts: ~1 in 3 samples at 0.8 passes the gate).
     retry_rounds: int = 1
     retry_oversample: int = 3
+    # A reserve paraphrased in the first round: the rejected response of the ceil(reserve x budget)
+    # pairs without budget that have the largest allocation weight. When the gate leaves some
+    # pools short, the shortfall moves to them (by descending weight) without another round.
+    reserve: float = 0.5
     # When the pools are still too small for the budget: stage-level rounds of extra sampled
     # paraphrases for the pairs with the largest allocation weight.
     topup_rounds: int = 2
@@ -273,8 +278,11 @@ class ServeConfig:
     # @serve.batch: requests per batch and how long the first one waits for company.
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.01
-    # Sequences per forward pass inside a batch (the batch's pairs are length-sorted first).
+    # Forward passes inside a batch: the batch's pairs are length-sorted, then cut into passes of
+    # at most forward_batch_size sequences and forward_max_tokens padded token slots (null: no
+    # slot limit), so a long request does not make every short one in its batch pad to its length.
     forward_batch_size: int = 32
+    forward_max_tokens: Optional[int] = 2048
     # End-to-end HTTP request timeout in the proxy (null: none).
     request_timeout_s: Optional[float] = 60.0
     # Bearer token read from this environment variable (null: no auth). Never logged or echoed.
@@ -308,6 +316,8 @@ class ServeConfig:
                      "max_batch_items", "max_request_bytes"):
             if getattr(self, name) < 1:
                 p.append(f"serve.{name}={getattr(self, name)} must be >= 1")
+        if self.forward_max_tokens is not None and self.forward_max_tokens < 1:
+            p.append(f"serve.forward_max_tokens={self.forward_max_tokens} must be >= 1 (or null: no limit)")
         if self.batch_wait_timeout_s < 0:
             p.append(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0")
         if self.max_replicas is not None:
@@ -861,10 +871,10 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             p.append(f"paraphrase.{name} must be in [0, 1]")
     if cfg.paraphrase.topup_rounds < 0 or cfg.paraphrase.retry_rounds < 0 or cfg.paraphrase.topup_temperature <= 0:
         p.append("paraphrase.topup_rounds and paraphrase.retry_rounds must be >= 0 and paraphrase.topup_temperature > 0")
+    if cfg.paraphrase.reserve < 0:
+        p.append(f"paraphrase.reserve={cfg.paraphrase.reserve} must be >= 0 (a share of the budget; 0: no reserve)")
     if cfg.paraphrase.retry_oversample < 1:
         p.append(f"paraphrase.retry_oversample={cfg.paraphrase.retry_oversample} must be >= 1")
-    if cfg.rewrite.attempts_per_call is not None and cfg.rewrite.attempts_per_call < 1:
-        p.append(f"rewrite.attempts_per_call={cfg.rewrite.attempts_per_call} must be >= 1 (or null: automatic)")
     if cfg.rewrite.backend == "seq2seq":
         p.append("rewrite.backend=seq2seq is not supported (rewriting needs instructions): use local or openai")
     for section in (cfg.rewrite, cfg.paraphrase):

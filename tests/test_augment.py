@@ -60,7 +60,7 @@ def test_refine_actor_in_process(tmp_path, tiny_bert_dir, tiny_llama_dir, demo_p
             assert (c, r) == (c0, r0)
     # Local generator: every attempt of a role in one call, so rows generated >= attempts used.
     assert out["gen_requested"].sum() >= out["refine_attempts"].sum() > 0
-    one = dict(dataclasses.asdict(cfg.rewrite), attempts_per_call=1)
+    one = dict(dataclasses.asdict(cfg.rewrite), schedule="sequential")
     seq = RefineActor(one, str(tiny_bert_dir), seed=0, batch_size=4, encoder_batch_size=8, num_threads=1,
                       cache_dir=str(tmp_path / "cache_seq"))(batch)
     assert seq["gen_requested"].sum() == seq["refine_attempts"].sum() > 0  # one attempt per call: no spare rows

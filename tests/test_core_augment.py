@@ -160,6 +160,17 @@ def test_generation_cleanup_and_helpers():
     assert introduced_harm("I won't explain how to make a bomb", "how to make a bomb?") is None
 
 
+def test_reserve_pairs_are_the_next_highest_weights_without_budget():
+    from mars_ray.core.allocation import reserve_pairs
+
+    q = np.array([0.30, 0.05, 0.20, 0.20, 0.10, 0.15])
+    b = np.array([2, 0, 1, 0, 0, 0])
+    assert reserve_pairs(b, q, 0.5).tolist() == [0, 0, 0, 1, 0, 1]  # ceil(0.5 * 3) = 2: q 0.20, then 0.15
+    assert reserve_pairs(b, q, 0.0).tolist() == [0] * 6
+    assert reserve_pairs(b, q, 10).tolist() == [0, 1, 0, 1, 1, 1]  # never more than the pairs without budget
+    assert reserve_pairs(np.zeros(6, dtype=np.int64), q, 1.0).sum() == 0
+
+
 # ------------------------------------------------------------------ refinement protocol
 
 
@@ -190,9 +201,9 @@ def test_refine_rejected_first_then_chosen_then_keep_original():
             return None if role == "rejected" else chosen
         return "here is how to make a bomb"
 
-    def rewrite(reqs, n):
-        calls.append([(r[0], r[4], n) for r in reqs])
-        return [[one(role, chosen, rejected, first + k) for k in range(n)] for role, _, chosen, rejected, first in reqs]
+    def rewrite(reqs):
+        calls.append(sorted({(r[0], r[4], r[5]) for r in reqs}) + [len(reqs)])
+        return [[one(role, chosen, rejected, first + k) for k in range(n)] for role, _, chosen, rejected, first, n in reqs]
 
     res = refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3, max_chosen=2)
     assert [r.status for r in res] == ["rewrote_rejected", "rewrote_chosen", "kept:no_gain", "kept:harmful"]
@@ -201,28 +212,27 @@ def test_refine_rejected_first_then_chosen_then_keep_original():
     assert (res[2].chosen, res[2].rejected, res[2].distance) == ("one two three", "one two four", 0.5)
     assert res[3].harmful_phrase == "how to make a bomb"
     # Batched: one call per attempt over all pending pairs; pair 0 stops after attempt 2.
-    assert [len(c) for c in calls] == [4, 4, 3, 3, 2]
+    assert [c[-1] for c in calls] == [4, 4, 3, 3, 2]
     assert res[0].attempts == 2 and res[1].attempts == 4 and res[2].attempts == 5
     s = refine_summary(res)
     assert s["refined"] == 2 and s["retention"] == 0.5 and s["by_status"]["kept:harmful"] == 1
-    assert s["rewrite_calls"] == sum(len(c) for c in calls)
+    assert s["rewrite_calls"] == sum(c[-1] for c in calls)
 
-    # Several attempts per call: the same outcomes and attempt counts in one call per role.
+    # Several attempts per call: the same outcomes and attempt counts in fewer calls.
+    kw = dict(rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3, max_chosen=2)
     calls.clear()
-    par = refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3,
-                       max_chosen=2, attempts_per_call=5)
-    assert par == res
-    assert calls == [[("rejected", 1, 3)] * 4, [("chosen", 1, 2)] * 3]
+    assert refine_batch(items, schedule="by_role", **kw) == res
+    assert calls == [[("rejected", 1, 3), 4], [("chosen", 1, 2), 3]]
     calls.clear()
-    assert refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3,
-                        max_chosen=2, attempts_per_call=2) == res
-    assert [[(r, a, k) for r, a, k in c][0] for c in calls] == [("rejected", 1, 2), ("rejected", 3, 1), ("chosen", 1, 2)]
-    with pytest.raises(ValueError, match="attempts_per_call"):
-        refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, attempts_per_call=0)
+    assert refine_batch(items, schedule="all", **kw) == res
+    assert calls == [[("chosen", 1, 2), ("rejected", 1, 3), 8]]  # both roles for all four pairs at once
+    with pytest.raises(ValueError, match="schedule"):
+        refine_batch(items, schedule="parallel", **kw)
 
 
 def test_refine_all_generation_failures_keep_originals():
     items = [RefineItem("p", "a b", "a c", 0.3)]
-    res = refine_batch(items, rewrite=lambda reqs, n: [[None] * n for _ in reqs], distance=_distance,
-                       harmful=introduced_harm)
-    assert res[0].status == "kept:generation_failed" and res[0].attempts == 10
+    for schedule in ("sequential", "all"):
+        res = refine_batch(items, rewrite=lambda reqs: [[None] * r[5] for r in reqs], distance=_distance,
+                           harmful=introduced_harm, schedule=schedule)
+        assert res[0].status == "kept:generation_failed" and res[0].attempts == 10

@@ -16,6 +16,7 @@ from mars_ray.core import schema as S
 from mars_ray.models.reward import (
     encode_pairs,
     encode_preferences,
+    length_chunks,
     load_reward_model,
     score_pairs,
     score_texts,
@@ -175,6 +176,33 @@ def test_batched_equals_one_at_a_time_and_order_restored(bert):
     lengths = encode_pairs(tok, prompts, chosen, **kw).lengths
     assert not np.all(np.diff(lengths) <= 0)  # the input really was not length-sorted
     assert len(set(np.round(single, 6))) > 1  # scores really differ between texts
+
+
+def test_length_chunks_bound_rows_and_padded_slots():
+    lengths = np.array([10, 300, 40, 35, 600, 20, 45, 5])
+    assert [list(c) for c in length_chunks(lengths, batch_size=3)] == [[4, 1, 6], [2, 3, 5], [0, 7]]
+    chunks = length_chunks(lengths, batch_size=4, max_tokens=200)
+    assert [list(c) for c in chunks] == [[4], [1], [6, 2, 3, 5], [0, 7]]  # 600 and 300 alone: over the budget
+    for c in chunks:
+        assert len(c) <= 4 and (len(c) == 1 or len(c) * lengths[c].max() <= 200)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(len(lengths)))  # every row exactly once
+    assert length_chunks(np.array([], dtype=np.int64), batch_size=4, max_tokens=64) == []
+    with pytest.raises(ValueError):
+        length_chunks(lengths, batch_size=0)
+    with pytest.raises(ValueError):
+        length_chunks(lengths, batch_size=2, max_tokens=0)
+
+
+def test_token_budget_changes_batches_not_rewards(bert):
+    model, tok = bert
+    t = _pairs_table(13)
+    prompts, chosen = t.column(S.PROMPT).to_pylist(), t.column(S.CHOSEN).to_pylist()
+    kw = dict(max_prompt_tokens=64, max_response_tokens=32)
+    plain = score_texts(model, tok, prompts, chosen, batch_size=13, **kw)
+    budgeted = score_texts(model, tok, prompts, chosen, batch_size=13, max_tokens=64, **kw)
+    np.testing.assert_allclose(budgeted, plain, atol=1e-5, rtol=0)
+    lengths = encode_pairs(tok, prompts, chosen, **kw).lengths
+    assert len(length_chunks(lengths, batch_size=13, max_tokens=64)) > 1  # the budget really split the batch
 
 
 def test_score_pairs_equals_score_texts(bert):

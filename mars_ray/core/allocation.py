@@ -79,3 +79,17 @@ def lemma1_objective(Q: np.ndarray, margins: np.ndarray, tau: float) -> float:
     nz = Q > 0
     kl = float(np.sum(Q[nz] * np.log(Q[nz] * n)))
     return float(-np.dot(Q, margins) - kl / tau)
+
+
+def reserve_pairs(b: np.ndarray, q: np.ndarray, share: float) -> np.ndarray:
+    """1 for the ceil(share x budget) pairs without budget that have the highest allocation weight
+    (ties by index), else 0: their rejected response is paraphrased in the first round too (what
+    a pair with budget 1 gets), so that when the quality gate leaves some pools short the shortfall
+    can move to them (``fit_budgets``, by descending q) without another generation round."""
+    out = np.zeros(len(b), dtype=np.int64)
+    k = int(np.ceil(share * int(np.sum(b))))
+    if k <= 0:
+        return out
+    order = [i for i in np.lexsort((np.arange(len(q)), -np.asarray(q, dtype=np.float64))) if b[i] == 0]
+    out[order[:k]] = 1
+    return out

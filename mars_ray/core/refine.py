@@ -7,11 +7,17 @@ preferred. A rewritten pair is kept only if its distance is larger than the orig
 no harmful content; otherwise the original pair is kept, with the reason.
 
 Each call is batched over all pairs still pending, so an LLM back end sees batches, not single
-requests. A call may carry several attempts (``attempts_per_call``): attempt ``a + k`` is output
-``k`` of the call that starts at attempt ``a``, and the candidates are judged in attempt order, so
-the outcome is the one the one-attempt-per-call protocol gives for the same texts; only the work
-after a pair's successful attempt is spent in vain. That is the right trade where extra rows in a
-batch are nearly free (a local model on a CPU or GPU) and the wrong one for a paid endpoint.
+requests. ``schedule`` says how many attempts one call carries:
+
+- ``sequential``: one attempt per call (the paper's protocol; the fewest generations);
+- ``by_role``: all of a role's attempts in one call (rejected, then chosen);
+- ``all``: every attempt of both roles in one call.
+
+Candidates are judged in protocol order (rejected attempts 1, 2, ..., then chosen attempts), so
+the outcome is the one the sequential protocol reaches with the same texts; batching attempts
+only spends generation on candidates that come after a pair's successful one. That is the right
+trade where extra rows in a batch are nearly free (a local model on a CPU, where each call costs
+about max_new_tokens decoding steps whatever its rows) and the wrong one for a paid endpoint.
 The generator, the distance and the harm check are injected.
 """
 
@@ -25,9 +31,11 @@ import numpy as np
 
 Role = Literal["rejected", "chosen"]
 
-# ([(role, prompt, chosen, rejected, first attempt)], n) -> per request, n rewrites of the response
-# in `role` (attempts first .. first + n - 1), None for a failed one
-RewriteFn = Callable[[Sequence[tuple[Role, str, str, str, int]], int], list[list[str | None]]]
+Schedule = Literal["sequential", "by_role", "all"]
+SCHEDULES = ("sequential", "by_role", "all")
+# [(role, prompt, chosen, rejected, first attempt, count)] -> per request, `count` rewrites of the
+# response in `role` (attempts first .. first + count - 1), None for a failed one
+RewriteFn = Callable[[Sequence[tuple[Role, str, str, str, int, int]]], list[list[str | None]]]
 # (chosen texts, rejected texts) -> distances
 DistanceFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 # (new text, context) -> reason it is harmful, or None
@@ -50,12 +58,24 @@ class RefineOutcome:
     rejected: str
     distance: float
     status: str  # one of STATUSES
-    attempts: int  # rewrite calls spent on this pair
+    attempts: int  # protocol attempts spent on this pair (up to and including the successful one)
     harmful_phrase: str | None = None
 
     @property
     def refined(self) -> bool:
         return self.status.startswith("rewrote")
+
+
+def _rounds(schedule: str, max_rejected: int, max_chosen: int) -> list[list[tuple[Role, int, int]]]:
+    """The calls of a schedule: each a list of (role, first attempt, attempts) windows."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
+    roles: list[tuple[Role, int]] = [(r, k) for r, k in (("rejected", max_rejected), ("chosen", max_chosen)) if k > 0]
+    if schedule == "sequential":
+        return [[(role, a, 1)] for role, k in roles for a in range(1, k + 1)]
+    if schedule == "by_role":
+        return [[(role, 1, k)] for role, k in roles]
+    return [[(role, 1, k) for role, k in roles]] if roles else []
 
 
 def refine_batch(
@@ -66,46 +86,50 @@ def refine_batch(
     harmful: HarmFn,
     max_rejected: int = 5,
     max_chosen: int = 5,
-    attempts_per_call: int = 1,
+    schedule: Schedule = "sequential",
 ) -> list[RefineOutcome]:
     """Run the protocol over ``items``; one outcome per item, in order. ``attempts`` of an
     outcome counts the attempts the protocol used (up to and including the successful one)."""
-    if attempts_per_call < 1:
-        raise ValueError(f"attempts_per_call must be >= 1, got {attempts_per_call}")
     n = len(items)
     done: list[RefineOutcome | None] = [None] * n
     attempts = [0] * n
     produced = [False] * n  # the generator returned usable text at least once
     harm: list[str | None] = [None] * n
-    for role, limit in (("rejected", max_rejected), ("chosen", max_chosen)):
-        for first in range(1, limit + 1, attempts_per_call):
-            pending = [i for i in range(n) if done[i] is None]
-            if not pending:
-                break
-            k = min(attempts_per_call, limit - first + 1)
-            reqs = [(role, items[i].prompt, items[i].chosen, items[i].rejected, first) for i in pending]
-            outs = rewrite(reqs, k)
-            if len(outs) != len(pending) or any(len(row) != k for row in outs):
-                raise ValueError(f"rewrite returned {[len(r) for r in outs]} texts for {len(pending)} requests x {k}")
-            # Every usable candidate of the call, judged in attempt order (one distance call).
-            cands = [(i, j, t) for i, row in zip(pending, outs) for j, t in enumerate(row) if t and t.strip()]
-            new_c = [t if role == "chosen" else items[i].chosen for i, _, t in cands]
-            new_r = [t if role == "rejected" else items[i].rejected for i, _, t in cands]
-            dist = np.asarray(distance(new_c, new_r), dtype=np.float64) if cands else np.zeros(0)
-            used = {i: k for i in pending}
-            for (i, j, text), c, r, d in zip(cands, new_c, new_r, dist):
+    for windows in _rounds(schedule, max_rejected, max_chosen):
+        pending = [i for i in range(n) if done[i] is None]
+        if not pending:
+            break
+        reqs = [(role, items[i].prompt, items[i].chosen, items[i].rejected, first, k)
+                for role, first, k in windows for i in pending]
+        outs = rewrite(reqs)
+        if [len(row) for row in outs] != [r[5] for r in reqs]:
+            raise ValueError(f"rewrite returned {[len(row) for row in outs]} texts for {[r[5] for r in reqs]}")
+        # Each pending pair's candidates in protocol order (windows in order, attempts in order).
+        cands: dict[int, list[tuple[Role, str | None]]] = {i: [] for i in pending}
+        for (role, *_), row, i in zip(reqs, outs, [i for _ in windows for i in pending]):
+            cands[i] += [(role, t if t and t.strip() else None) for t in row]
+        usable = [(i, role, t) for i in pending for role, t in cands[i] if t is not None]
+        new_c = [t if role == "chosen" else items[i].chosen for i, role, t in usable]
+        new_r = [t if role == "rejected" else items[i].rejected for i, role, t in usable]
+        dist = iter(np.asarray(distance(new_c, new_r), dtype=np.float64) if usable else ())
+        for i in pending:
+            used = len(cands[i])
+            for j, (role, text) in enumerate(cands[i]):
+                if text is None:
+                    continue
                 produced[i] = True
+                d = float(next(dist))
                 if done[i] is not None or d <= items[i].distance:
                     continue
-                context = "\n".join((items[i].prompt, items[i].chosen, items[i].rejected))
-                why = harmful(text, context)
+                why = harmful(text, "\n".join((items[i].prompt, items[i].chosen, items[i].rejected)))
                 if why:
                     harm[i] = why
                     continue
-                used[i] = j + 1
-                done[i] = RefineOutcome(c, r, float(d), f"rewrote_{role}", 0)
-            for i in pending:
-                attempts[i] += used[i]
+                c = text if role == "chosen" else items[i].chosen
+                r = text if role == "rejected" else items[i].rejected
+                done[i] = RefineOutcome(c, r, d, f"rewrote_{role}", 0)
+                used = j + 1
+            attempts[i] += used
     out: list[RefineOutcome] = []
     for i, it in enumerate(items):
         if done[i] is not None:

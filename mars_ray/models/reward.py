@@ -35,6 +35,7 @@ __all__ = [
     "Encoded",
     "encode_pairs",
     "encode_preferences",
+    "length_chunks",
     "load_reward_model",
     "pad_batch",
     "resolve_dtype",
@@ -435,25 +436,50 @@ def pad_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def score_encoded(model: Any, tokenizer: Any, enc: Encoded, *, batch_size: int) -> np.ndarray:
-    """Rewards (float32, input order) of encoded sequences: longest first, batches of
-    ``batch_size`` sequences each padded only to its own longest row."""
-    import torch
+def length_chunks(lengths: np.ndarray, *, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Indices of ``lengths``, longest first, cut into forward batches of at most ``batch_size``
+    rows whose padded size (rows x longest row) stays within ``max_tokens`` token slots (a row
+    longer than that forms its own batch); ``max_tokens`` None: ``batch_size`` rows each.
 
+    A few requests of very different lengths (a served batch) then pad and attend over far fewer
+    slots: the longest go in small batches, the short ones in large ones.
+    """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1 (or None)")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    if max_tokens is None:
+        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    chunks, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order):
+            chunks.append(order[start:])
+            break
+        rows, width = i - start + 1, int(lengths[order[start]])
+        if rows > batch_size or rows * width > max_tokens:
+            chunks.append(order[start:i])
+            start = i
+    return chunks
+
+
+def score_encoded(model: Any, tokenizer: Any, enc: Encoded, *, batch_size: int, max_tokens: int | None = None) -> np.ndarray:
+    """Rewards (float32, input order) of encoded sequences: longest first, forward batches of
+    :func:`length_chunks` (``batch_size`` rows, ``max_tokens`` token slots), each padded only to
+    its own longest row."""
+    import torch
+
     n = len(enc)
+    chunks = length_chunks(enc.lengths, batch_size=batch_size, max_tokens=max_tokens)
     out = np.empty(n, dtype=np.float32)
     if n == 0:
         return out
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token (load the model with load_reward_model)")
-    order = np.argsort(-enc.lengths, kind="stable")
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in chunks:
             batch = pad_batch(
                 [enc.input_ids[i] for i in idx],
                 [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None,
@@ -476,13 +502,15 @@ def score_texts(
     max_prompt_tokens: int,
     max_response_tokens: int,
     max_length: int | None = None,
+    max_tokens: int | None = None,
 ) -> np.ndarray:
-    """r(prompt_i, response_i) for every i as float32, in input order."""
+    """r(prompt_i, response_i) for every i as float32, in input order (forward batches as
+    :func:`score_encoded`)."""
     enc = encode_pairs(
         tokenizer, prompts, responses,
         max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens, max_length=max_length,
     )
-    return score_encoded(model, tokenizer, enc, batch_size=batch_size)
+    return score_encoded(model, tokenizer, enc, batch_size=batch_size, max_tokens=max_tokens)
 
 
 def score_pairs(

@@ -25,7 +25,8 @@ Batching: every request (HTTP or handle) is one item of ``@serve.batch``; a batc
 fill. The batch's pairs are flattened, encoded with the training-time rule
 (:func:`~mars_ray.models.reward.encode_pairs`: prompt left-truncated to ``data.max_prompt_tokens``,
 response capped at ``data.max_response_tokens``), sorted by length and run in forward passes of
-``serve.forward_batch_size`` sequences, each padded only to its own longest row, under
+``serve.forward_batch_size`` sequences and ``serve.forward_max_tokens`` padded token slots,
+each padded only to its own longest row, under
 ``torch.inference_mode`` (:func:`~mars_ray.models.reward.score_encoded`). The forward passes run in
 one worker thread, so the replica's event loop keeps accepting, validating and rejecting requests
 while a batch computes. If a batch fails, its requests are retried one by one so that only the
@@ -80,6 +81,7 @@ class RewardServer:
         self.max_prompt_tokens = int(spec["max_prompt_tokens"])
         self.max_response_tokens = int(spec["max_response_tokens"])
         self.forward_batch_size = int(spec["forward_batch_size"])
+        self.forward_max_tokens = spec["forward_max_tokens"]
         # One thread runs every forward pass. OpenMP thread counts are per thread, so the worker sets
         # its own (Ray gives a 1-CPU replica OMP_NUM_THREADS=1).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward",
@@ -112,6 +114,7 @@ class RewardServer:
         out = score_texts(
             self.model, self.tokenizer, prompts, responses, batch_size=self.forward_batch_size,
             max_prompt_tokens=self.max_prompt_tokens, max_response_tokens=self.max_response_tokens,
+            max_tokens=self.forward_max_tokens,
         )
         return [float(x) for x in out]
 
@@ -311,6 +314,7 @@ def build_app(cfg: Any, model: Optional[str] = None):
         "max_prompt_tokens": int(cfg.data.max_prompt_tokens),
         "max_response_tokens": int(cfg.data.max_response_tokens),
         "forward_batch_size": int(s.forward_batch_size),
+        "forward_max_tokens": None if s.forward_max_tokens is None else int(s.forward_max_tokens),
         "max_batch_size": int(s.max_batch_size),
         "batch_wait_timeout_s": float(s.batch_wait_timeout_s),
         "limits": {"max_text_chars": limits.max_text_chars, "max_batch_items": limits.max_batch_items,

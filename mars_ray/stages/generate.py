@@ -62,15 +62,14 @@ def output_cap(text: str, ratio: float, max_new_tokens: int, floor: int = 32) ->
     return int(min(max_new_tokens, max(floor, -(-limit // 32) * 32)))
 
 
-def attempts_per_call(rewrite: dict[str, Any]) -> int:
-    """Rewrite attempts per generation call: ``rewrite.attempts_per_call``, else every attempt of
-    a role at once for local models (extra rows in a batch are nearly free) and one at a time for
-    an endpoint (each attempt is a paid request; most pairs succeed at the first)."""
-    if rewrite.get("attempts_per_call") is not None:
-        return int(rewrite["attempts_per_call"])
-    if rewrite["backend"] == "openai":
-        return 1
-    return max(1, int(rewrite["max_attempts_rejected"]), int(rewrite["max_attempts_chosen"]))
+def refine_schedule(rewrite: dict[str, Any]) -> str:
+    """How many rewrite attempts one generation call carries (:mod:`mars_ray.core.refine`):
+    ``rewrite.schedule``, else ``all`` for local models (extra rows in a batch are nearly free: a
+    call costs about its decoding steps) and ``sequential`` for an endpoint (each attempt is a
+    paid request, and most pairs succeed at the first)."""
+    if rewrite.get("schedule"):
+        return str(rewrite["schedule"])
+    return "sequential" if rewrite["backend"] == "openai" else "all"
 
 
 class _StatsMixin:
@@ -99,18 +98,23 @@ class RefineActor(_StatsMixin):
         self.base_params = self.gen.inner.params
         self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
 
-    def _rewrite(self, reqs, n: int):
-        role, attempt = reqs[0][0], reqs[0][4]
-        # A distinct, reproducible sampling seed (and cache key) per role and first attempt; the
-        # call's n samples are attempts attempt .. attempt + n - 1.
-        offset = attempt + (0 if role == "rejected" else 1000)
-        self.gen.inner.params = dataclasses.replace(self.base_params, seed=self.base_params.seed + offset)
-        msgs = [render(f"rewrite_{r[0]}", prompt=r[1], chosen=r[2], rejected=r[3]) for r in reqs]
-        # A rewrite is a response of about the same size: cap each output at twice its source
-        # (sampled small models otherwise ramble to max_new_tokens).
-        caps = [output_cap(r[2] if role == "chosen" else r[3], 2.0, self.cfg["max_new_tokens"], floor=64) for r in reqs]
-        outs = self.gen.generate(msgs, n=n, max_new_tokens=caps)
-        return [[clean_generation(t) or None if t is not None else None for t in row] for row in outs]
+    def _rewrite(self, reqs):
+        """Rewrites for (role, prompt, chosen, rejected, first attempt, count) requests: one
+        generate call per distinct (first attempt, count), all roles together; each request
+        gets ``count`` samples, its attempts first .. first + count - 1."""
+        out: list[list[str | None]] = [[] for _ in reqs]
+        for first, count in sorted({(r[4], r[5]) for r in reqs}):
+            idx = [j for j, r in enumerate(reqs) if (r[4], r[5]) == (first, count)]
+            # A distinct, reproducible sampling seed (and cache key) per first attempt.
+            self.gen.inner.params = dataclasses.replace(self.base_params, seed=self.base_params.seed + first)
+            msgs = [render(f"rewrite_{reqs[j][0]}", prompt=reqs[j][1], chosen=reqs[j][2], rejected=reqs[j][3]) for j in idx]
+            # A rewrite is a response of about the same size: cap each output at twice its source
+            # (sampled small models otherwise ramble to max_new_tokens).
+            caps = [output_cap(reqs[j][2] if reqs[j][0] == "chosen" else reqs[j][3], 2.0, self.cfg["max_new_tokens"],
+                               floor=64) for j in idx]
+            for j, row in zip(idx, self.gen.generate(msgs, n=count, max_new_tokens=caps)):
+                out[j] = [clean_generation(t) or None if t is not None else None for t in row]
+        return out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         before = self.gen.stats.as_dict()
@@ -118,7 +122,7 @@ class RefineActor(_StatsMixin):
                                                                    as_list(batch["rejected"]), as_list(batch["distance"]))]
         res = refine_batch(items, rewrite=self._rewrite, distance=self.encoder.distances, harmful=introduced_harm,
                            max_rejected=self.cfg["max_attempts_rejected"], max_chosen=self.cfg["max_attempts_chosen"],
-                           attempts_per_call=attempts_per_call(self.cfg))
+                           schedule=refine_schedule(self.cfg))
         return {
             "pair_id": batch["pair_id"],
             "refined_chosen": np.array([o.chosen for o in res], dtype=object),
