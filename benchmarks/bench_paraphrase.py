@@ -110,6 +110,7 @@ def child(args) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant")
+    ap.add_argument("--reps", type=int, default=1, help=argparse.SUPPRESS)  # passed by run_variant; one run each
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
