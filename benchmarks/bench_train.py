@@ -32,7 +32,9 @@ Variants:
 - ``trl_nockpt``: the same with ``gradient_checkpointing=False`` (TRL's fastest fp32 setting here).
 - ``ours``: ``mars_ray.train.loop.fit_reward_model``, one Ray Train worker with 2 CPUs, full
   fine-tune (``train.lora=false``), fp32, no validation set (held-out scoring is done afterwards,
-  the same way as for TRL). Pairs are never dropped: the prompt is cut from the left.
+  the same way as for TRL). Pairs are never dropped: the prompt is cut from the left. Batches are
+  length-grouped (``train.length_group``) and dropout is off (``train.disable_dropout``), both
+  mars_ray's defaults; dropout off is TRL's default too.
 - ``ours_bf16``: the same with ``train.bf16_autocast=true``: fp32 master weights and AdamW state,
   forward and backward matmuls in bf16 under ``torch.autocast`` (mixed precision, as on a GPU).
 - ``ours_lora``: LoRA (mars_ray's default, r=16 on query/value, head trained in full), fp32.
@@ -305,10 +307,11 @@ def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool) -> dict:
 
 def ours_padding(train, args, tmp: Path, seed: int) -> dict:
     """Token slots / real tokens / squared lengths of the loop's batches, recomputed from its
-    deterministic shuffle (MARS epoch 1, pass 0, one worker), plus the same for length-grouped
-    batches (pairs sorted by their longer sequence) for comparison."""
+    deterministic shuffle and length grouping (MARS epoch 1, pass 0, one worker, the config's
+    ``train.length_group``), plus plain random batches of the same shuffle for comparison."""
     import numpy as np
 
+    from mars_ray.core.lengths import length_grouped_batches
     from mars_ray.models.reward import encode_preferences, load_reward_model
 
     _, tok = load_reward_model(model_dir(args.max_length, tmp), seed=seed, dtype="float32")
@@ -317,16 +320,16 @@ def ours_padding(train, args, tmp: Path, seed: int) -> dict:
     lc, lr = ec.lengths, er.lengths
     n = len(lc)
 
-    def slots(order):
-        tot = 0
-        for s in range(0, n, BATCH):
-            idx = order[s : s + BATCH]
-            tot += 2 * len(idx) * int(max(lc[idx].max(), lr[idx].max()))
-        return tot
+    longest = np.maximum(lc, lr)
 
-    perm = np.random.default_rng([seed, 1, 0]).permutation(n)
-    grouped = np.argsort(-np.maximum(lc, lr), kind="stable")
-    return {"real_tokens": int(lc.sum() + lr.sum()), "slots": slots(perm), "slots_grouped": slots(grouped),
+    def slots(batches):
+        return sum(2 * len(idx) * int(longest[idx].max()) for idx in batches)
+
+    rng = np.random.default_rng([seed, 1, 0])
+    perm = rng.permutation(n)
+    loop = length_grouped_batches(perm, longest, BATCH, rng, group=base_cfg().train.length_group)
+    plain = [perm[s : s + BATCH] for s in range(0, n, BATCH)]
+    return {"real_tokens": int(lc.sum() + lr.sum()), "slots": slots(loop), "slots_random": slots(plain),
             "sumsq": int((lc.astype(np.int64) ** 2).sum() + (lr.astype(np.int64) ** 2).sum()),
             "prompts_cut": int(ec.prompt_truncated),
             "responses_cut": int(ec.response_truncated + er.response_truncated)}
@@ -364,7 +367,7 @@ def run_ours(train, heldout, args, tmp: Path, *, lora: bool, dtype: str, amp: bo
     info = {
         "step_seconds": step_s, "e2e_seconds": e2e, "ray_init_s": t_ray, "trained": train.num_rows,
         "offered": train.num_rows, "steps": int(m["steps"]), "real_tokens": pad["real_tokens"],
-        "loop_real_tokens": round(loop_tokens), "slots": pad["slots"], "slots_grouped": pad["slots_grouped"],
+        "loop_real_tokens": round(loop_tokens), "slots": pad["slots"], "slots_random": pad["slots_random"],
         "prompts_cut": pad["prompts_cut"], "responses_cut": pad["responses_cut"],
         "flops": model_flops(shape, pad["real_tokens"], pad["sumsq"], k),
         "dtype": "bf16" if (dtype == "bfloat16" or amp) else "fp32", "train_loss_first": m.get("train_loss_first"),
@@ -538,9 +541,9 @@ def report(rows: list[dict], peak: dict, a) -> str:
             if "ray_init_s" in x:
                 lines.append(f"{r['variant']}: ray.init {med(r, 'ray_init_s'):.1f} s, "
                              f"outside the steps {med(r, 'e2e_seconds') - med(r, 'step_seconds'):.1f} s; "
-                             f"padding with length-grouped batches would be "
-                             f"{100 * (1 - x['real_tokens'] / x['slots_grouped']):.1f}% "
-                             f"(random: {100 * (1 - x['real_tokens'] / x['slots']):.1f}%); real tokens "
+                             f"padding {100 * (1 - x['real_tokens'] / x['slots']):.1f}% with the loop's "
+                             f"length-grouped batches (plain random batches would pad "
+                             f"{100 * (1 - x['real_tokens'] / x['slots_random']):.1f}%); real tokens "
                              f"recomputed {x['real_tokens']} vs loop-reported {x['loop_real_tokens']}; "
                              f"{x['prompts_cut']} prompts cut from the left; loss {x['train_loss_first']:.3f} -> "
                              f"{x['train_loss_last']:.3f}")

@@ -330,3 +330,25 @@ def test_deepspeed_zero_matches_ddp_first_step_on_minilm(ray_local, data_files, 
     tok = AutoTokenizer.from_pretrained(m["model_dir"])
     rc, rr = _score(model, tok, data_files[1])
     assert np.mean(rc > rr) == pytest.approx(m["val_accuracy"])  # the saved weights are the trained ones
+
+
+def test_disable_dropout_makes_training_forwards_deterministic(tiny_bert_dir, tiny_llama_dir):
+    import torch
+
+    from mars_ray.models.reward import disable_dropout, load_reward_model
+
+    model, tok = load_reward_model(str(tiny_bert_dir), seed=0)
+    model.train()
+    enc = tok(["a prompt and a fairly long response to it"] * 4, return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.equal(model(**enc).logits, model(**enc).logits)  # dropout is on in train mode
+        assert disable_dropout(model) > 0
+        assert torch.equal(model(**enc).logits, model(**enc).logits)
+    assert disable_dropout(model) == 0
+    # float attention-dropout attributes (Llama-style) are turned off too
+    llama, _ = load_reward_model(str(tiny_llama_dir), seed=0)
+    attn = [m for m in llama.modules() if hasattr(m, "attention_dropout")]
+    assert attn
+    for m in attn:
+        m.attention_dropout = 0.3
+    assert disable_dropout(llama) >= len(attn) and all(m.attention_dropout == 0.0 for m in attn)

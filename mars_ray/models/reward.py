@@ -33,6 +33,7 @@ from mars_ray.core.lengths import truncate_pair_tokens
 
 __all__ = [
     "Encoded",
+    "disable_dropout",
     "encode_pairs",
     "encode_preferences",
     "length_chunks",
@@ -144,6 +145,29 @@ def load_reward_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def disable_dropout(model: Any) -> int:
+    """Turn every dropout of ``model`` off (``nn.Dropout`` modules and float attention-dropout
+    attributes such as Llama's ``attention_dropout``); returns how many were non-zero.
+
+    Reward models are usually trained without dropout (TRL's and DeepSpeed-Chat's defaults): the
+    Bradley-Terry loss compares two forward passes, which dropout makes noisier; on a CPU it also
+    costs about half of a training step (dropout masks, and SDPA attention falls back to its
+    unfused path when it has to drop attention weights)."""
+    import torch
+
+    changed = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            changed += mod.p > 0
+            mod.p = 0.0
+        for name in ("attention_dropout", "dropout_prob"):
+            v = getattr(mod, name, None)
+            if isinstance(v, float) and not isinstance(v, bool):
+                changed += v > 0
+                setattr(mod, name, 0.0)
+    return int(changed)
 
 
 def _text_config(config: Any) -> Any:

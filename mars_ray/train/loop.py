@@ -201,7 +201,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
 
     from mars_ray.core.losses import bt_loss, pair_metrics
-    from mars_ray.models.reward import encode_preferences, load_reward_model, pad_batch, score_pairs
+    from mars_ray.models.reward import disable_dropout, encode_preferences, load_reward_model, pad_batch, score_pairs
 
     cfg = Config.from_dict(config["config"])
     t, dsc = cfg.train, cfg.deepspeed
@@ -218,6 +218,8 @@ def train_loop_per_worker(config: dict) -> dict:
         config["init_model"], seed=cfg.seed, dtype="float32" if dsc.enabled else cfg.model.dtype,
         cache_dir=cfg.model.cache_dir, offline=cfg.model.offline,
     )
+    if t.disable_dropout:
+        disable_dropout(model)
     torch.manual_seed(cfg.seed + 7919 * epoch)  # LoRA init + dropout: identical on every rank
     if t.lora:
         model = wrap_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout)
