@@ -9,11 +9,12 @@ after ``--requests`` requests or ``--seconds`` seconds, whichever comes first. R
     RAY_AUTH_MODE=disabled python benchmarks/bench_serve.py [--levels 1,16,64] [--reps 3] \
         [--requests 600] [--seconds 20] [--soak 10000] [--only batched,unbatched,soak] [--data hh|demo]
 
-(about 9 minutes with the defaults on 2 cores; ``--reps 1 --seconds 10 --soak 2000`` is a quick look).
+(about 20 minutes with the defaults on 2 cores, the soak 10 of them; ``--reps 1 --seconds 10 --soak 2000`` is a quick look).
 
 Variants (both the same deployment; only ``serve.max_batch_size`` differs):
 - ``batched``: ``@serve.batch`` with up to 32 requests per batch, 10 ms wait for the batch to fill;
-  a batch is length-sorted and run in forward passes of up to 32 sequences.
+  a batch is length-sorted and run in forward passes of up to 32 sequences and 512 padded
+  token slots (`serve.forward_max_tokens`; on a CPU a single sequence is already an efficient pass).
 - ``unbatched``: ``max_batch_size 1``: one request per forward pass.
 - ``soak``: the batched server under ``--soak`` requests from 64 clients; reports how many answers
   were 5xx (goal: zero) and how many requests failed in transport.
@@ -219,7 +220,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=600, help="requests per load run (upper bound)")
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds per load run (upper bound)")
     ap.add_argument("--soak", type=int, default=10000, help="requests of the soak run (64 clients, batched)")
-    ap.add_argument("--soak-seconds", type=float, default=600.0, help="safety stop of the soak run")
+    ap.add_argument("--soak-seconds", type=float, default=1200.0, help="safety stop of the soak run")
     ap.add_argument("--only", default="batched,unbatched,soak")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the replica")
     ap.add_argument("--data", choices=("hh", "demo"), default="hh")
