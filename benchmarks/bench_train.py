@@ -467,7 +467,7 @@ def child(variant: str, reps: int, args) -> None:
         import ray.train.torch  # noqa: F401
     train, heldout = load_split(args.file, args.pairs, args.heldout)
     infos = []
-    with TreeRss() as rss:
+    with TreeRss(every=0.5) as rss:  # a coarser sampling: scanning Ray's ~20 processes every 0.1 s costs a few % of a core
         for _ in range(reps):
             tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
             try:
