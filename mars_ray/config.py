@@ -210,7 +210,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    # Train the backbone without dropout (TRL's and DeepSpeed-Chat's reward-model default; LoRA
+    # Train the backbone without dropout (TRL's RewardTrainer default; LoRA
     # keeps lora_dropout). With dropout a MiniLM step on 2 CPU cores takes about 2x as long.
     disable_dropout: bool = True
     # Add a per-pair margin term to the Bradley-Terry loss.

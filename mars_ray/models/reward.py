@@ -151,7 +151,7 @@ def disable_dropout(model: Any) -> int:
     """Turn every dropout of ``model`` off (``nn.Dropout`` modules and float attention-dropout
     attributes such as Llama's ``attention_dropout``); returns how many were non-zero.
 
-    Reward models are usually trained without dropout (TRL's and DeepSpeed-Chat's defaults): the
+    Reward models are usually trained without dropout (TRL's RewardTrainer default): the
     Bradley-Terry loss compares two forward passes, which dropout makes noisier; on a CPU it also
     costs about half of a training step (dropout masks, and SDPA attention falls back to its
     unfused path when it has to drop attention weights)."""
