@@ -193,7 +193,8 @@ def test_cache_keys_follow_each_requests_own_cap(llama_parts, tmp_path):
 
 
 def test_left_padding_and_chat_template_reach_the_model(llama_parts, monkeypatch):
-    g = chat_gen(llama_parts, batch_size=4)
+    # sampling goes through model.generate (greedy single outputs take ragged_greedy, tested on its own)
+    g = chat_gen(llama_parts, batch_size=4, temperature=0.7)
     g.system = "You are terse."
     seen = {}
     real = g.model.generate

