@@ -215,7 +215,7 @@ def _semantic_and_refine(cfg, pairs, ids, b, chosen, rejected, refined, status, 
 
 def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log, topup: int = 0):
     from mars_ray.stages.common import actor_threads, map_with_actors
-    from mars_ray.stages.generate import STAT_COLUMNS, ParaphraseActor
+    from mars_ray.stages.generate import STAT_COLUMNS, ParaphraseActor, longest_first
 
     n = len(ids)
     keys, texts, counts = [], [], []
@@ -230,7 +230,7 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     info: dict[str, Any] = {"texts": len(texts), "requested": int(sum(counts))}
     if not texts:
         return kept_c, kept_r, info
-    req = pa.table({"key": keys, "text": texts, "n": counts})
+    req = longest_first(pa.table({"key": keys, "text": texts, "n": counts}))
     section = dataclasses.asdict(cfg.paraphrase)
     if topup:  # sample, so top-up outputs differ from the deterministic first round (and each other)
         section.update(temperature=cfg.paraphrase.topup_temperature, num_beams=1)

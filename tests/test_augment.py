@@ -265,3 +265,15 @@ def test_output_cap_bounds_generation_by_the_source_length():
     assert output_cap("x", 2.0, 160) == 32 and output_cap("x", 2.0, 192, floor=64) == 64
     caps = [output_cap("x" * n, 2.0, 1024) for n in range(1, 2000, 7)]
     assert caps == sorted(caps) and all(c % 32 == 0 for c in caps)
+
+
+def test_longest_first_orders_generation_requests_stably():
+    import pyarrow as pa
+
+    from mars_ray.stages.generate import longest_first
+
+    t = pa.table({"key": ["a", "b", "c", "d", "e"], "text": ["xx", "xxxx", "", "xxxx", "x"], "n": [1, 2, 3, 4, 5]})
+    out = longest_first(t)
+    assert out.column("key").to_pylist() == ["b", "d", "a", "e", "c"]  # ties keep their order
+    assert out.column("n").to_pylist() == [2, 4, 1, 5, 3]  # whole rows move together
+    assert longest_first(t.slice(0, 1)).equals(t.slice(0, 1)) and longest_first(t.slice(0, 0)).num_rows == 0

@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from mars_ray.core.filters import clean_generation, introduced_harm, paraphrase_rejection
 from mars_ray.core.refine import RefineItem, refine_batch
@@ -60,6 +61,17 @@ def output_cap(text: str, ratio: float, max_new_tokens: int, floor: int = 32) ->
     ``max_new_tokens``."""
     limit = int(ratio * len(text) / 3) + 16
     return int(min(max_new_tokens, max(floor, -(-limit // 32) * 32)))
+
+
+def longest_first(table: pa.Table, column: str = "text") -> pa.Table:
+    """``table`` sorted by the character length of ``column``, longest first (stable). Fed to a
+    generation stage in this order, each batch holds texts of similar length: less prompt padding
+    and fewer decoding steps waiting on one long output (64 PKU paraphrases: 27.0 s against 29.6 s
+    in file order). Results are matched back by key, so the order is free."""
+    if table.num_rows < 2:
+        return table
+    lengths = np.array([-len(t or "") for t in table.column(column).to_pylist()])
+    return table.take(pa.array(np.argsort(lengths, kind="stable")))
 
 
 def refine_schedule(rewrite: dict[str, Any]) -> str:
