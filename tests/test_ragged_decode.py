@@ -155,3 +155,33 @@ def test_encoder_decoder_is_not_supported():
 
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
     assert not supports_ragged_greedy(t5)
+
+
+def test_sliding_window_chunked_and_hybrid_models_are_not_supported():
+    """Windows count cache slots and recurrent state runs through every slot, so the padding
+    between the shared prefix and a row would change such a model's output: it keeps generate."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    assert not supports_ragged_greedy(MistralForCausalLM(MistralConfig(**base, sliding_window=8)))
+    assert supports_ragged_greedy(MistralForCausalLM(MistralConfig(**base, sliding_window=None)))
+    assert not supports_ragged_greedy(Lfm2ForCausalLM(Lfm2Config(**base, layer_types=["conv", "full_attention"])))
+
+
+def test_generation_config_fields_that_change_greedy_decoding_are_refused(llama64):
+    model, _ = llama64
+    gen = model.generation_config
+    for name, value in (("guidance_scale", 1.5), ("remove_invalid_values", True), ("max_time", 5.0),
+                        ("min_new_tokens", 3), ("repetition_penalty", 1.2)):
+        old = getattr(gen, name)
+        setattr(gen, name, value)
+        try:
+            assert not supports_ragged_greedy(model), name
+        finally:
+            setattr(gen, name, old)
+    gen.min_new_tokens = 0  # zero is the same as unset
+    try:
+        assert supports_ragged_greedy(model)
+    finally:
+        gen.min_new_tokens = None

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Sequence
 
 __all__ = ["common_prefix_len", "ragged_greedy", "supports_ragged_greedy"]
 
-# Generation-config fields that would add logits processors this path does not apply.
+# Generation-config fields that would add logits processors or stopping criteria this path does
+# not apply.
 _PROCESSOR_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
@@ -45,23 +46,55 @@ _PROCESSOR_DEFAULTS: dict[str, Any] = {
     "sequence_bias": None,
     "exponential_decay_length_penalty": None,
     "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "guidance_scale": None,
+    "stop_strings": None,
+    "max_time": None,
 }
+# Zero is the same as unset for these.
+_ZERO_IS_UNSET = frozenset({"min_length", "min_new_tokens"})
 
 
 def supports_ragged_greedy(model: Any) -> bool:
-    """True for a decoder-only model whose generation config adds no logits processor of its own
-    (then greedy ``generate`` is argmax plus what the caller asks for)."""
+    """True for a decoder-only model with full attention in every layer whose generation config
+    adds no logits processor or stopping criterion of its own (then greedy ``generate`` is argmax
+    plus what the caller asks for).
+
+    Refused: sliding-window and chunked attention (their windows count cache slots, and the
+    padding this path puts between the shared prefix and a row's own tokens would take slots of
+    that row's window) and recurrent or convolution layers (their state would run through that
+    padding); those models keep ``model.generate``.
+    """
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    if not _full_attention_only(cfg):
         return False
     gen = getattr(model, "generation_config", None)
     if gen is None:
         return True
     for name, default in _PROCESSOR_DEFAULTS.items():
         value = getattr(gen, name, default)
-        if value not in (default, None) and not (name == "min_length" and value == 0):
+        if value not in (default, None) and not (name in _ZERO_IS_UNSET and value == 0):
             return False
     return True
+
+
+def _full_attention_only(cfg: Any) -> bool:
+    """Every layer of the model's cache is a plain full-attention layer."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        layers = list(DynamicCache(config=cfg).layers)
+    except Exception:  # an older transformers, or a config the cache cannot read: ask the config
+        layers = []
+    if layers:
+        return all(type(layer) is DynamicLayer for layer in layers)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    return (getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False) \
+        and getattr(cfg, "attention_chunk_size", None) is None
 
 
 def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
