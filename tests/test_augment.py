@@ -81,9 +81,13 @@ def test_paraphrase_actor_gates_and_cache(tmp_path, tiny_bert_dir, tiny_llama_di
     # Every generated candidate is either kept or rejected with a reason.
     assert [len(k) + sum(r.values()) for k, r in zip(kept, reasons)] == [2, 3]
     assert out["gen_generated"].sum() == 5 and out["gen_hits"].sum() == 0
-    again = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)  # a new actor, same disk cache
+    assert actor.gen.inner.loaded
+    rerun = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)  # a new actor, same disk cache
+    assert not rerun.gen.inner.loaded  # the model is loaded on the first cache miss, not at start
+    again = rerun(batch)
     assert again["gen_generated"].sum() == 0 and again["gen_hits"].sum() == 5
     assert list(again["kept"]) == list(out["kept"])
+    assert not rerun.gen.inner.loaded  # every output came from the cache: the model was never loaded
 
 
 def test_paraphrase_actor_resamples_texts_the_gate_left_short(tmp_path, tiny_bert_dir, tiny_llama_dir):

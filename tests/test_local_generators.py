@@ -22,6 +22,7 @@ from mars_ray.models.generation import (  # noqa: E402
     CachedGenerator,
     GenerationCache,
     GenParams,
+    LazyGenerator,
     TextGenerator,
 )
 from mars_ray.models.local_generators import (  # noqa: E402
@@ -333,6 +334,35 @@ def test_cached_generator_generates_only_missing_slots(llama_parts, tmp_path):
     inner2 = chat_gen(llama_parts, batch_size=4)
     assert CachedGenerator(inner2, GenerationCache(tmp_path / "gen.sqlite")).generate(reqs, 3) == more
     assert inner2.calls == 0
+
+
+def test_lazy_generator_builds_on_the_first_miss_and_shares_the_model(llama_parts, tmp_path):
+    builds = []
+
+    def build():
+        builds.append(1)
+        return chat_gen(llama_parts, batch_size=4)
+
+    lazy = LazyGenerator("tiny-llama", GenParams(max_new_tokens=6), build)
+    assert isinstance(lazy, TextGenerator) and not lazy.loaded
+    cached = CachedGenerator(lazy, GenerationCache(tmp_path / "gen.sqlite"))
+    reqs = REQUESTS[:3]
+    first = cached.generate(reqs, 2)
+    assert lazy.loaded and builds == [1]
+    assert first == chat_gen(llama_parts, batch_size=4).generate(reqs, 2)  # same outputs as the eager generator
+    # A fully cached call on a fresh lazy generator never builds its model.
+    fresh = LazyGenerator("tiny-llama", GenParams(max_new_tokens=6), build)
+    assert CachedGenerator(fresh, GenerationCache(tmp_path / "gen.sqlite")).generate(reqs, 2) == first
+    assert not fresh.loaded and builds == [1]
+    # Other decoding parameters: the same built model, each view with its own params.
+    short = cached.with_params(max_new_tokens=2)
+    out = short.generate(reqs, 1)
+    assert builds == [1] and out == chat_gen(llama_parts, batch_size=4, max_new_tokens=2).generate(reqs, 1)
+    assert lazy.backend().params.max_new_tokens == 6  # the shared back end keeps its own params
+    # The id is part of every cache key, so a back end that names itself differently is refused.
+    wrong = LazyGenerator("another-id", GenParams(max_new_tokens=6), build)
+    with pytest.raises(ValueError, match="differs from the declared"):
+        wrong.generate(reqs, 1)
 
 
 def test_counters(llama_parts):

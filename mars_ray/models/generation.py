@@ -150,6 +150,54 @@ class GenerationCache:
         self.__init__(state["path"])
 
 
+class LazyGenerator:
+    """A :class:`TextGenerator` whose back end is built on the first :meth:`generate` call.
+
+    Behind a :class:`CachedGenerator`, a batch served wholly from the cache (a rerun, a resumed
+    epoch, a sweep trial asking what another trial already generated) then never loads the model.
+    ``model_id`` is known up front (it is part of every cache key). Copies made with other
+    ``params`` (``CachedGenerator.with_params``, a caller setting ``params``) share the one built
+    back end, which generates with each copy's own params.
+    """
+
+    def __init__(self, model_id: str, params: GenParams, build: Any) -> None:
+        self.model_id = model_id
+        self.params = params
+        self._build = build
+        self._shared: dict[Any, Any] = {}  # the built back end, and its views per params; shared by copies
+
+    @property
+    def loaded(self) -> bool:
+        return "gen" in self._shared
+
+    def backend(self) -> TextGenerator:
+        """The built back end (built now if it was not)."""
+        gen = self._shared.get("gen")
+        if gen is None:
+            gen = self._build()
+            if gen.model_id != self.model_id:
+                raise ValueError(f"built generator id {gen.model_id!r} differs from the declared {self.model_id!r}")
+            self._shared["gen"] = gen
+        return gen
+
+    def generate(
+        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+    ) -> list[list[str | None]]:
+        import copy
+
+        gen = self.backend()
+        if gen.params != self.params:
+            view = self._shared.get(self.params)
+            if view is None:
+                view = copy.copy(gen)  # the same model and tokenizer, other decoding parameters
+                view.params = self.params
+                self._shared[self.params] = view
+            gen = view
+        if max_new_tokens is None:
+            return gen.generate(requests, n)
+        return gen.generate(requests, n, max_new_tokens=max_new_tokens)
+
+
 @dataclass
 class CacheStats:
     requested: int = 0  # outputs asked for

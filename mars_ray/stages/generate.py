@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from mars_ray.core.filters import clean_generation, introduced_harm, paraphrase_rejection
 from mars_ray.core.refine import RefineItem, refine_batch
-from mars_ray.models.generation import CachedGenerator, GenParams, default_cache
+from mars_ray.models.generation import CachedGenerator, GenParams, LazyGenerator, default_cache
 from mars_ray.prompts import render
 from mars_ray.stages.common import as_list, set_threads
 from mars_ray.stages.embed import Encoder
@@ -45,12 +45,23 @@ def build_generator(section: dict[str, Any], *, batch_size: int, cache_dir: str 
 
         dtype = generation_dtype(section.get("dtype", "auto"))
         openai_kwargs["dtype"] = dtype
-    gen = make_generator(section["backend"], section["model"], params, batch_size=batch_size,
-                         base_url=section.get("base_url"), api_key_env=section.get("api_key_env", "OPENAI_API_KEY"),
-                         cache_dir=cache_dir, **openai_kwargs)
+    model_id = str(section["model"]).strip()
     if dtype is not None and str(dtype) != "torch.float32":
         # Other weights, other outputs: the dtype is part of the generator's id (lineage, cache keys).
-        gen.model_id = f"{gen.model_id}@{str(dtype).removeprefix('torch.')}"
+        model_id = f"{model_id}@{str(dtype).removeprefix('torch.')}"
+
+    def build():
+        gen = make_generator(section["backend"], section["model"], params, batch_size=batch_size,
+                             base_url=section.get("base_url"), api_key_env=section.get("api_key_env", "OPENAI_API_KEY"),
+                             cache_dir=cache_dir, **openai_kwargs)
+        if section["backend"] != "openai":  # an endpoint generator names itself (openai:<model>)
+            gen.model_id = model_id
+        return gen
+
+    # A local model is loaded on the first request the cache cannot answer (a fully cached batch
+    # never loads it); an endpoint client costs nothing to build, and without a cache there is
+    # nothing to skip.
+    gen = LazyGenerator(model_id, params, build) if use_cache and section["backend"] != "openai" else build()
     return CachedGenerator(gen, default_cache(cache_dir) if use_cache else None)
 
 
