@@ -185,3 +185,32 @@ def test_generation_config_fields_that_change_greedy_decoding_are_refused(llama6
         assert supports_ragged_greedy(model)
     finally:
         gen.min_new_tokens = None
+
+
+def test_peft_wrapped_model_gets_the_cache_argument_of_the_model_it_wraps(llama64):
+    """A peft wrapper's forward takes **kwargs, so the cache argument's name comes from the
+    wrapped model; the outputs are those of one-row generate on the wrapped model."""
+    import copy
+    import inspect
+
+    peft = pytest.importorskip("peft")
+    model, tok = llama64
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    base = wrapped.get_base_model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero adapters, so the wrapper changes the outputs
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    seen = []
+    hook = base.register_forward_pre_hook(lambda m, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    ids, caps = _ids(tok, TEXTS[:3]), [6, 4, 5]
+    eos, pad = {tok.eos_token_id}, tok.pad_token_id
+    try:
+        got = ragged_greedy(wrapped, ids, caps, eos_ids=eos, pad_id=pad)
+    finally:
+        hook.remove()
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    assert seen and all(name in kw for kw in seen)
+    assert got == [_reference(wrapped, row, cap, eos, pad) for row, cap in zip(ids, caps)]
+    assert got != ragged_greedy(model, ids, caps, eos_ids=eos, pad_id=pad)  # the adapters took part

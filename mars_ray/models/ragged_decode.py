@@ -165,8 +165,10 @@ def ragged_greedy(
         cache = DynamicCache(config=model.config)
     except TypeError:  # transformers < 4.56 builds its layers lazily
         cache = DynamicCache()
-    # transformers 5.x names the forward argument ``cache``; 4.x ``past_key_values``.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # transformers 5.x names the forward argument ``cache``; 4.x ``past_key_values``. A peft
+    # wrapper's forward hides the name, so ask the model it wraps.
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def forward(**kw: Any) -> Any:
         return model(**kw, **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
