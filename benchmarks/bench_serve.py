@@ -11,11 +11,14 @@ after ``--requests`` requests or ``--seconds`` seconds, whichever comes first. R
 
 (about 20 minutes with the defaults on 2 cores, the soak 10 of them; ``--reps 1 --seconds 10 --soak 2000`` is a quick look).
 
-Variants (both the same deployment; only ``serve.max_batch_size`` differs):
+Variants (all the same deployment; only ``serve.max_batch_size`` / ``serve.max_ongoing_requests`` differ):
 - ``batched``: ``@serve.batch`` with up to 32 requests per batch, 10 ms wait for the batch to fill;
   a batch is length-sorted and run in forward passes of up to 32 sequences and 512 padded
   token slots (`serve.forward_max_tokens`; on a CPU a single sequence is already an efficient pass).
-- ``unbatched``: ``max_batch_size 1``: one request per forward pass.
+- ``unbatched``: ``max_batch_size 1``: one request per forward pass; the replica admits 2 requests at a
+  time (``serve.max_ongoing_requests`` defaults to 2 x ``max_batch_size``), the rest wait in the proxy.
+- ``unbatched-64``: the same with ``max_ongoing_requests 64``, as many admitted as the batched replica:
+  separates what batching buys from what admission buys.
 - ``soak``: the batched server under ``--soak`` requests from 64 clients; reports how many answers
   were 5xx (goal: zero) and how many requests failed in transport.
 
@@ -51,7 +54,8 @@ from _util import SHARED_DATA, peak_rss_mb  # noqa: E402
 
 HH = SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl"
 MODEL = "builtin:minilm"
-VARIANTS = {"batched": 32, "unbatched": 1}
+# variant -> (serve.max_batch_size, serve.max_ongoing_requests; None: the default, 2 x max_batch_size)
+VARIANTS = {"batched": (32, None), "unbatched": (1, None), "unbatched-64": (1, 64)}
 
 
 def _free_port() -> int:
@@ -63,7 +67,7 @@ def _free_port() -> int:
 # ------------------------------------------------------------------------------ server process
 
 
-def server(max_batch: int, threads: int) -> None:
+def server(max_batch: int, threads: int, ongoing: int | None = None) -> None:
     """Start Ray + the reward app, print ``READY {json}``, serve until a line arrives on stdin,
     shut down, print ``DONE {json}`` with the peak RSS of this process tree."""
     from bench_scoring import TreeRss
@@ -78,7 +82,7 @@ def server(max_batch: int, threads: int) -> None:
     cfg = Config.load(overrides={
         "serve.port": str(port), "serve.max_batch_size": str(max_batch), "serve.batch_wait_timeout_s": "0.01",
         "serve.num_cpus": "1", "serve.threads": str(threads), "serve.app_name": "bench",
-        "resources.num_cpus": "2",
+        "resources.num_cpus": "2", **({"serve.max_ongoing_requests": str(ongoing)} if ongoing else {}),
     })
     with TreeRss(every=0.25) as rss:
         t0 = time.perf_counter()
@@ -182,10 +186,11 @@ def _run_load(url, items_file, concurrency, n, seconds, timeout=60.0) -> dict:
 class Server:
     """The server process: started with the variant's batch size, stopped on exit."""
 
-    def __init__(self, max_batch: int, threads: int) -> None:
+    def __init__(self, max_batch: int, threads: int, ongoing: int | None = None) -> None:
         env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--server", str(max_batch), "--threads", str(threads)],
+            [sys.executable, __file__, "--server", str(max_batch), "--threads", str(threads)]
+            + (["--ongoing", str(ongoing)] if ongoing else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )
         self.info = self._wait_for("READY ", 300)
@@ -221,12 +226,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds per load run (upper bound)")
     ap.add_argument("--soak", type=int, default=10000, help="requests of the soak run (64 clients, batched)")
     ap.add_argument("--soak-seconds", type=float, default=1200.0, help="safety stop of the soak run")
-    ap.add_argument("--only", default="batched,unbatched,soak")
+    ap.add_argument("--only", default="batched,unbatched,unbatched-64,soak")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the replica")
     ap.add_argument("--data", choices=("hh", "demo"), default="hh")
     ap.add_argument("--pairs", type=int, default=2000)
     # internal modes
     ap.add_argument("--server", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--ongoing", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--load", help=argparse.SUPPRESS)
     ap.add_argument("--items", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
@@ -236,7 +242,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if a.server is not None:
-        server(a.server, a.threads)
+        server(a.server, a.threads, a.ongoing)
         return 0
     if a.load:
         load(a.load, a.items, a.concurrency, a.requests, a.seconds, a.timeout)
@@ -249,8 +255,9 @@ def main() -> int:
     items_file = tmp / "items.json"
     items_file.write_text(json.dumps(items))
     rows, servers, soak = [], {}, None
-    for variant in [v for v in ("batched", "unbatched") if v in only or (v == "batched" and "soak" in only)]:
-        srv = Server(VARIANTS[variant], a.threads)
+    for variant in [v for v in VARIANTS if v in only or (v == "batched" and "soak" in only)]:
+        max_batch, ongoing = VARIANTS[variant]
+        srv = Server(max_batch, a.threads, ongoing)
         try:
             url = srv.info["url"]
             _run_load(url, items_file, 4, 40, 30)  # warm-up (not reported)
@@ -268,11 +275,11 @@ def main() -> int:
     print(f"{MODEL}, one replica (1 CPU, {a.threads} torch threads), 2-core local Ray, HTTP on 127.0.0.1; "
           f"one pair per request from {data_name}; medians of {a.reps} load run(s) of <= {a.requests} requests "
           f"/ {a.seconds:.0f} s each; load5 {os.getloadavg()[1]:.2f}")
-    print(f"{'variant':10s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} "
+    print(f"{'variant':12s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} "
           f"{'5xx':>4s} {'err':>4s} {'load RSS MB':>11s}")
     for r in rows:
         runs = r["runs"]
-        print(f"{r['variant']:10s} {r['clients']:7d} {_med(runs, 'rps'):8.1f} {_med(runs, 'p50_ms'):8.1f} "
+        print(f"{r['variant']:12s} {r['clients']:7d} {_med(runs, 'rps'):8.1f} {_med(runs, 'p50_ms'):8.1f} "
               f"{_med(runs, 'p99_ms'):8.1f} {_med(runs, 'batch'):6.1f} "
               f"{sum(x['status'].get('5xx', 0) for x in runs):4d} {sum(sum(x['errors'].values()) for x in runs):4d} "
               f"{max(x['load_rss_mb'] for x in runs):11.0f}")
@@ -284,6 +291,10 @@ def main() -> int:
     u = next((_med(r["runs"], "rps") for r in rows if r["variant"] == "unbatched" and r["clients"] == top), None)
     if b and u:
         print(f"batched / unbatched throughput at {top} clients: {b / u:.2f}x (goal >= 5x)")
+    w = next((_med(r["runs"], "rps") for r in rows if r["variant"] == "unbatched-64" and r["clients"] == top), None)
+    if b and w:
+        print(f"batched / unbatched-64 (one pair per forward pass, {top} requests admitted) at {top} clients: {b / w:.2f}x "
+              "(what batching itself buys, apart from admission)")
     if soak is not None:
         print(f"soak: {soak['sent']} requests from 64 clients in {soak['seconds']:.0f} s ({soak['rps']:.1f} req/s): "
               f"{soak['ok']} ok, {soak['status'].get('5xx', 0)} 5xx (goal 0), {soak['status'].get('4xx', 0)} 4xx, "
