@@ -164,21 +164,22 @@ class LazyGenerator:
         self.model_id = model_id
         self.params = params
         self._build = build
-        self._shared: dict[Any, Any] = {}  # the built back end, and its views per params; shared by copies
+        # Shared by copies: the built back end, and one view of it per other params.
+        self._built: list[TextGenerator] = []
+        self._views: dict[GenParams, TextGenerator] = {}
 
     @property
     def loaded(self) -> bool:
-        return "gen" in self._shared
+        return bool(self._built)
 
     def backend(self) -> TextGenerator:
         """The built back end (built now if it was not)."""
-        gen = self._shared.get("gen")
-        if gen is None:
+        if not self._built:
             gen = self._build()
             if gen.model_id != self.model_id:
                 raise ValueError(f"built generator id {gen.model_id!r} differs from the declared {self.model_id!r}")
-            self._shared["gen"] = gen
-        return gen
+            self._built.append(gen)
+        return self._built[0]
 
     def generate(
         self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
@@ -187,12 +188,11 @@ class LazyGenerator:
 
         gen = self.backend()
         if gen.params != self.params:
-            view = self._shared.get(self.params)
-            if view is None:
+            if self.params not in self._views:
                 view = copy.copy(gen)  # the same model and tokenizer, other decoding parameters
                 view.params = self.params
-                self._shared[self.params] = view
-            gen = view
+                self._views[self.params] = view
+            gen = self._views[self.params]
         if max_new_tokens is None:
             return gen.generate(requests, n)
         return gen.generate(requests, n, max_new_tokens=max_new_tokens)

@@ -19,20 +19,21 @@ Decoding (both local classes), driven by :class:`GenParams`:
   requests draws other samples.
 - ``no_repeat_ngram_size > 0`` applies in both modes; ``max_new_tokens`` always.
 
-Batching: requests are encoded once, sorted by length (longest first, less padding; an
-out-of-memory shows up on the first chunk), generated ``batch_size`` requests at a time and
-returned in the caller's order. Greedy decoding of one output per request with a chat model (the
-paraphrase and rewrite default) runs through :func:`~mars_ray.models.ragged_decode.ragged_greedy`
-instead of ``model.generate``: the prompt template's common prefix is computed once per chunk and
-rows leave the batch when they end, with the same output tokens (64 PKU paraphrase requests with
-SmolLM2 on 2 cores, chunks of 32: 28.8 s against 44.3 s, all 64 outputs identical). Per-request output caps (``generate(..., max_new_tokens=[...])``)
-share a chunk: it runs to its largest cap (``generate`` stops early once every row has ended) and
-each row is cut at its own cap, which for greedy decoding and sampling is exactly what that cap
-alone would give. Beam search depends on the horizon, so there a chunk holds one cap only. On a
-CPU a decoding step is bound by reading the weights, so it costs about the same for 4 or 16 rows
-(SmolLM2-135M, 2 cores: 236 ms for 4 rows, 262 ms for 16, 346 ms for 32): big chunks are cheap. A chunk that raises yields ``None`` for its outputs (a warning
-names the exception type) and the call carries on; a request that cannot even be encoded yields
-``None`` for its outputs alone. Empty outputs are returned as ``""``: ``None`` means failure.
+Batching: requests are encoded once, sorted by length (longest first, less padding; an out-of-memory
+shows up on the first chunk), generated ``batch_size`` requests at a time and returned in the
+caller's order. Greedy decoding of one output per request with a full-attention chat model (the
+paraphrase default) runs through :func:`~mars_ray.models.ragged_decode.ragged_greedy` instead of
+``model.generate``: the prompt template's common prefix is computed once per chunk and rows leave
+the batch when they end, with the same output tokens (64 PKU paraphrase requests with SmolLM2 on 2
+cores, chunks of 32: 28.8 s against 44.3 s, all 64 outputs identical). Per-request output caps
+(``generate(..., max_new_tokens=[...])``) share a chunk: it runs to its largest cap (``generate``
+stops early once every row has ended) and each row is cut at its own cap, which for greedy decoding
+and sampling is exactly what that cap alone would give. Beam search depends on the horizon, so there
+a chunk holds one cap only. On a CPU a decoding step is bound by reading the weights, so it costs
+about the same for 4 or 16 rows (SmolLM2-135M, 2 cores: 236 ms for 4 rows, 262 ms for 16, 346 ms for
+32): big chunks are cheap. A chunk that raises yields ``None`` for its outputs (a warning names the
+exception type) and the call carries on; a request that cannot even be encoded yields ``None`` for
+its outputs alone. Empty outputs are returned as ``""``: ``None`` means failure.
 
 Behind :class:`~mars_ray.models.generation.CachedGenerator`, a top-up from ``k`` cached outputs
 to ``n`` regenerates with the full ``n`` and keeps slots ``k..n-1``: with beam search those are the
