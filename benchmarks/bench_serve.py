@@ -9,7 +9,7 @@ after ``--requests`` requests or ``--seconds`` seconds, whichever comes first. R
     RAY_AUTH_MODE=disabled python benchmarks/bench_serve.py [--levels 1,16,64] [--reps 3] \
         [--requests 600] [--seconds 20] [--soak 10000] [--only batched,unbatched,soak] [--data hh|demo]
 
-(about 20 minutes with the defaults on 2 cores, the soak 10 of them; ``--reps 1 --seconds 10 --soak 2000`` is a quick look).
+(about 25 minutes with the defaults on 2 cores, the soak 10 of them; ``--reps 1 --seconds 10 --soak 2000`` is a quick look).
 
 Variants (all the same deployment; only ``serve.max_batch_size`` / ``serve.max_ongoing_requests`` differ):
 - ``batched``: ``@serve.batch`` with up to 32 requests per batch, 10 ms wait for the batch to fill;
