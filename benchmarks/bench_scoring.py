@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import SHARED_DATA, peak_rss_mb, run_variant  # noqa: E402
+from _util import SHARED_DATA, peak_rss_mb, run_variant
 
 HH = SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl"
 MODEL = "builtin:minilm"
@@ -72,7 +72,7 @@ class TreeRss:
     def cpu_s(self) -> float:
         return sum(self._cpu.values()) - self._cpu0
 
-    def __enter__(self) -> "TreeRss":
+    def __enter__(self) -> TreeRss:
         try:
             import psutil  # noqa: F401
         except ImportError:
@@ -179,7 +179,7 @@ def child(variant: str, reps: int, path: Path, n: int) -> None:
     torch.set_num_threads(2)
     if variant.startswith("ray"):
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
     table = load_pairs(path, n)
@@ -239,7 +239,7 @@ def main() -> int:
         if a.save:
             with a.save.open("a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
-        print(f"  done: {VARIANTS[v][0]} {['%.1f' % s for s in r['seconds']]}", file=sys.stderr)
+        print(f"  done: {VARIANTS[v][0]} {[f'{s:.1f}' for s in r['seconds']]}", file=sys.stderr)
     n = rows[0]["rows"]
     print(f"{a.file.name}: {n} pairs, {MODEL}, batch {BATCH}, each variant in a fresh process (median of reps)")
     base = next((statistics.median(r["seconds"]) for r in rows if r["key"] == "plain"), None)

@@ -50,7 +50,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import SHARED_DATA, peak_rss_mb  # noqa: E402
+from _util import SHARED_DATA, peak_rss_mb
 
 HH = SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl"
 MODEL = "builtin:minilm"
@@ -70,9 +70,8 @@ def _free_port() -> int:
 def server(max_batch: int, threads: int, ongoing: int | None = None) -> None:
     """Start Ray + the reward app, print ``READY {json}``, serve until a line arrives on stdin,
     shut down, print ``DONE {json}`` with the peak RSS of this process tree."""
-    from bench_scoring import TreeRss
-
     import ray
+    from bench_scoring import TreeRss
 
     from mars_ray.config import Config
     from mars_ray.runtime import init_ray
@@ -120,7 +119,7 @@ async def _load(url: str, items: list, concurrency: int, n: int, seconds: float,
                 t0 = time.perf_counter()
                 try:
                     r = await client.post("/score", json={"prompts": [prompt], "responses": [response]})
-                except Exception as e:  # noqa: BLE001 - counted, never fatal
+                except Exception as e:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
                     continue
                 key = f"{r.status_code // 100}xx"
@@ -164,7 +163,7 @@ def _items(data: str, n: int) -> tuple[list, str]:
 
 
 def _health(url: str) -> dict:
-    with urllib.request.urlopen(url + "/health", timeout=30) as r:  # noqa: S310 - 127.0.0.1 only
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:
         return json.loads(r.read())
 
 

@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -84,8 +83,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import SHARED_DATA, peak_rss_mb, run_variant  # noqa: E402
-from bench_scoring import TreeRss  # noqa: E402
+from _util import SHARED_DATA, peak_rss_mb, run_variant
+from bench_scoring import TreeRss
 
 HH = SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl"
 MODEL = "builtin:minilm"
@@ -337,7 +336,6 @@ def ours_padding(train, args, tmp: Path, seed: int) -> dict:
 
 def run_ours(train, heldout, args, tmp: Path, *, lora: bool, dtype: str, amp: bool = False) -> dict:
     import pyarrow.parquet as pq
-
     import ray
 
     from mars_ray.models.reward import load_reward_model

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mars_ray.config import Config, _locate
 
@@ -189,7 +190,7 @@ def cmd_train(args, extra) -> int:
 
 
 def cmd_llm_server(args, extra) -> int:
-    from mars_ray.models.openai_server import main as server_main
+    from mars_ray.serve.llm_server import main as server_main
 
     return server_main(list(extra))
 
@@ -259,7 +260,7 @@ def cmd_eval(args, extra) -> int:
 
 
 def cmd_compare(args, extra) -> int:
-    from mars_ray.tuning import compare
+    from mars_ray.experiments import compare
 
     cfg = _tune_config(args, extra)
     compare(cfg, restore=bool(args.resume))
@@ -268,7 +269,7 @@ def cmd_compare(args, extra) -> int:
 
 
 def cmd_sweep(args, extra) -> int:
-    from mars_ray.tuning import sweep
+    from mars_ray.experiments import sweep
 
     cfg = _tune_config(args, extra)
     sweep(cfg, restore=bool(args.resume))
@@ -331,7 +332,7 @@ def cmd_winrate(args, extra) -> int:
 
 
 def cmd_align_compare(args, extra) -> int:
-    from mars_ray.rl.compare import align_compare
+    from mars_ray.rl.align_compare import align_compare
 
     cfg = build_config(args, extra)
     align_compare(cfg)

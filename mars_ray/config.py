@@ -25,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -51,12 +51,12 @@ class DataConfig:
     pku_label: Literal["better", "safer"] = "safer"
     # Hugging Face datasets only: split and config name.
     hf_split: str = "train"
-    hf_name: Optional[str] = None
+    hf_name: str | None = None
     # Keep at most this many pairs (deterministic under `seed`); null keeps all.
-    max_pairs: Optional[int] = None
+    max_pairs: int | None = None
     # Seed of the subset and the splits (null: the run's seed). Fix it to compare seeds of training
     # on one subset (the paper's setting: the same 1,000 pairs for every method and seed).
-    seed: Optional[int] = None
+    seed: int | None = None
     # Held-out fractions; the rest is train. Splits depend only on data + seed, never on method.
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -66,7 +66,7 @@ class DataConfig:
     max_prompt_tokens: int = 512
     max_response_tokens: int = 192
     # Tokenizer for length statistics and limits; null uses model.reward.
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     # Stop with an error when more than this fraction of rows is quarantined (wrong format?).
     max_bad_fraction: float = 0.5
     # Keep rows whose chosen == rejected (flagged) instead of quarantining them.
@@ -80,11 +80,11 @@ class ModelConfig:
     # Sentence encoder for semantic distances.
     encoder: str = "builtin:minilm"
     # Where converted built-in models and generation caches live; null: $MARS_RAY_CACHE or ~/.cache/mars_ray.
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     # Compute dtype: "auto" is bfloat16 on GPU and float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Never touch the hub (also implied by HF_HUB_OFFLINE=1); null: from the environment.
-    offline: Optional[bool] = None
+    offline: bool | None = None
 
 
 @dataclass
@@ -119,7 +119,7 @@ class SemanticConfig:
     # Rewrite semantically-too-close pairs (off for the mars-nosem ablation).
     enabled: bool = True
     # Distance threshold; null uses the dataset mean distance (the paper).
-    threshold: Optional[float] = None
+    threshold: float | None = None
     batch_size: int = 64
 
 
@@ -132,15 +132,15 @@ class EndpointConfig:
     backend: Literal["local", "seq2seq", "openai"] = "local"
     model: str = "builtin:smollm2"
     # OpenAI-compatible endpoint; the key is read from the environment variable named here.
-    base_url: Optional[str] = None
+    base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     # Endpoint etiquette: parallel requests, per-request timeout, retries with backoff (by the
     # openai client), and per-actor budgets of requests and tokens (null: unlimited).
     concurrency: int = 4
     timeout_s: float = 60.0
     max_retries: int = 4
-    max_requests: Optional[int] = None
-    max_tokens: Optional[int] = None
+    max_requests: int | None = None
+    max_tokens: int | None = None
     max_new_tokens: int = 160
     temperature: float = 0.0
     # Requests per Ray Data batch and per local generate call. On a CPU a decoding step reads all
@@ -162,7 +162,7 @@ class RewriteConfig(EndpointConfig):
     # rejected, then all of the chosen) or all (both roles at once); candidates are judged in
     # protocol order, so the outcome is the same. null: all for local models (extra rows in a
     # batch are nearly free), sequential for openai (each attempt is a paid request).
-    schedule: Optional[Literal["sequential", "by_role", "all"]] = None
+    schedule: Literal["sequential", "by_role", "all"] | None = None
     max_new_tokens: int = 192
     # Sampling, so repeated attempts differ.
     temperature: float = 0.7
@@ -201,7 +201,7 @@ class TrainConfig:
     batch_size: int = 8
     # Passes over D^t per MARS epoch.
     passes: int = 1
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     grad_accum: int = 1
@@ -225,11 +225,11 @@ class TrainConfig:
     use_gpu: bool = False
     # CPUs (and torch threads) per training worker; null: reserve 1, use the cluster's CPUs /
     # num_workers as threads (max 8).
-    cpus_per_worker: Optional[float] = None
+    cpus_per_worker: float | None = None
     # Torch threads per worker (null: train.cpus_per_worker rounded, or the share above). Set it
     # when a worker reserves less than it may use, e.g. 0.99 CPU inside a Tune trial whose own
     # process sits idle while the worker trains.
-    threads: Optional[int] = None
+    threads: int | None = None
     # Worker-group restarts from the last checkpoint when a worker dies (Ray Train FailureConfig).
     max_failures: int = 2
 
@@ -272,14 +272,14 @@ class ServeConfig:
     num_replicas: int = 1
     # Autoscaling between min_replicas and max_replicas (null max_replicas: no autoscaling),
     # aiming at target_ongoing_requests per replica (null: max_batch_size).
-    min_replicas: Optional[int] = None
-    max_replicas: Optional[int] = None
-    target_ongoing_requests: Optional[float] = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
     # Requests a replica accepts at once (null: 2 x max_batch_size, so one batch can fill while
     # another runs); more wait in the proxy, which backs off while the replica is full. With a small
     # max_batch_size raise it: max_batch_size 1 on 2 CPU cores, 64 HTTP clients: 4.5 req/s with the
     # default 2 admitted, 14.1 with 64 (benchmarks/bench_serve.py).
-    max_ongoing_requests: Optional[int] = None
+    max_ongoing_requests: int | None = None
     # @serve.batch: requests per batch and how long the first one waits for company.
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.01
@@ -290,11 +290,11 @@ class ServeConfig:
     # passes only add padding (MiniLM, 2 cores, 32 HH pairs: 32 pairs/s at 512 slots, 25 at
     # 2048, 11 with no limit); on a GPU raise it (jobs/cluster/serve.yaml: 16384).
     forward_batch_size: int = 32
-    forward_max_tokens: Optional[int] = 512
+    forward_max_tokens: int | None = 512
     # End-to-end HTTP request timeout in the proxy (null: none).
-    request_timeout_s: Optional[float] = 60.0
+    request_timeout_s: float | None = 60.0
     # Bearer token read from this environment variable (null: no auth). Never logged or echoed.
-    auth_token_env: Optional[str] = None
+    auth_token_env: str | None = None
     # Request limits: characters per text, items per request, bytes per request body.
     max_text_chars: int = 20000
     max_batch_items: int = 256
@@ -302,12 +302,12 @@ class ServeConfig:
     # Rewards as (r - mean) / std with mean/std of the rewards recorded in the run directory
     # (metrics.jsonl: val_*, else test_* chosen/rejected statistics), or norm_mean / norm_std.
     normalize: bool = False
-    norm_mean: Optional[float] = None
-    norm_std: Optional[float] = None
+    norm_mean: float | None = None
+    norm_std: float | None = None
     # Resources per replica; torch threads per replica (null: max(1, num_cpus)).
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    threads: Optional[int] = None
+    threads: int | None = None
 
     def problems(self) -> list[str]:
         """Range and cross-field problems of this section, each with how to fix it."""
@@ -375,7 +375,7 @@ class RLConfig:
     # Prompts are left-truncated to this many tokens before generation.
     max_prompt_tokens: int = 256
     # Training prompts: the first N distinct prompts of the data's train split (null: all of them).
-    num_prompts: Optional[int] = 64
+    num_prompts: int | None = 64
     lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
@@ -383,7 +383,7 @@ class RLConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # Ray Train workers for the policy (DDP); CPUs per worker (null: an even share of the cluster).
     num_workers: int = 1
-    cpus_per_worker: Optional[float] = None
+    cpus_per_worker: float | None = None
     use_gpu: bool = False
     max_failures: int = 1
     # A checkpoint (adapter, optimizer, RNG, trainer state) every N steps.
@@ -392,16 +392,16 @@ class RLConfig:
     # id; null: model.reward). rl.reward_url instead calls an already running reward server over
     # HTTP (`mars-ray serve`, OpenRLHF-compatible) and deploys nothing; rl.reward_deploy=false uses
     # the Serve app serve.app_name already running on the cluster.
-    reward_model: Optional[str] = None
-    reward_url: Optional[str] = None
-    reward_token_env: Optional[str] = None
+    reward_model: str | None = None
+    reward_url: str | None = None
+    reward_token_env: str | None = None
     reward_deploy: bool = True
     # How a deployed app is called from the policy workers: its DeploymentHandle or HTTP.
     reward_transport: Literal["handle", "http"] = "handle"
     # `mars-ray align-compare`: one policy per reward model (run dirs, folders or hub ids).
     reward_models: list[str] = field(default_factory=list)
     # Win-rates: prompts from data.path's test split (or rl.eval_path), responses per policy.
-    eval_path: Optional[str] = None
+    eval_path: str | None = None
     eval_prompts: int = 32
     eval_max_new_tokens: int = 64
     # Judge: a local model ("local") or an OpenAI-compatible endpoint ("openai", e.g. GPT-4.1,
@@ -409,7 +409,7 @@ class RLConfig:
     # "A" and "B"; "text" asks for a verdict and parses it.
     judge_backend: Literal["local", "openai"] = "local"
     judge_model: str = "builtin:smollm2"
-    judge_base_url: Optional[str] = None
+    judge_base_url: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"
     judge_mode: Literal["logits", "text"] = "logits"
     judge_max_new_tokens: int = 8
@@ -466,9 +466,9 @@ class RLConfig:
 class ResourcesConfig:
     # Ray cluster address ("auto", "ray://host:10001"); null starts/joins a local Ray
     # (a job started with `ray job submit` joins its cluster automatically).
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     # CPUs for a local Ray started by mars-ray (null: all).
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     # Ray Data actor pools (scoring, embedding, generation).
     actors: int = 1
     # Run the data stages in the driver process, one actor object per stage reused across epochs,
@@ -476,7 +476,7 @@ class ResourcesConfig:
     in_process: bool = False
     # CPUs (and torch threads) per stage actor; null: reserve 1, use the cluster's CPUs / actors as
     # threads (max 8).
-    cpus_per_actor: Optional[float] = None
+    cpus_per_actor: float | None = None
     gpus_per_actor: float = 0.0
     batch_size: int = 32
 
@@ -492,7 +492,7 @@ class CompareConfig:
     # files, so "the rest of the training file" is a fair held-out set.
     exclude_training: bool = True
     # Pairs drawn from each held-out file (null: all; drawn before the trial's own pairs are removed).
-    eval_max_pairs: Optional[int] = None
+    eval_max_pairs: int | None = None
     max_concurrent: int = 1
 
 
@@ -505,7 +505,7 @@ class EvalConfig:
     length_edges: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     # Pairs to leave out (by pair id): a run directory (its data/pairs.parquet) or a parquet file
     # with a pair_id column, e.g. to evaluate on the rest of the file a run was trained on.
-    exclude_pairs: Optional[str] = None
+    exclude_pairs: str | None = None
 
 
 @dataclass
@@ -537,7 +537,7 @@ class Config:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "Config":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
         """Build a config from a nested mapping (e.g. parsed YAML) over the defaults.
 
         Raises:
@@ -551,7 +551,7 @@ class Config:
     @classmethod
     def load(
         cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
-    ) -> "Config":
+    ) -> Config:
         """defaults < YAML file at ``path`` < ``overrides`` (dotted key -> value), validated.
 
         Raises:
@@ -580,7 +580,7 @@ class Config:
         return getattr(owner, name)
 
     # ---------------------------------------------------------------- checks
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check every field's type and the cross-field rules; return self.
 
         Raises:
@@ -643,7 +643,7 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Loader)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

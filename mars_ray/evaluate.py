@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
-from mars_ray.core.evaluation import curvature_bins, length_buckets, rewardbench_sections, subset_accuracy
 from mars_ray.core.losses import pair_metrics
+from mars_ray.core.metrics import curvature_bins, length_buckets, rewardbench_sections, subset_accuracy
 
 
 def model_path(ref: str) -> str:

@@ -72,7 +72,7 @@ class LocalRayCluster:
     temp_dirs: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, *, head_cpus: int = 2, worker_cpus: tuple[int, ...] = (), timeout: float = 120) -> "LocalRayCluster":
+    def start(cls, *, head_cpus: int = 2, worker_cpus: tuple[int, ...] = (), timeout: float = 120) -> LocalRayCluster:
         c = cls(env=ray_env())
         try:
             c._start_head(head_cpus, timeout)

@@ -76,7 +76,7 @@ def aligned(table2):
 def test_align_compare_aligns_one_policy_per_reward_model_and_judges_them(table2):
     res = json.loads((table2 / "align_compare.json").read_text())
     assert list(res["policies"]) == ["mars-seed0", "uniform-seed0"]
-    for name, p in res["policies"].items():
+    for _name, p in res["policies"].items():
         s = json.loads((Path(p["dir"]) / "align_summary.json").read_text())
         assert s["steps"] == 2 and s["reward_model"] == p["reward_model"] and s["seed"] == 0
         assert s["served_counters_delta"]["pairs"] == 4  # each policy's rewards came from its own deployment
@@ -171,9 +171,9 @@ def test_winrate_with_a_local_logits_judge(aligned, tmp_path, tiny_llama_dir):
 
 
 def test_winrate_through_a_real_openai_compatible_server(aligned, tmp_path, tiny_llama_dir):
-    from mars_ray.models.generation import GenParams
-    from mars_ray.models.local_generators import LocalChatGenerator
-    from mars_ray.models.openai_server import run_server
+    from mars_ray.generation import GenParams
+    from mars_ray.generation.local import LocalChatGenerator
+    from mars_ray.serve.llm_server import run_server
 
     gen = LocalChatGenerator(str(tiny_llama_dir), GenParams(max_new_tokens=8), batch_size=8)
     with run_server(gen, served_model="judge") as server:

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 
 from mars_ray.config import Config
@@ -197,6 +196,7 @@ def test_real_epoch_on_real_pairs(ray_local, tmp_path):
     """builtin:minilm scores and embeds, builtin:smollm2 rewrites and paraphrases: 64 real
     PKU-SafeRLHF pairs, a budget of 16 (generation cost follows the budget, not the pair count)."""
     from conftest import PKU, shared_file
+
     from mars_ray.augment import run_epoch
 
     cfg = Config.load(overrides={
@@ -228,9 +228,9 @@ def test_epoch_through_openai_endpoint_survives_429_500_and_timeouts(ray_local, 
     requests with 429/500 and delays some past the client timeout: retried within bounds, reported,
     no crash, no pair lost."""
     from mars_ray.augment import run_epoch
-    from mars_ray.models.generation import GenParams
-    from mars_ray.models.local_generators import LocalChatGenerator
-    from mars_ray.models.openai_server import Faults, run_server
+    from mars_ray.generation import GenParams
+    from mars_ray.generation.local import LocalChatGenerator
+    from mars_ray.serve.llm_server import Faults, run_server
 
     gen = LocalChatGenerator(str(tiny_llama_dir), GenParams(max_new_tokens=8), batch_size=8)
     handles = [run_server(gen, faults=Faults(fail_first=3, fail_status=s, delay_s=d, delay_first=df))
@@ -272,7 +272,6 @@ def test_output_cap_bounds_generation_by_the_source_length():
 
 
 def test_longest_first_orders_generation_requests_stably():
-    import pyarrow as pa
 
     from mars_ray.stages.generate import longest_first
 

@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
-
 from conftest import PKU, head_lines, write_jsonl
+
 from mars_ray.cli import main, parse_overrides
 from mars_ray.config import Config
 
@@ -43,7 +42,7 @@ def test_config_validate(capsys, tmp_path):
     assert run(capsys, "config", "validate", str(good))[0] == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("mars: {tua: 1}\n")
-    code, out, err = run(capsys, "config", "validate", str(bad))
+    code, _out, err = run(capsys, "config", "validate", str(bad))
     assert code == 2 and "did you mean mars.tau" in err and len(err.strip().splitlines()) == 1
 
 

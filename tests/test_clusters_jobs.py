@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from mars_ray.config import Config
 
 JOBS, CLUSTERS = ROOT / "jobs", ROOT / "clusters"
@@ -170,7 +170,7 @@ def test_cluster_jobs_for_evaluation_serving_tuning_and_the_policy_stage(monkeyp
     r = align.rl
     assert r.use_gpu and r.num_workers == 8 and (r.kl_coef, r.clip, r.lora) == (0.02, 0.2, True)
     assert not r.reward_deploy and align.serve.app_name == serve.serve.app_name  # the serve job's app
-    for name, (nodes, cpus, gpus) in shapes.items():
+    for name, (nodes, _cpus, gpus) in shapes.items():
         assert nodes * gpus >= r.num_workers + serve.serve.min_replicas, name
     win = job_cfg(JOBS / "cluster" / "winrate.yaml")
     assert (win.rl.judge_backend, win.rl.judge_mode, win.rl.judge_model) == ("openai", "text", "gpt-4.1")

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mars_ray.core.allocation import allocation_weights, integer_budgets, lemma1_objective, split_counts
-from mars_ray.core.filters import clean_generation, copy_similarity, introduced_harm, is_degenerate, paraphrase_rejection
+from mars_ray.core.filters import (
+    clean_generation,
+    copy_similarity,
+    introduced_harm,
+    is_degenerate,
+    paraphrase_rejection,
+)
 from mars_ray.core.pairs import Draw, fit_budgets, operation_name, pool_capacity, sample_pool, synthetic_rows
 from mars_ray.core.refine import RefineItem, refine_batch, refine_summary
 from mars_ray.core.semantic import cosine_distance, semantic_labels
@@ -95,7 +101,7 @@ def test_cosine_distance_and_mean_threshold():
 
 
 def test_pool_capacity_always_holds_the_split_budget():
-    for b in range(0, 40):
+    for b in range(40):
         n_plus, n_minus = b // 2, b - b // 2
         assert pool_capacity(n_plus, n_minus) >= b
 

@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import HH, LLMBAR, PKU, UF, head_lines, shared_file, write_jsonl
+
 from mars_ray.config import Config, DataConfig
 from mars_ray.core.schema import PAIR_SCHEMA
 from mars_ray.data import DataFileError, read_preferences

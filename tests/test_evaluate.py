@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from mars_ray.cli import main
-from mars_ray.core.evaluation import rewardbench_sections
+from mars_ray.core.metrics import rewardbench_sections
 from mars_ray.models.reward import encode_pairs, load_reward_model, score_pairs, score_with_features
 
 
@@ -125,7 +125,7 @@ def test_eval_minilm_on_llmbar_chat_hard(tmp_path):
 
 def test_heldout_config_reads_the_other_file_as_itself():
     from mars_ray.config import Config
-    from mars_ray.tuning import heldout_config
+    from mars_ray.experiments import heldout_config
 
     cfg = Config.load(overrides={"data.path": "/x/hh.jsonl", "data.format": "hh-rlhf", "data.max_pairs": "250",
                                  "data.columns": "{prompt: q, chosen: a, rejected: b}", "data.val_fraction": "0.2",

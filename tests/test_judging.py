@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from mars_ray.config import Config
-from mars_ray.core.judging import (combine_orders, completion_text, logit_verdict, parse_verdict, position_bias,
-                                   to_messages, wilson_interval, winrate_summary)
+from mars_ray.core.judging import (
+    combine_orders,
+    completion_text,
+    logit_verdict,
+    parse_verdict,
+    position_bias,
+    to_messages,
+    wilson_interval,
+    winrate_summary,
+)
 
 
 def test_hh_transcript_becomes_alternating_turns_without_the_open_assistant_turn():
@@ -136,7 +144,7 @@ def test_rl_config_problems_have_fixes():
 
 
 def test_reward_model_names_are_unique(tmp_path):
-    from mars_ray.rl.compare import reward_model_names
+    from mars_ray.rl.align_compare import reward_model_names
 
     for name, strategy, seed in (("a", "mars", 0), ("b", "uniform", 0), ("c", "mars", 1)):
         d = tmp_path / name

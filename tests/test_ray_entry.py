@@ -7,9 +7,9 @@ import subprocess
 import time
 
 import pytest
-
 from _ray_cluster import LocalRayCluster, submit
 from conftest import ROOT
+
 from mars_ray.config import Config
 from mars_ray.core.schema import PAIR_SCHEMA
 from mars_ray.data import read_preferences, to_ray_dataset

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from conftest import HH, shared_file
+
 from mars_ray.config import Config
 from mars_ray.core import schema as S
 from mars_ray.models.reward import (
@@ -23,7 +23,7 @@ from mars_ray.models.reward import (
 )
 from mars_ray.stages.score import SCORE_SCHEMA, ScoreActor, score_margins, score_margins_local
 
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
 
 
 def _text(n: int, offset: int = 0) -> str:

@@ -57,7 +57,7 @@ def run_dir(tmp_path_factory, tiny_bert_dir) -> Path:
     """A training run directory: model/ (the tiny BERT) and metrics.jsonl with reward statistics."""
     run = tmp_path_factory.mktemp("serve_run")
     shutil.copytree(tiny_bert_dir, run / "model")
-    rows = [{"epoch": 1, **{k: 5.0 for k in STATS}}, {"epoch": 2, **STATS}]
+    rows = [{"epoch": 1, **dict.fromkeys(STATS, 5.0)}, {"epoch": 2, **STATS}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
@@ -116,7 +116,7 @@ def close(a, b, tol=1e-5):
 
 
 def test_http_score_equals_direct_scoring(served, direct):
-    prompts, chosen, rejected = _pairs(12)
+    prompts, chosen, _rejected = _pairs(12)
     r = post(served["url"], "/score", {"prompts": prompts, "responses": chosen}, headers=served["auth"])
     assert r.status_code == 200, r.text
     close(r.json()["rewards"], direct(prompts, chosen))
@@ -268,7 +268,7 @@ def test_unauthorised_requests_get_401(served):
     for hdr in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
         r = post(served["url"], "/score", body, headers=hdr)
         assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer"
-        assert TOKEN not in r.text and "Authorization" == r.json()["field"]
+        assert TOKEN not in r.text and r.json()["field"] == "Authorization"
     for path in ("/compare", "/get_reward"):
         assert post(served["url"], path, {}, headers={}).status_code == 401
     assert post(served["url"], "/score", body, headers=served["auth"]).status_code == 200

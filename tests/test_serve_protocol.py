@@ -251,7 +251,7 @@ class _Flaky(BaseHTTPRequestHandler):
 
     fail, status, seen, auth = 0, 503, [], []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append(body)
         type(self).auth.append(self.headers.get("Authorization"))

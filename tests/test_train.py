@@ -126,7 +126,7 @@ def test_build_ds_config():
 # --------------------------------------------------------------------------------------------
 
 _GOOD = ["great", "excellent", "wonderful"]
-_WORDS = "the a cat dog house tree river car book song blue red small large happy quiet window door".split()
+_WORDS = ["the", "a", "cat", "dog", "house", "tree", "river", "car", "book", "song", "blue", "red", "small", "large", "happy", "quiet", "window", "door"]
 
 
 def _pairs(n: int, seed: int):
@@ -201,7 +201,7 @@ def test_lora_merged_equals_unmerged_and_saved_dir_loads_plain(tiny_bert_dir, da
     peft_model = wrap_lora(model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(1)
     with torch.no_grad():  # non-trivial adapters (B starts at zero) and a changed head
-        for n, p in peft_model.named_parameters():
+        for _n, p in peft_model.named_parameters():
             if p.requires_grad:
                 p.add_(0.2 * torch.randn_like(p))
     peft_model.eval()

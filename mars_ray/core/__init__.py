@@ -1,8 +1,12 @@
 """Pure algorithm code: Python, NumPy (and torch where a model is involved). Never imports ray.
 
-Everything here takes plain values, arrays or dataclasses plus an explicit
-``numpy.random.Generator`` where randomness is involved, so it is unit-tested in milliseconds.
+What lives here: the pair schema and ids, validation, splits, length limits, allocation, semantic
+distance, pools and lineage, quality gates, the refinement protocol, losses, held-out metrics
+(:mod:`~mars_ray.core.metrics`) and judging. Everything takes plain values, arrays or dataclasses
+plus an explicit ``numpy.random.Generator`` where randomness is involved, so it is unit-tested in
+milliseconds. May import only :mod:`mars_ray.core` itself (and the prompt files' folder).
 """
+
 
 from mars_ray.core.schema import (
     PAIR_COLUMNS,

@@ -76,16 +76,19 @@ def paraphrase_rejection(
         return "too_long"
     if copy_similarity(source, candidate) > max_copy_similarity:
         return "near_copy"
-    if min_semantic_similarity is not None and semantic_similarity is not None:
-        if semantic_similarity < min_semantic_similarity:
-            return "meaning_drift"
+    if (
+        min_semantic_similarity is not None
+        and semantic_similarity is not None
+        and semantic_similarity < min_semantic_similarity
+    ):
+        return "meaning_drift"
     return None
 
 
 @lru_cache(maxsize=1)
 def harm_lexicon() -> tuple[str, ...]:
     """Lower-case phrases that mark clearly harmful content (a file in the package)."""
-    text = resources.files("mars_ray.prompts").joinpath("harm_lexicon.txt").read_text(encoding="utf-8")
+    text = (resources.files("mars_ray") / "prompts" / "harm_lexicon.txt").read_text(encoding="utf-8")
     return tuple(ln.strip().lower() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
 
 

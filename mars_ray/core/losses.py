@@ -96,7 +96,7 @@ def pair_metrics(r_chosen: Any, r_rejected: Any) -> dict[str, float]:
         nan = float("nan")
         keys = ("accuracy", "margin_mean", "margin_std", "snr", "chosen_mean", "chosen_std",
                 "rejected_mean", "rejected_std")
-        return {**{k: nan for k in keys}, "n": 0}
+        return {**dict.fromkeys(keys, nan), "n": 0}
     d = c - r
     mean, std = float(d.mean()), float(d.std())
     if std > 0:

@@ -10,8 +10,8 @@ the pools can hold it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -96,7 +96,7 @@ def synthetic_rows(
     split: str = "train",
 ) -> list[dict]:
     """PAIR_SCHEMA rows for the draws, each carrying its lineage."""
-    rows = []
+    rows: list[dict] = []
     for d in draws:
         c, r = chosen_variants[d.chosen_index], rejected_variants[d.rejected_index]
         rows.append(

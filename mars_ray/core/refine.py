@@ -24,8 +24,9 @@ The generator, the distance and the harm check are injected.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -70,7 +71,8 @@ def _rounds(schedule: str, max_rejected: int, max_chosen: int) -> list[list[tupl
     """The calls of a schedule: each a list of (role, first attempt, attempts) windows."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
-    roles: list[tuple[Role, int]] = [(r, k) for r, k in (("rejected", max_rejected), ("chosen", max_chosen)) if k > 0]
+    both: tuple[tuple[Role, int], ...] = (("rejected", max_rejected), ("chosen", max_chosen))
+    roles = [(r, k) for r, k in both if k > 0]
     if schedule == "sequential":
         return [[(role, a, 1)] for role, k in roles for a in range(1, k + 1)]
     if schedule == "by_role":
@@ -132,9 +134,10 @@ def refine_batch(
             attempts[i] += used
     out: list[RefineOutcome] = []
     for i, it in enumerate(items):
-        if done[i] is not None:
-            done[i].attempts = attempts[i]
-            out.append(done[i])
+        kept = done[i]
+        if kept is not None:
+            kept.attempts = attempts[i]
+            out.append(kept)
             continue
         status = "kept:harmful" if harm[i] else ("kept:no_gain" if produced[i] else "kept:generation_failed")
         out.append(RefineOutcome(it.chosen, it.rejected, it.distance, status, attempts[i], harm[i]))

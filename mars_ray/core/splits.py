@@ -8,7 +8,7 @@ pairs. Grouping by prompt keeps all pairs of one prompt in one split (no prompt 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,7 +9,7 @@ gets ⌊B/P⌋ groups and a seeded random ⌈B mod P⌉ of them one more, so the
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

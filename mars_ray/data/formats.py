@@ -7,8 +7,9 @@ when the row cannot become a preference pair. Parsers never see files; :mod:`.fi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from mars_ray.core.validation import RowError, text_problem
 
@@ -192,7 +193,7 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
             return "hh-rlhf"
         if "subset" in keys:
             return "rewardbench"
-        if "score_chosen" in keys or isinstance(row.get("metadata"), Mapping) and "score_chosen" in row["metadata"]:
+        if "score_chosen" in keys or (isinstance(row.get("metadata"), Mapping) and "score_chosen" in row["metadata"]):
             return "ultrafeedback"
         return "pairs"
     return None

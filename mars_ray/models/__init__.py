@@ -1,5 +1,10 @@
-"""Model resolution: hub ids, local paths and built-in offline models (``builtin:minilm``,
-``builtin:smollm2``). Importing this package is cheap: heavy libraries load on first use."""
+"""Models: resolution of hub ids, local paths and built-in offline models (``builtin:minilm``,
+``builtin:smollm2``) in :mod:`~mars_ray.models.resolve`, and reward models (load, score, save) in
+:mod:`~mars_ray.models.reward`. Text generators live in :mod:`mars_ray.generation`.
+
+May import :mod:`mars_ray.core`; never Ray. Importing this package is cheap: heavy libraries load on first use.
+"""
+
 
 from mars_ray.models.resolve import (
     BUILTIN_MODELS,

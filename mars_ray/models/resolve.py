@@ -36,8 +36,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class ResolvedModel:
     model_id: str
 
 
-RefLike = Union[str, os.PathLike, ResolvedModel]
+RefLike = str | os.PathLike | ResolvedModel
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ to the whole prompt and response, and right padding cannot change it (causal att
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -243,7 +244,7 @@ def _template_from_builder(tokenizer: Any) -> _PairTemplate | None:
     a, b = [-11, -12], [-21, -22, -23]  # sentinels: never real ids, the builder only concatenates
     try:
         full = list(build(a, b))
-    except Exception:  # noqa: BLE001 - "if it works for that tokenizer"
+    except Exception:
         return None
     parts = _split_template(full, a, b, None)
     if parts is None:
@@ -274,7 +275,7 @@ def _template_from_probe(tokenizer: Any) -> _PairTemplate:
     want_types = _wants_token_types(tokenizer)
     try:
         n_special = int(tokenizer.num_special_tokens_to_add(pair=True))
-    except Exception:  # noqa: BLE001
+    except Exception:
         n_special = None
     found = None
     for text_a, text_b in _PROBES:

@@ -26,8 +26,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mars_ray.config import Config
 
@@ -179,11 +180,10 @@ class _StepTimes:
 
 def align_loop_per_worker(config: dict) -> None:
     """Ray Train per-worker loop: one TRL GRPO/RLOO run; everything arrives in ``config``."""
-    import torch
-    from transformers import TrainerCallback
-
     import ray.train
+    import torch
     from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import TrainerCallback
 
     cfg = Config.from_dict(config["config"], source="align worker")
     r = cfg.rl
@@ -217,13 +217,13 @@ def align_loop_per_worker(config: dict) -> None:
     metrics_path = Path(config["metrics_path"])
 
     class _Timing(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001 - HF callback signature
+        def on_step_begin(self, args, state, control, **kw):
             times.begin()
 
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+        def on_step_end(self, args, state, control, **kw):
             times.end()
 
-        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+        def on_log(self, args, state, control, logs=None, **kw):
             if rank != 0 or not logs or "train_runtime" in logs:
                 return
             row = {"step": int(state.global_step), **{k: float(v) for k, v in logs.items()
@@ -327,7 +327,7 @@ def serve_counters(app: str | None) -> dict[str, Any] | None:
         from ray import serve
 
         return dict(serve.get_app_handle(app).health.remote().result(timeout_s=30)["counters"])
-    except Exception:  # noqa: BLE001 - diagnostics only
+    except Exception:
         return None
 
 

@@ -11,8 +11,9 @@ HTTP session is opened lazily in the worker.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from mars_ray.core.judging import completion_text
 

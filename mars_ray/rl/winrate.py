@@ -20,12 +20,12 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mars_ray.config import Config
-from mars_ray.core.judging import (combine_orders, logit_verdict, parse_verdict, position_bias,
-                                   winrate_summary)
+from mars_ray.core.judging import combine_orders, logit_verdict, parse_verdict, position_bias, winrate_summary
 
 
 def policy_path(ref: str) -> str:
@@ -43,9 +43,8 @@ def conversation_text(messages: Sequence[dict[str, str]]) -> str:
 
 def generate_responses(cfg: Config, ref: str, prompts: list[list[dict[str, str]]]) -> tuple[list[str | None], dict]:
     """Greedy responses of the policy ``ref`` to chat ``prompts`` (cached)."""
-    from mars_ray.models.generation import CachedGenerator, GenParams, default_cache
-    from mars_ray.models.local_generators import LocalChatGenerator
-
+    from mars_ray.generation import CachedGenerator, GenParams, default_cache
+    from mars_ray.generation.local import LocalChatGenerator
     from mars_ray.models.reward import generation_dtype
 
     t0 = time.perf_counter()
@@ -68,7 +67,6 @@ class LogitJudge:
     def __init__(self, model_ref: str, *, batch_size: int, tie_margin: float, cache_dir: str | None = None,
                  offline: bool | None = None) -> None:
         from mars_ray.models.resolve import load_causal_lm, resolve_model
-
         from mars_ray.models.reward import generation_dtype
 
         resolved = resolve_model(model_ref, cache_dir=cache_dir, offline=offline)
@@ -113,8 +111,8 @@ class TextJudge:
     """Verdicts parsed from a generated answer (a local chat model or an OpenAI-compatible endpoint)."""
 
     def __init__(self, cfg: Config) -> None:
-        from mars_ray.models.generation import CachedGenerator, GenParams, default_cache
-        from mars_ray.models.local_generators import make_generator
+        from mars_ray.generation import CachedGenerator, GenParams, default_cache
+        from mars_ray.generation.local import make_generator
 
         r = cfg.rl
         inner = make_generator(r.judge_backend, r.judge_model, GenParams(max_new_tokens=r.judge_max_new_tokens, temperature=0.0),
@@ -144,7 +142,7 @@ def make_judge(cfg: Config):
 
 
 def judge_requests(messages: list[dict[str, str]], first: str, second: str) -> list[dict[str, str]]:
-    from mars_ray.prompts import render
+    from mars_ray.generation.prompts import render
 
     return render("judge", conversation=conversation_text(messages), response_a=first, response_b=second)
 

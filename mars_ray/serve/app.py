@@ -44,8 +44,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -124,14 +125,14 @@ class RewardServer:
         responses = [r for _, rs in items for r in rs]
         try:
             flat = self._forward(prompts, responses)
-        except Exception as e:  # noqa: BLE001 - isolate the request at fault below
+        except Exception as e:
             if len(items) == 1:
                 return [e]
             out: list[Any] = []
             for ps, rs in items:
                 try:
                     out.append(self._forward(ps, rs))
-                except Exception as e1:  # noqa: BLE001
+                except Exception as e1:
                     out.append(e1)
             return out
         res, i = [], 0
@@ -172,7 +173,7 @@ class RewardServer:
         return {"chosen_reward": nc, "rejected_reward": nr, "margin": margin,
                 "probability": P.sigmoid(margin), "normalized": self.norm.enabled}
 
-    async def get_reward(self, query: list[str], prompts: Optional[list[str]] = None,
+    async def get_reward(self, query: list[str], prompts: list[str] | None = None,
                          labels: Any = None) -> dict[str, Any]:
         """OpenRLHF's remote reward model: ``{"rewards", "scores", "extra_logs"}`` (labels are ignored)."""
         body: dict[str, Any] = {"query": query}
@@ -218,7 +219,7 @@ class RewardServer:
         except P.RequestError as e:
             self.counters["rejected"] += 1
             return JSONResponse(e.to_json(), status_code=e.status)
-        except Exception as e:  # noqa: BLE001 - a replica never dies of a request
+        except Exception as e:
             logger.exception("reward scoring failed: %s", type(e).__name__)
             return JSONResponse({"error": f"internal error while scoring ({type(e).__name__}); "
                                           "the replica log has the details", "field": None}, status_code=500)
@@ -286,7 +287,7 @@ def _model_id(target: P.ServeTarget, cfg: Any) -> str:
     return resolve_model(target.load, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline).model_id
 
 
-def build_app(cfg: Any, model: Optional[str] = None):
+def build_app(cfg: Any, model: str | None = None):
     """The Serve application for ``model`` (default ``cfg.model.reward``); checks everything that can
     fail early (config, model reference, normalisation statistics, token) in the caller's process.
 
@@ -335,7 +336,7 @@ def url_of(s: Any) -> str:
     return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}"
 
 
-def start(cfg: Any, model: Optional[str] = None, app: Any = None):
+def start(cfg: Any, model: str | None = None, app: Any = None):
     """Start Serve's HTTP proxy on ``serve.host:serve.port`` (Ray must be initialised) and deploy the
     app (``app``, or :func:`build_app` of ``model``) as ``serve.app_name`` at ``serve.route_prefix``;
     returns ``(handle, url)`` once the replicas are up.
@@ -359,7 +360,7 @@ def stop(app_name: str) -> None:
     try:
         serve.delete(app_name)
         left = serve.status().applications
-    except Exception:  # noqa: BLE001 - best effort on the way out
+    except Exception:
         left = {}
     if not left:
         serve.shutdown()

@@ -19,7 +19,8 @@ Usage::
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -144,7 +145,7 @@ class RewardClient:
     def close(self) -> None:
         self._session.close()
 
-    def __enter__(self) -> "RewardClient":
+    def __enter__(self) -> RewardClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

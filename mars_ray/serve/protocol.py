@@ -43,9 +43,10 @@ import hmac
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "Limits",
@@ -58,8 +59,8 @@ __all__ = [
     "parse_get_reward",
     "parse_json_body",
     "parse_score",
-    "reward_stats",
     "resolve_target",
+    "reward_stats",
     "sigmoid",
     "split_queries",
     "split_query",
@@ -85,7 +86,7 @@ class RequestError(ValueError):
         return (_rebuild_request_error, (self.message, self.field, self.status))
 
 
-def _rebuild_request_error(message: str, field: str | None, status: int) -> "RequestError":
+def _rebuild_request_error(message: str, field: str | None, status: int) -> RequestError:
     return RequestError(message, field=field, status=status)
 
 
@@ -98,7 +99,7 @@ class Limits:
     max_request_bytes: int = 16 * 1024 * 1024
 
     @classmethod
-    def from_config(cls, serve_cfg: Any) -> "Limits":
+    def from_config(cls, serve_cfg: Any) -> Limits:
         return cls(int(serve_cfg.max_text_chars), int(serve_cfg.max_batch_items), int(serve_cfg.max_request_bytes))
 
 
@@ -398,13 +399,14 @@ def pooled_stats(row: Mapping[str, Any], prefix: str) -> tuple[float, float, int
     if not all(_finite(row.get(k)) for k in keys):
         return None
     cm, cs, rm, rs = (float(row[k]) for k in keys)
-    n = row.get(f"{prefix}_n")
-    if _finite(n) and n <= 0:
+    raw_n = row.get(f"{prefix}_n")
+    n = int(raw_n) if raw_n is not None and _finite(raw_n) else 0
+    if raw_n is not None and _finite(raw_n) and raw_n <= 0:
         return None
     mean = (cm + rm) / 2.0
     var = (cs * cs + cm * cm + rs * rs + rm * rm) / 2.0 - mean * mean
     std = math.sqrt(max(var, 0.0))
-    return mean, std, int(n) if _finite(n) else 0
+    return mean, std, n
 
 
 def reward_stats(run_dir: str | None) -> tuple[float, float, str]:

@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from mars_ray.core.filters import clean_generation, introduced_harm, paraphrase_rejection
 from mars_ray.core.refine import RefineItem, refine_batch
-from mars_ray.models.generation import CachedGenerator, GenParams, LazyGenerator, default_cache
-from mars_ray.prompts import render
+from mars_ray.generation import CachedGenerator, GenParams, LazyGenerator, default_cache
+from mars_ray.generation.prompts import render
 from mars_ray.stages.common import as_list, set_threads
 from mars_ray.stages.embed import Encoder
 
@@ -27,7 +27,7 @@ STAT_COLUMNS = ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
 
 def build_generator(section: dict[str, Any], *, batch_size: int, cache_dir: str | None, use_cache: bool = True) -> CachedGenerator:
     """A cached generator from a rewrite/paraphrase config section (as a plain dict)."""
-    from mars_ray.models.local_generators import make_generator
+    from mars_ray.generation.local import make_generator
 
     params = GenParams(
         max_new_tokens=section["max_new_tokens"],

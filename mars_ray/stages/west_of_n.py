@@ -12,9 +12,9 @@ import pyarrow as pa
 from mars_ray.config import Config
 from mars_ray.core.filters import clean_generation
 from mars_ray.core.west_of_n import best_worst, dialogue_messages
-from mars_ray.prompts import load_prompt
+from mars_ray.generation.prompts import load_prompt
 from mars_ray.stages.common import actor_threads, as_list, map_with_actors, set_threads
-from mars_ray.stages.generate import STAT_COLUMNS, _StatsMixin, build_generator
+from mars_ray.stages.generate import _StatsMixin, build_generator
 
 RESULT_COLUMNS = ("key", "chosen", "rejected", "status", "best_score", "worst_score")
 

@@ -197,8 +197,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     Returns the final metrics (also reported through ``ray.train.report``).
     """
-    import torch
     import ray.train
+    import torch
 
     from mars_ray.core.losses import bt_loss, pair_metrics
     from mars_ray.models.reward import disable_dropout, encode_preferences, load_reward_model, pad_batch, score_pairs
@@ -436,8 +436,8 @@ def _validate(model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss
 def _report(metrics, model, tokenizer, optimizer, losses, passes_done, step, rank, local, ds_stage) -> Path | None:
     """Rank 0 writes and reports the checkpoint (others report metrics only); returns the local
     directory when it still exists (in-process runs), else None."""
-    import torch
     import ray.train
+    import torch
 
     if ds_stage == 3:  # parameters are partitioned: gather them (collective) before saving
         import deepspeed

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -215,7 +216,7 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
 
 
 def summarise_compare(trials: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
-    from mars_ray.core.evaluation import paired_comparison
+    from mars_ray.core.metrics import paired_comparison
 
     metrics = list(COMPARE_METRICS)
     heldout_names = sorted({k for t in trials for k in t["heldout"]})

@@ -8,7 +8,8 @@ numbers; ``mars_ray.evaluate`` produces those arrays from a reward model.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -112,7 +113,7 @@ def curvature_bins(margins: np.ndarray, psi: np.ndarray, bins: int = 5) -> list[
         c = sigmoid(m[idx]) * (1.0 - sigmoid(m[idx]))
         fisher = (psi[idx] * c[:, None]).T @ psi[idx] / len(idx)
         eig = np.linalg.eigvalsh(fisher)
-        out.append({"bin": k, "n": int(len(idx)), "abs_margin_lo": float(np.abs(m[idx]).min()),
+        out.append({"bin": k, "n": len(idx), "abs_margin_lo": float(np.abs(m[idx]).min()),
                     "abs_margin_hi": float(np.abs(m[idx]).max()), "mean_c": float(c.mean()),
                     "min_eig": float(eig[0]), "max_eig": float(eig[-1])})
     return out

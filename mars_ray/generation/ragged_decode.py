@@ -25,7 +25,8 @@ Only greedy decoding of one output per prompt takes this path
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 __all__ = ["common_prefix_len", "ragged_greedy", "supports_ragged_greedy"]
 

@@ -22,7 +22,7 @@ Decoding (both local classes), driven by :class:`GenParams`:
 Batching: requests are encoded once, sorted by length (longest first, less padding; an out-of-memory
 shows up on the first chunk), generated ``batch_size`` requests at a time and returned in the
 caller's order. Greedy decoding of one output per request with a full-attention chat model (the
-paraphrase default) runs through :func:`~mars_ray.models.ragged_decode.ragged_greedy` instead of
+paraphrase default) runs through :func:`~mars_ray.generation.ragged_decode.ragged_greedy` instead of
 ``model.generate``: the prompt template's common prefix is computed once per chunk and rows leave
 the batch when they end, with the same output tokens (64 PKU paraphrase requests with SmolLM2 on 2
 cores, chunks of 32: 28.8 s against 44.3 s, all 64 outputs identical). Per-request output caps
@@ -35,7 +35,7 @@ about the same for 4 or 16 rows (SmolLM2-135M, 2 cores: 236 ms for 4 rows, 262 m
 exception type) and the call carries on; a request that cannot even be encoded yields ``None`` for
 its outputs alone. Empty outputs are returned as ``""``: ``None`` means failure.
 
-Behind :class:`~mars_ray.models.generation.CachedGenerator`, a top-up from ``k`` cached outputs
+Behind :class:`~mars_ray.generation.cache.CachedGenerator`, a top-up from ``k`` cached outputs
 to ``n`` regenerates with the full ``n`` and keeps slots ``k..n-1``: with beam search those are the
 next-best beams (distinct from the cached ones); with sampling they are fresh draws.
 """
@@ -45,10 +45,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from mars_ray.models.generation import GenParams, Request, TextGenerator, as_messages, as_text, request_caps
-from mars_ray.models.ragged_decode import ragged_greedy, supports_ragged_greedy
+from mars_ray.generation.base import GenParams, Request, TextGenerator, as_messages, as_text, request_caps
+from mars_ray.generation.ragged_decode import ragged_greedy, supports_ragged_greedy
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class LocalChatGenerator(_LocalGenerator):
         device: Where a model loaded here is put.
         dtype: Weights dtype for a model loaded here (``None``: the checkpoint's).
         system: System prompt added to requests that have none.
-        ragged: Greedy single outputs through :func:`~mars_ray.models.ragged_decode.ragged_greedy`
+        ragged: Greedy single outputs through :func:`~mars_ray.generation.ragged_decode.ragged_greedy`
             (same tokens as ``model.generate``, less work); ``False``: always ``model.generate``.
         cache_dir, offline: Passed to :func:`~mars_ray.models.resolve.resolve_model`.
 
@@ -415,7 +416,7 @@ def make_generator(
 
     Args:
         backend: ``"local"`` (:class:`LocalChatGenerator`), ``"seq2seq"`` (:class:`Seq2SeqGenerator`)
-            or ``"openai"`` (``mars_ray.models.openai_backend.OpenAIGenerator``, imported lazily).
+            or ``"openai"`` (``mars_ray.generation.openai_backend.OpenAIGenerator``, imported lazily).
         model: Model reference (local back ends) or endpoint model name (``openai``).
         params: Decoding parameters.
         batch_size: Requests per forward batch (local back ends; not used by ``openai``).
@@ -431,7 +432,7 @@ def make_generator(
     """
     name = (backend or "").strip().lower()
     if name == "openai":
-        from mars_ray.models.openai_backend import OpenAIGenerator
+        from mars_ray.generation.openai_backend import OpenAIGenerator
 
         return OpenAIGenerator(model, params, base_url=base_url, api_key_env=api_key_env, **openai_kwargs)
     if name in ("local", "seq2seq"):

@@ -1,4 +1,4 @@
-"""Prompt templates are files in this folder, not strings in code.
+"""Prompt templates: files in ``mars_ray/prompts/``, not strings in code.
 
 A template file has a ``### system`` section and a ``### user`` section; ``{name}`` placeholders
 are filled with :func:`render`. Literal braces are written ``{{`` and ``}}``.
@@ -7,7 +7,7 @@ are filled with :func:`render`. Literal braces are written ``{{`` and ``}}``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 
@@ -25,7 +25,7 @@ class PromptTemplate:
         return msgs
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_prompt(name: str) -> PromptTemplate:
     """Read ``<name>.txt`` from this package.
 
@@ -33,7 +33,7 @@ def load_prompt(name: str) -> PromptTemplate:
         FileNotFoundError: no such template. ValueError: no ``### user`` section.
     """
     try:
-        text = resources.files(__name__).joinpath(f"{name}.txt").read_text(encoding="utf-8")
+        text = (resources.files("mars_ray") / "prompts" / f"{name}.txt").read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"no prompt template {name!r} in mars_ray/prompts") from None
     sections: dict[str, list[str]] = {}

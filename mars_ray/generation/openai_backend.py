@@ -1,5 +1,5 @@
-"""A :class:`~mars_ray.models.generation.TextGenerator` over any OpenAI-compatible chat endpoint
-(OpenAI, vLLM, llama.cpp's server, :mod:`mars_ray.models.openai_server`, ...).
+"""A :class:`~mars_ray.generation.base.TextGenerator` over any OpenAI-compatible chat endpoint
+(OpenAI, vLLM, llama.cpp's server, :mod:`mars_ray.serve.llm_server`, ...).
 
 Design:
 
@@ -32,15 +32,16 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from mars_ray.models.generation import GenParams, Message, Request, as_messages, request_caps
+from mars_ray.generation.base import GenParams, Message, Request, as_messages, request_caps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OpenAIGenerator", "BudgetExhausted", "PLACEHOLDER_API_KEY"]
+__all__ = ["PLACEHOLDER_API_KEY", "BudgetExhausted", "OpenAIGenerator"]
 
 # Sent when no key is set but a base_url is (local servers need none; the client insists on one).
 PLACEHOLDER_API_KEY = "not-needed"
@@ -179,9 +180,7 @@ class OpenAIGenerator:
     def _over_budget_locked(self) -> bool:
         if self.max_requests is not None and self._attempts >= self.max_requests:
             return True
-        if self.max_tokens is not None and self._prompt_tokens + self._completion_tokens >= self.max_tokens:
-            return True
-        return False
+        return self.max_tokens is not None and self._prompt_tokens + self._completion_tokens >= self.max_tokens
 
     # ---------------------------------------------------------------- counters
     def _fail(self, reason: str) -> None:
@@ -323,7 +322,7 @@ class OpenAIGenerator:
         if client is not None:
             client.close()
 
-    def __enter__(self) -> "OpenAIGenerator":
+    def __enter__(self) -> OpenAIGenerator:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,7 +1,7 @@
 """OpenAIGenerator against a real OpenAI-compatible HTTP server on 127.0.0.1.
 
 Fast tests serve the tiny random Llama (``tiny_llama_dir``) through
-``mars_ray.models.openai_server`` and call it over real HTTP: happy path, the client's own retries
+``mars_ray.serve.llm_server`` and call it over real HTTP: happy path, the client's own retries
 on 429/500, timeouts, budgets, secret hygiene, the official ``openai`` client. ``slow`` tests
 serve the real SmolLM2 (and, when llama-cpp-python is installed, its GGUF through
 ``python -m llama_cpp.server``). Every server runs on a free port and is stopped by its fixture.
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from mars_ray.models.generation import GenParams, TextGenerator
-from mars_ray.models.openai_backend import OpenAIGenerator
-from mars_ray.models.openai_server import Faults, run_server
+from mars_ray.generation import GenParams, TextGenerator
+from mars_ray.generation.openai_backend import OpenAIGenerator
+from mars_ray.serve.llm_server import Faults, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "MARS_RAY_TEST_OPENAI_KEY"
@@ -42,13 +42,13 @@ def free_port() -> int:
 
 
 def get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - 127.0.0.1 only
+    with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
 
 
 @pytest.fixture(scope="module")
 def tiny_gen(tiny_llama_dir):
-    from mars_ray.models.local_generators import LocalChatGenerator
+    from mars_ray.generation.local import LocalChatGenerator
 
     return LocalChatGenerator(str(tiny_llama_dir), GenParams(max_new_tokens=8), batch_size=8)
 
@@ -328,11 +328,11 @@ def test_key_handling_without_a_server(monkeypatch):
 
 
 def test_server_command_line(tiny_llama_dir, tmp_path):
-    """``python -m mars_ray.models.openai_server`` serves, prints its URL, stops on SIGTERM."""
+    """``python -m mars_ray.serve.llm_server`` serves, prints its URL, stops on SIGTERM."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mars_ray.models.openai_server", "--model", str(tiny_llama_dir),
+        [sys.executable, "-m", "mars_ray.serve.llm_server", "--model", str(tiny_llama_dir),
          "--port", str(port), "--max-new-tokens", "6", "--log-level", "warning"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -369,7 +369,7 @@ def _looks_like_paraphrase(src: str, out: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_smollm2_paraphrase_through_the_server(serve):
-    from mars_ray.models.local_generators import LocalChatGenerator
+    from mars_ray.generation.local import LocalChatGenerator
 
     local = LocalChatGenerator("builtin:smollm2", GenParams(max_new_tokens=48), batch_size=4)
     h = serve(local, served_model="smollm2")

@@ -1,4 +1,4 @@
-"""Tests for mars_ray.models.ragged_decode: greedy decoding with a shared prefix and shrinking batches.
+"""Tests for mars_ray.generation.ragged_decode: greedy decoding with a shared prefix and shrinking batches.
 
 A tiny random Llama (SmolLM2 tokenizer and chat template) in float64, so that the batched forward
 passes and one-row ``model.generate`` agree to the last bit on every argmax.
@@ -10,9 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mars_ray.models.generation import GenParams  # noqa: E402
-from mars_ray.models.local_generators import LocalChatGenerator  # noqa: E402
-from mars_ray.models.ragged_decode import common_prefix_len, ragged_greedy, supports_ragged_greedy  # noqa: E402
+from mars_ray.generation import GenParams  # noqa: E402
+from mars_ray.generation.local import LocalChatGenerator  # noqa: E402
+from mars_ray.generation.ragged_decode import common_prefix_len, ragged_greedy, supports_ragged_greedy  # noqa: E402
 
 TEXTS = ["Hi", "Please summarise this long and rambling text about rivers and mountains. " * 4,
          "A medium sized request with a few more words.", "x y z", "Name a colour."]
@@ -111,7 +111,7 @@ def test_eos_ends_a_row_early(llama64):
 
 
 def test_bad_arguments(llama64):
-    model, tok = llama64
+    model, _tok = llama64
     with pytest.raises(ValueError, match="2 prompts but 1 caps"):
         ragged_greedy(model, [[1, 2], [3]], [4], eos_ids=[], pad_id=0)
     with pytest.raises(ValueError, match="at least one token"):

@@ -1,5 +1,5 @@
 """A small OpenAI-compatible chat server (FastAPI + uvicorn) in front of any
-:class:`~mars_ray.models.generation.TextGenerator`.
+:class:`~mars_ray.generation.base.TextGenerator`.
 
 Endpoints:
 
@@ -36,13 +36,14 @@ not generated).
 Binds 127.0.0.1 by default. :func:`run_server` starts it in a background thread and returns a
 handle with ``.url`` (ending in ``/v1``) and ``.stop()``; :func:`main` is the command line::
 
-    python -m mars_ray.models.openai_server --model builtin:smollm2 --port 8011
+    python -m mars_ray.serve.llm_server --model builtin:smollm2 --port 8011
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
@@ -55,9 +56,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -65,11 +67,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from mars_ray.models.generation import GenParams, Message, TextGenerator
+from mars_ray.generation import GenParams, Message, TextGenerator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Faults", "ServerHandle", "create_app", "run_server", "main"]
+__all__ = ["Faults", "ServerHandle", "create_app", "main", "run_server"]
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,9 @@ class Faults:
 
     fail_first: int = 0  # the first N chat requests are answered with fail_status
     fail_status: int = 429
-    retry_after: Optional[float] = 0  # `retry-after` header (seconds) on injected 429/503; None: no header
+    retry_after: float | None = 0  # `retry-after` header (seconds) on injected 429/503; None: no header
     delay_s: float = 0.0  # sleep this long before answering a chat request
-    delay_first: Optional[int] = None  # delay only the first N chat requests (None: all)
+    delay_first: int | None = None  # delay only the first N chat requests (None: all)
 
 
 # --------------------------------------------------------------------------- generation worker
@@ -110,7 +112,7 @@ class _Worker:
         self.max_batch = max(1, int(max_batch))
         self.batch_wait_s = max(0.0, float(batch_wait_s))
         self.lock = threading.Lock()  # around the model (and the params swap)
-        self.q: "queue.Queue[Any]" = queue.Queue()
+        self.q: queue.Queue[Any] = queue.Queue()
         self.batches = 0
         self.batched_requests = 0
         self.max_batch_seen = 0
@@ -187,7 +189,7 @@ class _Worker:
             with self.lock:
                 outs = self._generate(requests, first.n, first.params)
                 usage = [self._usage(j, row) for j, row in zip(batch, outs)]
-        except BaseException as err:  # noqa: BLE001 - reported to every waiting request
+        except BaseException as err:
             for j in batch:
                 if not j.future.done():
                     j.future.set_exception(err)
@@ -201,7 +203,7 @@ class _Worker:
             if not j.future.done():
                 j.future.set_result((row, u))
 
-    def _generate(self, requests: list[list[Message]], n: int, params: GenParams) -> list[list[Optional[str]]]:
+    def _generate(self, requests: list[list[Message]], n: int, params: GenParams) -> list[list[str | None]]:
         gen: Any = self.gen
         if self._params_mode == "argument":
             outs = gen.generate(requests, n, params=params)
@@ -223,7 +225,7 @@ class _Worker:
         return outs
 
     # token counts (worker thread only: fast tokenizers are not safe to share across threads)
-    def _usage(self, job: _Job, row: Sequence[Optional[str]]) -> tuple[int, list[int]]:
+    def _usage(self, job: _Job, row: Sequence[str | None]) -> tuple[int, list[int]]:
         return self._prompt_tokens(job.messages), [self._text_tokens(t or "") for t in row]
 
     def _prompt_tokens(self, messages: list[Message]) -> int:
@@ -252,26 +254,26 @@ class _Worker:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
-    content: Union[str, list, None] = None
+    content: str | list | None = None
 
 
 class ChatRequest(BaseModel):
     """The fields this server uses; any other OpenAI field is accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-    model: Optional[str] = None
+    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    n: Optional[int] = Field(default=1, ge=1)
-    seed: Optional[int] = None
-    stream: Optional[bool] = False
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=1, ge=1)
+    seed: int | None = None
+    stream: bool | None = False
 
 
-def _error(status: int, message: str, etype: str, code: Optional[str] = None,
-           headers: Optional[dict] = None) -> JSONResponse:
+def _error(status: int, message: str, etype: str, code: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     return JSONResponse(status_code=status, content=body, headers=headers)
 
@@ -316,10 +318,10 @@ class _Counters:
 def create_app(
     generator: TextGenerator,
     *,
-    faults: Optional[Faults] = None,
-    served_model: Optional[str] = None,
-    api_key: Optional[str] = None,
-    max_batch: Optional[int] = None,
+    faults: Faults | None = None,
+    served_model: str | None = None,
+    api_key: str | None = None,
+    max_batch: int | None = None,
     batch_wait_s: float = 0.01,
     max_tokens_cap: int = 2048,
     max_n: int = 16,
@@ -519,16 +521,14 @@ class ServerHandle:
             self._server.force_exit = True
             self._thread.join(2.0)
         self.app.state.worker.stop(timeout=5.0)
-        try:
+        with contextlib.suppress(OSError):
             self._sock.close()
-        except OSError:
-            pass
 
     @property
     def running(self) -> bool:
         return self._thread.is_alive() and not self._stopped
 
-    def __enter__(self) -> "ServerHandle":
+    def __enter__(self) -> ServerHandle:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -556,10 +556,10 @@ def run_server(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    faults: Optional[Faults] = None,
-    served_model: Optional[str] = None,
-    api_key: Optional[str] = None,
-    max_batch: Optional[int] = None,
+    faults: Faults | None = None,
+    served_model: str | None = None,
+    api_key: str | None = None,
+    max_batch: int | None = None,
     batch_wait_s: float = 0.01,
     log_level: str = "warning",
     startup_timeout_s: float = 30.0,
@@ -599,17 +599,17 @@ def run_server(
 
 
 def _build_generator(args: argparse.Namespace) -> TextGenerator:
-    from mars_ray.models.local_generators import make_generator
+    from mars_ray.generation.local import make_generator
 
     params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed)
     return make_generator(args.backend, args.model, params, batch_size=args.batch_size)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line: serve a local model over an OpenAI-compatible API until SIGINT/SIGTERM."""
     ap = argparse.ArgumentParser(
-        prog="python -m mars_ray.models.openai_server",
+        prog="python -m mars_ray.serve.llm_server",
         description="Serve a local model (builtin:smollm2, a folder, a hub id) over an OpenAI-compatible "
                     "/v1/chat/completions API.",
     )

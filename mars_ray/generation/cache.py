@@ -1,14 +1,5 @@
-"""One interface for every text generator (local chat model, seq2seq paraphraser, OpenAI-compatible
-endpoint), and a content-hash cache in front of any of them.
-
-A *request* is either a plain string (seq2seq input, or a single user turn for chat models) or a
-list of chat messages ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
-
-``generate(requests, n)`` returns, for each request, a list of ``n`` outputs; an output is ``None``
-when that generation failed (endpoint error after retries, budget exhausted). A generator never
-raises for one bad request: callers count failures and carry on, so no pair is lost.
-``generate(requests, n, max_new_tokens=[...])`` gives each request its own output cap (at most
-``params.max_new_tokens``), so requests with different caps still share one batch.
+"""A content-hash cache in front of any :class:`~mars_ray.generation.base.TextGenerator`, and a
+generator that loads its back end on the first cache miss.
 
 The cache works in *slots*: output k of request r under (model id, generation params) is stored
 under ``sha256(model_id, params, r, k)``. A request whose slots are all cached costs nothing, so a
@@ -23,76 +14,12 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, Sequence, Union, runtime_checkable
+from typing import Any
 
-Message = dict[str, str]
-Request = Union[str, list[Message]]
-
-
-@dataclass(frozen=True)
-class GenParams:
-    """Decoding parameters; part of every cache key."""
-
-    max_new_tokens: int = 160
-    temperature: float = 0.0  # 0: deterministic (beam search when n > 1, else greedy)
-    top_p: float = 1.0
-    num_beams: int = 1
-    no_repeat_ngram_size: int = 0
-    seed: int = 0
-
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-
-@runtime_checkable
-class TextGenerator(Protocol):
-    """What every back end implements."""
-
-    model_id: str  # stable id for lineage and cache keys, e.g. "builtin:smollm2" or "openai:gpt-4.1"
-    params: GenParams
-
-    def generate(
-        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
-    ) -> list[list[str | None]]:
-        """``n`` outputs per request (``None`` marks a failed one); never raises for one bad request.
-        ``max_new_tokens``: one output cap per request (capped at ``params.max_new_tokens``)."""
-        ...
-
-
-def request_caps(params: GenParams, n_requests: int, max_new_tokens: Sequence[int] | None) -> list[int]:
-    """Each request's output cap: its entry of ``max_new_tokens`` (at least 1), never above
-    ``params.max_new_tokens``; all ``params.max_new_tokens`` when ``max_new_tokens`` is None.
-
-    Raises:
-        ValueError: ``max_new_tokens`` does not have one entry per request.
-    """
-    if max_new_tokens is None:
-        return [params.max_new_tokens] * n_requests
-    caps = [int(c) for c in max_new_tokens]
-    if len(caps) != n_requests:
-        raise ValueError(f"max_new_tokens has {len(caps)} entries for {n_requests} requests")
-    return [max(1, min(c, params.max_new_tokens)) for c in caps]
-
-
-def as_messages(request: Request, system: str | None = None) -> list[Message]:
-    """A request as chat messages (a plain string becomes one user turn)."""
-    if isinstance(request, str):
-        msgs = [{"role": "user", "content": request}]
-    else:
-        msgs = [dict(m) for m in request]
-    if system and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": system})
-    return msgs
-
-
-def as_text(request: Request) -> str:
-    """A request as plain text (chat messages: the last user turn)."""
-    if isinstance(request, str):
-        return request
-    users = [m["content"] for m in request if m.get("role") == "user"]
-    return users[-1] if users else request[-1]["content"]
+from mars_ray.generation.base import GenParams, Request, TextGenerator, request_caps
 
 
 def request_key(model_id: str, params: GenParams, request: Request, slot: int) -> str:
@@ -147,7 +74,7 @@ class GenerationCache:
         return {"path": str(self.path)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])
+        GenerationCache.__init__(self, state["path"])
 
 
 class LazyGenerator:
@@ -253,10 +180,11 @@ class CachedGenerator:
             outs = self._inner_generate([requests[i] for i in todo], n, [caps[i] for i in todo])
             self._count(outs)
             for i, gen in zip(todo, outs):
-                for k in range(n):
-                    if results[i][k] is None and k < len(gen) and gen[k] is not None:
-                        results[i][k] = gen[k]
-                        new_items.append((keys[i][k], gen[k]))
+                for k in range(min(n, len(gen))):
+                    text = gen[k]
+                    if results[i][k] is None and text is not None:
+                        results[i][k] = text
+                        new_items.append((keys[i][k], text))
         self.cache.put_many(new_items, model=self.model_id)
         return results
 
@@ -265,7 +193,7 @@ class CachedGenerator:
             return self.inner.generate(requests, n)
         return self.inner.generate(requests, n, max_new_tokens=caps)
 
-    def with_params(self, **changes: Any) -> "CachedGenerator":
+    def with_params(self, **changes: Any) -> CachedGenerator:
         """The same loaded model / client, cache and counters with other decoding parameters
         (they are part of the cache key)."""
         import copy

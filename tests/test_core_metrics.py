@@ -7,8 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from mars_ray.core.evaluation import (
-    SECTIONS, curvature_bins, length_buckets, paired_comparison, rewardbench_sections, sigmoid, subset_accuracy,
+from mars_ray.core.metrics import (
+    SECTIONS,
+    curvature_bins,
+    length_buckets,
+    paired_comparison,
+    rewardbench_sections,
+    sigmoid,
+    subset_accuracy,
 )
 
 
