@@ -15,7 +15,9 @@ def run_variant(script: Path, variant: str, *args: str, reps: int) -> dict:
     """Run ``script --variant V --reps N`` in its own process; it prints one JSON line of results."""
     out = subprocess.run(
         [sys.executable, str(script), "--variant", variant, "--reps", str(reps), *args],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

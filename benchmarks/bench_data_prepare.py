@@ -49,7 +49,11 @@ def ours(path: Path, out: Path, lengths: bool) -> int:
 
 
 def child(variant: str, reps: int, path: Path) -> None:
-    fn = {"plain": lambda o: plain(path, o), "ours": lambda o: ours(path, o, False), "ours+lengths": lambda o: ours(path, o, True)}[variant]
+    fn = {
+        "plain": lambda o: plain(path, o),
+        "ours": lambda o: ours(path, o, False),
+        "ours+lengths": lambda o: ours(path, o, True),
+    }[variant]
     secs = []
     n = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +77,11 @@ def main() -> int:
     if a.variant:
         child(a.variant, a.reps, a.file)
         return 0
-    names = {"plain": "plain json.loads + pandas", "ours": "mars-ray data prepare", "ours+lengths": "mars-ray data prepare + lengths"}
+    names = {
+        "plain": "plain json.loads + pandas",
+        "ours": "mars-ray data prepare",
+        "ours+lengths": "mars-ray data prepare + lengths",
+    }
     rows = []
     for v, label in names.items():
         r = run_variant(Path(__file__), v, "--file", str(a.file), reps=a.reps)

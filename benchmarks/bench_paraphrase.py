@@ -63,11 +63,16 @@ def texts(k: int) -> list[str]:
 def cfg_for(args, cache_dir: str):
     from mars_ray.config import Config
 
-    return Config.load(overrides={
-        "paraphrase.max_new_tokens": str(args.max_new_tokens), "paraphrase.batch_size": str(args.batch),
-        "paraphrase.retry_rounds": "0", "model.cache_dir": cache_dir,
-        "resources.actors": "1", "resources.cpus_per_actor": "2",
-    })
+    return Config.load(
+        overrides={
+            "paraphrase.max_new_tokens": str(args.max_new_tokens),
+            "paraphrase.batch_size": str(args.batch),
+            "paraphrase.retry_rounds": "0",
+            "model.cache_dir": cache_dir,
+            "resources.actors": "1",
+            "resources.cpus_per_actor": "2",
+        }
+    )
 
 
 def child(args) -> None:
@@ -92,13 +97,22 @@ def child(args) -> None:
             from mars_ray.models.reward import generation_dtype
 
             torch.set_num_threads(2)
-            gen = LocalChatGenerator("builtin:smollm2", GenParams(max_new_tokens=p.max_new_tokens, num_beams=p.num_beams,
-                                                                  no_repeat_ngram_size=p.no_repeat_ngram_size),
-                                     batch_size=1, dtype=generation_dtype(p.dtype), cache_dir=args.cache_dir,
-                                     ragged=False)
+            gen = LocalChatGenerator(
+                "builtin:smollm2",
+                GenParams(
+                    max_new_tokens=p.max_new_tokens, num_beams=p.num_beams, no_repeat_ngram_size=p.no_repeat_ngram_size
+                ),
+                batch_size=1,
+                dtype=generation_dtype(p.dtype),
+                cache_dir=args.cache_dir,
+                ragged=False,
+            )
             startup = time.perf_counter() - t0
-            generated = sum(o is not None for x, c in zip(xs, caps)
-                            for o in gen.generate([render("paraphrase", text=x)], args.n, max_new_tokens=[c])[0])
+            generated = sum(
+                o is not None
+                for x, c in zip(xs, caps)
+                for o in gen.generate([render("paraphrase", text=x)], args.n, max_new_tokens=[c])[0]
+            )
             secs = time.perf_counter() - t0
         else:
             import ray
@@ -108,16 +122,35 @@ def child(args) -> None:
             from mars_ray.stages.generate import ParaphraseActor, longest_first
 
             init_ray(cfg.resources, log_to_driver=False)
-            req = longest_first(pa.table({"key": [f"{i}:c" for i in range(len(xs))], "text": xs, "n": [args.n] * len(xs)}))
-            kw = dict(paraphrase=dataclasses.asdict(p), encoder_ref=cfg.model.encoder, batch_size=p.batch_size,
-                      encoder_batch_size=64, num_threads=2, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
+            req = longest_first(
+                pa.table({"key": [f"{i}:c" for i in range(len(xs))], "text": xs, "n": [args.n] * len(xs)})
+            )
+            kw = dict(
+                paraphrase=dataclasses.asdict(p),
+                encoder_ref=cfg.model.encoder,
+                batch_size=p.batch_size,
+                encoder_batch_size=64,
+                num_threads=2,
+                cache_dir=cfg.model.cache_dir,
+                seed=cfg.seed,
+            )
             out = map_with_actors(req, ParaphraseActor, kw, resources=cfg.resources, batch_size=p.batch_size)
             generated = int(sum(out.column("gen_generated").to_pylist()))
             secs = time.perf_counter() - t0
             startup = None
             ray.shutdown()
-    print(json.dumps({"seconds": [secs], "rows": len(xs) * args.n, "generated": generated, "peak_rss_mb": rss.peak_mb,
-                      "load5": round(os.getloadavg()[1], 2), "startup_s": startup}))
+    print(
+        json.dumps(
+            {
+                "seconds": [secs],
+                "rows": len(xs) * args.n,
+                "generated": generated,
+                "peak_rss_mb": rss.peak_mb,
+                "load5": round(os.getloadavg()[1], 2),
+                "startup_s": startup,
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -138,7 +171,16 @@ def main() -> int:
     if args.variant:
         child(args)
         return 0
-    common = ["--texts", str(args.texts), "--n", str(args.n), "--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
+    common = [
+        "--texts",
+        str(args.texts),
+        "--n",
+        str(args.n),
+        "--batch",
+        str(args.batch),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         # The converted SmolLM2 is shared (a fresh cache would time the one-off GGUF conversion);
@@ -146,21 +188,30 @@ def main() -> int:
         from mars_ray.models.resolve import cache_root
 
         os.symlink(cache_root() / "builtin", Path(cache) / "builtin")
-        for v, label in (("single", "one text at a time"), ("stage", "Ray Data stage (1 actor x 2 CPU)"),
-                         ("stage", "Ray Data stage, rerun (cache)")):
+        for v, label in (
+            ("single", "one text at a time"),
+            ("stage", "Ray Data stage (1 actor x 2 CPU)"),
+            ("stage", "Ray Data stage, rerun (cache)"),
+        ):
             r = run_variant(Path(__file__), v, *common, "--cache-dir", cache, reps=1)
             rows.append({"variant": label, **r})
             print(f"  done: {label} {r['seconds'][0]:.1f} s", file=sys.stderr)
-    print(f"{args.texts} PKU texts x {args.n} paraphrase(s), SmolLM2-135M, greedy (beam search for n > 1), per-text "
-          f"output cap <= {args.max_new_tokens} tokens, generation batch {args.batch}; end to end incl. model load "
-          "(and Ray + actor start for the stage); one run each")
+    print(
+        f"{args.texts} PKU texts x {args.n} paraphrase(s), SmolLM2-135M, greedy (beam search for n > 1), per-text "
+        f"output cap <= {args.max_new_tokens} tokens, generation batch {args.batch}; end to end incl. model load "
+        "(and Ray + actor start for the stage); one run each"
+    )
     base = statistics.median(rows[0]["seconds"])
-    print(f"{'variant':34s} {'seconds':>8s} {'outputs/s':>10s} {'vs one at a time':>17s} {'generated':>10s} "
-          f"{'peak RSS MB':>12s} {'load5':>6s}")
+    print(
+        f"{'variant':34s} {'seconds':>8s} {'outputs/s':>10s} {'vs one at a time':>17s} {'generated':>10s} "
+        f"{'peak RSS MB':>12s} {'load5':>6s}"
+    )
     for r in rows:
         med = statistics.median(r["seconds"])
-        print(f"{r['variant']:34s} {med:8.1f} {r['rows'] / med:10.2f} {base / med:16.2f}x {r['generated']:10d} "
-              f"{r['peak_rss_mb']:12.0f} {r['load5']:6.2f}")
+        print(
+            f"{r['variant']:34s} {med:8.1f} {r['rows'] / med:10.2f} {base / med:16.2f}x {r['generated']:10d} "
+            f"{r['peak_rss_mb']:12.0f} {r['load5']:6.2f}"
+        )
     # Fixed costs apart: the loop's model load, and the stage's start-up: the rerun (Ray start,
     # actor start, the gate's encoder, cache look-ups; the generator is never loaded) plus the
     # same model load.
@@ -168,9 +219,11 @@ def main() -> int:
     stage, rerun = statistics.median(rows[1]["seconds"]), statistics.median(rows[2]["seconds"])
     if load is not None and stage > rerun + load:
         fixed = rerun + load
-        print(f"generation alone (each minus its fixed start-up: the loop's model load {load:.1f} s; the stage's "
-              f"cached rerun {rerun:.1f} s + that model load): {base - load:.1f} s vs {stage - fixed:.1f} s = "
-              f"{(base - load) / (stage - fixed):.2f}x")
+        print(
+            f"generation alone (each minus its fixed start-up: the loop's model load {load:.1f} s; the stage's "
+            f"cached rerun {rerun:.1f} s + that model load): {base - load:.1f} s vs {stage - fixed:.1f} s = "
+            f"{(base - load) / (stage - fixed):.2f}x"
+        )
     return 0
 
 

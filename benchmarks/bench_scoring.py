@@ -136,8 +136,14 @@ def plain(table) -> tuple[int, dict]:
         for i in range(0, len(prompts), BATCH):
             rewards = []
             for resp in (chosen, rejected):
-                enc = tok(prompts[i : i + BATCH], resp[i : i + BATCH], truncation=True, max_length=max_len,
-                          padding="longest", return_tensors="pt")
+                enc = tok(
+                    prompts[i : i + BATCH],
+                    resp[i : i + BATCH],
+                    truncation=True,
+                    max_length=max_len,
+                    padding="longest",
+                    return_tensors="pt",
+                )
                 padded += enc["input_ids"].numel()
                 real += int(enc["attention_mask"].sum())
                 rewards.append(model(**enc).logits[:, 0])
@@ -197,9 +203,19 @@ def child(variant: str, reps: int, path: Path, n: int) -> None:
 
                 ray.shutdown()  # not timed; the next rep starts Ray again
     load = os.getloadavg()[1]  # 5-minute load average at the end: other work on the machine distorts timings
-    print(json.dumps({"seconds": secs, "rows": rows, "peak_rss_mb": rss.peak_mb or peak_rss_mb(),
-                      "driver_rss_mb": peak_rss_mb(), "cpu_s_per_rep": rss.cpu_s / max(reps, 1),
-                      "load5": round(load, 2), **extra}))
+    print(
+        json.dumps(
+            {
+                "seconds": secs,
+                "rows": rows,
+                "peak_rss_mb": rss.peak_mb or peak_rss_mb(),
+                "driver_rss_mb": peak_rss_mb(),
+                "cpu_s_per_rep": rss.cpu_s / max(reps, 1),
+                "load5": round(load, 2),
+                **extra,
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -243,16 +259,22 @@ def main() -> int:
     n = rows[0]["rows"]
     print(f"{a.file.name}: {n} pairs, {MODEL}, batch {BATCH}, each variant in a fresh process (median of reps)")
     base = next((statistics.median(r["seconds"]) for r in rows if r["key"] == "plain"), None)
-    print(f"{'variant':28s} {'reps':>4s} {'median s':>9s} {'pairs/s':>8s} {'vs plain':>9s} {'peak RSS MB':>12s} "
-          f"{'driver MB':>10s} {'CPU s/rep':>10s} {'load5':>6s}")
+    print(
+        f"{'variant':28s} {'reps':>4s} {'median s':>9s} {'pairs/s':>8s} {'vs plain':>9s} {'peak RSS MB':>12s} "
+        f"{'driver MB':>10s} {'CPU s/rep':>10s} {'load5':>6s}"
+    )
     for r in rows:
         med = statistics.median(r["seconds"])
         ratio = f"{base / med:8.2f}x" if base else "      n/a"
-        print(f"{r['variant']:28s} {r['reps']:4d} {med:9.2f} {r['rows'] / med:8.1f} {ratio} "
-              f"{r['peak_rss_mb']:12.0f} {r['driver_rss_mb']:10.0f} {r['cpu_s_per_rep']:10.0f} {r['load5']:6.1f}")
-    print("CPU s/rep: CPU time of the whole process tree per repetition (incl. untimed set-up such as data "
-          "loading); load5: the machine's 5-min load average when the variant ended (2 cores: > 2 means "
-          "other work competed)")
+        print(
+            f"{r['variant']:28s} {r['reps']:4d} {med:9.2f} {r['rows'] / med:8.1f} {ratio} "
+            f"{r['peak_rss_mb']:12.0f} {r['driver_rss_mb']:10.0f} {r['cpu_s_per_rep']:10.0f} {r['load5']:6.1f}"
+        )
+    print(
+        "CPU s/rep: CPU time of the whole process tree per repetition (incl. untimed set-up such as data "
+        "loading); load5: the machine's 5-min load average when the variant ended (2 cores: > 2 means "
+        "other work competed)"
+    )
     for r in rows:
         if "padded_tokens" in r:
             p, q = r["padded_tokens"][0], r["real_tokens"][0]

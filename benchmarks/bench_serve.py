@@ -78,11 +78,18 @@ def server(max_batch: int, threads: int, ongoing: int | None = None) -> None:
     from mars_ray.serve import app as serve_app
 
     port = _free_port()
-    cfg = Config.load(overrides={
-        "serve.port": str(port), "serve.max_batch_size": str(max_batch), "serve.batch_wait_timeout_s": "0.01",
-        "serve.num_cpus": "1", "serve.threads": str(threads), "serve.app_name": "bench",
-        "resources.num_cpus": "2", **({"serve.max_ongoing_requests": str(ongoing)} if ongoing else {}),
-    })
+    cfg = Config.load(
+        overrides={
+            "serve.port": str(port),
+            "serve.max_batch_size": str(max_batch),
+            "serve.batch_wait_timeout_s": "0.01",
+            "serve.num_cpus": "1",
+            "serve.threads": str(threads),
+            "serve.app_name": "bench",
+            "resources.num_cpus": "2",
+            **({"serve.max_ongoing_requests": str(ongoing)} if ongoing else {}),
+        }
+    )
     with TreeRss(every=0.25) as rss:
         t0 = time.perf_counter()
         init_ray(cfg.resources, log_to_driver=False)
@@ -135,9 +142,17 @@ async def _load(url: str, items: list, concurrency: int, n: int, seconds: float,
     def pct(q: float) -> float:
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
 
-    return {"sent": state["next"], "ok": len(lat), "status": status, "errors": errors, "seconds": elapsed,
-            "rps": len(lat) / elapsed if elapsed > 0 else 0.0, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "load_rss_mb": peak_rss_mb()}
+    return {
+        "sent": state["next"],
+        "ok": len(lat),
+        "status": status,
+        "errors": errors,
+        "seconds": elapsed,
+        "rps": len(lat) / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "load_rss_mb": peak_rss_mb(),
+    }
 
 
 def load(url: str, items_file: Path, concurrency: int, n: int, seconds: float, timeout: float) -> None:
@@ -170,9 +185,26 @@ def _health(url: str) -> dict:
 def _run_load(url, items_file, concurrency, n, seconds, timeout=60.0) -> dict:
     before = _health(url)["counters"]
     out = subprocess.run(
-        [sys.executable, __file__, "--load", url, "--items", str(items_file), "--concurrency", str(concurrency),
-         "--requests", str(n), "--seconds", str(seconds), "--timeout", str(timeout)],
-        check=True, capture_output=True, text=True, timeout=seconds + timeout + 60,
+        [
+            sys.executable,
+            __file__,
+            "--load",
+            url,
+            "--items",
+            str(items_file),
+            "--concurrency",
+            str(concurrency),
+            "--requests",
+            str(n),
+            "--seconds",
+            str(seconds),
+            "--timeout",
+            str(timeout),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=seconds + timeout + 60,
     )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     after = _health(url)["counters"]
@@ -190,7 +222,11 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--server", str(max_batch), "--threads", str(threads)]
             + (["--ongoing", str(ongoing)] if ongoing else []),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
         self.info = self._wait_for("READY ", 300)
 
@@ -201,7 +237,7 @@ class Server:
             if not line:
                 raise RuntimeError(f"the server process exited with {self.proc.wait()}")
             if line.startswith(prefix):
-                return json.loads(line[len(prefix):])
+                return json.loads(line[len(prefix) :])
         raise TimeoutError(f"no {prefix.strip()} from the server within {timeout}s")
 
     def stop(self) -> dict:
@@ -271,20 +307,28 @@ def main() -> int:
         finally:
             servers[variant] = {**srv.info, **srv.stop()}
 
-    print(f"{MODEL}, one replica (1 CPU, {a.threads} torch threads), 2-core local Ray, HTTP on 127.0.0.1; "
-          f"one pair per request from {data_name}; medians of {a.reps} load run(s) of <= {a.requests} requests "
-          f"/ {a.seconds:.0f} s each; load5 {os.getloadavg()[1]:.2f}")
-    print(f"{'variant':12s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} "
-          f"{'5xx':>4s} {'err':>4s} {'load RSS MB':>11s}")
+    print(
+        f"{MODEL}, one replica (1 CPU, {a.threads} torch threads), 2-core local Ray, HTTP on 127.0.0.1; "
+        f"one pair per request from {data_name}; medians of {a.reps} load run(s) of <= {a.requests} requests "
+        f"/ {a.seconds:.0f} s each; load5 {os.getloadavg()[1]:.2f}"
+    )
+    print(
+        f"{'variant':12s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} "
+        f"{'5xx':>4s} {'err':>4s} {'load RSS MB':>11s}"
+    )
     for r in rows:
         runs = r["runs"]
-        print(f"{r['variant']:12s} {r['clients']:7d} {_med(runs, 'rps'):8.1f} {_med(runs, 'p50_ms'):8.1f} "
-              f"{_med(runs, 'p99_ms'):8.1f} {_med(runs, 'batch'):6.1f} "
-              f"{sum(x['status'].get('5xx', 0) for x in runs):4d} {sum(sum(x['errors'].values()) for x in runs):4d} "
-              f"{max(x['load_rss_mb'] for x in runs):11.0f}")
+        print(
+            f"{r['variant']:12s} {r['clients']:7d} {_med(runs, 'rps'):8.1f} {_med(runs, 'p50_ms'):8.1f} "
+            f"{_med(runs, 'p99_ms'):8.1f} {_med(runs, 'batch'):6.1f} "
+            f"{sum(x['status'].get('5xx', 0) for x in runs):4d} {sum(sum(x['errors'].values()) for x in runs):4d} "
+            f"{max(x['load_rss_mb'] for x in runs):11.0f}"
+        )
     for v, info in servers.items():
-        print(f"server {v}: start-up {info['startup_s']} s, peak RSS {info['peak_rss_mb']:.0f} MB "
-              f"(driver {info['driver_rss_mb']:.0f} MB)")
+        print(
+            f"server {v}: start-up {info['startup_s']} s, peak RSS {info['peak_rss_mb']:.0f} MB "
+            f"(driver {info['driver_rss_mb']:.0f} MB)"
+        )
     top = max(levels)
     b = next((_med(r["runs"], "rps") for r in rows if r["variant"] == "batched" and r["clients"] == top), None)
     u = next((_med(r["runs"], "rps") for r in rows if r["variant"] == "unbatched" and r["clients"] == top), None)
@@ -292,13 +336,17 @@ def main() -> int:
         print(f"batched / unbatched throughput at {top} clients: {b / u:.2f}x (goal >= 5x)")
     w = next((_med(r["runs"], "rps") for r in rows if r["variant"] == "unbatched-64" and r["clients"] == top), None)
     if b and w:
-        print(f"batched / unbatched-64 (one pair per forward pass, {top} requests admitted) at {top} clients: {b / w:.2f}x "
-              "(what batching itself buys, apart from admission)")
+        print(
+            f"batched / unbatched-64 (one pair per forward pass, {top} requests admitted) at {top} clients: {b / w:.2f}x "
+            "(what batching itself buys, apart from admission)"
+        )
     if soak is not None:
-        print(f"soak: {soak['sent']} requests from 64 clients in {soak['seconds']:.0f} s ({soak['rps']:.1f} req/s): "
-              f"{soak['ok']} ok, {soak['status'].get('5xx', 0)} 5xx (goal 0), {soak['status'].get('4xx', 0)} 4xx, "
-              f"{sum(soak['errors'].values())} transport errors {soak['errors'] or ''}; "
-              f"p50 {soak['p50_ms']:.0f} ms, p99 {soak['p99_ms']:.0f} ms, mean batch {soak['batch']:.1f}")
+        print(
+            f"soak: {soak['sent']} requests from 64 clients in {soak['seconds']:.0f} s ({soak['rps']:.1f} req/s): "
+            f"{soak['ok']} ok, {soak['status'].get('5xx', 0)} 5xx (goal 0), {soak['status'].get('4xx', 0)} 4xx, "
+            f"{sum(soak['errors'].values())} transport errors {soak['errors'] or ''}; "
+            f"p50 {soak['p50_ms']:.0f} ms, p99 {soak['p99_ms']:.0f} ms, mean batch {soak['batch']:.1f}"
+        )
     return 0
 
 

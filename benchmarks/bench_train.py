@@ -126,9 +126,17 @@ def columns(table) -> tuple[list[str], list[str], list[str]]:
 def base_cfg(**over):
     from mars_ray.config import Config
 
-    o = {"data.path": str(HH), "data.val_fraction": 0, "data.test_fraction": 0,
-         "train.batch_size": BATCH, "train.passes": 1, "train.num_workers": 1,
-         "train.cpus_per_worker": THREADS, "resources.num_cpus": THREADS, "model.offline": True}
+    o = {
+        "data.path": str(HH),
+        "data.val_fraction": 0,
+        "data.test_fraction": 0,
+        "train.batch_size": BATCH,
+        "train.passes": 1,
+        "train.num_workers": 1,
+        "train.cpus_per_worker": THREADS,
+        "resources.num_cpus": THREADS,
+        "model.offline": True,
+    }
     o.update(over)
     return Config.load(overrides=o)
 
@@ -158,8 +166,9 @@ def model_dir(max_length: int, tmp: Path) -> str:
 def flop_shape(model) -> dict:
     """N (transformer-layer parameters), layers and hidden size of a (possibly peft-wrapped) BERT."""
     cfg = model.config
-    n = sum(p.numel() for name, p in model.named_parameters()
-            if ".encoder.layer." in f".{name}" and "lora_" not in name)
+    n = sum(
+        p.numel() for name, p in model.named_parameters() if ".encoder.layer." in f".{name}" and "lora_" not in name
+    )
     return {"n_layer_params": int(n), "layers": int(cfg.num_hidden_layers), "hidden": int(cfg.hidden_size)}
 
 
@@ -178,8 +187,17 @@ def heldout_accuracy(model_path: str, heldout, *, trl_format: bool, max_length: 
 
     model, tok = load_reward_model(model_path, dtype="float32")
     p, c, r = columns(heldout)
-    rc, rr = score_pairs(model, tok, p, c, r, batch_size=SCORE_BATCH, max_prompt_tokens=512,
-                         max_response_tokens=192, max_length=max_length)
+    rc, rr = score_pairs(
+        model,
+        tok,
+        p,
+        c,
+        r,
+        batch_size=SCORE_BATCH,
+        max_prompt_tokens=512,
+        max_response_tokens=192,
+        max_length=max_length,
+    )
     out = {"acc_mars_enc": float(np.mean(rc > rr))}
     if not trl_format:
         out["acc"] = out["acc_mars_enc"]
@@ -187,7 +205,7 @@ def heldout_accuracy(model_path: str, heldout, *, trl_format: bool, max_length: 
     texts = [a + b + "[SEP]" for a, b in zip(p + p, c + r)]
     ids = tok(texts, verbose=False)["input_ids"]
     cut = sum(len(x) > max_length for x in ids)
-    ids = [x if len(x) <= max_length else x[:1] + x[-(max_length - 1):] for x in ids]
+    ids = [x if len(x) <= max_length else x[:1] + x[-(max_length - 1) :] for x in ids]
     order = np.argsort([-len(x) for x in ids], kind="stable")
     rewards = np.empty(len(ids), dtype=np.float32)
     with torch.inference_mode():
@@ -280,14 +298,32 @@ def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool) -> dict:
     model, tok = load_reward_model(model_dir(args.max_length, tmp), seed=cfg.seed, dtype="float32")
     shape = flop_shape(model)
     rc = RewardConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=BATCH, num_train_epochs=1,
-        learning_rate=cfg.train.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_length=args.max_length, eos_token=tok.sep_token, bf16=False, use_cpu=True,
-        gradient_checkpointing=checkpointing, save_strategy="no", report_to="none",
-        disable_tqdm=True, seed=cfg.seed, dataloader_num_workers=0,
+        output_dir=str(out_dir),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=1,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_length=args.max_length,
+        eos_token=tok.sep_token,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=checkpointing,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        dataloader_num_workers=0,
     )
-    trainer = RewardTrainer(model=model, args=rc, train_dataset=ds, processing_class=tok,
-                            data_collator=CountingCollator(tok.pad_token_id), callbacks=[StepClock()])
+    trainer = RewardTrainer(
+        model=model,
+        args=rc,
+        train_dataset=ds,
+        processing_class=tok,
+        data_collator=CountingCollator(tok.pad_token_id),
+        callbacks=[StepClock()],
+    )
     trained = len(trainer.train_dataset)
     torch.set_num_threads(THREADS)
     trainer.train()
@@ -295,9 +331,16 @@ def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool) -> dict:
     e2e = time.perf_counter() - t0
     step_s = marks[-1] - marks[0]
     info = {
-        "step_seconds": step_s, "e2e_seconds": e2e, "trained": trained, "offered": train.num_rows,
-        "steps": len(marks) - 1, "real_tokens": stats["real"], "slots": stats["slots"],
-        "flops": model_flops(shape, stats["real"], stats["sumsq"], 6), "dtype": "fp32", **shape,
+        "step_seconds": step_s,
+        "e2e_seconds": e2e,
+        "trained": trained,
+        "offered": train.num_rows,
+        "steps": len(marks) - 1,
+        "real_tokens": stats["real"],
+        "slots": stats["slots"],
+        "flops": model_flops(shape, stats["real"], stats["sumsq"], 6),
+        "dtype": "fp32",
+        **shape,
         "threads_seen": torch.get_num_threads(),
     }
     info.update(heldout_accuracy(str(out_dir / "final"), heldout, trl_format=True, max_length=args.max_length))
@@ -328,10 +371,14 @@ def ours_padding(train, args, tmp: Path, seed: int) -> dict:
     perm = rng.permutation(n)
     loop = length_grouped_batches(perm, longest, BATCH, rng, group=base_cfg().train.length_group)
     plain = [perm[s : s + BATCH] for s in range(0, n, BATCH)]
-    return {"real_tokens": int(lc.sum() + lr.sum()), "slots": slots(loop), "slots_random": slots(plain),
-            "sumsq": int((lc.astype(np.int64) ** 2).sum() + (lr.astype(np.int64) ** 2).sum()),
-            "prompts_cut": int(ec.prompt_truncated),
-            "responses_cut": int(ec.response_truncated + er.response_truncated)}
+    return {
+        "real_tokens": int(lc.sum() + lr.sum()),
+        "slots": slots(loop),
+        "slots_random": slots(plain),
+        "sumsq": int((lc.astype(np.int64) ** 2).sum() + (lr.astype(np.int64) ** 2).sum()),
+        "prompts_cut": int(ec.prompt_truncated),
+        "responses_cut": int(ec.response_truncated + er.response_truncated),
+    }
 
 
 def run_ours(train, heldout, args, tmp: Path, *, lora: bool, dtype: str, amp: bool = False) -> dict:
@@ -355,21 +402,37 @@ def run_ours(train, heldout, args, tmp: Path, *, lora: bool, dtype: str, amp: bo
     t0 = time.perf_counter()
     init_ray(cfg.resources, log_to_driver=False)
     t_ray = time.perf_counter() - t0
-    m = fit_reward_model(cfg, init_model=init, train_path=train_path, val_path=None,
-                         run_dir=tmp / "runs", name=f"bench_{int(time.time() * 1000)}")
+    m = fit_reward_model(
+        cfg,
+        init_model=init,
+        train_path=train_path,
+        val_path=None,
+        run_dir=tmp / "runs",
+        name=f"bench_{int(time.time() * 1000)}",
+    )
     e2e = time.perf_counter() - t0
     ray.shutdown()  # not timed
     step_s = float(m["step_time_s"]) * int(m["steps"])
     loop_tokens = float(m["train_tokens_per_s"]) * step_s
     k = 4 if lora else 6
     info = {
-        "step_seconds": step_s, "e2e_seconds": e2e, "ray_init_s": t_ray, "trained": train.num_rows,
-        "offered": train.num_rows, "steps": int(m["steps"]), "real_tokens": pad["real_tokens"],
-        "loop_real_tokens": round(loop_tokens), "slots": pad["slots"], "slots_random": pad["slots_random"],
-        "prompts_cut": pad["prompts_cut"], "responses_cut": pad["responses_cut"],
+        "step_seconds": step_s,
+        "e2e_seconds": e2e,
+        "ray_init_s": t_ray,
+        "trained": train.num_rows,
+        "offered": train.num_rows,
+        "steps": int(m["steps"]),
+        "real_tokens": pad["real_tokens"],
+        "loop_real_tokens": round(loop_tokens),
+        "slots": pad["slots"],
+        "slots_random": pad["slots_random"],
+        "prompts_cut": pad["prompts_cut"],
+        "responses_cut": pad["responses_cut"],
         "flops": model_flops(shape, pad["real_tokens"], pad["sumsq"], k),
-        "dtype": "bf16" if (dtype == "bfloat16" or amp) else "fp32", "train_loss_first": m.get("train_loss_first"),
-        "train_loss_last": m.get("train_loss_last"), **shape,
+        "dtype": "bf16" if (dtype == "bfloat16" or amp) else "fp32",
+        "train_loss_first": m.get("train_loss_first"),
+        "train_loss_last": m.get("train_loss_last"),
+        **shape,
     }
     info.update(heldout_accuracy(m["model_dir"], heldout, trl_format=False, max_length=args.max_length))
     return info
@@ -465,7 +528,9 @@ def child(variant: str, reps: int, args) -> None:
         import ray.train.torch  # noqa: F401
     train, heldout = load_split(args.file, args.pairs, args.heldout)
     infos = []
-    with TreeRss(every=0.5) as rss:  # a coarser sampling: scanning Ray's ~20 processes every 0.1 s costs a few % of a core
+    with TreeRss(
+        every=0.5
+    ) as rss:  # a coarser sampling: scanning Ray's ~20 processes every 0.1 s costs a few % of a core
         for _ in range(reps):
             tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
             try:
@@ -485,8 +550,13 @@ def child(variant: str, reps: int, args) -> None:
                     raise SystemExit(f"unknown variant {variant}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    res = {"runs": infos, "peak_rss_mb": rss.peak_mb or peak_rss_mb(), "driver_rss_mb": peak_rss_mb(),
-           "cpu_s_per_rep": rss.cpu_s / max(reps, 1), "load5": round(os.getloadavg()[1], 2)}
+    res = {
+        "runs": infos,
+        "peak_rss_mb": rss.peak_mb or peak_rss_mb(),
+        "driver_rss_mb": peak_rss_mb(),
+        "cpu_s_per_rep": rss.cpu_s / max(reps, 1),
+        "load5": round(os.getloadavg()[1], 2),
+    }
     sys.stdout.flush()
     print("\n" + json.dumps(res), flush=True)
 
@@ -502,19 +572,25 @@ def med(r: dict, key: str) -> float:
 def report(rows: list[dict], peak: dict, a) -> str:
     lines = []
     pf, pb = peak["peak_fp32_flops"], peak["peak_bf16_flops"]
-    lines.append(f"GEMM peak (torch.mm, {THREADS} threads; n={peak.get('peak_fp32_n', 2048)} fp32, "
-                 f"n={peak.get('peak_bf16_n', 2048)} bf16): fp32 {pf / 1e9:.0f} GFLOP/s, "
-                 f"bf16 {pb / 1e9:.1f} GFLOP/s ({pb / pf:.2f}x)")
+    lines.append(
+        f"GEMM peak (torch.mm, {THREADS} threads; n={peak.get('peak_fp32_n', 2048)} fp32, "
+        f"n={peak.get('peak_bf16_n', 2048)} bf16): fp32 {pf / 1e9:.0f} GFLOP/s, "
+        f"bf16 {pb / 1e9:.1f} GFLOP/s ({pb / pf:.2f}x)"
+    )
     train_rows = [r for r in rows if r["key"] not in ("peak", "probe")]
     if train_rows:
         base = next((r for r in train_rows if r["key"] == "trl"), None)
         b_step = med(base, "trained") / med(base, "step_seconds") if base else None
         b_e2e = med(base, "offered") / med(base, "e2e_seconds") if base else None
-        lines.append(f"{a.file.name}: {a.pairs} pairs offered, {a.heldout} held out, {MODEL}, batch {BATCH} pairs, "
-                     f"max length {a.max_length}, 1 pass; each variant in a fresh process (median of reps)")
-        hdr = (f"{'variant':26s} {'reps':>4s} {'step s':>7s} {'step pairs/s':>12s} {'vs trl':>7s} {'e2e s':>7s} "
-               f"{'e2e pairs/s':>11s} {'vs trl':>7s} {'trained/offered':>15s} {'tok/s':>6s} {'pad %':>5s} "
-               f"{'MFU %':>5s} {'acc':>5s} {'acc mars-enc':>12s} {'peak RSS MB':>11s} {'load5':>5s}")
+        lines.append(
+            f"{a.file.name}: {a.pairs} pairs offered, {a.heldout} held out, {MODEL}, batch {BATCH} pairs, "
+            f"max length {a.max_length}, 1 pass; each variant in a fresh process (median of reps)"
+        )
+        hdr = (
+            f"{'variant':26s} {'reps':>4s} {'step s':>7s} {'step pairs/s':>12s} {'vs trl':>7s} {'e2e s':>7s} "
+            f"{'e2e pairs/s':>11s} {'vs trl':>7s} {'trained/offered':>15s} {'tok/s':>6s} {'pad %':>5s} "
+            f"{'MFU %':>5s} {'acc':>5s} {'acc mars-enc':>12s} {'peak RSS MB':>11s} {'load5':>5s}"
+        )
         lines.append(hdr)
         for r in train_rows:
             step_s, e2e = med(r, "step_seconds"), med(r, "e2e_seconds")
@@ -530,29 +606,38 @@ def report(rows: list[dict], peak: dict, a) -> str:
                 f"{r['variant']:26s} {r['reps']:4d} {step_s:7.1f} {sp:12.2f} {rs} {e2e:7.1f} {ep:11.2f} {re_} "
                 f"{f'{trained:.0f}/{offered:.0f}':>15s} {med(r, 'real_tokens') / step_s:6.0f} {100 * pad:5.1f} "
                 f"{100 * mfu:5.1f} {med(r, 'acc'):5.3f} {med(r, 'acc_mars_enc'):12.3f} {r['peak_rss_mb']:11.0f} "
-                f"{r['load5']:5.1f}")
-        lines.append("step: training steps only; e2e: from nothing to a trained model on disk (TRL: load, "
-                     "tokenise+filter, train, save; ours: ray.init, workers, load, tokenise, train, checkpoint). "
-                     "load5 > 2 means other work competed for the 2 cores.")
+                f"{r['load5']:5.1f}"
+            )
+        lines.append(
+            "step: training steps only; e2e: from nothing to a trained model on disk (TRL: load, "
+            "tokenise+filter, train, save; ours: ray.init, workers, load, tokenise, train, checkpoint). "
+            "load5 > 2 means other work competed for the 2 cores."
+        )
         for r in train_rows:
             x = r["runs"][0]
             if "ray_init_s" in x:
-                lines.append(f"{r['variant']}: ray.init {med(r, 'ray_init_s'):.1f} s, "
-                             f"outside the steps {med(r, 'e2e_seconds') - med(r, 'step_seconds'):.1f} s; "
-                             f"padding {100 * (1 - x['real_tokens'] / x['slots']):.1f}% with the loop's "
-                             f"length-grouped batches (plain random batches would pad "
-                             f"{100 * (1 - x['real_tokens'] / x['slots_random']):.1f}%); real tokens "
-                             f"recomputed {x['real_tokens']} vs loop-reported {x['loop_real_tokens']}; "
-                             f"{x['prompts_cut']} prompts cut from the left; loss {x['train_loss_first']:.3f} -> "
-                             f"{x['train_loss_last']:.3f}")
+                lines.append(
+                    f"{r['variant']}: ray.init {med(r, 'ray_init_s'):.1f} s, "
+                    f"outside the steps {med(r, 'e2e_seconds') - med(r, 'step_seconds'):.1f} s; "
+                    f"padding {100 * (1 - x['real_tokens'] / x['slots']):.1f}% with the loop's "
+                    f"length-grouped batches (plain random batches would pad "
+                    f"{100 * (1 - x['real_tokens'] / x['slots_random']):.1f}%); real tokens "
+                    f"recomputed {x['real_tokens']} vs loop-reported {x['loop_real_tokens']}; "
+                    f"{x['prompts_cut']} prompts cut from the left; loss {x['train_loss_first']:.3f} -> "
+                    f"{x['train_loss_last']:.3f}"
+                )
             else:
-                lines.append(f"{r['variant']}: dropped {x['offered'] - x['trained']} of {x['offered']} pairs "
-                             f"(a sequence > {a.max_length} tokens); {x['steps']} steps; held-out sequences "
-                             f"longer than {a.max_length} scored with the prompt cut: {x.get('heldout_seqs_cut', 0)}")
+                lines.append(
+                    f"{r['variant']}: dropped {x['offered'] - x['trained']} of {x['offered']} pairs "
+                    f"(a sequence > {a.max_length} tokens); {x['steps']} steps; held-out sequences "
+                    f"longer than {a.max_length} scored with the prompt cut: {x.get('heldout_seqs_cut', 0)}"
+                )
         x = train_rows[0]["runs"][0]
-        lines.append(f"MFU: model FLOPs = k*N*T + 2k*L*d*sum(s^2), N = {x['n_layer_params'] / 1e6:.2f}M "
-                     f"transformer-layer params (k=6 full, 4 LoRA), L = {x['layers']}, d = {x['hidden']}; "
-                     f"/ step seconds / GEMM peak of the dtype used.")
+        lines.append(
+            f"MFU: model FLOPs = k*N*T + 2k*L*d*sum(s^2), N = {x['n_layer_params'] / 1e6:.2f}M "
+            f"transformer-layer params (k=6 full, 4 LoRA), L = {x['layers']}, d = {x['hidden']}; "
+            f"/ step seconds / GEMM peak of the dtype used."
+        )
     for r in rows:
         if r["key"] == "probe":
             x = r["runs"][0]
@@ -563,10 +648,13 @@ def report(rows: list[dict], peak: dict, a) -> str:
                     f"fp32 {x[f'{kind}_fp32_fwdbwd_s_per_step']:.2f} s/step "
                     f"({x[f'{kind}_fp32_real_tokens_per_s']:.0f} real tok/s), bf16 autocast "
                     f"{x[f'{kind}_bf16ac_fwdbwd_s_per_step']:.2f} s/step "
-                    f"({x[f'{kind}_bf16ac_real_tokens_per_s']:.0f} real tok/s)")
-            lines.append(f"  pad_batch {1000 * x['pad_batch_s']:.1f} ms; clip + AdamW step "
-                         f"{1000 * x['clip_adamw_s']:.0f} ms over {x['params_total'] / 1e6:.1f}M params "
-                         f"({x['params_embeddings'] / 1e6:.1f}M of them embeddings)")
+                    f"({x[f'{kind}_bf16ac_real_tokens_per_s']:.0f} real tok/s)"
+                )
+            lines.append(
+                f"  pad_batch {1000 * x['pad_batch_s']:.1f} ms; clip + AdamW step "
+                f"{1000 * x['clip_adamw_s']:.0f} ms over {x['params_total'] / 1e6:.1f}M params "
+                f"({x['params_embeddings'] / 1e6:.1f}M of them embeddings)"
+            )
     return "\n".join(lines)
 
 
@@ -580,8 +668,11 @@ def main() -> int:
     ap.add_argument("--file", type=Path, default=HH)
     ap.add_argument("--only", default=DEFAULT, help="comma-separated subset of " + ",".join(NAMES))
     ap.add_argument("--save", type=Path, help="append each variant's result to this JSON-lines file")
-    ap.add_argument("--resume", action="store_true",
-                    help="reuse the variants (and GEMM peak) already in --save for the same sizes; the last one wins")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the variants (and GEMM peak) already in --save for the same sizes; the last one wins",
+    )
     a = ap.parse_args()
     if not a.file.exists():
         print(f"skip: {a.file} is absent (../shared/data not beside the project)")
@@ -593,8 +684,16 @@ def main() -> int:
     if a.variant:
         child(a.variant, a.reps, a)
         return 0
-    common = ["--file", str(a.file), "--pairs", str(a.pairs), "--heldout", str(a.heldout),
-              "--max-length", str(a.max_length)]
+    common = [
+        "--file",
+        str(a.file),
+        "--pairs",
+        str(a.pairs),
+        "--heldout",
+        str(a.heldout),
+        "--max-length",
+        str(a.max_length),
+    ]
     saved = {}
     if a.save and a.resume and a.save.exists():
         for line in a.save.read_text().splitlines():
@@ -610,16 +709,29 @@ def main() -> int:
             continue
         reps = 5 if v == "peak" else (1 if v == "probe" else a.reps)
         if v == "ours_bf16" and rows and rows[0].get("peak_bf16_flops", 0) < rows[0].get("peak_fp32_flops", 0):
-            print(f"  skipped {NAMES[v]}: this CPU's bf16 matmul ({rows[0]['peak_bf16_flops'] / 1e9:.1f} GFLOP/s) is slower "
-                  f"than fp32 ({rows[0]['peak_fp32_flops'] / 1e9:.0f} GFLOP/s): no native bf16", file=sys.stderr, flush=True)
+            print(
+                f"  skipped {NAMES[v]}: this CPU's bf16 matmul ({rows[0]['peak_bf16_flops'] / 1e9:.1f} GFLOP/s) is slower "
+                f"than fp32 ({rows[0]['peak_fp32_flops'] / 1e9:.0f} GFLOP/s): no native bf16",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         try:
             r = run_variant(Path(__file__), v, *common, reps=reps)
         except subprocess.CalledProcessError as e:
             print(f"variant {v} failed:\n{e.stderr[-4000:]}", file=sys.stderr)
             return 1
-        rows.append({"key": v, "variant": NAMES[v], "reps": reps, "pairs": a.pairs, "heldout": a.heldout,
-                     "max_length": a.max_length, **r})
+        rows.append(
+            {
+                "key": v,
+                "variant": NAMES[v],
+                "reps": reps,
+                "pairs": a.pairs,
+                "heldout": a.heldout,
+                "max_length": a.max_length,
+                **r,
+            }
+        )
         if a.save:
             a.save.parent.mkdir(parents=True, exist_ok=True)
             with a.save.open("a") as f:

@@ -13,7 +13,6 @@ Layers, lowest first (a layer imports only the ones before it; ``docs/architectu
 Importing the package is cheap: heavy libraries load inside the functions that need them.
 """
 
-
 __version__ = "0.1.0"
 
 from mars_ray.config import Config

@@ -112,7 +112,8 @@ def run_epoch(
     gen_stats: Counter = Counter()
     if strategy == "mars" and cfg.semantic.enabled:
         summary["semantic"], summary["refine"] = _semantic_and_refine(
-            cfg, pairs, ids, b, chosen, rejected, refined, status, per_pair, gen_stats, times, log)
+            cfg, pairs, ids, b, chosen, rejected, refined, status, per_pair, gen_stats, times, log
+        )
 
     # 5. Paraphrases of the (refined) responses, plus a reserve (reserve_pairs).
     n_plus, n_minus = split_counts(b)
@@ -149,10 +150,16 @@ def run_epoch(
     for i in np.flatnonzero(b_fit):
         draws = sample_pool(len(kept_c[i]), len(kept_r[i]), int(b_fit[i]), rng, refined=bool(refined[i]))
         rows += synthetic_rows(
-            source_pair_id=ids[i], prompt=prompts[i], chosen_variants=[chosen[i], *kept_c[i]],
-            rejected_variants=[rejected[i], *kept_r[i]], draws=draws, epoch=epoch,
-            generator=refined_by if refined[i] else cfg.paraphrase.model, weight=float(q[i]),
-            refined=bool(refined[i]), subset=subsets[i],
+            source_pair_id=ids[i],
+            prompt=prompts[i],
+            chosen_variants=[chosen[i], *kept_c[i]],
+            rejected_variants=[rejected[i], *kept_r[i]],
+            draws=draws,
+            epoch=epoch,
+            generator=refined_by if refined[i] else cfg.paraphrase.model,
+            weight=float(q[i]),
+            refined=bool(refined[i]),
+            subset=subsets[i],
         )
     para["reserve_used"] = int(((b_fit > 0) & (reserve > 0)).sum())
     per_pair.update(budget_spent=b_fit, refine_status=status)
@@ -192,9 +199,15 @@ def _semantic_and_refine(cfg, pairs, ids, b, chosen, rejected, refined, status, 
     if todo.size:
         sub = pairs.take(pa.array(todo)).select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED])
         sub = sub.append_column("distance", pa.array(dist[todo]))
-        kwargs = dict(rewrite=dataclasses.asdict(cfg.rewrite), encoder_ref=cfg.model.encoder, seed=cfg.seed,
-                      batch_size=cfg.rewrite.batch_size, encoder_batch_size=cfg.semantic.batch_size,
-                      num_threads=actor_threads(cfg.resources), cache_dir=cfg.model.cache_dir)
+        kwargs = dict(
+            rewrite=dataclasses.asdict(cfg.rewrite),
+            encoder_ref=cfg.model.encoder,
+            seed=cfg.seed,
+            batch_size=cfg.rewrite.batch_size,
+            encoder_batch_size=cfg.semantic.batch_size,
+            num_threads=actor_threads(cfg.resources),
+            cache_dir=cfg.model.cache_dir,
+        )
         with _stage(f"refine {todo.size} low-distance pairs", times, log):
             out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
         by_id = {r["pair_id"]: r for r in out.to_pylist()}
@@ -208,8 +221,12 @@ def _semantic_and_refine(cfg, pairs, ids, b, chosen, rejected, refined, status, 
         for c in STAT_COLUMNS:
             gen_stats[f"rewrite_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
         counts = Counter(status[todo])
-        ref.update(refined=int(refined.sum()), retention=float(refined.sum() / todo.size),
-                   by_status=dict(counts), rewrite_calls=int(np.sum(out.column("refine_attempts").to_numpy())))
+        ref.update(
+            refined=int(refined.sum()),
+            retention=float(refined.sum() / todo.size),
+            by_status=dict(counts),
+            rewrite_calls=int(np.sum(out.column("refine_attempts").to_numpy())),
+        )
     per_pair["distance_after"] = dist
     return sem, ref
 
@@ -235,12 +252,20 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     section = dataclasses.asdict(cfg.paraphrase)
     if topup:  # sample, so top-up outputs differ from the deterministic first round (and each other)
         section.update(temperature=cfg.paraphrase.topup_temperature, num_beams=1)
-    kwargs = dict(paraphrase=section, encoder_ref=cfg.model.encoder,
-                  batch_size=cfg.paraphrase.batch_size, encoder_batch_size=cfg.semantic.batch_size,
-                  num_threads=actor_threads(cfg.resources), cache_dir=cfg.model.cache_dir, seed=cfg.seed + topup)
+    kwargs = dict(
+        paraphrase=section,
+        encoder_ref=cfg.model.encoder,
+        batch_size=cfg.paraphrase.batch_size,
+        encoder_batch_size=cfg.semantic.batch_size,
+        num_threads=actor_threads(cfg.resources),
+        cache_dir=cfg.model.cache_dir,
+        seed=cfg.seed + topup,
+    )
     label = f"paraphrase top-up {topup}" if topup else "paraphrase"
     with _stage(f"{label}: {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
-        out = map_with_actors(req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size)
+        out = map_with_actors(
+            req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size
+        )
     reasons: Counter = Counter()
     kept_total = 0
     for row in out.select(["key", "kept", "rejected_reasons"]).to_pylist():
@@ -252,8 +277,13 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     for c in STAT_COLUMNS:
         gen_stats[f"paraphrase_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
     retried = out.column("retry_rounds").to_numpy() if "retry_rounds" in out.column_names else np.zeros(0)
-    info.update(kept=kept_total, filtered=dict(reasons), filtered_total=int(sum(reasons.values())),
-                texts_resampled=int(np.sum(retried > 0)), resample_rounds=int(np.sum(retried)))
+    info.update(
+        kept=kept_total,
+        filtered=dict(reasons),
+        filtered_total=int(sum(reasons.values())),
+        texts_resampled=int(np.sum(retried > 0)),
+        resample_rounds=int(np.sum(retried)),
+    )
     return kept_c, kept_r, info
 
 
@@ -267,31 +297,49 @@ def _allocation_summary(margins: np.ndarray | None, q: np.ndarray, b: np.ndarray
             {"margin_lo": float(margins[ix].min()), "margin_hi": float(margins[ix].max()), "budget": int(b[ix].sum())}
             for ix in bins
         ]
-        out["margin"] = {"mean": float(margins.mean()), "std": float(margins.std()), "negative": int((margins < 0).sum())}
+        out["margin"] = {
+            "mean": float(margins.mean()),
+            "std": float(margins.std()),
+            "negative": int((margins < 0).sum()),
+        }
     return out
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """A short human-readable account of one epoch."""
-    lines = [f"# MARS augmentation, epoch {summary['epoch']} ({summary['strategy']})", "",
-             f"- original pairs: {summary['pairs']}; budget: {summary['budget']}; synthetic pairs: {summary['synthetic']}"
-             + (f"; unspent: {summary['budget_unspent']}" if summary.get("budget_unspent") else "")]
+    lines = [
+        f"# MARS augmentation, epoch {summary['epoch']} ({summary['strategy']})",
+        "",
+        f"- original pairs: {summary['pairs']}; budget: {summary['budget']}; synthetic pairs: {summary['synthetic']}"
+        + (f"; unspent: {summary['budget_unspent']}" if summary.get("budget_unspent") else ""),
+    ]
     if "operations" in summary:
         lines.append("- operations: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["operations"].items())))
     sem, ref = summary.get("semantic"), summary.get("refine")
     if sem:
-        lines.append(f"- semantic: threshold {sem['threshold']:.3f}, low {sem['low']}, high {sem['high']}, low with budget {sem['low_with_budget']}")
+        lines.append(
+            f"- semantic: threshold {sem['threshold']:.3f}, low {sem['low']}, high {sem['high']}, low with budget {sem['low_with_budget']}"
+        )
     if ref and ref.get("candidates"):
-        lines.append(f"- refinement: {ref['refined']} of {ref['candidates']} refined (retention {ref['retention']:.0%}); "
-                     + ", ".join(f"{k} {v}" for k, v in ref["by_status"].items()))
+        lines.append(
+            f"- refinement: {ref['refined']} of {ref['candidates']} refined (retention {ref['retention']:.0%}); "
+            + ", ".join(f"{k} {v}" for k, v in ref["by_status"].items())
+        )
     para = summary.get("paraphrase")
     if para and para.get("texts"):
-        lines.append(f"- paraphrases: requested {para['requested']}, kept {para.get('kept', 0)}, filtered "
-                     + (", ".join(f"{k} {v}" for k, v in sorted(para.get("filtered", {}).items())) or "none")
-                     + (f"; {para['texts_resampled']} texts resampled in the actor ({para['resample_rounds']} rounds)"
-                        if para.get("texts_resampled") else ""))
+        lines.append(
+            f"- paraphrases: requested {para['requested']}, kept {para.get('kept', 0)}, filtered "
+            + (", ".join(f"{k} {v}" for k, v in sorted(para.get("filtered", {}).items())) or "none")
+            + (
+                f"; {para['texts_resampled']} texts resampled in the actor ({para['resample_rounds']} rounds)"
+                if para.get("texts_resampled")
+                else ""
+            )
+        )
     for r in (para or {}).get("topup_rounds", []):
-        lines.append(f"- paraphrase top-up: requested {r['requested']}, kept {r.get('kept', 0)}, unspent after {r['unspent_after']}")
+        lines.append(
+            f"- paraphrase top-up: requested {r['requested']}, kept {r.get('kept', 0)}, unspent after {r['unspent_after']}"
+        )
     if summary.get("generation"):
         lines.append("- generation: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["generation"].items())))
     alloc = summary.get("allocation", {})
@@ -300,5 +348,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         for k, d in enumerate(alloc["by_margin_decile"], 1):
             lines.append(f"| {k} | {d['margin_lo']:+.3f} … {d['margin_hi']:+.3f} | {d['budget']} |")
     if summary.get("stage_seconds"):
-        lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in summary["stage_seconds"].items()]
+        lines += ["", "| stage | seconds |", "|---|---|"] + [
+            f"| {k} | {v:.1f} |" for k, v in summary["stage_seconds"].items()
+        ]
     return "\n".join(lines) + "\n"

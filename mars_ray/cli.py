@@ -120,10 +120,14 @@ def cmd_data_inspect(args, extra) -> int:
         _print_counts(info)
         for col, stats in (info.get("lengths") or {}).items():
             if isinstance(stats, dict) and "p50" in stats:
-                print(f"  {col:9s} tokens  p50 {stats['p50']:5d}  p90 {stats['p90']:5d}  p99 {stats['p99']:5d}  max {stats['max']:5d}")
+                print(
+                    f"  {col:9s} tokens  p50 {stats['p50']:5d}  p90 {stats['p90']:5d}  p99 {stats['p99']:5d}  max {stats['max']:5d}"
+                )
         if info.get("lengths"):
             ln = info["lengths"]
-            print(f"  over limits: {ln['prompt_left_truncated']} prompts left-truncated, {ln['response_capped']} pairs with a capped response (none dropped)")
+            print(
+                f"  over limits: {ln['prompt_left_truncated']} prompts left-truncated, {ln['response_capped']} pairs with a capped response (none dropped)"
+            )
         for reason, n in (info.get("quarantine_reasons") or {}).items():
             print(f"  quarantined {n:6d}  {reason}")
     return EXIT_OK
@@ -175,7 +179,9 @@ def cmd_train(args, extra) -> int:
             overrides["resources.ray_address"] = args.ray_address
         bad = [k for k in overrides if not k.startswith("resources.")]
         if bad:
-            raise UsageError(f"--resume continues a run with its own config; only resources.* may change (got {', '.join(bad)})")
+            raise UsageError(
+                f"--resume continues a run with its own config; only resources.* may change (got {', '.join(bad)})"
+            )
         for k, v in overrides.items():
             cfg.set(k, v, source="command line", from_text=True)
         cfg.output.dir = str(Path(args.resume))
@@ -184,8 +190,10 @@ def cmd_train(args, extra) -> int:
         cfg = build_config(args, extra)
     summary = run_mars(cfg, resume=bool(args.resume))
     final = summary.get("final", {})
-    print(f"done: {summary['strategy']}, {summary['epochs']} epoch(s), val_accuracy {final.get('val_accuracy')}, "
-          f"test_accuracy {final.get('test_accuracy')}; model {summary['model']}; metrics {summary['run_dir']}/metrics.jsonl")
+    print(
+        f"done: {summary['strategy']}, {summary['epochs']} epoch(s), val_accuracy {final.get('val_accuracy')}, "
+        f"test_accuracy {final.get('test_accuracy')}; model {summary['model']}; metrics {summary['run_dir']}/metrics.jsonl"
+    )
     return EXIT_OK
 
 
@@ -232,8 +240,11 @@ def cmd_serve(args, extra) -> int:
         _, url = serve_app.start(cfg, app=app)
         started = True
         auth = f", bearer token from ${cfg.serve.auth_token_env}" if cfg.serve.auth_token_env else ""
-        print(f"serving {model} at {url}  (POST /score /compare /get_reward, GET /health{auth}; "
-              f"handle: serve.get_app_handle({cfg.serve.app_name!r}); config hash {cfg.hash()})", flush=True)
+        print(
+            f"serving {model} at {url}  (POST /score /compare /get_reward, GET /health{auth}; "
+            f"handle: serve.get_app_handle({cfg.serve.app_name!r}); config hash {cfg.hash()})",
+            flush=True,
+        )
         print("Ctrl-C or SIGTERM stops it", flush=True)
         while not stop.wait(0.5):
             pass
@@ -289,7 +300,9 @@ def _tune_config(args, extra) -> Config:
     cfg = build_config(args, extra)
     out = Path(cfg.output.dir)
     if (out / "experiment_config.yaml").exists() and not cfg.output.overwrite:
-        raise UsageError(f"{out} holds an experiment already: --resume {out} continues it, or choose another --output.dir")
+        raise UsageError(
+            f"{out} holds an experiment already: --resume {out} continues it, or choose another --output.dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment_config.yaml").write_text(cfg.to_yaml())
     return cfg
@@ -307,8 +320,10 @@ def cmd_align(args, extra) -> int:
             overrides["resources.ray_address"] = args.ray_address
         bad = [k for k in overrides if not k.startswith(("resources.", "rl.reward_url", "rl.reward_deploy"))]
         if bad:
-            raise UsageError(f"--resume continues a run with its own config; only resources.* and rl.reward_* may change "
-                             f"(got {', '.join(bad)})")
+            raise UsageError(
+                f"--resume continues a run with its own config; only resources.* and rl.reward_* may change "
+                f"(got {', '.join(bad)})"
+            )
         cfg = Config.load(path, overrides)
         cfg.output.dir = str(Path(args.resume))
     else:
@@ -390,53 +405,94 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("augment", parents=[common], help="one MARS epoch of data work: synthetic pairs + summary")
     s.set_defaults(func=cmd_augment)
 
-    s = sub.add_parser("train", parents=[common],
-                       help="the T-epoch MARS loop (or a baseline): augment, train, evaluate; writes a run directory")
-    s.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue a killed run from its last finished epoch (and Ray Train checkpoint)")
+    s = sub.add_parser(
+        "train",
+        parents=[common],
+        help="the T-epoch MARS loop (or a baseline): augment, train, evaluate; writes a run directory",
+    )
+    s.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue a killed run from its last finished epoch (and Ray Train checkpoint)",
+    )
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("eval", parents=[common],
-                       help="score a reward model on preference data: accuracy, SNR, RewardBench sections, curvature")
-    s.add_argument("--model", metavar="RUN_DIR|PATH|HUB_ID", default=None,
-                   help="a training run directory (its model/), a Hugging Face folder, a hub id or builtin:minilm")
+    s = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="score a reward model on preference data: accuracy, SNR, RewardBench sections, curvature",
+    )
+    s.add_argument(
+        "--model",
+        metavar="RUN_DIR|PATH|HUB_ID",
+        default=None,
+        help="a training run directory (its model/), a Hugging Face folder, a hub id or builtin:minilm",
+    )
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("compare", parents=[common],
-                       help="strategies x seeds (compare.*), each a full train run as a Ray Tune trial; paired statistics")
+    s = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="strategies x seeds (compare.*), each a full train run as a Ray Tune trial; paired statistics",
+    )
     s.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted compare in DIR")
     s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("sweep", parents=[common],
-                       help="Ray Tune search over tune.space (e.g. mars.tau, mars.budget) with ASHA; writes best_config.yaml")
+    s = sub.add_parser(
+        "sweep",
+        parents=[common],
+        help="Ray Tune search over tune.space (e.g. mars.tau, mars.budget) with ASHA; writes best_config.yaml",
+    )
     s.add_argument("--resume", metavar="DIR", default=None, help="restore an interrupted sweep in DIR (Tuner.restore)")
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("align", parents=[common],
-                       help="policy optimisation (TRL GRPO/RLOO on Ray Train) against the reward model served by Ray Serve")
-    s.add_argument("--resume", metavar="DIR", default=None, help="continue a killed align run in DIR from its last checkpoint")
+    s = sub.add_parser(
+        "align",
+        parents=[common],
+        help="policy optimisation (TRL GRPO/RLOO on Ray Train) against the reward model served by Ray Serve",
+    )
+    s.add_argument(
+        "--resume", metavar="DIR", default=None, help="continue a killed align run in DIR from its last checkpoint"
+    )
     s.set_defaults(func=cmd_align)
 
-    s = sub.add_parser("winrate", parents=[common],
-                       help="two policies' responses to the same prompts judged pairwise by an LLM (both orders)")
-    s.add_argument("--policy-a", default=None, metavar="DIR|PATH|HUB_ID", help="an align directory, a model folder or a hub id")
+    s = sub.add_parser(
+        "winrate",
+        parents=[common],
+        help="two policies' responses to the same prompts judged pairwise by an LLM (both orders)",
+    )
+    s.add_argument(
+        "--policy-a", default=None, metavar="DIR|PATH|HUB_ID", help="an align directory, a model folder or a hub id"
+    )
     s.add_argument("--policy-b", default=None, metavar="DIR|PATH|HUB_ID", help="the policy it is compared with")
     s.add_argument("--names", default=None, metavar="A,B", help="names for the report (default: folder names)")
     s.set_defaults(func=cmd_winrate)
 
-    s = sub.add_parser("align-compare", parents=[common],
-                       help="one policy per reward model (rl.reward_models), identical settings, then pairwise win-rates")
+    s = sub.add_parser(
+        "align-compare",
+        parents=[common],
+        help="one policy per reward model (rl.reward_models), identical settings, then pairwise win-rates",
+    )
     s.set_defaults(func=cmd_align_compare)
 
-    s = sub.add_parser("llm-server", add_help=False,
-                       help="serve a local chat model over an OpenAI-compatible HTTP API (see --help)")
+    s = sub.add_parser(
+        "llm-server", add_help=False, help="serve a local chat model over an OpenAI-compatible HTTP API (see --help)"
+    )
     s.set_defaults(func=cmd_llm_server)
 
-    s = sub.add_parser("serve", parents=[common],
-                       help="serve a reward model over HTTP and DeploymentHandle with Ray Serve (blocks; Ctrl-C stops)")
-    s.add_argument("--model", metavar="RUN_DIR|PATH|HUB_ID", default=None,
-                   help="a training run directory (serves RUN_DIR/model with the run's config), a model "
-                        "folder, a hub id or builtin:minilm (default: model.reward)")
+    s = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve a reward model over HTTP and DeploymentHandle with Ray Serve (blocks; Ctrl-C stops)",
+    )
+    s.add_argument(
+        "--model",
+        metavar="RUN_DIR|PATH|HUB_ID",
+        default=None,
+        help="a training run directory (serves RUN_DIR/model with the run's config), a model "
+        "folder, a hub id or builtin:minilm (default: model.reward)",
+    )
     s.set_defaults(func=cmd_serve)
 
     modelsp = sub.add_parser("models", help="resolve model references (hub id, path, builtin:NAME)")

@@ -42,9 +42,7 @@ class DataConfig:
     # File path (jsonl/json/csv/parquet), a Hugging Face dataset id, or "builtin:demo".
     path: str = "builtin:demo"
     # Reader: auto-detected from the fields when "auto".
-    format: Literal[
-        "auto", "pairs", "hh-rlhf", "pku-saferlhf", "ultrafeedback", "rewardbench", "generic"
-    ] = "auto"
+    format: Literal["auto", "pairs", "hh-rlhf", "pku-saferlhf", "ultrafeedback", "rewardbench", "generic"] = "auto"
     # Generic format: our field name -> column in the file (keys: prompt, chosen, rejected, subset).
     columns: dict[str, str] = field(default_factory=dict)
     # PKU-SafeRLHF native rows: follow the helpfulness ("better") or the safety ("safer") label.
@@ -320,8 +318,14 @@ class ServeConfig:
             p.append("serve.app_name is empty")
         if not self.route_prefix.startswith("/"):
             p.append(f"serve.route_prefix={self.route_prefix!r} must start with '/'")
-        for name in ("num_replicas", "max_batch_size", "forward_batch_size", "max_text_chars",
-                     "max_batch_items", "max_request_bytes"):
+        for name in (
+            "num_replicas",
+            "max_batch_size",
+            "forward_batch_size",
+            "max_text_chars",
+            "max_batch_items",
+            "max_request_bytes",
+        ):
             if getattr(self, name) < 1:
                 p.append(f"serve.{name}={getattr(self, name)} must be >= 1")
         if self.forward_max_tokens is not None and self.forward_max_tokens < 1:
@@ -331,15 +335,19 @@ class ServeConfig:
         if self.max_replicas is not None:
             lo = self.min_replicas if self.min_replicas is not None else 1
             if lo < 0 or self.max_replicas < max(1, lo):
-                p.append(f"serve.min_replicas={self.min_replicas} and serve.max_replicas={self.max_replicas}: "
-                         "need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+                p.append(
+                    f"serve.min_replicas={self.min_replicas} and serve.max_replicas={self.max_replicas}: "
+                    "need 0 <= min_replicas <= max_replicas and max_replicas >= 1"
+                )
         elif self.min_replicas is not None:
             p.append("serve.min_replicas needs serve.max_replicas (autoscaling); or set serve.num_replicas")
         if self.target_ongoing_requests is not None and self.target_ongoing_requests <= 0:
             p.append(f"serve.target_ongoing_requests={self.target_ongoing_requests} must be > 0")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
-            p.append(f"serve.max_ongoing_requests={self.max_ongoing_requests} is below serve.max_batch_size="
-                     f"{self.max_batch_size}: batches could never fill; raise it or leave it null")
+            p.append(
+                f"serve.max_ongoing_requests={self.max_ongoing_requests} is below serve.max_batch_size="
+                f"{self.max_batch_size}: batches could never fill; raise it or leave it null"
+            )
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             p.append(f"serve.request_timeout_s={self.request_timeout_s} must be > 0 (or null: no timeout)")
         if self.auth_token_env is not None and not self.auth_token_env.strip():
@@ -431,9 +439,22 @@ class RLConfig:
         if not self.clip > 0:
             p.append(f"rl.clip={self.clip} must be > 0 (the paper: 0.2)")
         if self.num_generations < 2:
-            p.append(f"rl.num_generations={self.num_generations} must be >= 2 (the group baseline needs two completions)")
-        for name in ("prompts_per_step", "max_new_tokens", "max_prompt_tokens", "eval_prompts", "eval_max_new_tokens",
-                     "judge_max_new_tokens", "judge_concurrency", "save_steps", "judge_batch_size", "lora_r", "lora_alpha"):
+            p.append(
+                f"rl.num_generations={self.num_generations} must be >= 2 (the group baseline needs two completions)"
+            )
+        for name in (
+            "prompts_per_step",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "eval_prompts",
+            "eval_max_new_tokens",
+            "judge_max_new_tokens",
+            "judge_concurrency",
+            "save_steps",
+            "judge_batch_size",
+            "lora_r",
+            "lora_alpha",
+        ):
             if getattr(self, name) < 1:
                 p.append(f"rl.{name}={getattr(self, name)} must be >= 1")
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -449,10 +470,14 @@ class RLConfig:
         if self.lora and not self.lora_target_modules:
             p.append("rl.lora_target_modules is empty: name the linear layers to adapt, e.g. [q_proj, v_proj]")
         if self.judge_mode == "logits" and self.judge_backend != "local":
-            p.append("rl.judge_mode=logits needs rl.judge_backend=local (an endpoint answers in text: use rl.judge_mode=text)")
+            p.append(
+                "rl.judge_mode=logits needs rl.judge_backend=local (an endpoint answers in text: use rl.judge_mode=text)"
+            )
         if self.judge_backend == "openai" and not self.judge_base_url and not os.environ.get(self.judge_api_key_env):
-            p.append(f"rl.judge_backend=openai needs rl.judge_base_url (an OpenAI-compatible server) or the "
-                     f"environment variable {self.judge_api_key_env} for api.openai.com")
+            p.append(
+                f"rl.judge_backend=openai needs rl.judge_base_url (an OpenAI-compatible server) or the "
+                f"environment variable {self.judge_api_key_env} for api.openai.com"
+            )
         if self.tie_margin < 0:
             p.append(f"rl.tie_margin={self.tie_margin} must be >= 0")
         if self.judge_timeout_s <= 0 or self.judge_max_retries < 0:
@@ -549,9 +574,7 @@ class Config:
         return cfg
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
-    ) -> Config:
+    def load(cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
         """defaults < YAML file at ``path`` < ``overrides`` (dotted key -> value), validated.
 
         Raises:
@@ -633,11 +656,14 @@ class _Loader(yaml.SafeLoader):
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
+    |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -704,7 +730,9 @@ def _locate(cfg: Config, key: str) -> tuple[Any, str, Any]:
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(value):
             if last:
-                raise ValueError(f"{key} is a section; set one of its keys, e.g. {key}.{next(iter(typing.get_type_hints(type(value))))}")
+                raise ValueError(
+                    f"{key} is a section; set one of its keys, e.g. {key}.{next(iter(typing.get_type_hints(type(value))))}"
+                )
             obj = value
             continue
         if not last:
@@ -850,7 +878,9 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     if unknown_cols:
         p.append(f"data.columns has unknown keys {sorted(unknown_cols)}; use prompt, chosen, rejected, subset")
     if m.tau <= 0:
-        p.append(f"mars.tau={m.tau} must be > 0 (small tau approaches uniform allocation; use mars.allocation=uniform for exactly uniform)")
+        p.append(
+            f"mars.tau={m.tau} must be > 0 (small tau approaches uniform allocation; use mars.allocation=uniform for exactly uniform)"
+        )
     if m.budget < 0:
         p.append(f"mars.budget={m.budget} must be >= 0")
     if m.epochs < 1:
@@ -878,7 +908,9 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         if not 0.0 <= getattr(pp, name) <= 1.0:
             p.append(f"paraphrase.{name} must be in [0, 1]")
     if cfg.paraphrase.topup_rounds < 0 or cfg.paraphrase.retry_rounds < 0 or cfg.paraphrase.topup_temperature <= 0:
-        p.append("paraphrase.topup_rounds and paraphrase.retry_rounds must be >= 0 and paraphrase.topup_temperature > 0")
+        p.append(
+            "paraphrase.topup_rounds and paraphrase.retry_rounds must be >= 0 and paraphrase.topup_temperature > 0"
+        )
     if cfg.paraphrase.reserve < 0:
         p.append(f"paraphrase.reserve={cfg.paraphrase.reserve} must be >= 0 (a share of the budget; 0: no reserve)")
     if cfg.paraphrase.retry_oversample < 1:

@@ -87,15 +87,27 @@ def heldout_config(cfg: Config, path: str, max_pairs: int | None) -> Config:
 
     ecfg = Config.from_dict(cfg.to_dict(), source="trial")
     # One held-out subset for every trial (data.seed, else 0), so trials compare on the same pairs.
-    ecfg.data = dataclasses.replace(type(cfg.data)(), path=path, max_pairs=max_pairs,
-                                    seed=cfg.data.seed if cfg.data.seed is not None else 0,
-                                    max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                    max_response_tokens=cfg.data.max_response_tokens, tokenizer=cfg.data.tokenizer)
+    ecfg.data = dataclasses.replace(
+        type(cfg.data)(),
+        path=path,
+        max_pairs=max_pairs,
+        seed=cfg.data.seed if cfg.data.seed is not None else 0,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+        tokenizer=cfg.data.tokenizer,
+    )
     return ecfg
 
 
-PATH_KEYS = ("data.path", "model.reward", "model.encoder", "model.cache_dir", "rewrite.model", "paraphrase.model",
-             "data.tokenizer")
+PATH_KEYS = (
+    "data.path",
+    "model.reward",
+    "model.encoder",
+    "model.cache_dir",
+    "rewrite.model",
+    "paraphrase.model",
+    "data.tokenizer",
+)
 
 
 def _abs(value: str) -> str:
@@ -114,9 +126,21 @@ def absolute_paths(cfg: Config) -> Config:
     return out
 
 
-def run_trials(cfg: Config, param_space: dict[str, Any], *, root: Path, metric: str, mode: str,
-               scheduler: str, max_concurrent: int, num_samples: int = 1, search: str = "grid",
-               eval_paths: list[str] | None = None, restore: bool = False, log: Callable[[str], None] = print):
+def run_trials(
+    cfg: Config,
+    param_space: dict[str, Any],
+    *,
+    root: Path,
+    metric: str,
+    mode: str,
+    scheduler: str,
+    max_concurrent: int,
+    num_samples: int = 1,
+    search: str = "grid",
+    eval_paths: list[str] | None = None,
+    restore: bool = False,
+    log: Callable[[str], None] = print,
+):
     """Run (or restore) the Tune experiment under ``root``; returns the ResultGrid."""
     from ray import tune
 
@@ -136,19 +160,27 @@ def run_trials(cfg: Config, param_space: dict[str, Any], *, root: Path, metric: 
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
     space = dict(param_space)
-    space.update(_base=cfg.to_dict(), _root=str(root), _eval_paths=list(eval_paths or []),
-                 _exclude_training=bool(cfg.compare.exclude_training), _eval_max_pairs=cfg.compare.eval_max_pairs)
+    space.update(
+        _base=cfg.to_dict(),
+        _root=str(root),
+        _eval_paths=list(eval_paths or []),
+        _exclude_training=bool(cfg.compare.exclude_training),
+        _eval_max_pairs=cfg.compare.eval_max_pairs,
+    )
     sched = None
     if scheduler == "asha":
-        sched = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max(1, cfg.mars.epochs),
-                                              grace_period=1, reduction_factor=2)
+        sched = tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration", max_t=max(1, cfg.mars.epochs), grace_period=1, reduction_factor=2
+        )
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=sched, num_samples=num_samples,
-                                    max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(root), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, scheduler=sched, num_samples=num_samples, max_concurrent_trials=max_concurrent
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=str(root), verbose=0, failure_config=tune.FailureConfig(max_failures=1)
+        ),
     )
     return tuner.fit()
 
@@ -165,11 +197,18 @@ def trial_rows(root: Path) -> list[dict[str, Any]]:
             continue
         rows = read_metrics(d)
         cfg = Config.load(d / "config.yaml")
-        row = {"run_dir": str(d), "strategy": cfg.mars.strategy, "seed": cfg.seed, "tau": cfg.mars.tau,
-               "budget": cfg.mars.budget, "epochs": rows, "final": rows[-1] if rows else {},
-               "synthetic_total": int(rows[-1].get("synthetic_total", 0)) if rows else 0,
-               "augment_s": float(sum(r.get("augment_s", 0.0) or 0.0 for r in rows)),
-               "heldout": {}}
+        row = {
+            "run_dir": str(d),
+            "strategy": cfg.mars.strategy,
+            "seed": cfg.seed,
+            "tau": cfg.mars.tau,
+            "budget": cfg.mars.budget,
+            "epochs": rows,
+            "final": rows[-1] if rows else {},
+            "synthetic_total": int(rows[-1].get("synthetic_total", 0)) if rows else 0,
+            "augment_s": float(sum(r.get("augment_s", 0.0) or 0.0 for r in rows)),
+            "heldout": {},
+        }
         for e in sorted((d / "heldout").glob("*/eval.json")):
             res = json.loads(e.read_text())
             row["heldout"][Path(res["data"]).stem] = res
@@ -200,11 +239,26 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
     root = Path(cfg.output.dir)
     t0 = time.perf_counter()
     n = len(cfg.compare.strategies) * len(cfg.compare.seeds)
-    log(f"compare: {len(cfg.compare.strategies)} strategies x {len(cfg.compare.seeds)} seeds = {n} runs of "
-        f"{cfg.mars.epochs} epoch(s), budget {cfg.mars.budget}, data {cfg.data.path}")
-    space = {"mars.strategy": tune.grid_search(list(cfg.compare.strategies)), "seed": tune.grid_search(list(cfg.compare.seeds))}
-    run_trials(cfg, space, root=root, metric="val_accuracy", mode="max", scheduler="fifo",
-               max_concurrent=cfg.compare.max_concurrent, eval_paths=cfg.compare.eval_paths, restore=restore, log=log)
+    log(
+        f"compare: {len(cfg.compare.strategies)} strategies x {len(cfg.compare.seeds)} seeds = {n} runs of "
+        f"{cfg.mars.epochs} epoch(s), budget {cfg.mars.budget}, data {cfg.data.path}"
+    )
+    space = {
+        "mars.strategy": tune.grid_search(list(cfg.compare.strategies)),
+        "seed": tune.grid_search(list(cfg.compare.seeds)),
+    }
+    run_trials(
+        cfg,
+        space,
+        root=root,
+        metric="val_accuracy",
+        mode="max",
+        scheduler="fifo",
+        max_concurrent=cfg.compare.max_concurrent,
+        eval_paths=cfg.compare.eval_paths,
+        restore=restore,
+        log=log,
+    )
     result = summarise_compare(trial_rows(root), cfg)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (root / "compare.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
@@ -239,9 +293,11 @@ def summarise_compare(trials: list[dict[str, Any]], cfg: Config) -> dict[str, An
         row: dict[str, Any] = {"seeds": sorted(seeds)}
         for m in metrics:
             vals = np.array([value(seeds[k], m) for k in sorted(seeds)])
-            row[m] = {"mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan"),
-                      "std": float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else float("nan"),
-                      "values": vals.tolist()}
+            row[m] = {
+                "mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan"),
+                "std": float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else float("nan"),
+                "values": vals.tolist(),
+            }
         row["synthetic_pairs"] = float(np.mean([seeds[k]["synthetic_total"] for k in seeds]))
         row["augment_s"] = float(np.mean([seeds[k]["augment_s"] for k in seeds]))
         table[s] = row
@@ -261,18 +317,40 @@ def summarise_compare(trials: list[dict[str, Any]], cfg: Config) -> dict[str, An
                 ok = np.isfinite(a) & np.isfinite(b)
                 if ok.sum() == 0:
                     continue
-                paired[f"{s} - {ref} | {m}"] = {"strategy": s, "reference": ref, "metric": m,
-                                                **paired_comparison(a[ok], b[ok], seed=cfg.seed)}
+                paired[f"{s} - {ref} | {m}"] = {
+                    "strategy": s,
+                    "reference": ref,
+                    "metric": m,
+                    **paired_comparison(a[ok], b[ok], seed=cfg.seed),
+                }
     from mars_ray.report import fmt
 
-    lines = ["| strategy | seeds | " + " | ".join(metrics) + " | synthetic pairs | generation s |",
-             "|" + "---|" * (len(metrics) + 4)]
+    lines = [
+        "| strategy | seeds | " + " | ".join(metrics) + " | synthetic pairs | generation s |",
+        "|" + "---|" * (len(metrics) + 4),
+    ]
     for s, row in table.items():
-        cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" if np.isfinite(row[m]["std"]) else fmt(row[m]["mean"]) for m in metrics]
-        lines.append(f"| {s} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {row['synthetic_pairs']:.0f} | {row['augment_s']:.0f} |")
-    return {"strategies": list(table), "seeds": sorted({int(t["seed"]) for t in trials}), "metrics": metrics,
-            "budget": cfg.mars.budget, "epochs": cfg.mars.epochs, "data": cfg.data.path,
-            "table": table, "paired": paired, "table_md": "\n".join(lines), "trials": len(trials)}
+        cells = [
+            f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" if np.isfinite(row[m]["std"]) else fmt(row[m]["mean"])
+            for m in metrics
+        ]
+        lines.append(
+            f"| {s} | {len(row['seeds'])} | "
+            + " | ".join(cells)
+            + f" | {row['synthetic_pairs']:.0f} | {row['augment_s']:.0f} |"
+        )
+    return {
+        "strategies": list(table),
+        "seeds": sorted({int(t["seed"]) for t in trials}),
+        "metrics": metrics,
+        "budget": cfg.mars.budget,
+        "epochs": cfg.mars.epochs,
+        "data": cfg.data.path,
+        "table": table,
+        "paired": paired,
+        "table_md": "\n".join(lines),
+        "trials": len(trials),
+    }
 
 
 # ------------------------------------------------------------------------------ sweep
@@ -292,19 +370,38 @@ def sweep(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = pr
     space: dict[str, Any] = {}
     for key, values in cfg.tune.space.items():
         space[key] = tune.grid_search(list(values)) if cfg.tune.search == "grid" else tune.choice(list(values))
-    log(f"sweep: {', '.join(f'{k} in {v}' for k, v in cfg.tune.space.items())} ({cfg.tune.search}, "
-        f"scheduler {cfg.tune.scheduler}, metric {cfg.tune.metric} {cfg.tune.mode})")
-    grid = run_trials(cfg, space, root=root, metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=cfg.tune.scheduler,
-                      max_concurrent=cfg.tune.max_concurrent, num_samples=cfg.tune.num_samples if cfg.tune.search == "random" else 1,
-                      restore=restore, log=log)
+    log(
+        f"sweep: {', '.join(f'{k} in {v}' for k, v in cfg.tune.space.items())} ({cfg.tune.search}, "
+        f"scheduler {cfg.tune.scheduler}, metric {cfg.tune.metric} {cfg.tune.mode})"
+    )
+    grid = run_trials(
+        cfg,
+        space,
+        root=root,
+        metric=cfg.tune.metric,
+        mode=cfg.tune.mode,
+        scheduler=cfg.tune.scheduler,
+        max_concurrent=cfg.tune.max_concurrent,
+        num_samples=cfg.tune.num_samples if cfg.tune.search == "random" else 1,
+        restore=restore,
+        log=log,
+    )
     rows = []
     for r in grid:
         if r.config is None:
             continue
         over = {k: v for k, v in r.config.items() if not k.startswith("_")}
         m = r.metrics or {}
-        rows.append({"overrides": over, "epochs_reported": m.get("training_iteration"), cfg.tune.metric: m.get(cfg.tune.metric),
-                     "val_snr": m.get("val_snr"), "run_dir": m.get("run_dir"), "error": str(r.error) if r.error else None})
+        rows.append(
+            {
+                "overrides": over,
+                "epochs_reported": m.get("training_iteration"),
+                cfg.tune.metric: m.get(cfg.tune.metric),
+                "val_snr": m.get("val_snr"),
+                "run_dir": m.get("run_dir"),
+                "error": str(r.error) if r.error else None,
+            }
+        )
     ok = [r for r in rows if r[cfg.tune.metric] is not None]
     if not ok:
         raise RuntimeError(f"sweep: no trial reported {cfg.tune.metric}; see {root / EXPERIMENT}")
@@ -317,8 +414,14 @@ def sweep(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = pr
     best_cfg.output.overwrite = False
     best_path = root / "best_config.yaml"
     best_path.write_text(best_cfg.to_yaml())
-    result = {"metric": cfg.tune.metric, "mode": cfg.tune.mode, "space": cfg.tune.space, "trials": rows, "best": best,
-              "best_config": str(best_path)}
+    result = {
+        "metric": cfg.tune.metric,
+        "mode": cfg.tune.mode,
+        "space": cfg.tune.space,
+        "trials": rows,
+        "best": best,
+        "best_config": str(best_path),
+    }
     (root / "sweep.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     from mars_ray.report import sweep_report
 

@@ -61,9 +61,24 @@ STRATEGIES = ("none", "uniform", "mars", "mars-nosem", "west-of-n", "adaboost")
 
 # Columns of metrics.csv, in order (metrics.jsonl has these and more).
 CSV_COLUMNS = (
-    "epoch", "strategy", "train_pairs", "synthetic", "budget_unspent", "val_accuracy", "val_snr", "val_loss",
-    "val_margin_mean", "val_margin_std", "test_accuracy", "test_snr", "train_loss", "train_tokens_per_s",
-    "steps", "augment_s", "train_s", "eval_s",
+    "epoch",
+    "strategy",
+    "train_pairs",
+    "synthetic",
+    "budget_unspent",
+    "val_accuracy",
+    "val_snr",
+    "val_loss",
+    "val_margin_mean",
+    "val_margin_std",
+    "test_accuracy",
+    "test_snr",
+    "train_loss",
+    "train_tokens_per_s",
+    "steps",
+    "augment_s",
+    "train_s",
+    "eval_s",
 )
 
 
@@ -124,7 +139,16 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
             "--output.dir, or pass --output.overwrite true to replace it"
         )
     if used:
-        for name in ("epochs", "ray_train", "data", MODEL_DIR, METRICS_JSONL, METRICS_CSV, SUMMARY_FILE, CONFIG_FILENAME):
+        for name in (
+            "epochs",
+            "ray_train",
+            "data",
+            MODEL_DIR,
+            METRICS_JSONL,
+            METRICS_CSV,
+            SUMMARY_FILE,
+            CONFIG_FILENAME,
+        ):
             p = run_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -144,8 +168,10 @@ def _load_data(cfg: Config, run_dir: Path, resume: bool, log) -> dict[str, pa.Ta
         write_quarantine(res.quarantine, d / "quarantine.jsonl")
         _write_json(d / "data_report.json", res.report)
         r = res.report
-        log(f"[data] read {r['read']} = kept {r['kept']} + quarantined {r['quarantined']}; selected {r['selected']} "
-            f"(train {r['splits']['train']}, val {r['splits']['val']}, test {r['splits']['test']})")
+        log(
+            f"[data] read {r['read']} = kept {r['kept']} + quarantined {r['quarantined']}; selected {r['selected']} "
+            f"(train {r['splits']['train']}, val {r['splits']['val']}, test {r['splits']['test']})"
+        )
         for split in ("train", "val", "test"):
             _write_parquet(res.table.filter(pc.equal(res.table.column(S.SPLIT), split)), d / f"{split}.parquet")
         _write_parquet(res.table, d / "pairs.parquet")
@@ -186,11 +212,18 @@ def _augment(cfg: Config, originals: pa.Table, current: pa.Table, prev_model: st
         scored = score_margins(current, model_ref=prev_model, cfg=cfg)
         margins = np.asarray(scored.column("margin").to_numpy(), dtype=np.float64)
         w = adaboost_weights(margins, cfg.mars.adaboost_beta)
-        _write_parquet(pa.table({S.PAIR_ID: current.column(S.PAIR_ID), "margin": margins, LOSS_WEIGHT: w}),
-                       ep / "allocation.parquet")
-        summary = {"epoch": epoch, "strategy": strategy, "pairs": current.num_rows, "synthetic": 0,
-                   "weights": {"min": float(w.min()), "max": float(w.max()), "beta": cfg.mars.adaboost_beta},
-                   "stage_seconds": {"score margins": round(time.perf_counter() - t0, 3)}}
+        _write_parquet(
+            pa.table({S.PAIR_ID: current.column(S.PAIR_ID), "margin": margins, LOSS_WEIGHT: w}),
+            ep / "allocation.parquet",
+        )
+        summary = {
+            "epoch": epoch,
+            "strategy": strategy,
+            "pairs": current.num_rows,
+            "synthetic": 0,
+            "weights": {"min": float(w.min()), "max": float(w.max()), "beta": cfg.mars.adaboost_beta},
+            "stage_seconds": {"score margins": round(time.perf_counter() - t0, 3)},
+        }
         return _empty_pairs(), summary, w
     raise ValueError(f"unknown mars.strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
 
@@ -212,13 +245,21 @@ def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, lo
     uniq = sorted(first.values())  # one source pair per distinct prompt (its first occurrence)
     rng = np.random.default_rng([cfg.seed, epoch, 17])
     groups = group_counts(len(uniq), cfg.mars.budget, rng)
-    summary: dict[str, Any] = {"epoch": epoch, "strategy": "west-of-n", "pairs": originals.num_rows,
-                               "budget": cfg.mars.budget, "prompts": int((groups > 0).sum()), "n": cfg.mars.west_of_n}
+    summary: dict[str, Any] = {
+        "epoch": epoch,
+        "strategy": "west-of-n",
+        "pairs": originals.num_rows,
+        "budget": cfg.mars.budget,
+        "prompts": int((groups > 0).sum()),
+        "n": cfg.mars.west_of_n,
+    }
     if cfg.mars.budget == 0:
         summary.update(synthetic=0, budget_unspent=0)
         return _empty_pairs(), summary
     init_ray(cfg.resources)
-    log(f"[west-of-n] {int(groups.sum())} groups of {cfg.mars.west_of_n} responses over {int((groups > 0).sum())} prompts ...")
+    log(
+        f"[west-of-n] {int(groups.sum())} groups of {cfg.mars.west_of_n} responses over {int((groups > 0).sum())} prompts ..."
+    )
     table = pa.table({"key": [str(i) for i in uniq], "prompt": [prompts[i] for i in uniq]})
     out = west_of_n_groups(table, cfg, reward_ref=prev_model, groups=groups, epoch=epoch)
     rows = []
@@ -227,18 +268,39 @@ def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, lo
         if r["status"] != "ok":
             continue
         i = int(r["key"].split(":")[0])
-        rows.append({
-            S.PAIR_ID: S.pair_id(prompts[i], r["chosen"], r["rejected"]), S.PROMPT: prompts[i],
-            S.CHOSEN: r["chosen"], S.REJECTED: r["rejected"], S.SUBSET: subsets[i], S.SPLIT: "train",
-            S.SOURCE_FILE: None, S.SOURCE_LINE: None, S.FLAGS: [], S.META: None, S.ORIGIN: S.ORIGIN_SYNTHETIC,
-            S.SOURCE_PAIR_ID: ids[i], S.EPOCH: int(epoch), S.OPERATION: f"west-of-{cfg.mars.west_of_n}",
-            S.GENERATOR: cfg.paraphrase.model, S.WEIGHT: float(r["best_score"] - r["worst_score"]),
-        })
+        rows.append(
+            {
+                S.PAIR_ID: S.pair_id(prompts[i], r["chosen"], r["rejected"]),
+                S.PROMPT: prompts[i],
+                S.CHOSEN: r["chosen"],
+                S.REJECTED: r["rejected"],
+                S.SUBSET: subsets[i],
+                S.SPLIT: "train",
+                S.SOURCE_FILE: None,
+                S.SOURCE_LINE: None,
+                S.FLAGS: [],
+                S.META: None,
+                S.ORIGIN: S.ORIGIN_SYNTHETIC,
+                S.SOURCE_PAIR_ID: ids[i],
+                S.EPOCH: int(epoch),
+                S.OPERATION: f"west-of-{cfg.mars.west_of_n}",
+                S.GENERATOR: cfg.paraphrase.model,
+                S.WEIGHT: float(r["best_score"] - r["worst_score"]),
+            }
+        )
     syn = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
-    gen = {c.removeprefix("gen_"): int(np.sum(out.column(c).to_numpy())) for c in ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
-           if c in out.column_names}
-    summary.update(synthetic=syn.num_rows, budget_unspent=int(groups.sum()) - syn.num_rows, groups=dict(status),
-                   generation=gen, stage_seconds={"west-of-n": round(time.perf_counter() - t0, 3)})
+    gen = {
+        c.removeprefix("gen_"): int(np.sum(out.column(c).to_numpy()))
+        for c in ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
+        if c in out.column_names
+    }
+    summary.update(
+        synthetic=syn.num_rows,
+        budget_unspent=int(groups.sum()) - syn.num_rows,
+        groups=dict(status),
+        generation=gen,
+        stage_seconds={"west-of-n": round(time.perf_counter() - t0, 3)},
+    )
     return syn, summary
 
 
@@ -295,7 +357,17 @@ def _fmt(v: Any) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    cols = ("epoch", "train_pairs", "synthetic", "val_accuracy", "val_snr", "test_accuracy", "train_loss", "augment_s", "train_s")
+    cols = (
+        "epoch",
+        "train_pairs",
+        "synthetic",
+        "val_accuracy",
+        "val_snr",
+        "test_accuracy",
+        "train_loss",
+        "augment_s",
+        "train_s",
+    )
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -306,8 +378,14 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, _fault: dict | None = None,
-             on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_mars(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    _fault: dict | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) ``cfg.mars.epochs`` epochs of ``cfg.mars.strategy`` into ``cfg.output.dir``.
 
     ``on_epoch`` is called with each epoch's metrics row once that epoch is finished (also for
@@ -366,36 +444,60 @@ def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = 
         log(f"[epoch {t}/{T}] train on {grown.num_rows} pairs ({syn.num_rows} new) ...")
         t0 = time.perf_counter()
         fit = fit_reward_model(
-            cfg, init_model=prev_model, train_path=ep / "train.parquet", val_path=val_path,
-            run_dir=run_dir / "ray_train", name=f"epoch_{t:03d}",
-            weights_column=LOSS_WEIGHT if weights is not None else None, epoch=t,
-            max_failures=cfg.train.max_failures, _fault=_fault,
+            cfg,
+            init_model=prev_model,
+            train_path=ep / "train.parquet",
+            val_path=val_path,
+            run_dir=run_dir / "ray_train",
+            name=f"epoch_{t:03d}",
+            weights_column=LOSS_WEIGHT if weights is not None else None,
+            epoch=t,
+            max_failures=cfg.train.max_failures,
+            _fault=_fault,
         )
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         test = _test_metrics(cfg, splits["test"], fit["model_dir"])
         eval_s = time.perf_counter() - t0
         row = {
-            "epoch": t, "strategy": cfg.mars.strategy, "train_pairs": grown.num_rows, "original_pairs": originals.num_rows,
-            "synthetic": syn.num_rows, "synthetic_total": grown.num_rows - originals.num_rows,
-            "budget": cfg.mars.budget, "budget_unspent": int(aug_summary.get("budget_unspent", 0) or 0),
+            "epoch": t,
+            "strategy": cfg.mars.strategy,
+            "train_pairs": grown.num_rows,
+            "original_pairs": originals.num_rows,
+            "synthetic": syn.num_rows,
+            "synthetic_total": grown.num_rows - originals.num_rows,
+            "budget": cfg.mars.budget,
+            "budget_unspent": int(aug_summary.get("budget_unspent", 0) or 0),
             **{k: v for k, v in fit.items() if k.startswith("val_")},
             **test,
-            "train_loss": fit.get("train_loss"), "train_loss_first": fit.get("train_loss_first"),
-            "train_loss_last": fit.get("train_loss_last"), "train_tokens_per_s": fit.get("train_tokens_per_s"),
-            "steps": fit.get("steps"), "world_size": fit.get("world_size"),
-            "augment_s": round(augment_s, 2), "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+            "train_loss": fit.get("train_loss"),
+            "train_loss_first": fit.get("train_loss_first"),
+            "train_loss_last": fit.get("train_loss_last"),
+            "train_tokens_per_s": fit.get("train_tokens_per_s"),
+            "steps": fit.get("steps"),
+            "world_size": fit.get("world_size"),
+            "augment_s": round(augment_s, 2),
+            "train_s": round(train_s, 2),
+            "eval_s": round(eval_s, 2),
         }
         rows.append(row)
         manifest = {
-            "epoch": t, "model_dir": fit["model_dir"], "checkpoint_dir": fit["checkpoint_dir"],
-            "init_model": prev_model, "train_file": str(ep / "train.parquet"), "train_pairs": grown.num_rows,
-            "synthetic_file": str(ep / "synthetic.parquet"), "config_hash": cfg.hash(), "metrics": row,
+            "epoch": t,
+            "model_dir": fit["model_dir"],
+            "checkpoint_dir": fit["checkpoint_dir"],
+            "init_model": prev_model,
+            "train_file": str(ep / "train.parquet"),
+            "train_pairs": grown.num_rows,
+            "synthetic_file": str(ep / "synthetic.parquet"),
+            "config_hash": cfg.hash(),
+            "metrics": row,
         }
         write_metrics(run_dir, rows)
         _write_json(man_path, manifest)  # last: the epoch is done
-        log(f"[epoch {t}/{T}] val_accuracy {_fmt(row.get('val_accuracy'))}, val_snr {_fmt(row.get('val_snr'))}, "
-            f"test_accuracy {_fmt(row.get('test_accuracy'))} (augment {augment_s:.0f}s, train {train_s:.0f}s)")
+        log(
+            f"[epoch {t}/{T}] val_accuracy {_fmt(row.get('val_accuracy'))}, val_snr {_fmt(row.get('val_snr'))}, "
+            f"test_accuracy {_fmt(row.get('test_accuracy'))} (augment {augment_s:.0f}s, train {train_s:.0f}s)"
+        )
         prev_model, current = fit["model_dir"], grown
         if on_epoch is not None:
             on_epoch(row)
@@ -410,12 +512,21 @@ def run_mars(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = 
         shutil.rmtree(final)
     os.replace(tmp, final)
     summary = {
-        "run_dir": str(run_dir), "strategy": cfg.mars.strategy, "epochs": T, "model": str(final),
-        "final": rows[-1] if rows else {}, "seconds": round(time.perf_counter() - t_run, 1),
+        "run_dir": str(run_dir),
+        "strategy": cfg.mars.strategy,
+        "epochs": T,
+        "model": str(final),
+        "final": rows[-1] if rows else {},
+        "seconds": round(time.perf_counter() - t_run, 1),
         "config_hash": cfg.hash(),
     }
-    _write_json(run_dir / SUMMARY_FILE, {k: (_finite(v) if not isinstance(v, dict) else {a: _finite(b) for a, b in v.items()})
-                                         for k, v in summary.items()})
+    _write_json(
+        run_dir / SUMMARY_FILE,
+        {
+            k: (_finite(v) if not isinstance(v, dict) else {a: _finite(b) for a, b in v.items()})
+            for k, v in summary.items()
+        },
+    )
     try:
         from mars_ray.report import run_report
 

@@ -32,7 +32,11 @@ def _save(fig, path: Path) -> Path:
 def margin_histogram(margins_by_label: dict[str, np.ndarray], path: Path, title: str = "reward margins") -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    allm = np.concatenate([np.asarray(m, dtype=float) for m in margins_by_label.values()]) if margins_by_label else np.zeros(1)
+    allm = (
+        np.concatenate([np.asarray(m, dtype=float) for m in margins_by_label.values()])
+        if margins_by_label
+        else np.zeros(1)
+    )
     edges = np.histogram_bin_edges(allm, bins=40)
     for label, m in margins_by_label.items():
         ax.hist(np.asarray(m, dtype=float), bins=edges, alpha=0.55, label=label)
@@ -72,8 +76,13 @@ def sections_plot(sections: dict[str, float], path: Path, title: str = "RewardBe
     return _save(fig, path)
 
 
-def grouped_bars(groups: dict[str, dict[str, float]], path: Path, ylabel: str, title: str,
-                 errors: dict[str, dict[str, float]] | None = None) -> Path:
+def grouped_bars(
+    groups: dict[str, dict[str, float]],
+    path: Path,
+    ylabel: str,
+    title: str,
+    errors: dict[str, dict[str, float]] | None = None,
+) -> Path:
     """``groups[series][category] = value``: one bar per series in each category."""
     plt = _plt()
     series = list(groups)
@@ -133,7 +142,9 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return out
 
 
-def write_markdown_and_html(lines: list[str], images: Sequence[Path], out_dir: Path, stem: str, title: str) -> tuple[Path, Path]:
+def write_markdown_and_html(
+    lines: list[str], images: Sequence[Path], out_dir: Path, stem: str, title: str
+) -> tuple[Path, Path]:
     """``stem.md`` (images linked by file name) and ``stem.html`` (images embedded)."""
     md = list(lines) + [""] + [f"![{p.stem}]({p.name})" for p in images]
     md_path = out_dir / f"{stem}.md"
@@ -144,9 +155,18 @@ def write_markdown_and_html(lines: list[str], images: Sequence[Path], out_dir: P
     def flush():
         if table:
             rows = [r.strip().strip("|").split("|") for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
-            body.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if k == 0 else 'td'}>{html.escape(c.strip())}</{'th' if k == 0 else 'td'}>" for c in r) + "</tr>"
-                for k, r in enumerate(rows)) + "</table>")
+            body.append(
+                "<table>"
+                + "".join(
+                    "<tr>"
+                    + "".join(
+                        f"<{'th' if k == 0 else 'td'}>{html.escape(c.strip())}</{'th' if k == 0 else 'td'}>" for c in r
+                    )
+                    + "</tr>"
+                    for k, r in enumerate(rows)
+                )
+                + "</table>"
+            )
             table.clear()
 
     for line in lines:
@@ -166,10 +186,12 @@ def write_markdown_and_html(lines: list[str], images: Sequence[Path], out_dir: P
     for p in images:
         data = base64.b64encode(p.read_bytes()).decode()
         body.append(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}"></figure>')
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
-            "body{font-family:sans-serif;max-width:60em;margin:2em auto;}table{border-collapse:collapse;}"
-            "td,th{border:1px solid #bbb;padding:2px 8px;text-align:right;}img{max-width:100%;}"
-            "</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;}table{border-collapse:collapse;}"
+        "td,th{border:1px solid #bbb;padding:2px 8px;text-align:right;}img{max-width:100%;}"
+        "</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    )
     html_path = out_dir / f"{stem}.html"
     html_path.write_text(page)
     return md_path, html_path
@@ -177,41 +199,86 @@ def write_markdown_and_html(lines: list[str], images: Sequence[Path], out_dir: P
 
 def eval_report(result: dict[str, Any], margins: np.ndarray, out_dir: Path) -> tuple[Path, Path]:
     m = result["metrics"]
-    lines = [f"# Evaluation of {result['model']}", "",
-             f"- data: {result['data']} ({result['n']} pairs scored, {result['quarantined']} quarantined; "
-             f"{result['prompts_cut']} prompts cut from the left, {result['responses_cut']} responses capped)",
-             f"- pairwise accuracy (strict >): {fmt(result['accuracy'])}; margin mean {fmt(m['margin_mean'])}, "
-             f"std {fmt(m['margin_std'])}, SNR {fmt(result['snr'])}",
-             f"- rewards: chosen {fmt(m['chosen_mean'])} ± {fmt(m['chosen_std'])}, rejected {fmt(m['rejected_mean'])} ± {fmt(m['rejected_std'])}",
-             "", "## Accuracy by length (tokens of the longer sequence)", ""]
-    lines += md_table(["tokens", "pairs", "accuracy"], [[b["tokens"], b["n"], b["accuracy"]] for b in result["by_length"]])
+    lines = [
+        f"# Evaluation of {result['model']}",
+        "",
+        f"- data: {result['data']} ({result['n']} pairs scored, {result['quarantined']} quarantined; "
+        f"{result['prompts_cut']} prompts cut from the left, {result['responses_cut']} responses capped)",
+        f"- pairwise accuracy (strict >): {fmt(result['accuracy'])}; margin mean {fmt(m['margin_mean'])}, "
+        f"std {fmt(m['margin_std'])}, SNR {fmt(result['snr'])}",
+        f"- rewards: chosen {fmt(m['chosen_mean'])} ± {fmt(m['chosen_std'])}, rejected {fmt(m['rejected_mean'])} ± {fmt(m['rejected_std'])}",
+        "",
+        "## Accuracy by length (tokens of the longer sequence)",
+        "",
+    ]
+    lines += md_table(
+        ["tokens", "pairs", "accuracy"], [[b["tokens"], b["n"], b["accuracy"]] for b in result["by_length"]]
+    )
     images = [margin_histogram({"margins": margins}, out_dir / "margins.png")]
     if result.get("sections"):
-        lines += ["", "## RewardBench", "", f"- sections covered: {', '.join(result['sections_covered'])}; "
-                  f"mean of the covered sections {fmt(result['sections_average'])}"]
-        lines += md_table(["section", "accuracy", "all its subsets present"],
-                          [[k, v, result["sections_complete"][k]] for k, v in result["sections"].items()])
-        lines += ["", "### Subsets", ""] + md_table(["subset", "pairs", "accuracy"],
-                                                     [[k, v["n"], v["accuracy"]] for k, v in result["subsets"].items()])
+        lines += [
+            "",
+            "## RewardBench",
+            "",
+            f"- sections covered: {', '.join(result['sections_covered'])}; "
+            f"mean of the covered sections {fmt(result['sections_average'])}",
+        ]
+        lines += md_table(
+            ["section", "accuracy", "all its subsets present"],
+            [[k, v, result["sections_complete"][k]] for k, v in result["sections"].items()],
+        )
+        lines += ["", "### Subsets", ""] + md_table(
+            ["subset", "pairs", "accuracy"], [[k, v["n"], v["accuracy"]] for k, v in result["subsets"].items()]
+        )
         images.append(sections_plot(result["sections"], out_dir / "sections.png"))
     lines += ["", "## Curvature by |margin| bin", ""]
-    lines += md_table(["bin", "pairs", "|Δ| range", "mean c(Δ)", "λ_min(Fisher)", "λ_max(Fisher)"],
-                      [[b["bin"], b["n"], f"{b['abs_margin_lo']:.3f}-{b['abs_margin_hi']:.3f}", b["mean_c"],
-                        f"{b['min_eig']:.3e}", f"{b['max_eig']:.3e}"] for b in result["curvature"]])
+    lines += md_table(
+        ["bin", "pairs", "|Δ| range", "mean c(Δ)", "λ_min(Fisher)", "λ_max(Fisher)"],
+        [
+            [
+                b["bin"],
+                b["n"],
+                f"{b['abs_margin_lo']:.3f}-{b['abs_margin_hi']:.3f}",
+                b["mean_c"],
+                f"{b['min_eig']:.3e}",
+                f"{b['max_eig']:.3e}",
+            ]
+            for b in result["curvature"]
+        ],
+    )
     images.append(curvature_plot(result["curvature"], out_dir / "curvature.png"))
     return write_markdown_and_html(lines, images, out_dir, "eval", f"eval {result['model']}")
 
 
 def compare_report(result: dict[str, Any], trials: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
     """Plots and the markdown/HTML report of `mars-ray compare`."""
-    lines = [f"# MARS compare: {', '.join(result['strategies'])}", "",
-             f"- data {result['data']}; budget {result['budget']} per epoch; {result['epochs']} epoch(s); "
-             f"seeds {result['seeds']}; {result['trials']} runs",
-             "- mean ± std over seeds (sample std); test = the held-out split of the same data", "",
-             result["table_md"], "", "## Paired differences across seeds", "",
-             "Positive = the strategy is ahead. p: two-sided paired t-test over seeds; CI: 95% bootstrap of the mean difference.", ""]
-    rows = [[v["strategy"], v["reference"], v["metric"], v["mean_diff"], v["std_diff"], v["p_value"],
-             f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]", v["n"]] for v in result["paired"].values()]
+    lines = [
+        f"# MARS compare: {', '.join(result['strategies'])}",
+        "",
+        f"- data {result['data']}; budget {result['budget']} per epoch; {result['epochs']} epoch(s); "
+        f"seeds {result['seeds']}; {result['trials']} runs",
+        "- mean ± std over seeds (sample std); test = the held-out split of the same data",
+        "",
+        result["table_md"],
+        "",
+        "## Paired differences across seeds",
+        "",
+        "Positive = the strategy is ahead. p: two-sided paired t-test over seeds; CI: 95% bootstrap of the mean difference.",
+        "",
+    ]
+    rows = [
+        [
+            v["strategy"],
+            v["reference"],
+            v["metric"],
+            v["mean_diff"],
+            v["std_diff"],
+            v["p_value"],
+            f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
+            v["n"],
+        ]
+        for v in result["paired"].values()
+    ]
     lines += md_table(["strategy", "vs", "metric", "mean diff", "std", "p", "95% CI", "seeds"], rows)
     images = []
     for metric, label in (("val_accuracy", "validation accuracy"), ("val_snr", "validation margin SNR")):
@@ -225,20 +292,40 @@ def compare_report(result: dict[str, Any], trials: list[dict[str, Any]], out_dir
                     if r.get(metric) is not None:
                         per_epoch.setdefault(int(r["epoch"]), []).append(float(r[metric]))
             series[s] = {e: float(np.mean(v)) for e, v in per_epoch.items()}
-        images.append(lines_per_epoch(series, out_dir / f"{metric}_per_epoch.png", label, f"{label} per epoch (mean over seeds)"))
-    groups = {s: {m: result["table"][s][m]["mean"] for m in result["metrics"] if m.endswith("accuracy")}
-              for s in result["strategies"]}
-    errs = {s: {m: (result["table"][s][m]["std"] if np.isfinite(result["table"][s][m]["std"]) else 0.0)
-                for m in result["metrics"] if m.endswith("accuracy")} for s in result["strategies"]}
-    images.append(grouped_bars(groups, out_dir / "accuracy_by_strategy.png", "accuracy", "final accuracy (± std over seeds)", errs))
+        images.append(
+            lines_per_epoch(series, out_dir / f"{metric}_per_epoch.png", label, f"{label} per epoch (mean over seeds)")
+        )
+    groups = {
+        s: {m: result["table"][s][m]["mean"] for m in result["metrics"] if m.endswith("accuracy")}
+        for s in result["strategies"]
+    }
+    errs = {
+        s: {
+            m: (result["table"][s][m]["std"] if np.isfinite(result["table"][s][m]["std"]) else 0.0)
+            for m in result["metrics"]
+            if m.endswith("accuracy")
+        }
+        for s in result["strategies"]
+    }
+    images.append(
+        grouped_bars(
+            groups, out_dir / "accuracy_by_strategy.png", "accuracy", "final accuracy (± std over seeds)", errs
+        )
+    )
     sections: dict[str, dict[str, float]] = {}
     for t in trials:
         for name, res in t["heldout"].items():
             for sec, v in (res.get("sections") or {}).items():
                 sections.setdefault(t["strategy"], {}).setdefault(f"{name}:{sec}", []).append(v)  # type: ignore[arg-type]
     if sections:
-        images.append(grouped_bars({s: {k: float(np.mean(v)) for k, v in d.items()} for s, d in sections.items()},
-                                   out_dir / "heldout_sections.png", "accuracy", "RewardBench sections of the held-out files"))
+        images.append(
+            grouped_bars(
+                {s: {k: float(np.mean(v)) for k, v in d.items()} for s, d in sections.items()},
+                out_dir / "heldout_sections.png",
+                "accuracy",
+                "RewardBench sections of the held-out files",
+            )
+        )
     return write_markdown_and_html(lines, images, out_dir, "compare", "MARS compare")
 
 
@@ -253,42 +340,97 @@ def run_report(run_dir: Path) -> tuple[Path, Path]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     strategy = rows[0]["strategy"] if rows else "?"
     lines = [f"# MARS run: {strategy}", "", f"- run directory: {run_dir}", ""]
-    cols = [c for c in ("epoch", "train_pairs", "synthetic", "budget_unspent", "val_accuracy", "val_snr",
-                        "test_accuracy", "test_snr", "augment_s", "train_s") if rows and c in rows[0]]
+    cols = [
+        c
+        for c in (
+            "epoch",
+            "train_pairs",
+            "synthetic",
+            "budget_unspent",
+            "val_accuracy",
+            "val_snr",
+            "test_accuracy",
+            "test_snr",
+            "augment_s",
+            "train_s",
+        )
+        if rows and c in rows[0]
+    ]
     lines += md_table(cols, [[r.get(c) for c in cols] for r in rows])
     images = []
     if rows:
-        images.append(lines_per_epoch({"validation": {r["epoch"]: r["val_accuracy"] for r in rows if r.get("val_accuracy") is not None},
-                                       "test": {r["epoch"]: r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None}},
-                                      run_dir / "accuracy_per_epoch.png", "accuracy", f"{strategy}: accuracy per epoch"))
-        images.append(lines_per_epoch({"validation": {r["epoch"]: r["val_snr"] for r in rows if r.get("val_snr") is not None}},
-                                      run_dir / "snr_per_epoch.png", "margin SNR", f"{strategy}: SNR per epoch"))
+        images.append(
+            lines_per_epoch(
+                {
+                    "validation": {r["epoch"]: r["val_accuracy"] for r in rows if r.get("val_accuracy") is not None},
+                    "test": {r["epoch"]: r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None},
+                },
+                run_dir / "accuracy_per_epoch.png",
+                "accuracy",
+                f"{strategy}: accuracy per epoch",
+            )
+        )
+        images.append(
+            lines_per_epoch(
+                {"validation": {r["epoch"]: r["val_snr"] for r in rows if r.get("val_snr") is not None}},
+                run_dir / "snr_per_epoch.png",
+                "margin SNR",
+                f"{strategy}: SNR per epoch",
+            )
+        )
     margins: dict[str, np.ndarray] = {}
     for alloc in sorted(run_dir.glob("epochs/*/allocation.parquet")):
         t = pq.read_table(alloc)
         ep = int(alloc.parent.name)
         if "margin" in t.column_names:
             margins[f"epoch {ep} (model r{ep - 1})"] = t.column("margin").to_numpy()
-            if "q" in t.column_names and "budget" in t.column_names and ep == max(int(p.parent.name) for p in run_dir.glob("epochs/*/allocation.parquet")):
-                images.append(allocation_plot(t.column("margin").to_numpy(), t.column("q").to_numpy(), t.column("budget").to_numpy(),
-                                              run_dir / "allocation.png", f"allocation at epoch {ep}"))
+            if (
+                "q" in t.column_names
+                and "budget" in t.column_names
+                and ep == max(int(p.parent.name) for p in run_dir.glob("epochs/*/allocation.parquet"))
+            ):
+                images.append(
+                    allocation_plot(
+                        t.column("margin").to_numpy(),
+                        t.column("q").to_numpy(),
+                        t.column("budget").to_numpy(),
+                        run_dir / "allocation.png",
+                        f"allocation at epoch {ep}",
+                    )
+                )
     if margins:
         first, last = list(margins)[0], list(margins)[-1]
-        images.append(margin_histogram({k: margins[k] for k in dict.fromkeys([first, last])}, run_dir / "margins.png",
-                                       "training-pair margins: first vs last scoring model"))
+        images.append(
+            margin_histogram(
+                {k: margins[k] for k in dict.fromkeys([first, last])},
+                run_dir / "margins.png",
+                "training-pair margins: first vs last scoring model",
+            )
+        )
     return write_markdown_and_html(lines, images, run_dir, "report", f"MARS run {strategy}")
 
 
 def sweep_report(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     metric = result["metric"]
     keys = list(result["space"])
-    lines = [f"# MARS sweep over {', '.join(keys)}", "",
-             f"- metric {metric} ({result['mode']}); best {result['best']['overrides']} -> {fmt(result['best'][metric])}",
-             f"- best config: {result['best_config']} (`mars-ray train --config {result['best_config']}`)", ""]
-    rows = sorted(result["trials"], key=lambda r: (r[metric] is None, -(r[metric] or 0) if result["mode"] == "max" else (r[metric] or 0)))
-    lines += md_table([*keys, metric, "val_snr", "epochs reported", "error"],
-                      [[r["overrides"].get(k) for k in keys] + [r[metric], r["val_snr"], r["epochs_reported"], r["error"] or ""]
-                       for r in rows])
+    lines = [
+        f"# MARS sweep over {', '.join(keys)}",
+        "",
+        f"- metric {metric} ({result['mode']}); best {result['best']['overrides']} -> {fmt(result['best'][metric])}",
+        f"- best config: {result['best_config']} (`mars-ray train --config {result['best_config']}`)",
+        "",
+    ]
+    rows = sorted(
+        result["trials"],
+        key=lambda r: (r[metric] is None, -(r[metric] or 0) if result["mode"] == "max" else (r[metric] or 0)),
+    )
+    lines += md_table(
+        [*keys, metric, "val_snr", "epochs reported", "error"],
+        [
+            [r["overrides"].get(k) for k in keys] + [r[metric], r["val_snr"], r["epochs_reported"], r["error"] or ""]
+            for r in rows
+        ],
+    )
     images = []
     plt = _plt()
     for k in keys:

@@ -16,7 +16,14 @@ from typing import Any
 from mars_ray.config import ResourcesConfig
 
 # Environment that workers need to behave like the driver (offline hub, caches, thread counts).
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "MARS_RAY_CACHE", "DS_ACCELERATOR")
+_FORWARDED_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "MARS_RAY_CACHE",
+    "DS_ACCELERATOR",
+)
 
 
 def worker_env() -> dict[str, str]:

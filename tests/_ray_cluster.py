@@ -54,7 +54,12 @@ def ray_env() -> dict[str, str]:
 def _node_ports(head: bool) -> list[str]:
     """A free port for every port `ray start` would otherwise take from a fixed default, so these
     nodes can run beside each other and beside any other local Ray."""
-    names = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
+    names = [
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    ]
     if head:
         names.append("ray-client-server-port")
     return [f"--{name}={free_port()}" for name in names]
@@ -90,22 +95,47 @@ class LocalRayCluster:
         self.temp_dirs.append(tmp)
         p = subprocess.Popen(
             ["ray", "start", "--block", "--temp-dir", tmp, "--disable-usage-stats", *args],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self.procs.append(p)
         return p
 
     def _start_head(self, num_cpus: int, timeout: float) -> None:
         gcs, dash = free_port(), free_port()
-        self._popen(["--head", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--port", str(gcs),
-                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), *_node_ports(head=True)])
+        self._popen(
+            [
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--num-cpus",
+                str(num_cpus),
+                "--port",
+                str(gcs),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dash),
+                *_node_ports(head=True),
+            ]
+        )
         self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
         wait_http(f"{self.address}/api/version", timeout=timeout)
 
     def add_node(self, num_cpus: int) -> None:
         """Start one more node that joins the head (returns at once; see :meth:`wait_for_nodes`)."""
-        self._popen([f"--address={self.gcs_address}", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
-                     *_node_ports(head=False)])
+        self._popen(
+            [
+                f"--address={self.gcs_address}",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--num-cpus",
+                str(num_cpus),
+                *_node_ports(head=False),
+            ]
+        )
 
     def alive_nodes(self) -> list[dict]:
         from ray.util.state import list_nodes

@@ -27,10 +27,22 @@ def _free_port() -> int:
 
 
 def _tiny(tiny_bert_dir, tiny_llama_dir, out: Path, **over) -> list[str]:
-    args = {"output.dir": str(out), "rl.policy": str(tiny_llama_dir), "model.reward": str(tiny_bert_dir),
-            "model.cache_dir": str(out.parent / "cache"), "rl.steps": "2", "rl.num_generations": "2",
-            "rl.max_new_tokens": "8", "rl.num_prompts": "6", "rl.save_steps": "1", "rl.lr": "1e-3",
-            "serve.port": str(_free_port()), "rl.eval_prompts": "4", "rl.eval_max_new_tokens": "8", **over}
+    args = {
+        "output.dir": str(out),
+        "rl.policy": str(tiny_llama_dir),
+        "model.reward": str(tiny_bert_dir),
+        "model.cache_dir": str(out.parent / "cache"),
+        "rl.steps": "2",
+        "rl.num_generations": "2",
+        "rl.max_new_tokens": "8",
+        "rl.num_prompts": "6",
+        "rl.save_steps": "1",
+        "rl.lr": "1e-3",
+        "serve.port": str(_free_port()),
+        "rl.eval_prompts": "4",
+        "rl.eval_max_new_tokens": "8",
+        **over,
+    }
     return [t for k, v in args.items() for t in (f"--{k}", v)]
 
 
@@ -112,7 +124,15 @@ def test_align_updates_the_adapter_with_rewards_from_serve(aligned, tiny_llama_d
     rows = [json.loads(x) for x in (aligned / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        for k in ("reward", "kl", "loss", "completions/mean_length", "time/rollout_s", "time/reward_s", "time/update_s"):
+        for k in (
+            "reward",
+            "kl",
+            "loss",
+            "completions/mean_length",
+            "time/rollout_s",
+            "time/reward_s",
+            "time/update_s",
+        ):
             assert k in r, k
         assert r["time/rollout_s"] > 0 and r["time/reward_s"] > 0 and r["reward_items"] == 2
     assert (aligned / "config.yaml").exists() and len((aligned / "prompts.jsonl").read_text().splitlines()) == 6
@@ -125,8 +145,13 @@ def test_align_resumes_after_the_driver_is_killed(ray_local, tmp_path, tiny_bert
     args = _tiny(tiny_bert_dir, tiny_llama_dir, out, **{"rl.steps": "4", "rl.reward_transport": "http"})
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "mars_ray.cli", "align", *args], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mars_ray.cli", "align", *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 400
     try:
         while not list((out / "ray_train" / "policy").glob("checkpoint_*")):
@@ -137,7 +162,9 @@ def test_align_resumes_after_the_driver_is_killed(ray_local, tmp_path, tiny_bert
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "align_summary.json").exists()
-    assert main(["align", "--resume", str(out), "--serve.port", str(_free_port())]) == 2  # only resources/reward may change
+    assert (
+        main(["align", "--resume", str(out), "--serve.port", str(_free_port())]) == 2
+    )  # only resources/reward may change
     assert main(["align", "--resume", str(out)]) == 0
     s = json.loads((out / "align_summary.json").read_text())
     assert s["worker"]["resumed_from"] and s["worker"]["global_step"] == 4
@@ -147,9 +174,25 @@ def test_align_resumes_after_the_driver_is_killed(ray_local, tmp_path, tiny_bert
 
 def test_winrate_with_a_local_logits_judge(aligned, tmp_path, tiny_llama_dir):
     out = tmp_path / "wr"
-    args = ["winrate", "--policy-a", str(aligned), "--policy-b", str(tiny_llama_dir), "--names", "aligned,base",
-            "--output.dir", str(out), "--rl.judge_model", str(tiny_llama_dir), "--rl.eval_prompts", "4",
-            "--rl.eval_max_new_tokens", "8", "--model.cache_dir", str(tmp_path / "cache")]
+    args = [
+        "winrate",
+        "--policy-a",
+        str(aligned),
+        "--policy-b",
+        str(tiny_llama_dir),
+        "--names",
+        "aligned,base",
+        "--output.dir",
+        str(out),
+        "--rl.judge_model",
+        str(tiny_llama_dir),
+        "--rl.eval_prompts",
+        "4",
+        "--rl.eval_max_new_tokens",
+        "8",
+        "--model.cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(args) == 0
     s = json.loads((out / "winrate.json").read_text())
     assert s["n_prompts"] == 4 and s["win"] + s["tie"] + s["loss"] + s["invalid"] == 4
@@ -181,11 +224,36 @@ def test_winrate_through_a_real_openai_compatible_server(aligned, tmp_path, tiny
         env_key = "MARS_TEST_JUDGE_KEY"
         os.environ[env_key] = "unused-local-key"
         try:
-            assert main(["winrate", "--policy-a", str(aligned), "--policy-b", str(tiny_llama_dir), "--output.dir", str(out),
-                         "--rl.judge_backend", "openai", "--rl.judge_mode", "text", "--rl.judge_model", "judge",
-                         "--rl.judge_base_url", server.url, "--rl.judge_api_key_env", env_key,
-                         "--rl.eval_prompts", "3", "--rl.eval_max_new_tokens", "8",
-                         "--model.cache_dir", str(tmp_path / "cache")]) == 0
+            assert (
+                main(
+                    [
+                        "winrate",
+                        "--policy-a",
+                        str(aligned),
+                        "--policy-b",
+                        str(tiny_llama_dir),
+                        "--output.dir",
+                        str(out),
+                        "--rl.judge_backend",
+                        "openai",
+                        "--rl.judge_mode",
+                        "text",
+                        "--rl.judge_model",
+                        "judge",
+                        "--rl.judge_base_url",
+                        server.url,
+                        "--rl.judge_api_key_env",
+                        env_key,
+                        "--rl.eval_prompts",
+                        "3",
+                        "--rl.eval_max_new_tokens",
+                        "8",
+                        "--model.cache_dir",
+                        str(tmp_path / "cache"),
+                    ]
+                )
+                == 0
+            )
         finally:
             os.environ.pop(env_key, None)
         stats = server.stats()
@@ -206,18 +274,63 @@ def test_smollm2_lora_two_steps_against_served_minilm_then_judged(ray_local, tmp
     live Serve deployment of builtin:minilm; then the aligned policy against its base, judged by
     SmolLM2's next-token probabilities in both orders. Prints the time per step and per rollout."""
     out = tmp_path / "run"
-    assert main(["align", "--output.dir", str(out), "--rl.policy", "builtin:smollm2", "--model.reward", "builtin:minilm",
-                 "--rl.steps", "2", "--rl.num_generations", "4", "--rl.max_new_tokens", "32", "--rl.num_prompts", "8",
-                 "--rl.lr", "1e-4", "--serve.port", str(_free_port()), "--model.cache_dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "align",
+                "--output.dir",
+                str(out),
+                "--rl.policy",
+                "builtin:smollm2",
+                "--model.reward",
+                "builtin:minilm",
+                "--rl.steps",
+                "2",
+                "--rl.num_generations",
+                "4",
+                "--rl.max_new_tokens",
+                "32",
+                "--rl.num_prompts",
+                "8",
+                "--rl.lr",
+                "1e-4",
+                "--serve.port",
+                str(_free_port()),
+                "--model.cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "align_summary.json").read_text())
     assert s["steps"] == 2 and s["served_counters_delta"]["pairs"] == 8 and s["reward_items"] == 8
     b = _lora_b(out / "policy_adapter")
     assert max(float(t.abs().max()) for t in b.values()) > 0
     t = s["time_per_step"]
-    print(f"\nSmolLM2 GRPO step {t['step_s']:.2f}s: rollout {t['rollout_s']:.2f}s, reward {t['reward_s']:.2f}s, "
-          f"update {t['update_s']:.2f}s; fit {s['fit_s']:.0f}s, total {s['total_s']:.0f}s")
+    print(
+        f"\nSmolLM2 GRPO step {t['step_s']:.2f}s: rollout {t['rollout_s']:.2f}s, reward {t['reward_s']:.2f}s, "
+        f"update {t['update_s']:.2f}s; fit {s['fit_s']:.0f}s, total {s['total_s']:.0f}s"
+    )
     wr = tmp_path / "wr"
-    assert main(["winrate", "--policy-a", str(out), "--policy-b", "builtin:smollm2", "--output.dir", str(wr),
-                 "--rl.eval_prompts", "4", "--rl.eval_max_new_tokens", "32", "--model.cache_dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "winrate",
+                "--policy-a",
+                str(out),
+                "--policy-b",
+                "builtin:smollm2",
+                "--output.dir",
+                str(wr),
+                "--rl.eval_prompts",
+                "4",
+                "--rl.eval_max_new_tokens",
+                "32",
+                "--model.cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     w = json.loads((wr / "winrate.json").read_text())
     assert w["n"] == 4 and w["judge_calls"] == 8 and w["judge"] == "builtin:smollm2"

@@ -17,16 +17,30 @@ from mars_ray.data import read_preferences
 def tiny_cfg(tmp_path, bert, llama, **over) -> Config:
     """Tiny real models; gates relaxed so a random tiny chat model's output can pass them."""
     base = {
-        "model.reward": str(bert), "model.encoder": str(bert), "model.cache_dir": str(tmp_path / "cache"),
-        "rewrite.model": str(llama), "paraphrase.model": str(llama),
-        "rewrite.max_new_tokens": "12", "paraphrase.max_new_tokens": "12", "paraphrase.num_beams": "1",
-        "rewrite.max_attempts_rejected": "2", "rewrite.max_attempts_chosen": "1",
-        "paraphrase.min_length_ratio": "0.01", "paraphrase.max_length_ratio": "100",
-        "paraphrase.max_copy_similarity": "1.0", "paraphrase.min_semantic_similarity": "0.0",
+        "model.reward": str(bert),
+        "model.encoder": str(bert),
+        "model.cache_dir": str(tmp_path / "cache"),
+        "rewrite.model": str(llama),
+        "paraphrase.model": str(llama),
+        "rewrite.max_new_tokens": "12",
+        "paraphrase.max_new_tokens": "12",
+        "paraphrase.num_beams": "1",
+        "rewrite.max_attempts_rejected": "2",
+        "rewrite.max_attempts_chosen": "1",
+        "paraphrase.min_length_ratio": "0.01",
+        "paraphrase.max_length_ratio": "100",
+        "paraphrase.max_copy_similarity": "1.0",
+        "paraphrase.min_semantic_similarity": "0.0",
         "paraphrase.temperature": "1.0",
-        "data.max_pairs": "40", "data.val_fraction": "0", "data.test_fraction": "0",
-        "mars.budget": "30", "resources.actors": "1", "resources.cpus_per_actor": "1", "resources.batch_size": "16",
-        "paraphrase.batch_size": "8", "semantic.batch_size": "16",
+        "data.max_pairs": "40",
+        "data.val_fraction": "0",
+        "data.test_fraction": "0",
+        "mars.budget": "30",
+        "resources.actors": "1",
+        "resources.cpus_per_actor": "1",
+        "resources.batch_size": "16",
+        "paraphrase.batch_size": "8",
+        "semantic.batch_size": "16",
     }
     base.update(over)
     return Config.load(overrides=base)
@@ -42,15 +56,28 @@ def test_refine_actor_in_process(tmp_path, tiny_bert_dir, tiny_llama_dir, demo_p
     from mars_ray.stages.generate import RefineActor
 
     cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir)
-    actor = RefineActor(dataclasses.asdict(cfg.rewrite), str(tiny_bert_dir), seed=0, batch_size=4, encoder_batch_size=8,
-                        num_threads=1, cache_dir=cfg.model.cache_dir)
+    actor = RefineActor(
+        dataclasses.asdict(cfg.rewrite),
+        str(tiny_bert_dir),
+        seed=0,
+        batch_size=4,
+        encoder_batch_size=8,
+        num_threads=1,
+        cache_dir=cfg.model.cache_dir,
+    )
     t = demo_pairs.slice(0, 5)
     batch = {k: np.array(t.column(k).to_pylist(), dtype=object) for k in ("pair_id", "prompt", "chosen", "rejected")}
     batch["distance"] = np.full(5, 0.0001)  # almost any rewrite increases it
     out = actor(batch)
     assert list(out["pair_id"]) == list(batch["pair_id"])
-    for st, c, r, c0, r0, d in zip(out["refine_status"], out["refined_chosen"], out["refined_rejected"],
-                                   batch["chosen"], batch["rejected"], out["refined_distance"]):
+    for st, c, r, c0, r0, d in zip(
+        out["refine_status"],
+        out["refined_chosen"],
+        out["refined_rejected"],
+        batch["chosen"],
+        batch["rejected"],
+        out["refined_distance"],
+    ):
         if st == "rewrote_rejected":
             assert c == c0 and r != r0 and d > 0.0001
         elif st == "rewrote_chosen":
@@ -60,20 +87,41 @@ def test_refine_actor_in_process(tmp_path, tiny_bert_dir, tiny_llama_dir, demo_p
     # Local generator: every attempt of a role in one call, so rows generated >= attempts used.
     assert out["gen_requested"].sum() >= out["refine_attempts"].sum() > 0
     one = dict(dataclasses.asdict(cfg.rewrite), schedule="sequential")
-    seq = RefineActor(one, str(tiny_bert_dir), seed=0, batch_size=4, encoder_batch_size=8, num_threads=1,
-                      cache_dir=str(tmp_path / "cache_seq"))(batch)
+    seq = RefineActor(
+        one,
+        str(tiny_bert_dir),
+        seed=0,
+        batch_size=4,
+        encoder_batch_size=8,
+        num_threads=1,
+        cache_dir=str(tmp_path / "cache_seq"),
+    )(batch)
     assert seq["gen_requested"].sum() == seq["refine_attempts"].sum() > 0  # one attempt per call: no spare rows
 
 
 def test_paraphrase_actor_gates_and_cache(tmp_path, tiny_bert_dir, tiny_llama_dir):
     from mars_ray.stages.generate import ParaphraseActor
 
-    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"paraphrase.min_semantic_similarity": "0.999",
-                                                                "paraphrase.retry_rounds": "0"})
-    kw = dict(encoder_ref=str(tiny_bert_dir), batch_size=4, encoder_batch_size=8, num_threads=1, cache_dir=cfg.model.cache_dir, seed=0)
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_bert_dir,
+        tiny_llama_dir,
+        **{"paraphrase.min_semantic_similarity": "0.999", "paraphrase.retry_rounds": "0"},
+    )
+    kw = dict(
+        encoder_ref=str(tiny_bert_dir),
+        batch_size=4,
+        encoder_batch_size=8,
+        num_threads=1,
+        cache_dir=cfg.model.cache_dir,
+        seed=0,
+    )
     actor = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)
-    batch = {"key": np.array(["0:c", "1:r"], dtype=object), "text": np.array(["Boil water first.", "Use a map."], dtype=object),
-             "n": np.array([2, 3])}
+    batch = {
+        "key": np.array(["0:c", "1:r"], dtype=object),
+        "text": np.array(["Boil water first.", "Use a map."], dtype=object),
+        "n": np.array([2, 3]),
+    }
     out = actor(batch)
     kept = [json.loads(k) for k in out["kept"]]
     reasons = [json.loads(r) for r in out["rejected_reasons"]]
@@ -94,11 +142,29 @@ def test_paraphrase_actor_resamples_texts_the_gate_left_short(tmp_path, tiny_ber
 
     # A gate nothing passes: every round resamples the whole shortfall, and every candidate is
     # accounted for (kept or rejected with a reason).
-    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"paraphrase.min_semantic_similarity": "0.999",
-                                                                "paraphrase.retry_rounds": "2", "paraphrase.retry_oversample": "3"})
-    kw = dict(encoder_ref=str(tiny_bert_dir), batch_size=4, encoder_batch_size=8, num_threads=1, cache_dir=cfg.model.cache_dir, seed=0)
-    batch = {"key": np.array(["0:c", "1:r"], dtype=object), "text": np.array(["Boil water first.", "Use a map."], dtype=object),
-             "n": np.array([2, 3])}
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_bert_dir,
+        tiny_llama_dir,
+        **{
+            "paraphrase.min_semantic_similarity": "0.999",
+            "paraphrase.retry_rounds": "2",
+            "paraphrase.retry_oversample": "3",
+        },
+    )
+    kw = dict(
+        encoder_ref=str(tiny_bert_dir),
+        batch_size=4,
+        encoder_batch_size=8,
+        num_threads=1,
+        cache_dir=cfg.model.cache_dir,
+        seed=0,
+    )
+    batch = {
+        "key": np.array(["0:c", "1:r"], dtype=object),
+        "text": np.array(["Boil water first.", "Use a map."], dtype=object),
+        "n": np.array([2, 3]),
+    }
     out = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)
     kept = [json.loads(k) for k in out["kept"]]
     reasons = [json.loads(r) for r in out["rejected_reasons"]]
@@ -110,9 +176,19 @@ def test_paraphrase_actor_resamples_texts_the_gate_left_short(tmp_path, tiny_ber
     assert again["gen_generated"].sum() == 0 and again["gen_hits"].sum() == 35
     # A gate everything passes (no meaning or length bounds) needs no resampling; oversampled
     # candidates beyond the shortfall are counted as surplus, so every candidate is accounted for.
-    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{
-        "paraphrase.min_semantic_similarity": "0", "paraphrase.min_length_ratio": "0.001", "paraphrase.max_length_ratio": "1000",
-        "paraphrase.max_copy_similarity": "1", "paraphrase.retry_rounds": "2", "paraphrase.retry_oversample": "3"})
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_bert_dir,
+        tiny_llama_dir,
+        **{
+            "paraphrase.min_semantic_similarity": "0",
+            "paraphrase.min_length_ratio": "0.001",
+            "paraphrase.max_length_ratio": "1000",
+            "paraphrase.max_copy_similarity": "1",
+            "paraphrase.retry_rounds": "2",
+            "paraphrase.retry_oversample": "3",
+        },
+    )
     out = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)(batch)
     kept = [json.loads(k) for k in out["kept"]]
     reasons = [json.loads(r) for r in out["rejected_reasons"]]
@@ -126,7 +202,9 @@ def test_paraphrase_actor_resamples_texts_the_gate_left_short(tmp_path, tiny_ber
 
 @pytest.mark.ray
 @pytest.mark.parametrize("strategy", ["mars", "uniform"])  # mars-nosem: the command test below
-def test_epoch_on_local_ray_spends_budget_with_lineage(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs, strategy):
+def test_epoch_on_local_ray_spends_budget_with_lineage(
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs, strategy
+):
     from mars_ray.augment import run_epoch
 
     cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **{"mars.strategy": strategy, "mars.tau": "2.0"})
@@ -153,11 +231,15 @@ def test_epoch_on_local_ray_spends_budget_with_lineage(ray_local, tmp_path, tiny
         assert "refine" not in s
     # Synthetic pairs of one source keep that source's prompt.
     prompts = dict(zip(demo_pairs.column("pair_id").to_pylist(), demo_pairs.column("prompt").to_pylist()))
-    assert all(prompts[src] == p for src, p in zip(syn.column("source_pair_id").to_pylist(), syn.column("prompt").to_pylist()))
+    assert all(
+        prompts[src] == p for src, p in zip(syn.column("source_pair_id").to_pylist(), syn.column("prompt").to_pylist())
+    )
 
 
 @pytest.mark.ray
-def test_augment_command_writes_outputs_and_rerun_hits_cache(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, capsys):
+def test_augment_command_writes_outputs_and_rerun_hits_cache(
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, capsys
+):
     import pyarrow.parquet as pq
 
     from mars_ray.cli import main
@@ -175,7 +257,10 @@ def test_augment_command_writes_outputs_and_rerun_hits_cache(ray_local, tmp_path
     assert (out1 / "augment_summary.md").read_text().startswith("# MARS augmentation, epoch 2")
     assert main(["augment", *args, f"--output.dir={out2}", "--augment.epoch=2"]) == 0
     s2 = json.loads((out2 / "augment_summary.json").read_text())
-    assert s2["generation"]["paraphrase_generated"] == 0 and s2["generation"]["paraphrase_hits"] == s1["generation"]["paraphrase_requested"]
+    assert (
+        s2["generation"]["paraphrase_generated"] == 0
+        and s2["generation"]["paraphrase_hits"] == s1["generation"]["paraphrase_requested"]
+    )
     assert pq.read_table(out2 / "synthetic.parquet").equals(syn)
 
 
@@ -199,13 +284,25 @@ def test_real_epoch_on_real_pairs(ray_local, tmp_path):
 
     from mars_ray.augment import run_epoch
 
-    cfg = Config.load(overrides={
-        "data.path": str(shared_file(PKU)), "data.max_pairs": "64", "data.val_fraction": "0", "data.test_fraction": "0",
-        "mars.budget": "16", "mars.tau": "50", "rewrite.max_attempts_rejected": "1", "rewrite.max_attempts_chosen": "1",
-        "rewrite.max_new_tokens": "48", "paraphrase.max_new_tokens": "80", "paraphrase.num_beams": "2",
-        "paraphrase.topup_rounds": "3", "resources.actors": "1", "resources.cpus_per_actor": "2",
-        "model.cache_dir": str(tmp_path / "cache"),
-    })
+    cfg = Config.load(
+        overrides={
+            "data.path": str(shared_file(PKU)),
+            "data.max_pairs": "64",
+            "data.val_fraction": "0",
+            "data.test_fraction": "0",
+            "mars.budget": "16",
+            "mars.tau": "50",
+            "rewrite.max_attempts_rejected": "1",
+            "rewrite.max_attempts_chosen": "1",
+            "rewrite.max_new_tokens": "48",
+            "paraphrase.max_new_tokens": "80",
+            "paraphrase.num_beams": "2",
+            "paraphrase.topup_rounds": "3",
+            "resources.actors": "1",
+            "resources.cpus_per_actor": "2",
+            "model.cache_dir": str(tmp_path / "cache"),
+        }
+    )
     pairs = read_preferences(cfg.data, seed=cfg.seed).table
     assert pairs.num_rows == 64
     res = run_epoch(cfg, pairs, reward_ref="builtin:minilm", epoch=1, log=print)
@@ -223,7 +320,9 @@ def test_real_epoch_on_real_pairs(ray_local, tmp_path):
 
 
 @pytest.mark.ray
-def test_epoch_through_openai_endpoint_survives_429_500_and_timeouts(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs):
+def test_epoch_through_openai_endpoint_survives_429_500_and_timeouts(
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs
+):
     """Rewrites and paraphrases through a real OpenAI-compatible server that answers the first
     requests with 429/500 and delays some past the client timeout: retried within bounds, reported,
     no crash, no pair lost."""
@@ -233,15 +332,29 @@ def test_epoch_through_openai_endpoint_survives_429_500_and_timeouts(ray_local, 
     from mars_ray.serve.llm_server import Faults, run_server
 
     gen = LocalChatGenerator(str(tiny_llama_dir), GenParams(max_new_tokens=8), batch_size=8)
-    handles = [run_server(gen, faults=Faults(fail_first=3, fail_status=s, delay_s=d, delay_first=df))
-               for s, d, df in ((429, 0.0, None), (500, 3.0, 5))]
+    handles = [
+        run_server(gen, faults=Faults(fail_first=3, fail_status=s, delay_s=d, delay_first=df))
+        for s, d, df in ((429, 0.0, None), (500, 3.0, 5))
+    ]
     try:
-        over = {"mars.strategy": "mars", "mars.tau": "2.0", "mars.budget": "20",
-                "rewrite.backend": "openai", "rewrite.base_url": handles[0].url, "rewrite.model": "tiny",
-                "rewrite.timeout_s": "1.0", "rewrite.max_retries": "2", "rewrite.concurrency": "2",
-                "paraphrase.backend": "openai", "paraphrase.base_url": handles[1].url, "paraphrase.model": "tiny",
-                "paraphrase.timeout_s": "1.0", "paraphrase.max_retries": "2", "paraphrase.concurrency": "2",
-                "data.max_pairs": "16"}
+        over = {
+            "mars.strategy": "mars",
+            "mars.tau": "2.0",
+            "mars.budget": "20",
+            "rewrite.backend": "openai",
+            "rewrite.base_url": handles[0].url,
+            "rewrite.model": "tiny",
+            "rewrite.timeout_s": "1.0",
+            "rewrite.max_retries": "2",
+            "rewrite.concurrency": "2",
+            "paraphrase.backend": "openai",
+            "paraphrase.base_url": handles[1].url,
+            "paraphrase.model": "tiny",
+            "paraphrase.timeout_s": "1.0",
+            "paraphrase.max_retries": "2",
+            "paraphrase.concurrency": "2",
+            "data.max_pairs": "16",
+        }
         cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
         pairs = demo_pairs.slice(0, 16)
         res = run_epoch(cfg, pairs, reward_ref=cfg.model.reward, epoch=1, log=lambda m: None)
@@ -250,7 +363,9 @@ def test_epoch_through_openai_endpoint_survives_429_500_and_timeouts(ray_local, 
         for h in handles:
             h.stop()
     s = res.summary
-    assert res.per_pair.num_rows == 16 and sorted(res.per_pair.column("pair_id").to_pylist()) == sorted(pairs.column("pair_id").to_pylist())
+    assert res.per_pair.num_rows == 16 and sorted(res.per_pair.column("pair_id").to_pylist()) == sorted(
+        pairs.column("pair_id").to_pylist()
+    )
     assert res.synthetic.num_rows + s["budget_unspent"] == 20
     # Both servers saw their injected failures and then served real completions.
     assert all(st["injected_failures"] == 3 and st["completed"] > 0 for st in stats), stats

@@ -22,7 +22,11 @@ def run(capsys, *argv):
 
 def test_parse_overrides_forms():
     assert parse_overrides(["--mars.tau", "0.5", "--train.lr=2e-5", "--train.lora", "--seed", "3"]) == {
-        "mars.tau": "0.5", "train.lr": "2e-5", "train.lora": "true", "seed": "3"}
+        "mars.tau": "0.5",
+        "train.lr": "2e-5",
+        "train.lora": "true",
+        "seed": "3",
+    }
     assert parse_overrides(["--mars.tau", "-1"]) == {"mars.tau": "-1"}
 
 
@@ -58,10 +62,16 @@ def test_data_prepare_writes_documented_outputs(capsys, tmp_path):
     with src.open("a") as f:
         f.write('{"prompt": "p", "chosen": "", "rejected": "r"}\nnot json\n')
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, "data", "prepare", "--data.path", str(src), "--output.dir", str(out_dir), "--data.max_pairs", "150")
+    code, out, err = run(
+        capsys, "data", "prepare", "--data.path", str(src), "--output.dir", str(out_dir), "--data.max_pairs", "150"
+    )
     assert code == 0, err
     report = json.loads((out_dir / "data_report.json").read_text())
-    assert report["read"] == 202 and report["quarantined"] == 2 and report["read"] == report["kept"] + report["quarantined"]
+    assert (
+        report["read"] == 202
+        and report["quarantined"] == 2
+        and report["read"] == report["kept"] + report["quarantined"]
+    )
     assert report["selected"] == 150
     assert "read 202 = kept 200 + quarantined 2" in out
     q = [json.loads(ln) for ln in (out_dir / "quarantine.jsonl").read_text().splitlines()]
@@ -77,7 +87,9 @@ def test_data_prepare_writes_documented_outputs(capsys, tmp_path):
 
 
 def test_data_inspect_a_raw_file(capsys, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": f"a{i}", "rejected": "b"} for i in range(5)] + ["{bad"])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "p", "chosen": f"a{i}", "rejected": "b"} for i in range(5)] + ["{bad"]
+    )
     code, out, _ = run(capsys, "data", "inspect", str(path), "--json", "--data.max_bad_fraction", "0.9")
     info = json.loads(out)
     assert code == 0 and info["read"] == 6 and info["quarantined"] == 1
@@ -85,10 +97,14 @@ def test_data_inspect_a_raw_file(capsys, tmp_path):
 
 
 def test_data_prepare_failure_is_one_line_nonzero(capsys, tmp_path):
-    code, _, err = run(capsys, "data", "prepare", "--data.path", str(tmp_path / "none.jsonl"), "--output.dir", str(tmp_path / "o"))
+    code, _, err = run(
+        capsys, "data", "prepare", "--data.path", str(tmp_path / "none.jsonl"), "--output.dir", str(tmp_path / "o")
+    )
     assert code == 1 and err.count("\n") == 1 and "file not found" in err
 
 
 def test_console_script_is_installed_and_reports_errors(tmp_path):
-    exe = subprocess.run([sys.executable, "-m", "mars_ray.cli", "config", "show", "--seed", "x"], capture_output=True, text=True)
+    exe = subprocess.run(
+        [sys.executable, "-m", "mars_ray.cli", "config", "show", "--seed", "x"], capture_output=True, text=True
+    )
     assert exe.returncode == 2 and "seed" in exe.stderr

@@ -28,9 +28,18 @@ OPENRLHF = JOBS / "openrlhf"
 JOB_CONFIGS = sorted(p for p in JOBS.rglob("*.yaml") if p.name != "runtime_env.yaml")
 LAUNCHER_YAMLS = sorted(CLUSTERS.glob("*.yaml"))
 KUBERAY = CLUSTERS / "kuberay"
-STAGES = {"prepare": ("data", "prepare"), "augment": ("augment",), "train": ("train",), "eval": ("eval",),
-          "compare": ("compare",), "sweep": ("sweep",), "serve": ("serve",), "align": ("align",),
-          "winrate": ("winrate",), "align-compare": ("align-compare",)}
+STAGES = {
+    "prepare": ("data", "prepare"),
+    "augment": ("augment",),
+    "train": ("train",),
+    "eval": ("eval",),
+    "compare": ("compare",),
+    "sweep": ("sweep",),
+    "serve": ("serve",),
+    "align": ("align",),
+    "winrate": ("winrate",),
+    "align-compare": ("align-compare",),
+}
 STRATEGIES = ("none", "uniform", "mars", "mars-nosem", "west-of-n", "adaboost")
 # GPU node shapes the cluster definitions use: (CPUs, GPUs) per node.
 INSTANCE_SHAPES = {"g5.48xlarge": (192, 8), "p4d.24xlarge": (96, 8), "a2-highgpu-8g": (96, 8)}
@@ -86,11 +95,20 @@ def test_job_config_loads_strictly(path, monkeypatch):
 def test_laptop_jobs_run_on_this_machine(stage):
     cfg = job_cfg(JOBS / "laptop" / f"{stage}.yaml")
     assert cfg.data.path.startswith("builtin:")
-    refs = [cfg.model.reward, cfg.model.encoder, cfg.rewrite.model, cfg.paraphrase.model, cfg.rl.policy, cfg.rl.judge_model]
+    refs = [
+        cfg.model.reward,
+        cfg.model.encoder,
+        cfg.rewrite.model,
+        cfg.paraphrase.model,
+        cfg.rl.policy,
+        cfg.rl.judge_model,
+    ]
     assert all(r.startswith("builtin:") for r in refs), refs
     assert not cfg.train.use_gpu and cfg.resources.gpus_per_actor == 0 and not cfg.deepspeed.enabled
     assert cfg.train.num_workers <= 2 and cfg.resources.actors <= 2
-    assert not cfg.rl.use_gpu and cfg.rl.num_workers <= 2 and cfg.serve.num_gpus == 0 and cfg.rl.judge_backend == "local"
+    assert (
+        not cfg.rl.use_gpu and cfg.rl.num_workers <= 2 and cfg.serve.num_gpus == 0 and cfg.rl.judge_backend == "local"
+    )
     assert cfg.serve.host == "127.0.0.1"
     assert not cfg.output.dir.startswith(SHARED)
     # Two whole-CPU trials at once deadlock Tune on 2 cores (MACHINE-NOTES): one at a time here.
@@ -129,7 +147,11 @@ def test_cluster_jobs_ask_for_gpus_deepspeed_and_fit_every_cluster_definition():
     assert not prep.data.path.startswith(("builtin:", "/"))
     for cfg in (aug, train):
         assert cfg.data.path == f"{prep.output.dir}/pairs.parquet"
-        assert (cfg.seed, cfg.data.val_fraction, cfg.data.test_fraction) == (prep.seed, prep.data.val_fraction, prep.data.test_fraction)
+        assert (cfg.seed, cfg.data.val_fraction, cfg.data.test_fraction) == (
+            prep.seed,
+            prep.data.val_fraction,
+            prep.data.test_fraction,
+        )
         assert not cfg.model.reward.startswith("builtin:") and not cfg.model.encoder.startswith("builtin:")
         assert cfg.resources.gpus_per_actor >= 1 and cfg.resources.actors == 16
         assert cfg.model.cache_dir and cfg.model.cache_dir.startswith(SHARED)
@@ -184,8 +206,20 @@ def test_paper_pipeline_compares_then_aligns_against_the_compared_reward_models(
     base = job_cfg(JOBS / "paper" / "hh-rlhf.yaml")
     cmp = job_cfg(JOBS / "paper" / "pipeline" / "hh-rlhf-compare.yaml")
     # The same experiment as the per-strategy paper runs: data, model, budget, rewriter, paraphraser.
-    for key in ("data.path", "data.max_pairs", "model.reward", "model.encoder", "mars.tau", "mars.budget",
-                "mars.epochs", "rewrite.model", "paraphrase.model", "train.lr", "train.lora_r", "seed"):
+    for key in (
+        "data.path",
+        "data.max_pairs",
+        "model.reward",
+        "model.encoder",
+        "mars.tau",
+        "mars.budget",
+        "mars.epochs",
+        "rewrite.model",
+        "paraphrase.model",
+        "train.lr",
+        "train.lora_r",
+        "seed",
+    ):
         assert cmp.get(key) == base.get(key), key
     assert set(cmp.compare.strategies) == set(STRATEGIES) - {"west-of-n"} and cmp.compare.seeds == [0, 1, 2]
     al = job_cfg(JOBS / "paper" / "pipeline" / "hh-rlhf-align-compare.yaml")
@@ -224,7 +258,9 @@ def test_openrlhf_ppo_job_speaks_openrlhf_0_11_2_against_our_get_reward():
     RuntimeEnv(**env)
     assert any(pkg.startswith("openrlhf") and "==0.11.2" in pkg for pkg in env["pip"]["packages"])
     # Step 1 of the script is a real `mars-ray serve` job line with a real config.
-    serve_line = next(line.lstrip("# ") for line in text.splitlines() if "mars-ray serve" in line and "ray job submit" in line)
+    serve_line = next(
+        line.lstrip("# ") for line in text.splitlines() if "mars-ray serve" in line and "ray job submit" in line
+    )
     from mars_ray.cli import _parser
 
     entry = shlex.split(serve_line)
@@ -234,8 +270,11 @@ def test_openrlhf_ppo_job_speaks_openrlhf_0_11_2_against_our_get_reward():
 
 
 PAPER = sorted((JOBS / "paper").glob("*.yaml"))
-WEST_OF_N_EXTRA = {"paraphrase.backend": "openai", "paraphrase.model": "gpt-4.1-mini",
-                   "paraphrase.base_url": "https://api.openai.com/v1"}
+WEST_OF_N_EXTRA = {
+    "paraphrase.backend": "openai",
+    "paraphrase.model": "gpt-4.1-mini",
+    "paraphrase.base_url": "https://api.openai.com/v1",
+}
 
 
 def paper_overrides(strategy: str, seed: int = 0) -> dict[str, str]:
@@ -282,7 +321,9 @@ def test_runtime_env_is_valid_for_ray():
     assert env.to_dict()["env_vars"] == raw["env_vars"]
     assert "working_dir" not in raw, "the working directory is given on the command line (--working-dir .)"
     assert {".git", ".venv", "runs"} <= set(raw["excludes"])
-    assert not [k for k in raw.get("env_vars", {}) if re.search(r"(^|_)(API_KEY|KEY|TOKEN|SECRET|PASSWORD)$", k)], "no secrets here"
+    assert not [k for k in raw.get("env_vars", {}) if re.search(r"(^|_)(API_KEY|KEY|TOKEN|SECRET|PASSWORD)$", k)], (
+        "no secrets here"
+    )
     assert "pip" not in raw and "conda" not in raw, "dependencies come with the cluster's image / setup"
     # The same environment is what the RayJob manifest hands to its job.
     rj = load_yaml(KUBERAY / "rayjob.yaml")
@@ -292,7 +333,11 @@ def test_runtime_env_is_valid_for_ray():
 def _readme_commands(path: Path) -> list[list[str]]:
     """Every `ray job submit ...` command of a README (continuation lines joined)."""
     text = path.read_text(encoding="utf-8").replace("\\\n", " ")
-    return [shlex.split(line.strip(), comments=True) for line in text.splitlines() if line.strip().startswith("ray job submit")]
+    return [
+        shlex.split(line.strip(), comments=True)
+        for line in text.splitlines()
+        if line.strip().startswith("ray job submit")
+    ]
 
 
 def test_jobs_readme_commands_are_real():
@@ -303,7 +348,7 @@ def test_jobs_readme_commands_are_real():
     used = set()
     for cmd in cmds:
         i = cmd.index("--")
-        opts, entry = cmd[:i], cmd[i + 1:]
+        opts, entry = cmd[:i], cmd[i + 1 :]
         assert "--address" in opts and opts[opts.index("--runtime-env") + 1] == "jobs/runtime_env.yaml"
         assert opts[opts.index("--working-dir") + 1] == "."
         assert entry[0] == "mars-ray"
@@ -312,7 +357,7 @@ def test_jobs_readme_commands_are_real():
         if "--config" in entry:
             conf = entry[entry.index("--config") + 1]
             # The paper loop's `jobs/paper/$dataset.yaml` must exist for every dataset it names.
-            for c in ([conf.replace("$dataset", p.stem) for p in PAPER] if "$dataset" in conf else [conf]):
+            for c in [conf.replace("$dataset", p.stem) for p in PAPER] if "$dataset" in conf else [conf]:
                 assert (ROOT / c).is_file(), c
                 used.add(c)
     assert {f"jobs/{s}/{n}.yaml" for s in ("laptop", "cluster") for n in STAGES} <= used
@@ -380,17 +425,69 @@ def test_launcher_yaml_cpu_head_gpu_workers_pinned_ray(path):
 
 # Field names of KubeRay's ray.io/v1 Go types (RayClusterSpec, HeadGroupSpec, WorkerGroupSpec,
 # RayJobSpec): an unknown key here would be silently dropped by the API server.
-RAYCLUSTER_SPEC_FIELDS = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
-                          "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions"}
+RAYCLUSTER_SPEC_FIELDS = {
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "suspend",
+    "managedBy",
+    "gcsFaultToleranceOptions",
+}
 HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
-WORKER_GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
-                       "template", "scaleStrategy", "suspend", "idleTimeoutSeconds"}
-RAYJOB_SPEC_FIELDS = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-                      "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
-                      "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
-                      "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule"}
-CONTAINER_FIELDS = {"name", "image", "imagePullPolicy", "command", "args", "resources", "ports", "env", "envFrom",
-                    "volumeMounts", "lifecycle", "securityContext", "readinessProbe", "livenessProbe", "workingDir"}
+WORKER_GROUP_FIELDS = {
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "numOfHosts",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "suspend",
+    "idleTimeoutSeconds",
+}
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes",
+    "suspend",
+    "schedule",
+}
+CONTAINER_FIELDS = {
+    "name",
+    "image",
+    "imagePullPolicy",
+    "command",
+    "args",
+    "resources",
+    "ports",
+    "env",
+    "envFrom",
+    "volumeMounts",
+    "lifecycle",
+    "securityContext",
+    "readinessProbe",
+    "livenessProbe",
+    "workingDir",
+}
 
 
 def _check_pod_template(tpl: dict, where: str, *, gpu: bool) -> None:
@@ -510,26 +607,64 @@ def _tiny_overrides(bert: Path, llama: Path, cache: Path) -> dict[str, str]:
     """On top of jobs/laptop/train.yaml: tiny models, tiny data, 2 stage actors and 2 Train workers
     of 1 CPU each (so they cannot share a node)."""
     return {
-        "model.reward": str(bert), "model.encoder": str(bert), "model.cache_dir": str(cache),
-        "rewrite.model": str(llama), "paraphrase.model": str(llama),
-        "rewrite.max_new_tokens": "12", "paraphrase.max_new_tokens": "12", "paraphrase.num_beams": "1",
-        "rewrite.max_attempts_rejected": "1", "rewrite.max_attempts_chosen": "1",
-        "paraphrase.min_length_ratio": "0.01", "paraphrase.max_length_ratio": "100",
-        "paraphrase.max_copy_similarity": "1.0", "paraphrase.min_semantic_similarity": "0.0",
-        "paraphrase.temperature": "1.0", "paraphrase.topup_rounds": "0",
-        "data.max_pairs": "30", "data.val_fraction": "0.2", "data.test_fraction": "0.2", "data.split_by": "pair",
-        "mars.strategy": "mars", "mars.epochs": "1", "mars.budget": "12",
-        "train.batch_size": "4", "train.lr": "1e-3", "train.lora_r": "4", "train.lora_alpha": "8",
-        "train.num_workers": "2", "train.cpus_per_worker": "1",
-        "resources.actors": "2", "resources.cpus_per_actor": "1", "resources.batch_size": "8",
-        "paraphrase.batch_size": "8", "semantic.batch_size": "8",
+        "model.reward": str(bert),
+        "model.encoder": str(bert),
+        "model.cache_dir": str(cache),
+        "rewrite.model": str(llama),
+        "paraphrase.model": str(llama),
+        "rewrite.max_new_tokens": "12",
+        "paraphrase.max_new_tokens": "12",
+        "paraphrase.num_beams": "1",
+        "rewrite.max_attempts_rejected": "1",
+        "rewrite.max_attempts_chosen": "1",
+        "paraphrase.min_length_ratio": "0.01",
+        "paraphrase.max_length_ratio": "100",
+        "paraphrase.max_copy_similarity": "1.0",
+        "paraphrase.min_semantic_similarity": "0.0",
+        "paraphrase.temperature": "1.0",
+        "paraphrase.topup_rounds": "0",
+        "data.max_pairs": "30",
+        "data.val_fraction": "0.2",
+        "data.test_fraction": "0.2",
+        "data.split_by": "pair",
+        "mars.strategy": "mars",
+        "mars.epochs": "1",
+        "mars.budget": "12",
+        "train.batch_size": "4",
+        "train.lr": "1e-3",
+        "train.lora_r": "4",
+        "train.lora_alpha": "8",
+        "train.num_workers": "2",
+        "train.cpus_per_worker": "1",
+        "resources.actors": "2",
+        "resources.cpus_per_actor": "1",
+        "resources.batch_size": "8",
+        "paraphrase.batch_size": "8",
+        "semantic.batch_size": "8",
     }
 
 
 def _job_cmd(address: str, sid: str, config: str, overrides: dict[str, str], *, wait: bool) -> list[str]:
-    return ["ray", "job", "submit", "--address", address, "--submission-id", sid,
-            "--runtime-env", str(RUNTIME_ENV), "--working-dir", str(ROOT), *([] if wait else ["--no-wait"]),
-            "--", "mars-ray", "train", "--config", config, *[f"--{k}={v}" for k, v in overrides.items()]]
+    return [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        sid,
+        "--runtime-env",
+        str(RUNTIME_ENV),
+        "--working-dir",
+        str(ROOT),
+        *([] if wait else ["--no-wait"]),
+        "--",
+        "mars-ray",
+        "train",
+        "--config",
+        config,
+        *[f"--{k}={v}" for k, v in overrides.items()],
+    ]
 
 
 def _actors_by_node(address: str, job_id: str) -> dict[str, Counter]:
@@ -537,7 +672,9 @@ def _actors_by_node(address: str, job_id: str) -> dict[str, Counter]:
     from _ray_cluster import as_dict
     from ray.util.state import list_actors
 
-    rows = [as_dict(a) for a in list_actors(address=address, filters=[("job_id", "=", job_id)], detail=True, limit=10000)]
+    rows = [
+        as_dict(a) for a in list_actors(address=address, filters=[("job_id", "=", job_id)], detail=True, limit=10000)
+    ]
     out: dict[str, Counter] = defaultdict(Counter)
     for a in rows:
         # An actor killed before it was placed (e.g. a pool scaled down at a stage's end) has no node.
@@ -563,7 +700,9 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
     run = tmp_path / "run"
     sid = f"mars-e2e-{uuid.uuid4().hex[:8]}"
     t0 = time.time()
-    job = submit(_job_cmd(cluster.address, sid, config, {**over, "output.dir": str(run)}, wait=True), cluster.env, timeout=600)
+    job = submit(
+        _job_cmd(cluster.address, sid, config, {**over, "output.dir": str(run)}, wait=True), cluster.env, timeout=600
+    )
     seconds = time.time() - t0
     logs = job.stdout + job.stderr
     assert job.returncode == 0, logs[-4000:]
@@ -592,7 +731,9 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
     assert set(by_node) - {"unplaced"} == node_ids, report
     # Every data stage's pool (2 actors of 1 CPU: one per node) and the Ray Train worker group.
     # jobs/runtime_env.yaml makes a stage wait for its whole pool, so no actor is left unplaced.
-    stage_actors = [f"MapWorker(MapBatches({a}))" for a in ("ScoreActor", "EmbedActor", "RefineActor", "ParaphraseActor")]
+    stage_actors = [
+        f"MapWorker(MapBatches({a}))" for a in ("ScoreActor", "EmbedActor", "RefineActor", "ParaphraseActor")
+    ]
     for cls in [*stage_actors, "RayTrainWorker"]:
         assert all(by_node[n][cls] > 0 for n in node_ids), (cls, report)
     assert "unplaced" not in by_node, report
@@ -600,7 +741,13 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
     # 2. A long job, stopped with `ray job stop` while it trains.
     long_run = tmp_path / "long"
     sid2 = f"mars-e2e-stop-{uuid.uuid4().hex[:8]}"
-    long_over = {**over, "mars.strategy": "none", "mars.epochs": "50", "train.passes": "1000", "output.dir": str(long_run)}
+    long_over = {
+        **over,
+        "mars.strategy": "none",
+        "mars.epochs": "50",
+        "train.passes": "1000",
+        "output.dir": str(long_run),
+    }
     out = submit(_job_cmd(cluster.address, sid2, config, long_over, wait=False), cluster.env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     deadline = time.time() + 300
@@ -611,8 +758,13 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
         time.sleep(1)
     time.sleep(3)
     t_stop = time.time()
-    stop = subprocess.run(["ray", "job", "stop", "--address", cluster.address, sid2], env=cluster.env,
-                          capture_output=True, text=True, timeout=120)
+    stop = subprocess.run(
+        ["ray", "job", "stop", "--address", cluster.address, sid2],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert stop.returncode == 0, stop.stdout + stop.stderr
     while client.get_job_status(sid2) not in TERMINAL:
         assert time.time() - t_stop < 60, "the job did not stop within 60 s"
@@ -629,12 +781,22 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
     # must hold: no actor of the job but that cleaner stays alive, and every placement group of
     # the job is removed, so the stopped job holds no resources.
     def leftovers():
-        alive = [as_dict(a) for a in list_actors(address=cluster.address, detail=True,
-                                                filters=[("job_id", "=", job2), ("state", "=", "ALIVE")])]
-        pgs = [as_dict(p) for p in list_placement_groups(address=cluster.address, detail=True,
-                                                          filters=[("creator_job_id", "=", job2)])]
-        return ([a for a in alive if a["class_name"] != "PlacementGroupCleaner"],
-                [p for p in pgs if p["state"] != "REMOVED"])
+        alive = [
+            as_dict(a)
+            for a in list_actors(
+                address=cluster.address, detail=True, filters=[("job_id", "=", job2), ("state", "=", "ALIVE")]
+            )
+        ]
+        pgs = [
+            as_dict(p)
+            for p in list_placement_groups(
+                address=cluster.address, detail=True, filters=[("creator_job_id", "=", job2)]
+            )
+        ]
+        return (
+            [a for a in alive if a["class_name"] != "PlacementGroupCleaner"],
+            [p for p in pgs if p["state"] != "REMOVED"],
+        )
 
     deadline = time.time() + 120
     while True:
@@ -645,7 +807,9 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
     assert not alive, [(a["class_name"], a["node_id"][:8]) for a in alive]
     assert not pgs, [(p["placement_group_id"][:8], p["state"]) for p in pgs]
     assert len(cluster.wait_for_nodes(2, timeout=10)) == 2  # stopping a job leaves the nodes up
-    print(f"job stop -> STOPPED in {stop_s:.1f}s; actors of the stopped job per node: "
-          f"{ {n[:8]: dict(c) for n, c in _actors_by_node(cluster.address, job2).items()} }")
+    print(
+        f"job stop -> STOPPED in {stop_s:.1f}s; actors of the stopped job per node: "
+        f"{ {n[:8]: dict(c) for n, c in _actors_by_node(cluster.address, job2).items()} }"
+    )
     for d in (run, long_run, tmp_path / "cache"):  # checkpoints and models: do not leave them behind
         shutil.rmtree(d, ignore_errors=True)

@@ -8,8 +8,21 @@ from mars_ray.config import Config, keys, read_yaml
 
 def test_defaults_validate_and_have_the_documented_keys():
     cfg = Config().validate()
-    for k in ("data.path", "data.format", "data.max_pairs", "output.dir", "mars.strategy", "mars.tau",
-              "mars.budget", "mars.epochs", "seed", "train.lr", "deepspeed.stage", "serve.port", "tune.space"):
+    for k in (
+        "data.path",
+        "data.format",
+        "data.max_pairs",
+        "output.dir",
+        "mars.strategy",
+        "mars.tau",
+        "mars.budget",
+        "mars.epochs",
+        "seed",
+        "train.lr",
+        "deepspeed.stage",
+        "serve.port",
+        "tune.space",
+    ):
         assert k in keys()
     assert cfg.mars.tau == 0.5 and cfg.train.lr == 2e-5
     assert cfg.data.max_prompt_tokens == 512 and cfg.data.max_response_tokens == 192

@@ -56,7 +56,9 @@ def test_tau_limits():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(-20, 20), min_size=1, max_size=50), st.integers(0, 5000), st.floats(0.01, 10), st.integers(0, 9))
+@given(
+    st.lists(st.floats(-20, 20), min_size=1, max_size=50), st.integers(0, 5000), st.floats(0.01, 10), st.integers(0, 9)
+)
 def test_integer_budgets_sum_exactly_and_round_closely(margins, budget, tau, seed):
     q = allocation_weights(np.array(margins), tau)
     b = integer_budgets(q, budget, np.random.default_rng(seed))
@@ -130,8 +132,17 @@ def test_fit_budgets_moves_shortfall_by_weight():
 
 
 def test_synthetic_rows_carry_lineage():
-    rows = synthetic_rows(source_pair_id="abc", prompt="p", chosen_variants=["c", "c1"], rejected_variants=["r", "r1", "r2"],
-                          draws=[Draw(1, 0), Draw(0, 2), Draw(1, 1)], epoch=2, generator="builtin:smollm2", weight=0.25, refined=False)
+    rows = synthetic_rows(
+        source_pair_id="abc",
+        prompt="p",
+        chosen_variants=["c", "c1"],
+        rejected_variants=["r", "r1", "r2"],
+        draws=[Draw(1, 0), Draw(0, 2), Draw(1, 1)],
+        epoch=2,
+        generator="builtin:smollm2",
+        weight=0.25,
+        refined=False,
+    )
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("c1", "r"), ("c", "r2"), ("c1", "r1")]
     assert [r["operation"] for r in rows] == ["paraphrase:chosen", "paraphrase:rejected", "paraphrase:both"]
     for r in rows:
@@ -149,7 +160,10 @@ def test_paraphrase_gate_reasons():
     assert paraphrase_rejection(src, "", **kw) == "empty"
     assert paraphrase_rejection(src, "pasta pasta pasta pasta pasta pasta pasta", **kw) == "degenerate"
     assert paraphrase_rejection(src, "Boil it.", **kw) == "too_short"
-    long = src + " Meanwhile, warm plates in a low oven, grate fresh parmesan, chop basil leaves, and pour wine for guests."
+    long = (
+        src
+        + " Meanwhile, warm plates in a low oven, grate fresh parmesan, chop basil leaves, and pour wine for guests."
+    )
     assert paraphrase_rejection(src, long + long.upper()[::-1], **kw) == "too_long"
     assert paraphrase_rejection(src, src.upper() + " ", **kw) == "near_copy"
     ok = "Cook the pasta in boiling water for ten minutes, drain it, and mix in the sauce."
@@ -209,9 +223,13 @@ def test_refine_rejected_first_then_chosen_then_keep_original():
 
     def rewrite(reqs):
         calls.append(sorted({(r[0], r[4], r[5]) for r in reqs}) + [len(reqs)])
-        return [[one(role, chosen, rejected, first + k) for k in range(n)] for role, _, chosen, rejected, first, n in reqs]
+        return [
+            [one(role, chosen, rejected, first + k) for k in range(n)] for role, _, chosen, rejected, first, n in reqs
+        ]
 
-    res = refine_batch(items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3, max_chosen=2)
+    res = refine_batch(
+        items, rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3, max_chosen=2
+    )
     assert [r.status for r in res] == ["rewrote_rejected", "rewrote_chosen", "kept:no_gain", "kept:harmful"]
     assert res[0].rejected == "dogs bark loudly outside" and res[0].chosen == items[0].chosen and res[0].distance > 0.2
     assert res[1].chosen == "crimson emerald azure" and res[1].rejected == items[1].rejected
@@ -239,6 +257,11 @@ def test_refine_rejected_first_then_chosen_then_keep_original():
 def test_refine_all_generation_failures_keep_originals():
     items = [RefineItem("p", "a b", "a c", 0.3)]
     for schedule in ("sequential", "all"):
-        res = refine_batch(items, rewrite=lambda reqs: [[None] * r[5] for r in reqs], distance=_distance,
-                           harmful=introduced_harm, schedule=schedule)
+        res = refine_batch(
+            items,
+            rewrite=lambda reqs: [[None] * r[5] for r in reqs],
+            distance=_distance,
+            harmful=introduced_harm,
+            schedule=schedule,
+        )
         assert res[0].status == "kept:generation_failed" and res[0].attempts == 10

@@ -27,17 +27,21 @@ def test_subset_accuracy_counts_strict_wins_per_subset():
 
 def test_sections_are_example_weighted_and_reasoning_is_half_math_half_hep():
     per = {
-        "alpacaeval-easy": {"accuracy": 1.0, "n": 100}, "mt-bench-med": {"accuracy": 0.5, "n": 300},
+        "alpacaeval-easy": {"accuracy": 1.0, "n": 100},
+        "mt-bench-med": {"accuracy": 0.5, "n": 300},
         "llmbar-natural": {"accuracy": 0.6, "n": 100},
-        "donotanswer": {"accuracy": 0.2, "n": 10}, "xstest-should-respond": {"accuracy": 0.8, "n": 30},
-        "math-prm": {"accuracy": 0.9, "n": 447}, "hep-cpp": {"accuracy": 0.5, "n": 164}, "hep-go": {"accuracy": 0.7, "n": 10},
+        "donotanswer": {"accuracy": 0.2, "n": 10},
+        "xstest-should-respond": {"accuracy": 0.8, "n": 30},
+        "math-prm": {"accuracy": 0.9, "n": 447},
+        "hep-cpp": {"accuracy": 0.5, "n": 164},
+        "hep-go": {"accuracy": 0.7, "n": 10},
         "my-own-subset": {"accuracy": 0.0, "n": 5},
     }
     r = rewardbench_sections(per)
     s = r["sections"]
-    assert s["Chat"] == pytest.approx((1.0 * 100 + 0.5 * 300) / 400)          # 0.625, not the plain mean 0.75
+    assert s["Chat"] == pytest.approx((1.0 * 100 + 0.5 * 300) / 400)  # 0.625, not the plain mean 0.75
     assert s["Chat Hard"] == pytest.approx(0.6)
-    assert s["Safety"] == pytest.approx((0.2 * 10 + 0.8 * 30) / 40)           # 0.65
+    assert s["Safety"] == pytest.approx((0.2 * 10 + 0.8 * 30) / 40)  # 0.65
     assert s["Reasoning"] == pytest.approx(0.5 * 0.9 + 0.5 * (0.5 + 0.7) / 2)  # hep-* unweighted: 0.75
     assert r["average"] == pytest.approx(np.mean([0.625, 0.6, 0.65, 0.75]))
     assert r["covered"] == ["Chat", "Chat Hard", "Safety", "Reasoning"]
@@ -58,8 +62,11 @@ def test_sections_cover_only_what_the_data_has():
 
 def test_length_buckets():
     out = length_buckets([True, False, True, True], [10, 100, 120, 600], edges=(64, 512))
-    assert out == [{"tokens": "0-63", "n": 1, "accuracy": 1.0}, {"tokens": "64-511", "n": 2, "accuracy": 0.5},
-                   {"tokens": ">=512", "n": 1, "accuracy": 1.0}]
+    assert out == [
+        {"tokens": "0-63", "n": 1, "accuracy": 1.0},
+        {"tokens": "64-511", "n": 2, "accuracy": 0.5},
+        {"tokens": ">=512", "n": 1, "accuracy": 1.0},
+    ]
 
 
 def test_curvature_on_a_linear_model_matches_the_closed_form():

@@ -11,11 +11,29 @@ from mars_ray.config import DataConfig
 from mars_ray.data import DataFileError, read_preferences
 
 text = st.one_of(st.text(max_size=12), st.sampled_from(["", "  ", "same", "\n\nAssistant: x"]))
-value = st.one_of(text, st.none(), st.integers(), st.floats(allow_nan=False), st.booleans(),
-                  st.lists(st.integers(), max_size=2),
-                  st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": text}), max_size=3))
-key = st.sampled_from(["prompt", "chosen", "rejected", "subset", "response_0", "response_1", "safer_response_id",
-                       "better_response_id", "score_chosen", "junk"])
+value = st.one_of(
+    text,
+    st.none(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": text}), max_size=3),
+)
+key = st.sampled_from(
+    [
+        "prompt",
+        "chosen",
+        "rejected",
+        "subset",
+        "response_0",
+        "response_1",
+        "safer_response_id",
+        "better_response_id",
+        "score_chosen",
+        "junk",
+    ]
+)
 row = st.one_of(
     st.dictionaries(key, value, max_size=7),
     st.fixed_dictionaries({"prompt": text, "chosen": text, "rejected": text}),
@@ -28,7 +46,10 @@ line = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lines=st.lists(line, min_size=1, max_size=12), fmt=st.sampled_from(["auto", "pairs", "hh-rlhf", "pku-saferlhf", "ultrafeedback", "rewardbench"]))
+@given(
+    lines=st.lists(line, min_size=1, max_size=12),
+    fmt=st.sampled_from(["auto", "pairs", "hh-rlhf", "pku-saferlhf", "ultrafeedback", "rewardbench"]),
+)
 def test_random_rows_never_lost_never_unexplained(tmp_path_factory, lines, fmt):
     path = tmp_path_factory.mktemp("prop") / "rows.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -52,7 +73,11 @@ def test_random_rows_never_lost_never_unexplained(tmp_path_factory, lines, fmt):
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.lists(st.lists(st.one_of(st.text(max_size=8), st.just("\xff")), min_size=1, max_size=4), min_size=1, max_size=8))
+@given(
+    rows=st.lists(
+        st.lists(st.one_of(st.text(max_size=8), st.just("\xff")), min_size=1, max_size=4), min_size=1, max_size=8
+    )
+)
 def test_random_csv_rows(tmp_path_factory, rows):
     import csv
     import io

@@ -68,8 +68,15 @@ def test_pku_binarised_file():
 
 @pytest.mark.parametrize("label,expected", [("safer", "B"), ("better", "A")])
 def test_pku_native_rows_follow_the_configured_label(tmp_path, label, expected):
-    row = {"prompt": "p", "response_0": "A", "response_1": "B", "better_response_id": 0, "safer_response_id": 1,
-           "is_response_0_safe": False, "is_response_1_safe": True}
+    row = {
+        "prompt": "p",
+        "response_0": "A",
+        "response_1": "B",
+        "better_response_id": 0,
+        "safer_response_id": 1,
+        "is_response_0_safe": False,
+        "is_response_1_safe": True,
+    }
     res = load(write_jsonl(tmp_path / "pku.jsonl", [row]), pku_label=label, val_fraction="0", test_fraction="0")
     assert res.table.column("chosen").to_pylist() == [expected]
     bad = dict(row, safer_response_id=2)
@@ -90,11 +97,20 @@ def test_ultrafeedback_message_lists(tmp_path):
     row = {
         "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Good."}],
         "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Bad."}],
-        "score_chosen": 8.0, "score_rejected": 3.0,
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
     }
     broken = {"chosen": [{"role": "user", "content": "Q?"}], "rejected": [{"role": "user"}]}
-    res = load(write_jsonl(tmp_path / "uf.jsonl", [row, broken]), format="ultrafeedback", val_fraction="0", test_fraction="0", max_bad_fraction="1")
-    assert res.table.select(["prompt", "chosen", "rejected"]).to_pylist() == [{"prompt": "Q?", "chosen": "Good.", "rejected": "Bad."}]
+    res = load(
+        write_jsonl(tmp_path / "uf.jsonl", [row, broken]),
+        format="ultrafeedback",
+        val_fraction="0",
+        test_fraction="0",
+        max_bad_fraction="1",
+    )
+    assert res.table.select(["prompt", "chosen", "rejected"]).to_pylist() == [
+        {"prompt": "Q?", "chosen": "Good.", "rejected": "Bad."}
+    ]
     assert res.quarantine[0]["line"] == 2 and "assistant" in res.quarantine[0]["reason"]
 
 
@@ -102,13 +118,27 @@ def test_rewardbench_llmbar_subsets():
     res = load(shared_file(LLMBAR))
     assert_counts(res)
     subsets = set(res.table.column("subset").to_pylist())
-    assert {"llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst", "llmbar-adver-GPTOut", "llmbar-adver-manual"} <= subsets
+    assert {
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    } <= subsets
 
 
 def test_rewardbench_requires_subset(tmp_path):
-    res = load(write_jsonl(tmp_path / "rb.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "subset": "x"},
-                                                    {"prompt": "p", "chosen": "a", "rejected": "c"}]),
-               format="rewardbench", max_bad_fraction="1")
+    res = load(
+        write_jsonl(
+            tmp_path / "rb.jsonl",
+            [
+                {"prompt": "p", "chosen": "a", "rejected": "b", "subset": "x"},
+                {"prompt": "p", "chosen": "a", "rejected": "c"},
+            ],
+        ),
+        format="rewardbench",
+        max_bad_fraction="1",
+    )
     assert res.quarantine[0]["field"] == "subset"
 
 
@@ -125,15 +155,19 @@ def test_generic_formats_with_column_mapping(tmp_path, suffix):
 
     path = tmp_path / f"d.{suffix}"
     df = pd.DataFrame(_rows())
-    {"jsonl": lambda: df.to_json(path, orient="records", lines=True),
-     "json": lambda: df.to_json(path, orient="records"),
-     "csv": lambda: df.to_csv(path, index=False),
-     "parquet": lambda: df.to_parquet(path)}[suffix]()
+    {
+        "jsonl": lambda: df.to_json(path, orient="records", lines=True),
+        "json": lambda: df.to_json(path, orient="records"),
+        "csv": lambda: df.to_csv(path, index=False),
+        "parquet": lambda: df.to_parquet(path),
+    }[suffix]()
     res = load(path, format="generic", columns="{prompt: question, chosen: good, rejected: bad}")
     assert_counts(res)
     assert res.report["kept"] == 20
     assert sorted(res.table.column("chosen").to_pylist()) == sorted(f"good {i}" for i in range(20))
-    assert sorted(res.table.column("source_line").to_pylist()) == list(range(2, 22) if suffix == "csv" else range(1, 21))
+    assert sorted(res.table.column("source_line").to_pylist()) == list(
+        range(2, 22) if suffix == "csv" else range(1, 21)
+    )
 
 
 def test_generic_mapping_names_missing_column(tmp_path):
@@ -178,14 +212,17 @@ def test_malformed_jsonl_every_row_accounted_for(tmp_path):
 
 
 def test_keep_identical_flags_instead(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}, {"prompt": "p", "chosen": "a", "rejected": "b"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": "p", "chosen": "a", "rejected": "a"}, {"prompt": "p", "chosen": "a", "rejected": "b"}],
+    )
     res = load(path, keep_identical="true")
     assert res.report["quarantined"] == 0 and res.report["flags"] == {"identical": 1}
 
 
 def test_csv_bad_rows(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_bytes(b"prompt,chosen,rejected\np1,a,b\np2,a\np3,\xff,b\np4,\"multi\nline\",c\n")
+    path.write_bytes(b'prompt,chosen,rejected\np1,a,b\np2,a\np3,\xff,b\np4,"multi\nline",c\n')
     res = load(path, max_bad_fraction="0.9")
     assert_counts(res)
     lines = {q["line"]: q["reason"] for q in res.quarantine}
@@ -227,7 +264,9 @@ def test_hub_dataset_offline_error_says_what_to_do(monkeypatch, tmp_path):
 def test_subset_and_splits_are_identical_across_methods(tmp_path):
     path = head_lines(PKU, 400, tmp_path / "pku.jsonl")
     a = load(path, max_pairs="100")
-    cfg = Config.load(overrides={"data.path": str(path), "data.max_pairs": "100", "mars.strategy": "uniform", "mars.tau": "2"})
+    cfg = Config.load(
+        overrides={"data.path": str(path), "data.max_pairs": "100", "mars.strategy": "uniform", "mars.tau": "2"}
+    )
     b = read_preferences(cfg.data, seed=cfg.seed)
     assert a.table.select(["pair_id", "split"]).to_pylist() == b.table.select(["pair_id", "split"]).to_pylist()
     assert a.report["selected"] == 100 and a.report["not_selected"] == a.report["kept"] - 100

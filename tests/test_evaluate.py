@@ -18,8 +18,13 @@ from mars_ray.models.reward import encode_pairs, load_reward_model, score_pairs,
 def test_final_features_reproduce_the_reward(which, tiny_bert_dir, tiny_llama_dir):
     model, tok = load_reward_model(str(tiny_bert_dir if which == "bert" else tiny_llama_dir), seed=3, dtype="float32")
     model.eval()
-    enc = encode_pairs(tok, ["Hi there.", "A much longer prompt about cooking rice well"], ["Hello!", "Rinse it, then boil."],
-                       max_prompt_tokens=64, max_response_tokens=32)
+    enc = encode_pairs(
+        tok,
+        ["Hi there.", "A much longer prompt about cooking rice well"],
+        ["Hello!", "Rinse it, then boil."],
+        max_prompt_tokens=64,
+        max_response_tokens=32,
+    )
     rewards, phi = score_with_features(model, tok, enc, batch_size=1)
     head = [m for m in model.modules() if isinstance(m, __import__("torch").nn.Linear) and m.out_features == 1][-1]
     w = head.weight.detach().numpy()[0]
@@ -40,13 +45,33 @@ def _write(path, rows):
 def test_eval_command_writes_metrics_sections_and_curvature(tmp_path, tiny_bert_dir):
     rng = np.random.default_rng(0)
     subsets = ["llmbar-natural"] * 6 + ["mt-bench-easy"] * 4 + ["math-prm"] * 3 + ["hep-go"] * 3 + ["donotanswer"] * 4
-    rows = [{"prompt": f"Question {i}: how do I do task {rng.integers(1000)}?", "chosen": f"Careful answer number {i} " * (1 + i % 5),
-             "rejected": f"Bad reply {i}", "subset": s} for i, s in enumerate(subsets)]
+    rows = [
+        {
+            "prompt": f"Question {i}: how do I do task {rng.integers(1000)}?",
+            "chosen": f"Careful answer number {i} " * (1 + i % 5),
+            "rejected": f"Bad reply {i}",
+            "subset": s,
+        }
+        for i, s in enumerate(subsets)
+    ]
     rows.append({"prompt": "broken row", "chosen": "", "rejected": "x", "subset": "hep-go"})  # quarantined, not lost
     data = _write(tmp_path / "bench.jsonl", rows)
     out = tmp_path / "eval"
-    rc = main(["eval", "--model", str(tiny_bert_dir), "--data.path", str(data), "--output.dir", str(out),
-               "--eval.curvature_bins", "4", "--model.dtype", "float32"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_bert_dir),
+            "--data.path",
+            str(data),
+            "--output.dir",
+            str(out),
+            "--eval.curvature_bins",
+            "4",
+            "--model.dtype",
+            "float32",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "eval.json").read_text())
     assert res["n"] == 20 and res["quarantined"] == 1
@@ -54,8 +79,16 @@ def test_eval_command_writes_metrics_sections_and_curvature(tmp_path, tiny_bert_
     model, tok = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
     model.eval()
     good = rows[:20]
-    rc_, rr_ = score_pairs(model, tok, [r["prompt"] for r in good], [r["chosen"] for r in good], [r["rejected"] for r in good],
-                           batch_size=4, max_prompt_tokens=512, max_response_tokens=192)
+    rc_, rr_ = score_pairs(
+        model,
+        tok,
+        [r["prompt"] for r in good],
+        [r["chosen"] for r in good],
+        [r["rejected"] for r in good],
+        batch_size=4,
+        max_prompt_tokens=512,
+        max_response_tokens=192,
+    )
     d = rc_ - rr_
     assert res["accuracy"] == pytest.approx(float(np.mean(d > 0)))
     assert res["snr"] == pytest.approx(float(d.mean() / d.std()), rel=1e-4)
@@ -77,7 +110,9 @@ def test_eval_reads_a_run_directory_and_needs_a_model(tmp_path, tiny_bert_dir, c
 
     run = tmp_path / "run"
     shutil.copytree(tiny_bert_dir, run / "model")
-    data = _write(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)])
+    data = _write(
+        tmp_path / "d.jsonl", [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    )
     assert main(["eval", "--model", str(run), "--data.path", str(data), "--output.dir", str(tmp_path / "e")]) == 0
     res = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert res["model_path"] == str(run / "model") and res["sections"] == {} and res["n"] == 5
@@ -98,12 +133,40 @@ def test_eval_leaves_out_the_pairs_a_run_was_trained_on(tmp_path, tiny_bert_dir,
     used = [pair_id(r["prompt"], r["chosen"], r["rejected"]) for r in rows[:4]] + ["0" * 16]  # + one not in the file
     pq.write_table(pa.table({"pair_id": used}), run / "data" / "pairs.parquet")
     out = tmp_path / "e"
-    assert main(["eval", "--model", str(tiny_bert_dir), "--data.path", str(data), "--output.dir", str(out),
-                 "--eval.exclude_pairs", str(run)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_bert_dir),
+                "--data.path",
+                str(data),
+                "--output.dir",
+                str(out),
+                "--eval.exclude_pairs",
+                str(run),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "eval.json").read_text())
     assert res["n"] == 6 and res["excluded"] == 4 and res["excluded_from"] == str(run)
-    assert main(["eval", "--model", str(tiny_bert_dir), "--data.path", str(data), "--output.dir", str(out),
-                 "--eval.exclude_pairs", str(tmp_path / "nope")]) == 1
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_bert_dir),
+                "--data.path",
+                str(data),
+                "--output.dir",
+                str(out),
+                "--eval.exclude_pairs",
+                str(tmp_path / "nope"),
+            ]
+        )
+        == 1
+    )
     assert "exclude_pairs" in capsys.readouterr().err
 
 
@@ -117,19 +180,33 @@ def test_eval_minilm_on_llmbar_chat_hard(tmp_path):
     res = json.loads((out / "eval.json").read_text())
     # LLMBar is five of Chat Hard's six subsets (mt-bench-hard is not in it).
     assert res["n"] == 419 and res["sections_covered"] == ["Chat Hard"] and not res["sections_complete"]["Chat Hard"]
-    assert set(res["subsets"]) == {"llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst", "llmbar-adver-GPTOut",
-                                   "llmbar-adver-manual"}
+    assert set(res["subsets"]) == {
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    }
     assert res["sections"]["Chat Hard"] == pytest.approx(
-        sum(v["accuracy"] * v["n"] for v in res["subsets"].values()) / 419)
+        sum(v["accuracy"] * v["n"] for v in res["subsets"].values()) / 419
+    )
 
 
 def test_heldout_config_reads_the_other_file_as_itself():
     from mars_ray.config import Config
     from mars_ray.experiments import heldout_config
 
-    cfg = Config.load(overrides={"data.path": "/x/hh.jsonl", "data.format": "hh-rlhf", "data.max_pairs": "250",
-                                 "data.columns": "{prompt: q, chosen: a, rejected: b}", "data.val_fraction": "0.2",
-                                 "data.max_prompt_tokens": "300", "seed": "3"})
+    cfg = Config.load(
+        overrides={
+            "data.path": "/x/hh.jsonl",
+            "data.format": "hh-rlhf",
+            "data.max_pairs": "250",
+            "data.columns": "{prompt: q, chosen: a, rejected: b}",
+            "data.val_fraction": "0.2",
+            "data.max_prompt_tokens": "300",
+            "seed": "3",
+        }
+    )
     e = heldout_config(cfg, "/y/llmbar.jsonl", 1000)
     assert (e.data.path, e.data.format, e.data.columns, e.data.max_pairs) == ("/y/llmbar.jsonl", "auto", {}, 1000)
     assert e.data.max_prompt_tokens == 300 and e.data.seed == 0 and e.seed == 3

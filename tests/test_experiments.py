@@ -22,9 +22,19 @@ pytestmark = pytest.mark.ray
 def _tiny_overrides(tmp_path, bert, llama, out: str, **over) -> list[str]:
     from test_pipeline import loop_cfg
 
-    cfg = loop_cfg(tmp_path, bert, llama, out, **{
-        "resources.in_process": "true", "train.num_workers": "1", "train.cpus_per_worker": "0.5",
-        "mars.epochs": "1", **over})
+    cfg = loop_cfg(
+        tmp_path,
+        bert,
+        llama,
+        out,
+        **{
+            "resources.in_process": "true",
+            "train.num_workers": "1",
+            "train.cpus_per_worker": "0.5",
+            "mars.epochs": "1",
+            **over,
+        },
+    )
     path = tmp_path / f"{out}.yaml"
     path.write_text(cfg.to_yaml())
     return ["--config", str(path)]
@@ -32,12 +42,36 @@ def _tiny_overrides(tmp_path, bert, llama, out: str, **over) -> list[str]:
 
 def test_compare_two_strategies_two_seeds(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a good answer {i}", "rejected": f"no {i}",
-                                           "subset": "llmbar-natural" if i % 2 else "donotanswer"}) + "\n" for i in range(8)))
+    heldout.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"q{i}",
+                    "chosen": f"a good answer {i}",
+                    "rejected": f"no {i}",
+                    "subset": "llmbar-natural" if i % 2 else "donotanswer",
+                }
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     args = _tiny_overrides(tmp_path, tiny_bert_dir, tiny_llama_dir, "cmp", **{"mars.budget": "6"})
     out = tmp_path / "cmp"
-    rc = main(["compare", *args, "--compare.strategies", "[none, uniform]", "--compare.seeds", "[0, 1]",
-               "--compare.max_concurrent", "2", "--compare.eval_paths", f"[{heldout}]"])
+    rc = main(
+        [
+            "compare",
+            *args,
+            "--compare.strategies",
+            "[none, uniform]",
+            "--compare.seeds",
+            "[0, 1]",
+            "--compare.max_concurrent",
+            "2",
+            "--compare.eval_paths",
+            f"[{heldout}]",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "compare.json").read_text())
     assert res["trials"] == 4 and sorted(res["strategies"]) == ["none", "uniform"]
@@ -57,15 +91,24 @@ def test_compare_two_strategies_two_seeds(ray_local, tmp_path, tiny_bert_dir, ti
     p = res["paired"]["uniform - none | test_accuracy"]
     a, b = t["uniform"]["test_accuracy"]["values"], t["none"]["test_accuracy"]["values"]
     assert p["mean_diff"] == pytest.approx((a[0] - b[0] + a[1] - b[1]) / 2) and p["n"] == 2
-    for f in ("compare.md", "compare.html", "val_accuracy_per_epoch.png", "accuracy_by_strategy.png", "heldout_sections.png"):
+    for f in (
+        "compare.md",
+        "compare.html",
+        "val_accuracy_per_epoch.png",
+        "accuracy_by_strategy.png",
+        "heldout_sections.png",
+    ):
         assert (out / f).stat().st_size > 0, f
     # An experiment directory is not silently reused.
     assert main(["compare", *args, "--compare.strategies", "[none]"]) == 2
 
 
-def test_sweep_restores_after_a_killed_driver_and_exports_the_best_config(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
-    args = _tiny_overrides(tmp_path, tiny_bert_dir, tiny_llama_dir, "sweep", **{
-        "mars.strategy": "mars-nosem", "mars.epochs": "2"})
+def test_sweep_restores_after_a_killed_driver_and_exports_the_best_config(
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir
+):
+    args = _tiny_overrides(
+        tmp_path, tiny_bert_dir, tiny_llama_dir, "sweep", **{"mars.strategy": "mars-nosem", "mars.epochs": "2"}
+    )
     out = tmp_path / "sweep"
     space = '{"mars.tau": [0.5, 4.0], "mars.budget": [4, 8]}'
     cmd = [sys.executable, "-m", "mars_ray.cli", "sweep", *args, "--tune.space", space, "--tune.scheduler", "fifo"]
@@ -88,7 +131,11 @@ def test_sweep_restores_after_a_killed_driver_and_exports_the_best_config(ray_lo
     res = json.loads((out / "sweep.json").read_text())
     assert len(res["trials"]) == 4 and all(r["val_accuracy"] is not None and not r["error"] for r in res["trials"])
     assert {(r["overrides"]["mars.tau"], r["overrides"]["mars.budget"]) for r in res["trials"]} == {
-        (0.5, 4), (0.5, 8), (4.0, 4), (4.0, 8)}
+        (0.5, 4),
+        (0.5, 8),
+        (4.0, 4),
+        (4.0, 8),
+    }
     best = res["best"]
     assert best["val_accuracy"] == max(r["val_accuracy"] for r in res["trials"])
     for f in ("sweep.md", "sweep.html", "sweep_mars_tau.png", "best_config.yaml"):

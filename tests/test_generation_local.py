@@ -47,9 +47,18 @@ def tiny_t5(path: Path, seed: int = 0) -> Path:
         return path
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                   num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-                   decoder_start_token_id=tok.pad_token_id)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
     T5ForConditionalGeneration(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -77,14 +86,16 @@ def t5_parts(t5_dir):
 
 def chat_gen(llama_parts, ref="tiny-llama", batch_size=2, **params):
     model, tok = llama_parts
-    return LocalChatGenerator(ref, GenParams(**{"max_new_tokens": 6, **params}), model=model, tokenizer=tok,
-                              batch_size=batch_size)
+    return LocalChatGenerator(
+        ref, GenParams(**{"max_new_tokens": 6, **params}), model=model, tokenizer=tok, batch_size=batch_size
+    )
 
 
 def s2s_gen(t5_parts, batch_size=2, **params):
     model, tok = t5_parts
-    return Seq2SeqGenerator("tiny-t5", GenParams(**{"max_new_tokens": 6, **params}), model=model, tokenizer=tok,
-                            batch_size=batch_size)
+    return Seq2SeqGenerator(
+        "tiny-t5", GenParams(**{"max_new_tokens": 6, **params}), model=model, tokenizer=tok, batch_size=batch_size
+    )
 
 
 def both(llama_parts, t5_parts, **kw):
@@ -401,18 +412,39 @@ def test_make_generator_openai_passes_through(monkeypatch):
     fake.OpenAIGenerator = FakeOpenAIGenerator
     monkeypatch.setitem(sys.modules, "mars_ray.generation.openai_backend", fake)
     p = GenParams(temperature=0.7)
-    g = make_generator("openai", "gpt-x", p, batch_size=8, base_url="http://h/v1", api_key_env="K",
-                       concurrency=3, timeout_s=9.0, max_retries=2, max_requests=10, max_tokens=100)
+    g = make_generator(
+        "openai",
+        "gpt-x",
+        p,
+        batch_size=8,
+        base_url="http://h/v1",
+        api_key_env="K",
+        concurrency=3,
+        timeout_s=9.0,
+        max_retries=2,
+        max_requests=10,
+        max_tokens=100,
+    )
     assert isinstance(g, FakeOpenAIGenerator)
-    assert seen == dict(model="gpt-x", params=p, base_url="http://h/v1", api_key_env="K", concurrency=3,
-                        timeout_s=9.0, max_retries=2, max_requests=10, max_tokens=100)
+    assert seen == dict(
+        model="gpt-x",
+        params=p,
+        base_url="http://h/v1",
+        api_key_env="K",
+        concurrency=3,
+        timeout_s=9.0,
+        max_retries=2,
+        max_requests=10,
+        max_tokens=100,
+    )
 
 
 def test_make_generator_real_openai_backend():
     """With the real back end (when present): constructed without touching the network."""
     pytest.importorskip("mars_ray.generation.openai_backend")
-    g = make_generator("openai", "smol", GenParams(), batch_size=8, base_url="http://127.0.0.1:9/v1",
-                       concurrency=2, max_retries=0)
+    g = make_generator(
+        "openai", "smol", GenParams(), batch_size=8, base_url="http://127.0.0.1:9/v1", concurrency=2, max_retries=0
+    )
     assert isinstance(g, TextGenerator) and "smol" in g.model_id
 
 
@@ -424,8 +456,34 @@ PARA_TEXTS = [
     "The library closes early on public holidays, so plan your visit accordingly.",
     "Our new phone has a larger battery and a brighter screen than the previous model.",
 ]
-COMMON_EN = {"the", "a", "an", "to", "of", "and", "is", "on", "in", "for", "your", "has", "be", "with", "are",
-             "because", "so", "than", "it", "you", "will", "during", "this", "that", "been", "was"}
+COMMON_EN = {
+    "the",
+    "a",
+    "an",
+    "to",
+    "of",
+    "and",
+    "is",
+    "on",
+    "in",
+    "for",
+    "your",
+    "has",
+    "be",
+    "with",
+    "are",
+    "because",
+    "so",
+    "than",
+    "it",
+    "you",
+    "will",
+    "during",
+    "this",
+    "that",
+    "been",
+    "was",
+}
 
 
 @pytest.fixture(scope="module")
@@ -440,8 +498,13 @@ def test_smollm2_paraphrases(smollm2):
     from mars_ray.generation.prompts import render
 
     model, tok = smollm2
-    g = LocalChatGenerator("builtin:smollm2", GenParams(max_new_tokens=64, no_repeat_ngram_size=3),
-                           model=model, tokenizer=tok, batch_size=4)
+    g = LocalChatGenerator(
+        "builtin:smollm2",
+        GenParams(max_new_tokens=64, no_repeat_ngram_size=3),
+        model=model,
+        tokenizer=tok,
+        batch_size=4,
+    )
     out = g.generate([render("paraphrase", text=t) for t in PARA_TEXTS], 1)
     print()
     for src, (para,) in zip(PARA_TEXTS, out):
@@ -462,7 +525,8 @@ def test_smollm2_batched_vs_single_throughput(smollm2):
     prompts = [render("paraphrase", text=t) for t in PARA_TEXTS + [t.upper() for t in PARA_TEXTS]]
     p = GenParams(max_new_tokens=48)
     LocalChatGenerator("builtin:smollm2", GenParams(max_new_tokens=4), model=model, tokenizer=tok).generate(
-        prompts[:2], 1)  # warm-up
+        prompts[:2], 1
+    )  # warm-up
     batched = LocalChatGenerator("builtin:smollm2", p, model=model, tokenizer=tok, batch_size=8)
     single = LocalChatGenerator("builtin:smollm2", p, model=model, tokenizer=tok, batch_size=1)
     t0 = time.perf_counter()
@@ -472,9 +536,11 @@ def test_smollm2_batched_vs_single_throughput(smollm2):
     out_s = single.generate(prompts, 1)
     wall_s = time.perf_counter() - t0
     tps_b, tps_s = batched.stats()["tokens_per_s"], single.stats()["tokens_per_s"]
-    print(f"\n  batched (8 x 48): {batched.generated_tokens} tokens in {wall_b:.1f} s = {tps_b:.1f} tok/s; "
-          f"one at a time: {single.generated_tokens} tokens in {wall_s:.1f} s = {tps_s:.1f} tok/s; "
-          f"speed-up {tps_b / tps_s:.1f}x; torch threads {torch.get_num_threads()}")
+    print(
+        f"\n  batched (8 x 48): {batched.generated_tokens} tokens in {wall_b:.1f} s = {tps_b:.1f} tok/s; "
+        f"one at a time: {single.generated_tokens} tokens in {wall_s:.1f} s = {tps_s:.1f} tok/s; "
+        f"speed-up {tps_b / tps_s:.1f}x; torch threads {torch.get_num_threads()}"
+    )
     same = sum(a == b for a, b in zip(out_b, out_s))
     print(f"  greedy outputs identical batched vs single: {same}/{len(prompts)}")
     assert all(t for row in out_b for t in row)

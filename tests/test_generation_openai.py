@@ -124,8 +124,13 @@ def test_per_request_caps_become_max_tokens(tiny_gen, serve):
 
 def test_sampling_slots_differ_and_server_micro_batches(tiny_gen, serve):
     h = serve(tiny_gen, max_batch=8, batch_wait_s=0.2)
-    gen = OpenAIGenerator("tiny", GenParams(max_new_tokens=12, temperature=1.0), base_url=h.url,
-                          api_key_env="MARS_RAY_UNSET_KEY_VAR", concurrency=4)
+    gen = OpenAIGenerator(
+        "tiny",
+        GenParams(max_new_tokens=12, temperature=1.0),
+        base_url=h.url,
+        api_key_env="MARS_RAY_UNSET_KEY_VAR",
+        concurrency=4,
+    )
     out = gen.generate(["Tell me a story about a dragon."], n=4)
     assert all(isinstance(t, str) for t in out[0])
     assert len(set(out[0])) > 1  # seed = params.seed + slot: distinct samples
@@ -139,8 +144,12 @@ def test_official_openai_client_against_server(tiny_gen, serve):
     h = serve(tiny_gen, served_model="tiny-llama")
     client = openai.OpenAI(base_url=h.url, api_key="unused", max_retries=0, timeout=30)
     resp = client.chat.completions.create(
-        model="tiny-llama", messages=[{"role": "user", "content": "Hello there!"}],
-        n=3, max_tokens=5, temperature=0.7, seed=3,
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "Hello there!"}],
+        n=3,
+        max_tokens=5,
+        temperature=0.7,
+        seed=3,
     )
     assert resp.object == "chat.completion" and resp.model == "tiny-llama"
     assert [c.index for c in resp.choices] == [0, 1, 2]
@@ -152,7 +161,8 @@ def test_official_openai_client_against_server(tiny_gen, serve):
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
     # Raw response: headers and the parsed body.
     raw = client.chat.completions.with_raw_response.create(
-        model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
     assert raw.headers["content-type"].startswith("application/json") and raw.retries_taken == 0
     assert raw.parse().choices[0].finish_reason in ("stop", "length")
     # An invalid request is a 400 in the OpenAI error format (not retried).
@@ -223,8 +233,9 @@ def test_timeouts_end_as_none_within_bounded_time(tiny_gen, serve):
 
 def test_connection_refused_is_counted(tiny_gen):
     port = free_port()  # nothing listens there any more
-    gen = OpenAIGenerator("tiny", base_url=f"http://127.0.0.1:{port}/v1", api_key_env="MARS_RAY_UNSET_KEY_VAR",
-                          max_retries=1, timeout_s=2)
+    gen = OpenAIGenerator(
+        "tiny", base_url=f"http://127.0.0.1:{port}/v1", api_key_env="MARS_RAY_UNSET_KEY_VAR", max_retries=1, timeout_s=2
+    )
     t0 = time.monotonic()
     assert gen.generate(["x", "y"], n=2) == [[None, None], [None, None]]
     assert gen.stats["failed_by_reason"] == {"connection": 4} and gen.stats["requests"] == 8
@@ -295,8 +306,17 @@ def test_the_api_key_appears_nowhere(tiny_gen, serve, secret_env, monkeypatch, c
     assert bad.stats["failed_by_reason"] == {"401": 1}  # the server refused the wrong key; not retried
     assert good.stats["retries"] == 1  # the injected 500 was retried (and logged by the client)
     assert caplog.records, "expected some log records (retries, failures)"
-    blobs = [repr(good), repr(bad), str(good), str(good.stats), str(bad.stats), json.dumps(texts),
-             caplog.text, json.dumps(get_json(h.root_url + "/stats")), repr(h)]
+    blobs = [
+        repr(good),
+        repr(bad),
+        str(good),
+        str(good.stats),
+        str(bad.stats),
+        json.dumps(texts),
+        caplog.text,
+        json.dumps(get_json(h.root_url + "/stats")),
+        repr(h),
+    ]
     for rec in caplog.records:
         blobs.append(rec.getMessage())
         blobs.append(repr(rec.args))
@@ -318,8 +338,9 @@ def test_key_handling_without_a_server(monkeypatch):
     monkeypatch.setenv("MARS_RAY_SET_KEY_VAR", SECRET)
     gen = OpenAIGenerator("gpt-x", api_key_env="MARS_RAY_SET_KEY_VAR")
     assert gen.model_id == "openai:gpt-x" and SECRET not in repr(gen) and SECRET not in str(ei.value)
-    local = OpenAIGenerator("m", base_url="http://user:pw-X1Y2@127.0.0.1:9/v1?token=tok-Z3W4",
-                            api_key_env="MARS_RAY_UNSET_KEY_VAR")
+    local = OpenAIGenerator(
+        "m", base_url="http://user:pw-X1Y2@127.0.0.1:9/v1?token=tok-Z3W4", api_key_env="MARS_RAY_UNSET_KEY_VAR"
+    )
     assert "X1Y2" not in repr(local) and "Z3W4" not in repr(local) and "127.0.0.1:9/v1" in repr(local)
     assert local.generate([], n=3) == [] and local.generate(["x"], n=0) == [[]]
 
@@ -332,9 +353,24 @@ def test_server_command_line(tiny_llama_dir, tmp_path):
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mars_ray.serve.llm_server", "--model", str(tiny_llama_dir),
-         "--port", str(port), "--max-new-tokens", "6", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mars_ray.serve.llm_server",
+            "--model",
+            str(tiny_llama_dir),
+            "--port",
+            str(port),
+            "--max-new-tokens",
+            "6",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = ""
@@ -373,8 +409,14 @@ def test_smollm2_paraphrase_through_the_server(serve):
 
     local = LocalChatGenerator("builtin:smollm2", GenParams(max_new_tokens=48), batch_size=4)
     h = serve(local, served_model="smollm2")
-    gen = OpenAIGenerator("smollm2", GenParams(max_new_tokens=48, temperature=0.0), base_url=h.url,
-                          api_key_env="MARS_RAY_UNSET_KEY_VAR", concurrency=2, timeout_s=120)
+    gen = OpenAIGenerator(
+        "smollm2",
+        GenParams(max_new_tokens=48, temperature=0.0),
+        base_url=h.url,
+        api_key_env="MARS_RAY_UNSET_KEY_VAR",
+        concurrency=2,
+        timeout_s=120,
+    )
     src = [
         "The weather was so cold this morning that the lake in the park froze over.",
         "Regular exercise improves both physical health and mental well-being.",
@@ -394,17 +436,19 @@ def test_llama_cpp_server_with_smollm2_gguf(tmp_path):
     try:
         import llama_cpp  # noqa: F401
     except Exception:
-        pytest.skip("llama-cpp-python is not installed (build it once with "
-                    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install \"llama-cpp-python[server]\"; never in a test)")
+        pytest.skip(
+            "llama-cpp-python is not installed (build it once with "
+            'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "llama-cpp-python[server]"; never in a test)'
+        )
     from mars_ray.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     port = free_port()
     log = (tmp_path / "llama_cpp_server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}/v1"
@@ -415,10 +459,18 @@ def test_llama_cpp_server_with_smollm2_gguf(tmp_path):
                 break
             except Exception:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("llama_cpp.server did not start: " + (tmp_path / "llama_cpp_server.log").read_text()[-2000:])
+                    pytest.fail(
+                        "llama_cpp.server did not start: " + (tmp_path / "llama_cpp_server.log").read_text()[-2000:]
+                    )
                 time.sleep(0.5)
-        gen = OpenAIGenerator("smollm2", GenParams(max_new_tokens=48, temperature=0.7), base_url=base,
-                              api_key_env="MARS_RAY_UNSET_KEY_VAR", concurrency=2, timeout_s=60)
+        gen = OpenAIGenerator(
+            "smollm2",
+            GenParams(max_new_tokens=48, temperature=0.7),
+            base_url=base,
+            api_key_env="MARS_RAY_UNSET_KEY_VAR",
+            concurrency=2,
+            timeout_s=60,
+        )
         src = "Regular exercise improves both physical health and mental well-being."
         out = gen.generate([f"{PARAPHRASE}\n\n{src}"], n=2)
         assert all(isinstance(t, str) and t for t in out[0]), out

@@ -14,8 +14,13 @@ from mars_ray.generation import GenParams  # noqa: E402
 from mars_ray.generation.local import LocalChatGenerator  # noqa: E402
 from mars_ray.generation.ragged_decode import common_prefix_len, ragged_greedy, supports_ragged_greedy  # noqa: E402
 
-TEXTS = ["Hi", "Please summarise this long and rambling text about rivers and mountains. " * 4,
-         "A medium sized request with a few more words.", "x y z", "Name a colour."]
+TEXTS = [
+    "Hi",
+    "Please summarise this long and rambling text about rivers and mountains. " * 4,
+    "A medium sized request with a few more words.",
+    "x y z",
+    "Name a colour.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +33,12 @@ def llama64(tiny_llama_dir):
 
 def _ids(tok, texts, template=True):
     if template:
-        texts = [tok.apply_chat_template([{"role": "user", "content": "Rewrite: " + t}], add_generation_prompt=True,
-                                         tokenize=False) for t in texts]
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": "Rewrite: " + t}], add_generation_prompt=True, tokenize=False
+            )
+            for t in texts
+        ]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
@@ -39,8 +48,9 @@ def _reference(model, ids, cap, eos, pad, no_repeat=0):
     if no_repeat:
         kw["no_repeat_ngram_size"] = no_repeat
     with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             **kw)[0, len(ids):].tolist()
+        out = model.generate(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kw
+        )[0, len(ids) :].tolist()
     for j, t in enumerate(out):
         if t in eos:
             return out[: j + 1]
@@ -124,8 +134,9 @@ def test_generator_takes_the_ragged_path_only_for_greedy_single_outputs(llama64,
     gives the same texts as model.generate; beams, sampling and models whose generation config
     adds processors keep model.generate."""
     model, tok = llama64
-    g = LocalChatGenerator("tiny", GenParams(max_new_tokens=8, no_repeat_ngram_size=3), model=model, tokenizer=tok,
-                           batch_size=8)
+    g = LocalChatGenerator(
+        "tiny", GenParams(max_new_tokens=8, no_repeat_ngram_size=3), model=model, tokenizer=tok, batch_size=8
+    )
     assert g._ragged(1) and not g._ragged(2)
     generate_calls = []
     real = model.generate
@@ -135,7 +146,9 @@ def test_generator_takes_the_ragged_path_only_for_greedy_single_outputs(llama64,
     slow = []
     for t, cap in zip(TEXTS, [8, 3, 8, 5, 2]):
         ids = g.encode(t)
-        slow.append([tok.decode(_reference(model, ids, cap, g._eos_ids, g._pad_id, 3), skip_special_tokens=True).strip()])
+        slow.append(
+            [tok.decode(_reference(model, ids, cap, g._eos_ids, g._pad_id, 3), skip_special_tokens=True).strip()]
+        )
     assert fast == slow
     before = len(generate_calls)
     g.generate(TEXTS[:2], 2)  # beam search: model.generate
@@ -162,8 +175,15 @@ def test_sliding_window_chunked_and_hybrid_models_are_not_supported():
     between the shared prefix and a row would change such a model's output: it keeps generate."""
     from transformers import Lfm2Config, Lfm2ForCausalLM, MistralConfig, MistralForCausalLM
 
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     assert not supports_ragged_greedy(MistralForCausalLM(MistralConfig(**base, sliding_window=8)))
     assert supports_ragged_greedy(MistralForCausalLM(MistralConfig(**base, sliding_window=None)))
     assert not supports_ragged_greedy(Lfm2ForCausalLM(Lfm2Config(**base, layer_types=["conv", "full_attention"])))
@@ -172,8 +192,13 @@ def test_sliding_window_chunked_and_hybrid_models_are_not_supported():
 def test_generation_config_fields_that_change_greedy_decoding_are_refused(llama64):
     model, _ = llama64
     gen = model.generation_config
-    for name, value in (("guidance_scale", 1.5), ("remove_invalid_values", True), ("max_time", 5.0),
-                        ("min_new_tokens", 3), ("repetition_penalty", 1.2)):
+    for name, value in (
+        ("guidance_scale", 1.5),
+        ("remove_invalid_values", True),
+        ("max_time", 5.0),
+        ("min_new_tokens", 3),
+        ("repetition_penalty", 1.2),
+    ):
         old = getattr(gen, name)
         setattr(gen, name, value)
         try:
@@ -195,7 +220,9 @@ def test_peft_wrapped_model_gets_the_cache_argument_of_the_model_it_wraps(llama6
 
     peft = pytest.importorskip("peft")
     model, tok = llama64
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    wrapped = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
     base = wrapped.get_base_model()
     torch.manual_seed(0)
     with torch.no_grad():  # non-zero adapters, so the wrapper changes the outputs

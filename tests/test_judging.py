@@ -41,11 +41,25 @@ def test_completion_text_of_every_trl_shape():
     assert completion_text({"role": "assistant", "content": "x"}) == "x"
 
 
-@pytest.mark.parametrize("text,verdict", [
-    ("A", "A"), ("B", "B"), (" B.", "B"), ("**A**", "A"), ("[[B]]", "B"), ("Response A is better", "A"),
-    ("The answer is B because...", "B"), ("Tie", "tie"), ("It's a draw", "tie"), ("Both are equal", "tie"),
-    ("a good answer", None), ("", None), (None, None), ("I cannot decide", None),
-])
+@pytest.mark.parametrize(
+    "text,verdict",
+    [
+        ("A", "A"),
+        ("B", "B"),
+        (" B.", "B"),
+        ("**A**", "A"),
+        ("[[B]]", "B"),
+        ("Response A is better", "A"),
+        ("The answer is B because...", "B"),
+        ("Tie", "tie"),
+        ("It's a draw", "tie"),
+        ("Both are equal", "tie"),
+        ("a good answer", None),
+        ("", None),
+        (None, None),
+        ("I cannot decide", None),
+    ],
+)
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
 
@@ -117,8 +131,11 @@ def test_fit_messages_drops_old_turns_then_cuts_from_the_left():
     def drop(text, n):
         return " ".join(text.split()[n:])
 
-    msgs = [{"role": "user", "content": "one two three four"}, {"role": "assistant", "content": "five six"},
-            {"role": "user", "content": "seven eight nine"}]
+    msgs = [
+        {"role": "user", "content": "one two three four"},
+        {"role": "assistant", "content": "five six"},
+        {"role": "user", "content": "seven eight nine"},
+    ]
     assert fit_messages(msgs, count, 100, drop) == msgs
     assert fit_messages(msgs, count, 6, drop) == [{"role": "user", "content": "seven eight nine"}]
     assert fit_messages(msgs, count, 4, drop) == [{"role": "user", "content": "eight nine"}]
@@ -127,8 +144,11 @@ def test_fit_messages_drops_old_turns_then_cuts_from_the_left():
 def test_rl_config_problems_have_fixes():
     cfg = Config()
     for key, value, words in [
-        ("rl.num_generations", 1, "group baseline"), ("rl.clip", 0, "0.2"), ("rl.kl_coef", -1, ">= 0"),
-        ("rl.num_workers", 0, "Ray Train"), ("rl.reward_url", "localhost:8000", "http"),
+        ("rl.num_generations", 1, "group baseline"),
+        ("rl.clip", 0, "0.2"),
+        ("rl.kl_coef", -1, ">= 0"),
+        ("rl.num_workers", 0, "Ray Train"),
+        ("rl.reward_url", "localhost:8000", "http"),
     ]:
         c = Config.from_dict(cfg.to_dict())
         c.set(key, value)

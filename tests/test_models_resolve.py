@@ -168,7 +168,9 @@ def test_hub_id_explicit_offline_flag(hf_env):
 
 def test_hub_id_online_not_cached_returns_id(hf_env, monkeypatch):
     r = resolve_model("some-org/some-model")
-    assert r == ResolvedModel(ref="some-org/some-model", path="some-org/some-model", kind="hub", model_id="some-org/some-model")
+    assert r == ResolvedModel(
+        ref="some-org/some-model", path="some-org/some-model", kind="hub", model_id="some-org/some-model"
+    )
     # explicit offline=False overrides the environment
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "true")
     assert is_offline()
@@ -205,7 +207,8 @@ def test_hub_id_partial_snapshot_online_downloads(hf_env):
 
 
 @pytest.mark.parametrize(
-    "ref", ["just-a-name", "a/b/c", "org/na me", "org//name", "org/-name", "org/na--me", "org/na..me", "org/" + "x" * 100]
+    "ref",
+    ["just-a-name", "a/b/c", "org/na me", "org//name", "org/-name", "org/na--me", "org/na..me", "org/" + "x" * 100],
 )
 def test_malformed_hub_id(ref, hf_env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -231,7 +234,9 @@ def test_cache_root(monkeypatch, tmp_path):
     assert cache_root(str(tmp_path / "explicit")) == tmp_path / "explicit"
 
 
-@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("TRUE", True), ("0", False), ("", False), ("false", False)])
+@pytest.mark.parametrize(
+    "value,expected", [("1", True), ("true", True), ("TRUE", True), ("0", False), ("", False), ("false", False)]
+)
 def test_is_offline(monkeypatch, value, expected):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
@@ -287,7 +292,7 @@ def test_smollm2_cache_without_marker_not_trusted(tmp_path, fake_gguf, monkeypat
     assert marker["complete"] is True and marker["source"] == str(fake_gguf)
     assert not stale_tmp.exists()
     # a truncated / invalid marker is not trusted either
-    (final / R._MARKER_NAME).write_text("{\"compl")
+    (final / R._MARKER_NAME).write_text('{"compl')
     resolve_model("builtin:smollm2", cache_dir=str(tmp_path))
     assert len(calls) == 2
 
@@ -403,7 +408,9 @@ def test_smollm2_conversion_and_generation(smollm2_cache):
     marker = json.loads((d / R._MARKER_NAME).read_text())
     config = json.loads((d / "config.json").read_text())
     assert "quantization_config" not in config and config.get("dtype") == "float32"
-    print(f"\nconversion {first_s:.1f}s, marker {marker}, size {sum(p.stat().st_size for p in d.iterdir()) / 1e6:.0f} MB")
+    print(
+        f"\nconversion {first_s:.1f}s, marker {marker}, size {sum(p.stat().st_size for p in d.iterdir()) / 1e6:.0f} MB"
+    )
 
     # second call: cached, fast, same dir
     t0 = time.perf_counter()
@@ -421,7 +428,7 @@ def test_smollm2_conversion_and_generation(smollm2_cache):
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert out.shape[1] > enc["input_ids"].shape[1]
     assert "Paris" in text, text
 

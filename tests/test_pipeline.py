@@ -66,9 +66,19 @@ def loop_cfg(tmp_path, bert, llama, out: str, **over) -> Config:
     from test_augment import tiny_cfg
 
     base = {
-        "output.dir": str(tmp_path / out), "mars.epochs": "2", "mars.budget": "12", "mars.west_of_n": "3",
-        "data.max_pairs": "30", "data.val_fraction": "0.2", "data.test_fraction": "0.2", "data.split_by": "pair",
-        "train.batch_size": "4", "train.lr": "1e-3", "train.passes": "1", "train.lora_r": "4", "train.lora_alpha": "8",
+        "output.dir": str(tmp_path / out),
+        "mars.epochs": "2",
+        "mars.budget": "12",
+        "mars.west_of_n": "3",
+        "data.max_pairs": "30",
+        "data.val_fraction": "0.2",
+        "data.test_fraction": "0.2",
+        "data.split_by": "pair",
+        "train.batch_size": "4",
+        "train.lr": "1e-3",
+        "train.passes": "1",
+        "train.lora_r": "4",
+        "train.lora_alpha": "8",
         "paraphrase.topup_rounds": "0",
     }
     base.update(over)
@@ -92,8 +102,13 @@ def test_every_strategy_two_epochs(ray_local, tmp_path, tiny_bert_dir, tiny_llam
 
     runs = {}
     for strategy in STRATEGIES:
-        cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, strategy, **{
-            "mars.strategy": strategy, "train.num_workers": "0", "resources.in_process": "true"})
+        cfg = loop_cfg(
+            tmp_path,
+            tiny_bert_dir,
+            tiny_llama_dir,
+            strategy,
+            **{"mars.strategy": strategy, "train.num_workers": "0", "resources.in_process": "true"},
+        )
         run_mars(cfg, log=lambda m: None)
         runs[strategy] = Path(cfg.output.dir)
 
@@ -148,8 +163,13 @@ def test_every_strategy_two_epochs(ray_local, tmp_path, tiny_bert_dir, tiny_llam
 def test_run_dir_in_use_is_refused(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
     from mars_ray.pipeline import RunDirError, run_mars
 
-    cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "used", **{"mars.strategy": "none", "mars.epochs": "1",
-                                                                      "train.num_workers": "0"})
+    cfg = loop_cfg(
+        tmp_path,
+        tiny_bert_dir,
+        tiny_llama_dir,
+        "used",
+        **{"mars.strategy": "none", "mars.epochs": "1", "train.num_workers": "0"},
+    )
     Path(cfg.output.dir).mkdir(parents=True)
     (Path(cfg.output.dir) / "something").write_text("x")
     with pytest.raises(RunDirError, match="--resume"):
@@ -190,7 +210,8 @@ def test_killed_driver_resumes_to_the_same_metrics(ray_local, tmp_path, tiny_ber
     assert [sorted(r) for r in got] == [sorted(r) for r in want]
     for g, w in zip(got, want):
         assert {k: v for k, v in g.items() if k != "strategy"} == pytest.approx(
-            {k: v for k, v in w.items() if k != "strategy"}, rel=1e-5, abs=1e-7)
+            {k: v for k, v in w.items() if k != "strategy"}, rel=1e-5, abs=1e-7
+        )
     a = pq.read_table(Path(ref.output.dir) / "epochs" / "002" / "train.parquet")
     b = pq.read_table(Path(killed.output.dir) / "epochs" / "002" / "train.parquet")
     assert a.column(S.PAIR_ID).to_pylist() == b.column(S.PAIR_ID).to_pylist()
@@ -203,17 +224,27 @@ def test_worker_fault_mid_epoch_recovers_from_checkpoint(ray_local, tmp_path, ti
     from mars_ray.data import read_preferences
     from mars_ray.train.loop import fit_reward_model
 
-    cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "fault", **{"train.passes": "3", "train.num_workers": "1",
-                                                                       "data.max_pairs": "24"})
+    cfg = loop_cfg(
+        tmp_path,
+        tiny_bert_dir,
+        tiny_llama_dir,
+        "fault",
+        **{"train.passes": "3", "train.num_workers": "1", "data.max_pairs": "24"},
+    )
     t = read_preferences(cfg.data, seed=0).table
     pq.write_table(t, tmp_path / "train.parquet")
     steps_per_pass = -(-t.num_rows // cfg.train.batch_size)
-    kw = dict(init_model=str(tiny_bert_dir), train_path=tmp_path / "train.parquet", val_path=tmp_path / "train.parquet",
-              run_dir=tmp_path / "ray_train")
+    kw = dict(
+        init_model=str(tiny_bert_dir),
+        train_path=tmp_path / "train.parquet",
+        val_path=tmp_path / "train.parquet",
+        run_dir=tmp_path / "ray_train",
+    )
     clean = fit_reward_model(cfg, name="clean", **kw)
     marker = tmp_path / "fault.marker"
-    faulted = fit_reward_model(cfg, name="faulted", max_failures=1,
-                               _fault={"marker": str(marker), "at_step": steps_per_pass + 1}, **kw)
+    faulted = fit_reward_model(
+        cfg, name="faulted", max_failures=1, _fault={"marker": str(marker), "at_step": steps_per_pass + 1}, **kw
+    )
     assert marker.exists(), "the fault was never injected"
     assert faulted["passes_done"] == clean["passes_done"] == 3
     assert faulted["train_loss_history"] == pytest.approx(clean["train_loss_history"], rel=1e-4, abs=1e-5)

@@ -24,7 +24,9 @@ def test_prepared_table_as_ray_dataset(ray_local):
     assert ds.count() == res.table.num_rows
     assert ds.schema().base_schema.equals(PAIR_SCHEMA)
     # Stream a transformation through Ray Data and get every pair back.
-    lengths = ds.map_batches(lambda b: {"pair_id": b["pair_id"], "n": [len(c) for c in b["chosen"]]}, batch_format="numpy")
+    lengths = ds.map_batches(
+        lambda b: {"pair_id": b["pair_id"], "n": [len(c) for c in b["chosen"]]}, batch_format="numpy"
+    )
     assert sorted(r["pair_id"] for r in lengths.take_all()) == sorted(res.table.column("pair_id").to_pylist())
 
 
@@ -42,8 +44,24 @@ def ray_head():
 def test_ray_job_submit_data_prepare(ray_head, tmp_path):
     address, env = ray_head
     out = tmp_path / "job_out"
-    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-           "mars-ray", "data", "prepare", "--output.dir", str(out), "--data.max_pairs", "120", "--no-lengths"]
+    cmd = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "mars-ray",
+        "data",
+        "prepare",
+        "--output.dir",
+        str(out),
+        "--data.max_pairs",
+        "120",
+        "--no-lengths",
+    ]
     t0 = time.time()
     job = submit(cmd, env)
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
@@ -53,8 +71,12 @@ def test_ray_job_submit_data_prepare(ray_head, tmp_path):
     assert (out / "pairs.parquet").exists() and (out / "config.yaml").exists()
     # The same command locally gives the same pairs.
     local = tmp_path / "local_out"
-    subprocess.run(["mars-ray", "data", "prepare", "--output.dir", str(local), "--data.max_pairs", "120", "--no-lengths"],
-                   check=True, capture_output=True, env=env)
+    subprocess.run(
+        ["mars-ray", "data", "prepare", "--output.dir", str(local), "--data.max_pairs", "120", "--no-lengths"],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     assert json.loads((local / "data_report.json").read_text())["splits"] == report["splits"]
     print(f"job submit round trip {time.time() - t0:.1f}s")
 
@@ -62,8 +84,21 @@ def test_ray_job_submit_data_prepare(ray_head, tmp_path):
 def test_failing_job_exits_nonzero(ray_head, tmp_path):
     address, env = ray_head
     job = submit(
-        ["ray", "job", "submit", "--address", address, "--", "mars-ray", "data", "prepare",
-         "--data.path", str(tmp_path / "missing.jsonl"), "--output.dir", str(tmp_path / "o")],
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--",
+            "mars-ray",
+            "data",
+            "prepare",
+            "--data.path",
+            str(tmp_path / "missing.jsonl"),
+            "--output.dir",
+            str(tmp_path / "o"),
+        ],
         env,
     )
     assert job.returncode != 0
@@ -85,5 +120,9 @@ def test_state_api_noise_filter_drops_only_the_cleaner_poll_message():
     def record(msg: str) -> logging.LogRecord:
         return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
 
-    assert not logger.filter(record("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable."))
-    assert logger.filter(record("Detected that the Ray Train controller actor (abc) is dead. Cleaning up placement group"))
+    assert not logger.filter(
+        record("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
+    )
+    assert logger.filter(
+        record("Detected that the Ray Train controller actor (abc) is dead. Cleaning up placement group")
+    )

@@ -23,7 +23,24 @@ from mars_ray.models.reward import (
 )
 from mars_ray.stages.score import SCORE_SCHEMA, ScoreActor, score_margins, score_margins_local
 
-WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+WORDS = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+]
 
 
 def _text(n: int, offset: int = 0) -> str:
@@ -257,8 +274,15 @@ def test_decoder_without_pad_token_gets_eos_as_pad(tiny_llama_dir, tmp_path):
     model, tok = load_reward_model(str(d), seed=0)
     assert tok.pad_token_id == tok.eos_token_id is not None
     assert model.config.pad_token_id == tok.eos_token_id
-    r = score_texts(model, tok, ["a", "a much longer prompt than the other one"], ["b", "c"], batch_size=2,
-                    max_prompt_tokens=32, max_response_tokens=8)
+    r = score_texts(
+        model,
+        tok,
+        ["a", "a much longer prompt than the other one"],
+        ["b", "c"],
+        batch_size=2,
+        max_prompt_tokens=32,
+        max_response_tokens=8,
+    )
     assert np.isfinite(r).all()
 
 
@@ -266,8 +290,15 @@ def test_decoder_without_pad_token_gets_eos_as_pad(tiny_llama_dir, tmp_path):
 
 
 def test_actor_returns_pair_ids_and_float64(tiny_bert_dir):
-    actor = ScoreActor(str(tiny_bert_dir), seed=0, dtype="auto", max_prompt_tokens=64, max_response_tokens=32,
-                       batch_size=4, num_threads=None)
+    actor = ScoreActor(
+        str(tiny_bert_dir),
+        seed=0,
+        dtype="auto",
+        max_prompt_tokens=64,
+        max_response_tokens=32,
+        batch_size=4,
+        num_threads=None,
+    )
     t = _pairs_table(5)
     batch = {k: t.column(k).to_numpy(zero_copy_only=False) for k in (S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED)}
     out = actor(batch)
@@ -284,8 +315,15 @@ def test_score_margins_local_order_and_schema(tiny_bert_dir):
     assert out.schema == SCORE_SCHEMA
     assert out.column(S.PAIR_ID).to_pylist() == t.column(S.PAIR_ID).to_pylist()  # input order
     model, tok = load_reward_model(str(tiny_bert_dir), seed=cfg.seed)
-    rc = score_texts(model, tok, t.column(S.PROMPT).to_pylist(), t.column(S.CHOSEN).to_pylist(),
-                     batch_size=3, max_prompt_tokens=64, max_response_tokens=32)
+    rc = score_texts(
+        model,
+        tok,
+        t.column(S.PROMPT).to_pylist(),
+        t.column(S.CHOSEN).to_pylist(),
+        batch_size=3,
+        max_prompt_tokens=64,
+        max_response_tokens=32,
+    )
     np.testing.assert_allclose(out.column("reward_chosen").to_numpy(), rc, atol=1e-5, rtol=0)
     assert score_margins_local(t.slice(0, 0), model_ref=str(tiny_bert_dir), cfg=cfg).num_rows == 0
     with pytest.raises(ValueError, match="lacks column"):
@@ -326,9 +364,19 @@ def test_minilm_on_real_hh_pairs():
     assert np.isfinite(m).all() and np.std(m) > 0
     # every pair fits MiniLM's 512 positions, and the responses' starts survive
     model, tok = load_reward_model("builtin:minilm")
-    ec, er = encode_preferences(tok, *(t.column(k).to_pylist() for k in (S.PROMPT, S.CHOSEN, S.REJECTED)),
-                                max_prompt_tokens=512, max_response_tokens=192)
+    ec, er = encode_preferences(
+        tok,
+        *(t.column(k).to_pylist() for k in (S.PROMPT, S.CHOSEN, S.REJECTED)),
+        max_prompt_tokens=512,
+        max_response_tokens=192,
+    )
     assert len(ec) == len(er) == 64 and max(max(ec.lengths), max(er.lengths)) <= 512
-    rc, rr = score_pairs(model, tok, *(t.column(k).to_pylist() for k in (S.PROMPT, S.CHOSEN, S.REJECTED)),
-                         batch_size=16, max_prompt_tokens=512, max_response_tokens=192)
+    rc, rr = score_pairs(
+        model,
+        tok,
+        *(t.column(k).to_pylist() for k in (S.PROMPT, S.CHOSEN, S.REJECTED)),
+        batch_size=16,
+        max_prompt_tokens=512,
+        max_response_tokens=192,
+    )
     np.testing.assert_allclose(rc - rr, m, atol=1e-4, rtol=0)

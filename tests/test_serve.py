@@ -71,9 +71,19 @@ def direct(tiny_bert_dir):
     model, tok = load_reward_model(str(tiny_bert_dir), seed=cfg.seed)
 
     def score(prompts, responses):
-        return score_texts(model, tok, prompts, responses, batch_size=4,
-                           max_prompt_tokens=cfg.data.max_prompt_tokens,
-                           max_response_tokens=cfg.data.max_response_tokens).astype(float).tolist()
+        return (
+            score_texts(
+                model,
+                tok,
+                prompts,
+                responses,
+                batch_size=4,
+                max_prompt_tokens=cfg.data.max_prompt_tokens,
+                max_response_tokens=cfg.data.max_response_tokens,
+            )
+            .astype(float)
+            .tolist()
+        )
 
     return score
 
@@ -86,19 +96,40 @@ def served(ray_local, tiny_bert_dir, run_dir):
 
     port = _free_port()
     os.environ[TOKEN_ENV] = TOKEN
-    common = {"serve.port": str(port), "serve.num_cpus": "0.5", "serve.max_batch_size": "8",
-              "serve.batch_wait_timeout_s": "0.05", "serve.forward_batch_size": "4", **LIMITS}
+    common = {
+        "serve.port": str(port),
+        "serve.num_cpus": "0.5",
+        "serve.max_batch_size": "8",
+        "serve.batch_wait_timeout_s": "0.05",
+        "serve.forward_batch_size": "4",
+        **LIMITS,
+    }
     cfg = Config.load(overrides={**common, "serve.app_name": "rm-test", "serve.auth_token_env": TOKEN_ENV})
     # The run app autoscales (1..2 replicas): Serve accepts the autoscaling options built from the config.
-    cfg_run = Config.load(overrides={**common, "serve.app_name": "rm-run", "serve.route_prefix": "/run",
-                                     "serve.normalize": "true", "serve.min_replicas": "1", "serve.max_replicas": "2"})
+    cfg_run = Config.load(
+        overrides={
+            **common,
+            "serve.app_name": "rm-run",
+            "serve.route_prefix": "/run",
+            "serve.normalize": "true",
+            "serve.min_replicas": "1",
+            "serve.max_replicas": "2",
+        }
+    )
     t0 = time.perf_counter()
     handle, url = serve_app.start(cfg, str(tiny_bert_dir))
     handle_run, url_run = serve_app.start(cfg_run, str(run_dir))
     print(f"serve up in {time.perf_counter() - t0:.1f}s at {url} and {url_run}")
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    yield {"url": url, "url_run": url_run, "handle": handle, "handle_run": handle_run, "cfg": cfg,
-           "cfg_run": cfg_run, "auth": auth}
+    yield {
+        "url": url,
+        "url_run": url_run,
+        "handle": handle,
+        "handle_run": handle_run,
+        "cfg": cfg,
+        "cfg_run": cfg_run,
+        "auth": auth,
+    }
     serve.shutdown()
     os.environ.pop(TOKEN_ENV, None)
 
@@ -129,7 +160,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rewards(served, d
 
     def call(i):
         ps, rs = reqs[i]
-        out[i] = post(served["url"], "/score", {"prompts": ps, "responses": rs}, headers=served["auth"]).json()["rewards"]
+        out[i] = post(served["url"], "/score", {"prompts": ps, "responses": rs}, headers=served["auth"]).json()[
+            "rewards"
+        ]
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(reqs))]
     for t in threads:
@@ -163,8 +196,12 @@ def test_handle_api(served, direct):
 
 def test_compare_over_http(served, direct):
     prompts, chosen, rejected = _pairs(1)
-    r = post(served["url"], "/compare", {"prompt": prompts[0], "chosen": chosen[0], "rejected": rejected[0]},
-             headers=served["auth"])
+    r = post(
+        served["url"],
+        "/compare",
+        {"prompt": prompts[0], "chosen": chosen[0], "rejected": rejected[0]},
+        headers=served["auth"],
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     rc, rr = direct([prompts[0]] * 2, [chosen[0], rejected[0]])
@@ -177,15 +214,21 @@ def test_openrlhf_get_reward_schema(served, direct):
     prompts, chosen, _ = _pairs(4)
     queries = [p + c for p, c in zip(prompts, chosen)]
     # OpenRLHF's remote_rm_fn body: query (prompt + response), prompts, labels.
-    r = post(served["url"], "/get_reward", {"query": queries, "prompts": prompts, "labels": [None] * 4},
-             headers=served["auth"])
+    r = post(
+        served["url"],
+        "/get_reward",
+        {"query": queries, "prompts": prompts, "labels": [None] * 4},
+        headers=served["auth"],
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"rewards", "scores", "extra_logs"} and body["scores"] == body["rewards"]
     close(body["rewards"], direct(prompts, chosen))
     assert body["extra_logs"]["query_split"] == [1.0] * 4
     # No prompts, or a prompt the query does not start with: the whole query, empty prompt.
-    r = post(served["url"], "/get_reward", {"query": queries[:2], "prompts": ["nope", prompts[1]]}, headers=served["auth"])
+    r = post(
+        served["url"], "/get_reward", {"query": queries[:2], "prompts": ["nope", prompts[1]]}, headers=served["auth"]
+    )
     close(r.json()["rewards"], [direct([""], [queries[0]])[0], direct([prompts[1]], [chosen[1]])[0]])
     assert r.json()["extra_logs"]["query_split"] == [0.0, 1.0]
     r = post(served["url"], "/get_reward", {"query": queries[:2]}, headers=served["auth"])
@@ -235,8 +278,12 @@ def test_bad_compare_and_get_reward(served):
 def test_replica_survives_bad_and_oversized_requests(served, direct):
     url, auth = served["url"], served["auth"]
     pid = requests.get(url + "/health", timeout=10).json()["pid"]
-    junk = [b"\x00\xff" * 1000, b'{"prompts": [' + b"[" * 5000 + b"]}", b'{"prompts": ["a"], "responses": [1e999]}',
-            b"y" * 400_000]
+    junk = [
+        b"\x00\xff" * 1000,
+        b'{"prompts": [' + b"[" * 5000 + b"]}",
+        b'{"prompts": ["a"], "responses": [1e999]}',
+        b"y" * 400_000,
+    ]
     for data in junk:
         r = post(url, "/score", data=data, headers={**auth, "Content-Type": "application/json"})
         assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
@@ -287,7 +334,9 @@ def test_run_dir_is_served_normalised(served, direct, run_dir):
     h = requests.get(served["url_run"] + "/health", timeout=10).json()
     assert h["model_id"] == str((run_dir / "model").resolve()) and h["normalized"] is True
     assert math.isclose(h["normalization"]["std"], std) and "epoch 2 val rewards" in h["normalization"]["source"]
-    close(served["handle_run"].score.remote(prompts, chosen).result(), [(x - mean) / std for x in direct(prompts, chosen)])
+    close(
+        served["handle_run"].score.remote(prompts, chosen).result(), [(x - mean) / std for x in direct(prompts, chosen)]
+    )
 
 
 def test_client_against_the_real_server(served, direct):
@@ -297,8 +346,10 @@ def test_client_against_the_real_server(served, direct):
         close(c.score(prompts, chosen), direct(prompts, chosen))  # 20 pairs: two requests of 16 + 4
         cmp = c.compare(prompts[0], chosen[0], rejected[0])
         assert 0.0 < cmp["probability"] < 1.0
-        close(c.get_reward([p + r for p, r in zip(prompts[:3], rejected[:3])], prompts[:3]),
-              direct(prompts[:3], rejected[:3]))
+        close(
+            c.get_reward([p + r for p, r in zip(prompts[:3], rejected[:3])], prompts[:3]),
+            direct(prompts[:3], rejected[:3]),
+        )
         with pytest.raises(RewardServerError) as e:
             c.score(["p"], ["x" * 3001])
         assert (e.value.status, e.value.field) == (413, "responses[0]")
@@ -321,8 +372,20 @@ def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_dir, tmp_pat
     port = _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "mars_ray.cli", "serve", "--model", str(tiny_bert_dir), "--serve.port", str(port),
-           "--resources.num_cpus", "1", "--serve.num_cpus", "0.5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mars_ray.cli",
+        "serve",
+        "--model",
+        str(tiny_bert_dir),
+        "--serve.port",
+        str(port),
+        "--resources.num_cpus",
+        "1",
+        "--serve.num_cpus",
+        "0.5",
+    ]
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -132,8 +132,13 @@ def test_sigmoid_is_stable():
 def test_pooled_stats_match_numpy():
     rng = np.random.default_rng(0)
     c, r = rng.normal(1.0, 2.0, 500), rng.normal(-0.5, 0.7, 500)
-    row = {"val_chosen_mean": c.mean(), "val_chosen_std": c.std(), "val_rejected_mean": r.mean(),
-           "val_rejected_std": r.std(), "val_n": 500}
+    row = {
+        "val_chosen_mean": c.mean(),
+        "val_chosen_std": c.std(),
+        "val_rejected_mean": r.mean(),
+        "val_rejected_std": r.std(),
+        "val_n": 500,
+    }
     mean, std, n = P.pooled_stats(row, "val")
     both = np.concatenate([c, r])
     assert n == 500 and math.isclose(mean, both.mean(), abs_tol=1e-9) and math.isclose(std, both.std(), rel_tol=1e-9)
@@ -205,11 +210,24 @@ def test_resolve_target(tmp_path):
 
 def test_serve_config_problems():
     assert ServeConfig().problems() == []
-    bad = ServeConfig(max_batch_size=0, port=0, min_replicas=2, norm_mean=1.0, route_prefix="x",
-                      max_ongoing_requests=4, request_timeout_s=0)
+    bad = ServeConfig(
+        max_batch_size=0,
+        port=0,
+        min_replicas=2,
+        norm_mean=1.0,
+        route_prefix="x",
+        max_ongoing_requests=4,
+        request_timeout_s=0,
+    )
     text = "\n".join(bad.problems())
-    for words in ("serve.max_batch_size=0 must be >= 1", "serve.port=0", "serve.min_replicas needs serve.max_replicas",
-                  "norm_mean and serve.norm_std go together", "must start with '/'", "serve.request_timeout_s=0"):
+    for words in (
+        "serve.max_batch_size=0 must be >= 1",
+        "serve.port=0",
+        "serve.min_replicas needs serve.max_replicas",
+        "norm_mean and serve.norm_std go together",
+        "must start with '/'",
+        "serve.request_timeout_s=0",
+    ):
         assert words in text, words
     assert "batches could never fill" in "\n".join(ServeConfig(max_ongoing_requests=4).problems())
     assert ServeConfig(min_replicas=3, max_replicas=2).problems()
@@ -228,8 +246,12 @@ def test_deployment_options_replicas_autoscaling_resources():
     assert o["max_ongoing_requests"] == 64  # 2 x max_batch_size: one batch fills while one runs
     a = deployment_options(ServeConfig(min_replicas=0, max_replicas=4, num_replicas=2))
     assert "num_replicas" not in a
-    assert a["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 2,
-                                       "target_ongoing_requests": 32.0}
+    assert a["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 4,
+        "initial_replicas": 2,
+        "target_ongoing_requests": 32.0,
+    }
     assert url_of(ServeConfig(host="0.0.0.0", port=9000, route_prefix="/rm")) == "http://127.0.0.1:9000/rm"
     assert url_of(ServeConfig(port=8001)) == "http://127.0.0.1:8001"
 

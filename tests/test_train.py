@@ -106,10 +106,16 @@ def test_build_ds_config():
     assert c["gradient_accumulation_steps"] == 2 and c["gradient_clipping"] == 1.0
     assert c["optimizer"]["type"] == "AdamW"
     assert c["optimizer"]["params"] == {
-        "lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True
+        "lr": 1e-3,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "torch_adam": True,
     }
     assert c["bf16"]["enabled"] is False
-    c3 = build_ds_config(DeepSpeedConfig(stage=3, bf16=True, offload_params=True, offload_optimizer=True), t, world_size=1)
+    c3 = build_ds_config(
+        DeepSpeedConfig(stage=3, bf16=True, offload_params=True, offload_optimizer=True), t, world_size=1
+    )
     assert c3["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert c3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert c3["bf16"]["enabled"] is True
@@ -126,7 +132,26 @@ def test_build_ds_config():
 # --------------------------------------------------------------------------------------------
 
 _GOOD = ["great", "excellent", "wonderful"]
-_WORDS = ["the", "a", "cat", "dog", "house", "tree", "river", "car", "book", "song", "blue", "red", "small", "large", "happy", "quiet", "window", "door"]
+_WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "house",
+    "tree",
+    "river",
+    "car",
+    "book",
+    "song",
+    "blue",
+    "red",
+    "small",
+    "large",
+    "happy",
+    "quiet",
+    "window",
+    "door",
+]
 
 
 def _pairs(n: int, seed: int):
@@ -186,8 +211,9 @@ def _score(model, tok, path):
     from mars_ray.models.reward import score_pairs
 
     t = pq.read_table(path).to_pydict()
-    return score_pairs(model, tok, t["prompt"], t["chosen"], t["rejected"], batch_size=16,
-                       max_prompt_tokens=24, max_response_tokens=16)
+    return score_pairs(
+        model, tok, t["prompt"], t["chosen"], t["rejected"], batch_size=16, max_prompt_tokens=24, max_response_tokens=16
+    )
 
 
 def test_lora_merged_equals_unmerged_and_saved_dir_loads_plain(tiny_bert_dir, data_files, tmp_path):
@@ -239,8 +265,9 @@ def test_lora_on_llama_targets_q_v_and_merges(tiny_llama_dir):
     peft_model.eval()
     kw = dict(batch_size=4, max_prompt_tokens=16, max_response_tokens=8)
     texts = (["hi there", "what is up"], ["fine thanks", "nothing much at all"])
-    np.testing.assert_allclose(score_texts(_plain_model(peft_model), tok, *texts, **kw),
-                               score_texts(peft_model, tok, *texts, **kw), atol=1e-5)
+    np.testing.assert_allclose(
+        score_texts(_plain_model(peft_model), tok, *texts, **kw), score_texts(peft_model, tok, *texts, **kw), atol=1e-5
+    )
 
 
 def test_local_fit_learns_and_saves_plain_hf_folder(tiny_bert_dir, data_files, tmp_path):
@@ -249,8 +276,15 @@ def test_local_fit_learns_and_saves_plain_hf_folder(tiny_bert_dir, data_files, t
     from mars_ray.train import fit_reward_model
 
     train_path, val_path = data_files
-    m = fit_reward_model(_cfg(), init_model=str(tiny_bert_dir), train_path=train_path, val_path=val_path,
-                         run_dir=tmp_path, name="local", weights_column="weight")
+    m = fit_reward_model(
+        _cfg(),
+        init_model=str(tiny_bert_dir),
+        train_path=train_path,
+        val_path=val_path,
+        run_dir=tmp_path,
+        name="local",
+        weights_column="weight",
+    )
     hist = m["train_loss_history"]
     assert m["steps"] == 3 * 8 and len(hist) == 24
     assert np.mean(hist[-4:]) < np.mean(hist[:4]) - 0.05, hist
@@ -268,10 +302,16 @@ def test_local_fit_learns_and_saves_plain_hf_folder(tiny_bert_dir, data_files, t
     assert state["passes_done"] == 3 and state["optimizer"]["state"] and "torch" in state["rng"]
 
     # warm start from the trained folder, full fine-tuning, margin term, max_steps
-    m2 = fit_reward_model(_cfg(**{"train.lora": False, "train.lr": 1e-3, "train.max_steps": 2,
-                                  "train.margin_term": True}),
-                          init_model=str(mdir), train_path=train_path, val_path=val_path, run_dir=tmp_path,
-                          name="warm", margin_column="weight", epoch=2)
+    m2 = fit_reward_model(
+        _cfg(**{"train.lora": False, "train.lr": 1e-3, "train.max_steps": 2, "train.margin_term": True}),
+        init_model=str(mdir),
+        train_path=train_path,
+        val_path=val_path,
+        run_dir=tmp_path,
+        name="warm",
+        margin_column="weight",
+        epoch=2,
+    )
     assert m2["steps"] == 2
     assert m2["train_loss_first"] > 0.0
 
@@ -280,8 +320,15 @@ def test_fit_rejects_missing_column(tiny_bert_dir, data_files, tmp_path):
     from mars_ray.train import fit_reward_model
 
     with pytest.raises(ValueError, match="nope"):
-        fit_reward_model(_cfg(), init_model=str(tiny_bert_dir), train_path=data_files[0], val_path=None,
-                         run_dir=tmp_path, name="bad", weights_column="nope")
+        fit_reward_model(
+            _cfg(),
+            init_model=str(tiny_bert_dir),
+            train_path=data_files[0],
+            val_path=None,
+            run_dir=tmp_path,
+            name="bad",
+            weights_column="nope",
+        )
 
 
 @pytest.mark.ray
@@ -290,8 +337,14 @@ def test_ddp_two_workers_one_pass(ray_local, tiny_bert_dir, data_files, tmp_path
     from mars_ray.train import fit_reward_model
 
     cfg = _cfg(**{"train.num_workers": 2, "train.passes": 1, "train.cpus_per_worker": 1.0})
-    m = fit_reward_model(cfg, init_model=str(tiny_bert_dir), train_path=data_files[0], val_path=data_files[1],
-                         run_dir=tmp_path, name="ddp2")
+    m = fit_reward_model(
+        cfg,
+        init_model=str(tiny_bert_dir),
+        train_path=data_files[0],
+        val_path=data_files[1],
+        run_dir=tmp_path,
+        name="ddp2",
+    )
     assert m["world_size"] == 2
     assert m["steps"] == 4  # 64 pairs / 2 workers / 8 per micro-batch
     assert m["val_n"] == 32 and 0.0 <= m["val_accuracy"] <= 1.0
@@ -299,8 +352,14 @@ def test_ddp_two_workers_one_pass(ray_local, tiny_bert_dir, data_files, tmp_path
 
     # Same run name again with one more pass: resumes from the checkpoint (pass 1 is not redone).
     cfg2 = _cfg(**{"train.num_workers": 2, "train.passes": 2, "train.cpus_per_worker": 1.0})
-    m2 = fit_reward_model(cfg2, init_model=str(tiny_bert_dir), train_path=data_files[0], val_path=data_files[1],
-                          run_dir=tmp_path, name="ddp2")
+    m2 = fit_reward_model(
+        cfg2,
+        init_model=str(tiny_bert_dir),
+        train_path=data_files[0],
+        val_path=data_files[1],
+        run_dir=tmp_path,
+        name="ddp2",
+    )
     assert m2["passes_done"] == 2 and m2["steps"] == 8
     assert m2["train_loss_history"][:4] == pytest.approx(m["train_loss_history"])
 

@@ -7,7 +7,6 @@ plus an explicit ``numpy.random.Generator`` where randomness is involved, so it 
 milliseconds. May import only :mod:`mars_ray.core` itself (and the prompt files' folder).
 """
 
-
 from mars_ray.core.schema import (
     PAIR_COLUMNS,
     PAIR_SCHEMA,

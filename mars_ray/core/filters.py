@@ -13,7 +13,10 @@ from importlib import resources
 _WS = re.compile(r"\s+")
 # A lead-in such as "Here is a paraphrase:", "To paraphrase the text, I would rephrase it to:",
 # "Rewritten response:" -- a short clause naming the task and ending in a colon.
-_LABEL = re.compile(r"^\s*(?:[^:\n]{0,80}\b(?:paraphrase|paraphrased|rephrase|rephrased|rewrite|rewritten|reworded)\b[^:\n]{0,40}|response|answer):\s*", re.I)
+_LABEL = re.compile(
+    r"^\s*(?:[^:\n]{0,80}\b(?:paraphrase|paraphrased|rephrase|rephrased|rewrite|rewritten|reworded)\b[^:\n]{0,40}|response|answer):\s*",
+    re.I,
+)
 _WORD = re.compile(r"[a-z0-9']+")
 
 PARAPHRASE_REASONS = ("empty", "degenerate", "too_short", "too_long", "near_copy", "meaning_drift")

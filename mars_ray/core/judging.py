@@ -107,8 +107,14 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def winrate_summary(outcomes: Sequence[str], first_verdicts: Sequence[str | None] = (),
-                    *, seed: int = 0, n_boot: int = 10000, level: float = 0.95) -> dict[str, Any]:
+def winrate_summary(
+    outcomes: Sequence[str],
+    first_verdicts: Sequence[str | None] = (),
+    *,
+    seed: int = 0,
+    n_boot: int = 10000,
+    level: float = 0.95,
+) -> dict[str, Any]:
     """Wins, ties, losses and the win-rate of X over Y with ties as half a win.
 
     ``win_rate = (wins + ties / 2) / (wins + ties + losses)`` over the valid prompts, with a
@@ -124,24 +130,37 @@ def winrate_summary(outcomes: Sequence[str], first_verdicts: Sequence[str | None
     n = int(valid.size)
     out: dict[str, Any] = {**counts, "n": n, "n_prompts": len(outcomes)}
     if n == 0:
-        out.update(win_rate=float("nan"), ci_low=float("nan"), ci_high=float("nan"),
-                   decisive_win_rate=float("nan"), decisive_ci_low=float("nan"), decisive_ci_high=float("nan"))
+        out.update(
+            win_rate=float("nan"),
+            ci_low=float("nan"),
+            ci_high=float("nan"),
+            decisive_win_rate=float("nan"),
+            decisive_ci_low=float("nan"),
+            decisive_ci_high=float("nan"),
+        )
         return out
     rng = np.random.default_rng(seed)
     boot = valid[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
     lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
     decisive = counts["win"] + counts["loss"]
     dlo, dhi = wilson_interval(counts["win"], decisive, level)
-    out.update(win_rate=float(valid.mean()), ci_low=float(lo), ci_high=float(hi), level=level,
-               decisive_win_rate=counts["win"] / decisive if decisive else float("nan"),
-               decisive_ci_low=dlo, decisive_ci_high=dhi)
+    out.update(
+        win_rate=float(valid.mean()),
+        ci_low=float(lo),
+        ci_high=float(hi),
+        level=level,
+        decisive_win_rate=counts["win"] / decisive if decisive else float("nan"),
+        decisive_ci_low=dlo,
+        decisive_ci_high=dhi,
+    )
     return out
 
 
 def position_bias(first: Sequence[str | None], swapped: Sequence[str | None]) -> dict[str, float]:
     """How often the judge picked position A, and how often its two orders agreed on a response."""
     picks = [v for v in list(first) + list(swapped) if v in VERDICTS]
-    agree = [combine_orders(a, b) in ("win", "loss") for a, b in zip(first, swapped)
-             if a in VERDICTS and b in VERDICTS]
-    return {"picked_first_position": float(np.mean([v == "A" for v in picks])) if picks else float("nan"),
-            "orders_agree": float(np.mean(agree)) if agree else float("nan")}
+    agree = [combine_orders(a, b) in ("win", "loss") for a, b in zip(first, swapped) if a in VERDICTS and b in VERDICTS]
+    return {
+        "picked_first_position": float(np.mean([v == "A" for v in picks])) if picks else float("nan"),
+        "orders_agree": float(np.mean(agree)) if agree else float("nan"),
+    }

@@ -38,8 +38,9 @@ def truncate_pair_tokens(
     )
 
 
-def length_grouped_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
-                           rng, group: int = 32) -> list[list[int]]:
+def length_grouped_batches(
+    order: Sequence[int], lengths: Sequence[int], batch_size: int, rng, group: int = 32
+) -> list[list[int]]:
     """Micro-batches of ``order`` with little padding, still in random order.
 
     ``order`` (an already shuffled list of row indices) is cut into windows of ``group`` batches;
@@ -54,10 +55,10 @@ def length_grouped_batches(order: Sequence[int], lengths: Sequence[int], batch_s
     window = batch_size * group
     batches: list[list[int]] = []
     for start in range(0, len(order), window):
-        chunk = order[start:start + window]
+        chunk = order[start : start + window]
         if group > 1:
             chunk = sorted(chunk, key=lambda i: -int(lengths[i]))
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
     if group > 1 and len(batches) > 1:
         perm = rng.permutation(len(batches))
         batches = [batches[p] for p in perm]

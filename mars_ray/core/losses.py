@@ -94,8 +94,16 @@ def pair_metrics(r_chosen: Any, r_rejected: Any) -> dict[str, float]:
     n = int(c.size)
     if n == 0:
         nan = float("nan")
-        keys = ("accuracy", "margin_mean", "margin_std", "snr", "chosen_mean", "chosen_std",
-                "rejected_mean", "rejected_std")
+        keys = (
+            "accuracy",
+            "margin_mean",
+            "margin_std",
+            "snr",
+            "chosen_mean",
+            "chosen_std",
+            "rejected_mean",
+            "rejected_std",
+        )
         return {**dict.fromkeys(keys, nan), "n": 0}
     d = c - r
     mean, std = float(d.mean()), float(d.std())

@@ -16,10 +16,21 @@ import numpy as np
 # RewardBench's sections (the filtered split): section -> its subsets.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
-    "Chat Hard": ("mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-                  "llmbar-adver-GPTOut", "llmbar-adver-manual"),
-    "Safety": ("refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-               "donotanswer"),
+    "Chat Hard": (
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ),
+    "Safety": (
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ),
     "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
 }
 HEP = ("hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust")
@@ -75,8 +86,11 @@ def rewardbench_sections(per_subset: Mapping[str, Mapping[str, float]]) -> dict[
     }
 
 
-def length_buckets(correct: Sequence[bool] | np.ndarray, lengths: Sequence[int] | np.ndarray,
-                   edges: Sequence[int] = (64, 128, 256, 512)) -> list[dict[str, Any]]:
+def length_buckets(
+    correct: Sequence[bool] | np.ndarray,
+    lengths: Sequence[int] | np.ndarray,
+    edges: Sequence[int] = (64, 128, 256, 512),
+) -> list[dict[str, Any]]:
     """Accuracy by the pair's length (tokens of its longer sequence) in buckets split at ``edges``."""
     ok = np.asarray(correct, dtype=bool)
     ln = np.asarray(lengths)
@@ -85,8 +99,13 @@ def length_buckets(correct: Sequence[bool] | np.ndarray, lengths: Sequence[int] 
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         mask = (ln >= lo) & (ln < hi if hi is not None else True)
         if mask.any():
-            out.append({"tokens": f"{lo}-{hi - 1}" if hi is not None else f">={lo}", "n": int(mask.sum()),
-                        "accuracy": float(ok[mask].mean())})
+            out.append(
+                {
+                    "tokens": f"{lo}-{hi - 1}" if hi is not None else f">={lo}",
+                    "n": int(mask.sum()),
+                    "accuracy": float(ok[mask].mean()),
+                }
+            )
     return out
 
 
@@ -113,14 +132,23 @@ def curvature_bins(margins: np.ndarray, psi: np.ndarray, bins: int = 5) -> list[
         c = sigmoid(m[idx]) * (1.0 - sigmoid(m[idx]))
         fisher = (psi[idx] * c[:, None]).T @ psi[idx] / len(idx)
         eig = np.linalg.eigvalsh(fisher)
-        out.append({"bin": k, "n": len(idx), "abs_margin_lo": float(np.abs(m[idx]).min()),
-                    "abs_margin_hi": float(np.abs(m[idx]).max()), "mean_c": float(c.mean()),
-                    "min_eig": float(eig[0]), "max_eig": float(eig[-1])})
+        out.append(
+            {
+                "bin": k,
+                "n": len(idx),
+                "abs_margin_lo": float(np.abs(m[idx]).min()),
+                "abs_margin_hi": float(np.abs(m[idx]).max()),
+                "mean_c": float(c.mean()),
+                "min_eig": float(eig[0]),
+                "max_eig": float(eig[-1]),
+            }
+        )
     return out
 
 
-def paired_comparison(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10000, seed: int = 0,
-                      level: float = 0.95) -> dict[str, float]:
+def paired_comparison(
+    a: Sequence[float], b: Sequence[float], *, n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Paired difference a − b across seeds: mean, std, a two-sided paired t-test (scipy) and a
     percentile bootstrap confidence interval of the mean difference."""
     x = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
@@ -141,5 +169,12 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, n_boot: int = 1
     rng = np.random.default_rng(seed)
     boot = x[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
     lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"mean_diff": mean, "std_diff": sd, "n": int(n), "t": float(t), "p_value": float(p),
-            "ci_low": float(lo), "ci_high": float(hi)}
+    return {
+        "mean_diff": mean,
+        "std_diff": sd,
+        "n": int(n),
+        "t": float(t),
+        "p_value": float(p),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+    }

@@ -101,8 +101,11 @@ def refine_batch(
         pending = [i for i in range(n) if done[i] is None]
         if not pending:
             break
-        reqs = [(role, items[i].prompt, items[i].chosen, items[i].rejected, first, k)
-                for role, first, k in windows for i in pending]
+        reqs = [
+            (role, items[i].prompt, items[i].chosen, items[i].rejected, first, k)
+            for role, first, k in windows
+            for i in pending
+        ]
         outs = rewrite(reqs)
         if [len(row) for row in outs] != [r[5] for r in reqs]:
             raise ValueError(f"rewrite returned {[len(row) for row in outs]} texts for {[r[5] for r in reqs]}")

@@ -19,7 +19,10 @@ def _rank_keys(keys: Sequence[str], seed: int) -> np.ndarray:
     """A seed-dependent pseudo-random but content-stable rank for each key."""
     salt = f"{seed}\x00".encode()
     return np.array(
-        [int.from_bytes(hashlib.blake2b(salt + k.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") for k in keys],
+        [
+            int.from_bytes(hashlib.blake2b(salt + k.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+            for k in keys
+        ],
         dtype=np.uint64,
     )
 
@@ -31,9 +34,7 @@ def _order(pair_ids: Sequence[str], groups: Sequence[str], seed: int) -> np.ndar
     return np.lexsort((pair_rank, group_rank))
 
 
-def select_subset(
-    pair_ids: Sequence[str], groups: Sequence[str], max_pairs: int | None, seed: int
-) -> np.ndarray:
+def select_subset(pair_ids: Sequence[str], groups: Sequence[str], max_pairs: int | None, seed: int) -> np.ndarray:
     """Indices of at most ``max_pairs`` pairs, chosen deterministically under ``seed``.
 
     Whole groups are taken in rank order; the last group may be cut so exactly

@@ -65,7 +65,7 @@ def dialogue_messages(prompt: str) -> list[dict[str, str]]:
         role = "user" if rest.startswith(_TURN[0]) else "assistant" if rest.startswith(_TURN[1]) else None
         if role is None:
             return [{"role": "user", "content": prompt.strip()}]
-        rest = rest[len(_TURN[0] if role == "user" else _TURN[1]):]
+        rest = rest[len(_TURN[0] if role == "user" else _TURN[1]) :]
         cut = [k for k in (rest.find(_TURN[0]), rest.find(_TURN[1])) if k >= 0]
         end = min(cut) if cut else len(rest)
         content, rest = rest[:end].strip(), rest[end:]

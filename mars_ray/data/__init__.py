@@ -5,7 +5,6 @@ May import :mod:`mars_ray.config`, :mod:`mars_ray.core` and :mod:`mars_ray.model
 length statistics); Ray only inside :func:`to_ray_dataset`.
 """
 
-
 from mars_ray.data.files import DataFileError
 from mars_ray.data.load import (
     BUILTIN_DATASETS,

@@ -18,7 +18,14 @@ from typing import Any
 
 from mars_ray.core.validation import RowError
 
-SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
 class DataFileError(ValueError):
@@ -88,7 +95,9 @@ def _json(p: Path) -> Iterator[Record]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataFileError(f"{p}: invalid UTF-8 at byte {e.start}; a .json file must decode as a whole (use .jsonl to quarantine bad lines)") from None
+        raise DataFileError(
+            f"{p}: invalid UTF-8 at byte {e.start}; a .json file must decode as a whole (use .jsonl to quarantine bad lines)"
+        ) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

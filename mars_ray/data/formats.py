@@ -107,7 +107,11 @@ def parse_pku(row: Mapping[str, Any], *, pku_label: str = "safer", **_: Any) -> 
     label = int(label)
     r0, r1 = _require(row, "response_0"), _require(row, "response_1")
     chosen, rejected = (r0, r1) if label == 0 else (r1, r0)
-    meta = {k: row[k] for k in ("is_response_0_safe", "is_response_1_safe", "better_response_id", "safer_response_id") if k in row}
+    meta = {
+        k: row[k]
+        for k in ("is_response_0_safe", "is_response_1_safe", "better_response_id", "safer_response_id")
+        if k in row
+    }
     return ParsedPair(row.get("prompt"), chosen, rejected, meta=meta)
 
 
@@ -127,7 +131,9 @@ def _last_assistant(messages: Any, name: str) -> tuple[str | None, str]:
         if len(context) == 1 and context[0]["role"] == "user":
             prompt = context[0]["content"]
         else:
-            prompt = "".join(f"\n\n{'Human' if m['role'] == 'user' else m['role'].capitalize()}: {m['content']}" for m in context)
+            prompt = "".join(
+                f"\n\n{'Human' if m['role'] == 'user' else m['role'].capitalize()}: {m['content']}" for m in context
+            )
             prompt += ASSISTANT
     return prompt, last["content"]
 

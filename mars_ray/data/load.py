@@ -264,7 +264,9 @@ def to_ray_dataset(table: pa.Table):
 def length_stats(table: pa.Table, tokenizer, cfg: DataConfig) -> dict[str, Any]:
     """Token-length percentiles and how many pairs the limits would truncate (none are dropped)."""
     cols = {c: table.column(c).to_pylist() for c in (S.PROMPT, S.CHOSEN, S.REJECTED)}
-    lens = {c: np.array([len(ids) for ids in tokenizer(v, add_special_tokens=False)["input_ids"]]) for c, v in cols.items()}
+    lens = {
+        c: np.array([len(ids) for ids in tokenizer(v, add_special_tokens=False)["input_ids"]]) for c, v in cols.items()
+    }
     out: dict[str, Any] = {}
     for c, arr in lens.items():
         out[c] = {f"p{q}": int(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max())}

@@ -61,7 +61,9 @@ def inspect(path: str | None, cfg: Config) -> dict[str, Any]:
     if path and Path(path).is_dir():
         report_path = Path(path) / REPORT_FILE
         if not report_path.exists():
-            raise FileNotFoundError(f"{path}: not a prepared directory (no {REPORT_FILE}); run `mars-ray data prepare` first")
+            raise FileNotFoundError(
+                f"{path}: not a prepared directory (no {REPORT_FILE}); run `mars-ray data prepare` first"
+            )
         return json.loads(report_path.read_text(encoding="utf-8"))
     if path:
         cfg.set("data.path", path)

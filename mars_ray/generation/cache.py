@@ -39,7 +39,9 @@ class GenerationCache:
         self._local = threading.local()
         with self._conn() as c:
             c.execute("PRAGMA journal_mode=WAL")
-            c.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT, created REAL)")
+            c.execute(
+                "CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT, created REAL)"
+            )
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -127,15 +127,27 @@ class _LocalGenerator:
                     raise ValueError("empty model input")
                 encoded[i] = ids
             except Exception as exc:  # a malformed request fails alone
-                logger.warning("%s: request %d cannot be encoded (%s: %s); its %d outputs are None",
-                               self.model_id, i, type(exc).__name__, exc, n)
+                logger.warning(
+                    "%s: request %d cannot be encoded (%s: %s); its %d outputs are None",
+                    self.model_id,
+                    i,
+                    type(exc).__name__,
+                    exc,
+                    n,
+                )
                 self.failed += n
         for idxs in self._chunks(encoded, caps, n):
             try:
                 outs = self._generate_chunk([encoded[i] for i in idxs], n, [caps[i] for i in idxs])
             except Exception as exc:  # one bad chunk (OOM, ...) must not sink the call
-                logger.warning("%s: generation failed for a chunk of %d requests (%s: %s); its %d outputs are None",
-                               self.model_id, len(idxs), type(exc).__name__, exc, len(idxs) * n)
+                logger.warning(
+                    "%s: generation failed for a chunk of %d requests (%s: %s); its %d outputs are None",
+                    self.model_id,
+                    len(idxs),
+                    type(exc).__name__,
+                    exc,
+                    len(idxs) * n,
+                )
                 self.failed += len(idxs) * n
                 _free_accelerator_memory()
                 continue
@@ -218,8 +230,13 @@ class _LocalGenerator:
         """Greedy, one output per request, decoder-only: :func:`ragged_greedy` gives the same tokens
         with a shared prompt prefix computed once and ended rows leaving the batch."""
         p = self.params
-        return (getattr(self, "ragged", False) and not self.is_encoder_decoder and p.temperature == 0 and max(p.num_beams, n) == 1
-                and supports_ragged_greedy(self.model))
+        return (
+            getattr(self, "ragged", False)
+            and not self.is_encoder_decoder
+            and p.temperature == 0
+            and max(p.num_beams, n) == 1
+            and supports_ragged_greedy(self.model)
+        )
 
     def _generate_chunk(self, chunk: list[list[int]], n: int, caps: list[int]) -> list[list[str]]:
         import torch
@@ -227,8 +244,14 @@ class _LocalGenerator:
         t0 = time.perf_counter()
         if self._ragged(n):
             self.batches += 1
-            rows = ragged_greedy(self.model, chunk, caps, eos_ids=self._eos_ids, pad_id=self._pad_id,
-                                 no_repeat_ngram_size=self.params.no_repeat_ngram_size)
+            rows = ragged_greedy(
+                self.model,
+                chunk,
+                caps,
+                eos_ids=self._eos_ids,
+                pad_id=self._pad_id,
+                no_repeat_ngram_size=self.params.no_repeat_ngram_size,
+            )
             texts = [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
             self.generated_tokens += sum(len(r) for r in rows)
             self.seconds += time.perf_counter() - t0

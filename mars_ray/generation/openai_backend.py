@@ -192,7 +192,9 @@ class OpenAIGenerator:
         if warn_budget:
             logger.warning(
                 "%s: request budget exhausted (max_requests=%s, max_tokens=%s): remaining outputs are None",
-                self.model_id, self.max_requests, self.max_tokens,
+                self.model_id,
+                self.max_requests,
+                self.max_tokens,
             )
 
     @property
@@ -337,8 +339,16 @@ class OpenAIGenerator:
 
     # Picklable without the key or the client (e.g. for Ray): rebuilt from the environment.
     _CONFIG_FIELDS = (
-        "model", "params", "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries",
-        "max_requests", "max_tokens", "system",
+        "model",
+        "params",
+        "base_url",
+        "api_key_env",
+        "concurrency",
+        "timeout_s",
+        "max_retries",
+        "max_requests",
+        "max_tokens",
+        "system",
     )
 
     def __getstate__(self) -> dict[str, Any]:

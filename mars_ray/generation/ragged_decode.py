@@ -94,8 +94,9 @@ def _full_attention_only(cfg: Any) -> bool:
     types = getattr(cfg, "layer_types", None)
     if types is not None:
         return all(t == "full_attention" for t in types)
-    return (getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False) \
-        and getattr(cfg, "attention_chunk_size", None) is None
+    return (
+        getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False
+    ) and getattr(cfg, "attention_chunk_size", None) is None
 
 
 def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:

@@ -5,7 +5,6 @@
 May import :mod:`mars_ray.core`; never Ray. Importing this package is cheap: heavy libraries load on first use.
 """
 
-
 from mars_ray.models.resolve import (
     BUILTIN_MODELS,
     ModelResolutionError,

@@ -131,8 +131,7 @@ def is_offline() -> bool:
     case-insensitive).
     """
     return any(
-        os.environ.get(name, "").strip().lower() in _TRUE_VALUES
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        os.environ.get(name, "").strip().lower() in _TRUE_VALUES for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
 
 
@@ -274,9 +273,7 @@ def resolve_model(ref: str, *, cache_dir: str | None = None, offline: bool | Non
         if name == "builtin:smollm2":
             path = _ensure_smollm2(cache_root(cache_dir))
             return ResolvedModel(ref=ref, path=str(path), kind="builtin", model_id="builtin:smollm2")
-        raise ModelResolutionError(
-            f"Unknown built-in model {ref!r}. Known built-ins: {_builtin_list()}."
-        )
+        raise ModelResolutionError(f"Unknown built-in model {ref!r}. Known built-ins: {_builtin_list()}.")
 
     # 2. Local directories and files (checked before hub ids, like from_pretrained does).
     expanded = os.path.expanduser(ref)
@@ -501,7 +498,9 @@ def _convert_smollm2(gguf: pathlib.Path, out_dir: pathlib.Path) -> dict[str, Any
     t_model = time.perf_counter() - t0 - t_tok
     _strip_quantizer_marks(model)
     _check_dense(model)
-    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF says "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    model.config._name_or_path = (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF says "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    )
     model.save_pretrained(str(out_dir))
 
     # The GGUF tokenizer has no length limit; use the model's context length like the hub tokenizer.
@@ -557,7 +556,8 @@ def _ensure_smollm2(root: pathlib.Path) -> pathlib.Path:
 
         logger.warning(
             "builtin:smollm2: converting %s into %s once (35–50 s, ~1.3 GB RAM, 517 MB on disk)",
-            gguf, final,
+            gguf,
+            final,
         )
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=base))
         try:

@@ -129,9 +129,7 @@ def load_reward_model(
     torch_dtype = resolve_dtype(dtype, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolved.path, num_labels=1, dtype=torch_dtype
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(resolved.path, num_labels=1, dtype=torch_dtype)
     # Padding uses the tokenizer's pad id, so the model's last-non-pad pooling must agree with it.
     model.config.pad_token_id = tokenizer.pad_token_id
     if _text_config(model.config) is not model.config:
@@ -286,8 +284,7 @@ def _template_from_probe(tokenizer: Any) -> _PairTemplate:
         parts = _split_template(full, a, b, n_special)
         if parts is None:
             raise ValueError(
-                f"cannot read the pair template of {type(tokenizer).__name__}: "
-                f"{text_a!r}+{text_b!r} encodes to {full}"
+                f"cannot read the pair template of {type(tokenizer).__name__}: {text_a!r}+{text_b!r} encodes to {full}"
             )
         prefix, middle, suffix = (tuple(full[s:e]) for s, e in parts)
         types = _split_types(list(enc["token_type_ids"]), parts, len(a), len(b)) if want_types else None
@@ -488,7 +485,9 @@ def length_chunks(lengths: np.ndarray, *, batch_size: int, max_tokens: int | Non
     return chunks
 
 
-def score_encoded(model: Any, tokenizer: Any, enc: Encoded, *, batch_size: int, max_tokens: int | None = None) -> np.ndarray:
+def score_encoded(
+    model: Any, tokenizer: Any, enc: Encoded, *, batch_size: int, max_tokens: int | None = None
+) -> np.ndarray:
     """Rewards (float32, input order) of encoded sequences: longest first, forward batches of
     :func:`length_chunks` (``batch_size`` rows, ``max_tokens`` token slots), each padded only to
     its own longest row."""
@@ -532,8 +531,12 @@ def score_texts(
     """r(prompt_i, response_i) for every i as float32, in input order (forward batches as
     :func:`score_encoded`)."""
     enc = encode_pairs(
-        tokenizer, prompts, responses,
-        max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens, max_length=max_length,
+        tokenizer,
+        prompts,
+        responses,
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+        max_length=max_length,
     )
     return score_encoded(model, tokenizer, enc, batch_size=batch_size, max_tokens=max_tokens)
 
@@ -553,8 +556,13 @@ def score_pairs(
     """``(r_chosen, r_rejected)`` (float32, input order) in one length-sorted pass over all 2n
     sequences; the margin is ``r_chosen - r_rejected``."""
     enc_c, enc_r = encode_preferences(
-        tokenizer, prompts, chosen, rejected,
-        max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens, max_length=max_length,
+        tokenizer,
+        prompts,
+        chosen,
+        rejected,
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+        max_length=max_length,
     )
     both = Encoded(
         enc_c.input_ids + enc_r.input_ids,
@@ -565,7 +573,6 @@ def score_pairs(
     r = score_encoded(model, tokenizer, both, batch_size=batch_size)
     n = len(prompts)
     return r[:n], r[n:]
-
 
 
 def _final_projection(model: Any) -> Any:
@@ -603,9 +610,11 @@ def score_with_features(model: Any, tokenizer: Any, enc: Encoded, *, batch_size:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                batch = pad_batch([enc.input_ids[i] for i in idx],
-                                  [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None,
-                                  tokenizer.pad_token_id)
+                batch = pad_batch(
+                    [enc.input_ids[i] for i in idx],
+                    [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None,
+                    tokenizer.pad_token_id,
+                )
                 batch = {k: v.to(device) for k, v in batch.items()}
                 captured.clear()
                 rewards[idx] = model(**batch).logits[:, 0].float().cpu().numpy()

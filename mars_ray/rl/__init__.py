@@ -6,7 +6,6 @@ May import everything below the commands (config, core, data, models, generation
 Heavy imports (TRL, transformers, Ray) happen inside the functions.
 """
 
-
 from mars_ray.rl.rewards import RewardTarget, ServedReward
 
 __all__ = ["RewardTarget", "ServedReward"]

@@ -47,8 +47,12 @@ class AlignDirError(ValueError):
 # ------------------------------------------------------------------------------ prompts
 
 
-def fit_messages(messages: list[dict[str, str]], count: Callable[[list[dict[str, str]]], int],
-                 max_tokens: int, drop: Callable[[str, int], str]) -> list[dict[str, str]]:
+def fit_messages(
+    messages: list[dict[str, str]],
+    count: Callable[[list[dict[str, str]]], int],
+    max_tokens: int,
+    drop: Callable[[str, int], str],
+) -> list[dict[str, str]]:
     """Keep a conversation within ``max_tokens``: drop its oldest turns (what is left starts with a
     user turn), then cut the first remaining turn from the left. ``count`` measures rendered
     messages in tokens; ``drop(text, n)`` removes the first ``n`` tokens of a text."""
@@ -63,8 +67,9 @@ def fit_messages(messages: list[dict[str, str]], count: Callable[[list[dict[str,
     return msgs
 
 
-def prompt_rows(cfg: Config, *, split: str, limit: int | None, tokenizer: Any,
-                max_tokens: int, path: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def prompt_rows(
+    cfg: Config, *, split: str, limit: int | None, tokenizer: Any, max_tokens: int, path: str | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Distinct prompts of ``split`` (``train``, ``val`` or ``test``; the first ``limit``, in the
     data layer's deterministic order) as ``{"prompt": chat messages, "rm_prompt": text}`` rows,
     each conversation fitted into ``max_tokens`` of the policy's chat template. Falls back to the
@@ -94,7 +99,7 @@ def prompt_rows(cfg: Config, *, split: str, limit: int | None, tokenizer: Any,
 
     def drop(text: str, n: int) -> str:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tokenizer.decode(ids[min(len(ids) - 1, n + 1):]) if ids else text  # +1: a split word
+        return tokenizer.decode(ids[min(len(ids) - 1, n + 1) :]) if ids else text  # +1: a split word
 
     rows, fitted = [], 0
     for p in chosen:
@@ -102,8 +107,15 @@ def prompt_rows(cfg: Config, *, split: str, limit: int | None, tokenizer: Any,
         fit = fit_messages(msgs, count, max_tokens, drop)
         fitted += fit != msgs
         rows.append({"prompt": fit, "rm_prompt": p})
-    info = {"data": data_cfg.path, "split": used, "asked_split": split, "prompts": len(rows),
-            "distinct_in_split": len(seen), "fitted_to_length": fitted, "max_prompt_tokens": max_tokens}
+    info = {
+        "data": data_cfg.path,
+        "split": used,
+        "asked_split": split,
+        "prompts": len(rows),
+        "distinct_in_split": len(seen),
+        "fitted_to_length": fitted,
+        "max_prompt_tokens": max_tokens,
+    }
     return rows, info
 
 
@@ -172,9 +184,14 @@ class _StepTimes:
         c = self.reward.counters
         rollout = self.generate_s - self._gen_mark
         reward = c.seconds - self._rew_mark[2]
-        self.last = {"time/step_s": step, "time/rollout_s": rollout, "time/reward_s": reward,
-                     "time/update_s": max(0.0, step - rollout - reward),
-                     "reward_calls": float(c.calls - self._rew_mark[0]), "reward_items": float(c.items - self._rew_mark[1])}
+        self.last = {
+            "time/step_s": step,
+            "time/rollout_s": rollout,
+            "time/reward_s": reward,
+            "time/update_s": max(0.0, step - rollout - reward),
+            "reward_calls": float(c.calls - self._rew_mark[0]),
+            "reward_items": float(c.items - self._rew_mark[1]),
+        }
         return self.last
 
 
@@ -202,17 +219,36 @@ def align_loop_per_worker(config: dict) -> None:
     ConfigCls, TrainerCls = _trl_classes(r.algorithm)
     use_gpu = bool(r.use_gpu) and torch.cuda.is_available()
     args = ConfigCls(
-        output_dir=config["hf_dir"], learning_rate=r.lr, beta=r.kl_coef, epsilon=r.clip,
-        num_generations=r.num_generations, max_completion_length=r.max_new_tokens, temperature=r.temperature,
-        per_device_train_batch_size=r.prompts_per_step * r.num_generations, max_steps=r.steps,
-        logging_steps=1, save_strategy="steps", save_steps=r.save_steps, save_total_limit=2,
-        use_cpu=not use_gpu, bf16=use_gpu and torch.cuda.is_bf16_supported(), report_to=[], seed=cfg.seed,
-        data_seed=cfg.seed, disable_tqdm=rank != 0, remove_unused_columns=False,
+        output_dir=config["hf_dir"],
+        learning_rate=r.lr,
+        beta=r.kl_coef,
+        epsilon=r.clip,
+        num_generations=r.num_generations,
+        max_completion_length=r.max_new_tokens,
+        temperature=r.temperature,
+        per_device_train_batch_size=r.prompts_per_step * r.num_generations,
+        max_steps=r.steps,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=r.save_steps,
+        save_total_limit=2,
+        use_cpu=not use_gpu,
+        bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=rank != 0,
+        remove_unused_columns=False,
     )
     peft_config = None
     if r.lora:
-        peft_config = LoraConfig(r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
-                                 target_modules=list(r.lora_target_modules), task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=r.lora_r,
+            lora_alpha=r.lora_alpha,
+            lora_dropout=r.lora_dropout,
+            target_modules=list(r.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
     times = _StepTimes(reward)
     metrics_path = Path(config["metrics_path"])
 
@@ -226,13 +262,23 @@ def align_loop_per_worker(config: dict) -> None:
         def on_log(self, args, state, control, logs=None, **kw):
             if rank != 0 or not logs or "train_runtime" in logs:
                 return
-            row = {"step": int(state.global_step), **{k: float(v) for k, v in logs.items()
-                                                     if isinstance(v, (int, float))}, **times.last}
+            row = {
+                "step": int(state.global_step),
+                **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))},
+                **times.last,
+            }
             with metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
-    trainer = TrainerCls(model=model, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[_Timing(), RayTrainReportCallback()])
+    trainer = TrainerCls(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_Timing(), RayTrainReportCallback()],
+    )
     timed = times.wrap_generate(trainer)
     resume = None
     ckpt = ray.train.get_checkpoint()
@@ -242,8 +288,13 @@ def align_loop_per_worker(config: dict) -> None:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - t0
-    info: dict[str, Any] = {"train_s": train_s, "rollout_timed": timed, "resumed_from": resume,
-                            "world_size": ctx.get_world_size(), "global_step": int(trainer.state.global_step)}
+    info: dict[str, Any] = {
+        "train_s": train_s,
+        "rollout_timed": timed,
+        "resumed_from": resume,
+        "world_size": ctx.get_world_size(),
+        "global_step": int(trainer.state.global_step),
+    }
     if rank == 0:
         out = Path(config["out_dir"])
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -251,8 +302,10 @@ def align_loop_per_worker(config: dict) -> None:
             adapter = out / ADAPTER_DIR
             shutil.rmtree(adapter, ignore_errors=True)
             unwrapped.save_pretrained(adapter)
-            info["lora_b_norm"] = float(sum(float(p.detach().float().norm() ** 2)
-                                            for n, p in unwrapped.named_parameters() if "lora_B" in n) ** 0.5)
+            info["lora_b_norm"] = float(
+                sum(float(p.detach().float().norm() ** 2) for n, p in unwrapped.named_parameters() if "lora_B" in n)
+                ** 0.5
+            )
             merged = unwrapped.merge_and_unload()
         else:
             merged = unwrapped
@@ -277,11 +330,23 @@ def _prepare_dir(cfg: Config, out: Path, resume: bool) -> None:
         return
     used = out.exists() and any(out.iterdir())
     if used and not cfg.output.overwrite:
-        raise AlignDirError(f"{out} is not empty; resume it with `mars-ray align --resume {out}`, choose another "
-                            "--output.dir, or pass --output.overwrite true to replace it")
+        raise AlignDirError(
+            f"{out} is not empty; resume it with `mars-ray align --resume {out}`, choose another "
+            "--output.dir, or pass --output.overwrite true to replace it"
+        )
     if used:
-        for name in (PROMPTS_FILE, METRICS_FILE, SUMMARY_FILE, POLICY_DIR, ADAPTER_DIR, "ray_train", "hf",
-                     "worker_info.json", "config.yaml", "prompt_info.json"):
+        for name in (
+            PROMPTS_FILE,
+            METRICS_FILE,
+            SUMMARY_FILE,
+            POLICY_DIR,
+            ADAPTER_DIR,
+            "ray_train",
+            "hf",
+            "worker_info.json",
+            "config.yaml",
+            "prompt_info.json",
+        ):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -311,11 +376,17 @@ def deploy_reward(cfg: Config, log: Callable[[str], None] = print):
         deployed = app
         log(f"align: reward model {model} deployed on Ray Serve as {app!r} in {time.perf_counter() - t0:.1f}s")
     elif app not in serve.status().applications:
-        raise ValueError(f"rl.reward_deploy=false but no Serve application {app!r} runs on this cluster; "
-                         f"start one with `mars-ray serve --serve.app_name {app}` or set rl.reward_deploy=true")
+        raise ValueError(
+            f"rl.reward_deploy=false but no Serve application {app!r} runs on this cluster; "
+            f"start one with `mars-ray serve --serve.app_name {app}` or set rl.reward_deploy=true"
+        )
     if r.reward_transport == "http":
         token_env = cfg.serve.auth_token_env
-        return RewardTarget(url=serve_app.url_of(cfg.serve), token_env=token_env), deployed, f"HTTP {serve_app.url_of(cfg.serve)}"
+        return (
+            RewardTarget(url=serve_app.url_of(cfg.serve), token_env=token_env),
+            deployed,
+            f"HTTP {serve_app.url_of(cfg.serve)}",
+        )
     return RewardTarget(app=app), deployed, f"Serve app {app!r} (DeploymentHandle)"
 
 
@@ -358,13 +429,16 @@ def align(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     else:
         cfg.save(out)
         tok = load_tokenizer(policy)
-        rows, prompt_info = prompt_rows(cfg, split="train", limit=r.num_prompts, tokenizer=tok,
-                                        max_tokens=r.max_prompt_tokens)
+        rows, prompt_info = prompt_rows(
+            cfg, split="train", limit=r.num_prompts, tokenizer=tok, max_tokens=r.max_prompt_tokens
+        )
         write_jsonl(out / PROMPTS_FILE, rows)
         (out / "prompt_info.json").write_text(json.dumps(prompt_info, indent=2) + "\n")
-    log(f"align: {r.algorithm} on {policy.model_id} with {len(rows)} prompts from {prompt_info['data']} "
+    log(
+        f"align: {r.algorithm} on {policy.model_id} with {len(rows)} prompts from {prompt_info['data']} "
         f"({prompt_info['split']} split), {r.steps} steps x {r.prompts_per_step} prompt(s) x {r.num_generations} "
-        f"completions per worker, {r.num_workers} worker(s)")
+        f"completions per worker, {r.num_workers} worker(s)"
+    )
     init_ray(cfg.resources)
     import ray
 
@@ -379,20 +453,34 @@ def align(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         # calls and updates take turns, so the replica is idle while the policy computes.
         total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         cpus = float(r.cpus_per_worker) if r.cpus_per_worker is not None else 1.0
-        threads = max(1, int(r.cpus_per_worker)) if r.cpus_per_worker is not None \
+        threads = (
+            max(1, int(r.cpus_per_worker))
+            if r.cpus_per_worker is not None
             else max(1, min(8, int(total_cpus // max(1, r.num_workers))))
+        )
         metrics_path = out / METRICS_FILE
         loop_config = {
-            "config": cfg.to_dict(), "prompts_path": str(out / PROMPTS_FILE), "policy_path": policy.path,
-            "reward": reward, "hf_dir": str(out / "hf"), "out_dir": str(out), "metrics_path": str(metrics_path),
+            "config": cfg.to_dict(),
+            "prompts_path": str(out / PROMPTS_FILE),
+            "policy_path": policy.path,
+            "reward": reward,
+            "hf_dir": str(out / "hf"),
+            "out_dir": str(out),
+            "metrics_path": str(metrics_path),
             "threads": threads,
         }
         trainer = TorchTrainer(
-            align_loop_per_worker, train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": cpus}),
-            run_config=RunConfig(name=RUN_NAME, storage_path=str(out / "ray_train"),
-                                 failure_config=FailureConfig(max_failures=r.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            align_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(
+                num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": cpus}
+            ),
+            run_config=RunConfig(
+                name=RUN_NAME,
+                storage_path=str(out / "ray_train"),
+                failure_config=FailureConfig(max_failures=r.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
         )
         t0 = time.perf_counter()
         result = trainer.fit()
@@ -406,18 +494,22 @@ def align(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
             from mars_ray.serve import app as serve_app
 
             serve_app.stop(deployed)
-    summary = _summarise(cfg, out, policy.model_id, prompt_info, where, before, after, fit_s,
-                         time.perf_counter() - t_start)
+    summary = _summarise(
+        cfg, out, policy.model_id, prompt_info, where, before, after, fit_s, time.perf_counter() - t_start
+    )
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float) + "\n")
     f = summary["final"]
-    log(f"align: {summary['steps']} steps, reward {f.get('reward')}, kl {f.get('kl')}; per step: rollout "
+    log(
+        f"align: {summary['steps']} steps, reward {f.get('reward')}, kl {f.get('kl')}; per step: rollout "
         f"{summary['time_per_step']['rollout_s']:.2f}s, reward {summary['time_per_step']['reward_s']:.2f}s, update "
-        f"{summary['time_per_step']['update_s']:.2f}s; policy {summary['policy']}")
+        f"{summary['time_per_step']['update_s']:.2f}s; policy {summary['policy']}"
+    )
     return summary
 
 
-def _summarise(cfg: Config, out: Path, policy_id: str, prompt_info: dict, where: str, before, after,
-               fit_s: float, total_s: float) -> dict[str, Any]:
+def _summarise(
+    cfg: Config, out: Path, policy_id: str, prompt_info: dict, where: str, before, after, fit_s: float, total_s: float
+) -> dict[str, Any]:
     import numpy as np
 
     rows = read_jsonl(out / METRICS_FILE) if (out / METRICS_FILE).exists() else []
@@ -437,15 +529,27 @@ def _summarise(cfg: Config, out: Path, policy_id: str, prompt_info: dict, where:
     final = steps[-1] if steps else {}
     keys = ("reward", "reward_std", "kl", "loss", "completions/mean_length", "entropy", "clip_ratio/region_mean")
     return {
-        "policy_base": policy_id, "algorithm": cfg.rl.algorithm, "steps": len(steps), "seed": cfg.seed,
-        "kl_coef": cfg.rl.kl_coef, "clip": cfg.rl.clip, "lora": cfg.rl.lora, "num_workers": cfg.rl.num_workers,
-        "reward_source": where, "reward_model": cfg.rl.reward_url or cfg.rl.reward_model or cfg.model.reward,
-        "prompts": prompt_info, "final": {k: final.get(k) for k in keys if k in final},
+        "policy_base": policy_id,
+        "algorithm": cfg.rl.algorithm,
+        "steps": len(steps),
+        "seed": cfg.seed,
+        "kl_coef": cfg.rl.kl_coef,
+        "clip": cfg.rl.clip,
+        "lora": cfg.rl.lora,
+        "num_workers": cfg.rl.num_workers,
+        "reward_source": where,
+        "reward_model": cfg.rl.reward_url or cfg.rl.reward_model or cfg.model.reward,
+        "prompts": prompt_info,
+        "final": {k: final.get(k) for k in keys if k in final},
         "first": {k: steps[0].get(k) for k in keys if steps and k in steps[0]},
         "time_per_step": {k: med(f"time/{k}") for k in ("step_s", "rollout_s", "reward_s", "update_s")},
         "reward_calls": int(sum(s.get("reward_calls", 0) for s in steps)),
         "reward_items": int(sum(s.get("reward_items", 0) for s in steps)),
-        "served_counters_delta": served, "lora_b_norm": info.get("lora_b_norm"),
-        "policy": str(out / POLICY_DIR), "adapter": str(out / ADAPTER_DIR) if cfg.rl.lora else None,
-        "fit_s": round(fit_s, 2), "total_s": round(total_s, 2), "worker": info,
+        "served_counters_delta": served,
+        "lora_b_norm": info.get("lora_b_norm"),
+        "policy": str(out / POLICY_DIR),
+        "adapter": str(out / ADAPTER_DIR) if cfg.rl.lora else None,
+        "fit_s": round(fit_s, 2),
+        "total_s": round(total_s, 2),
+        "worker": info,
     }

@@ -48,7 +48,9 @@ def align_compare(cfg: Config, *, log: Callable[[str], None] = print) -> dict[st
     cfg.validate()
     refs = list(cfg.rl.reward_models)
     if len(refs) < 2:
-        raise ValueError("rl.reward_models needs two or more reward models, e.g. --rl.reward_models '[runs/mars, runs/uniform]'")
+        raise ValueError(
+            "rl.reward_models needs two or more reward models, e.g. --rl.reward_models '[runs/mars, runs/uniform]'"
+        )
     root = Path(cfg.output.dir)
     root.mkdir(parents=True, exist_ok=True)
     cfg.save(root)
@@ -79,10 +81,30 @@ def align_compare(cfg: Config, *, log: Callable[[str], None] = print) -> dict[st
                 res = json.loads(wpath.read_text())
             else:
                 res = winrate(sub, policies[a]["dir"], policies[b]["dir"], names=(a, b), log=log)
-            pairs[f"{a} vs {b}"] = {k: res.get(k) for k in ("policy_a", "policy_b", "win", "tie", "loss", "invalid",
-                                                          "win_rate", "ci_low", "ci_high", "n", "judge")}
-    result = {"reward_models": dict(zip(names, refs)), "policies": {n: _policy_row(p) for n, p in policies.items()},
-              "pairs": pairs, "judge": cfg.rl.judge_model, "judge_mode": cfg.rl.judge_mode, "seed": cfg.seed}
+            pairs[f"{a} vs {b}"] = {
+                k: res.get(k)
+                for k in (
+                    "policy_a",
+                    "policy_b",
+                    "win",
+                    "tie",
+                    "loss",
+                    "invalid",
+                    "win_rate",
+                    "ci_low",
+                    "ci_high",
+                    "n",
+                    "judge",
+                )
+            }
+    result = {
+        "reward_models": dict(zip(names, refs)),
+        "policies": {n: _policy_row(p) for n, p in policies.items()},
+        "pairs": pairs,
+        "judge": cfg.rl.judge_model,
+        "judge_mode": cfg.rl.judge_mode,
+        "seed": cfg.seed,
+    }
     (root / "align_compare.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (root / "align_compare.md").write_text(compare_markdown(result))
     log((root / "align_compare.md").read_text())
@@ -91,9 +113,14 @@ def align_compare(cfg: Config, *, log: Callable[[str], None] = print) -> dict[st
 
 def _policy_row(p: dict[str, Any]) -> dict[str, Any]:
     s = p["summary"]
-    return {"reward_model": p["reward_model"], "dir": p["dir"], "steps": s.get("steps"),
-            "final_reward": (s.get("final") or {}).get("reward"), "final_kl": (s.get("final") or {}).get("kl"),
-            "step_s": (s.get("time_per_step") or {}).get("step_s")}
+    return {
+        "reward_model": p["reward_model"],
+        "dir": p["dir"],
+        "steps": s.get("steps"),
+        "final_reward": (s.get("final") or {}).get("reward"),
+        "final_kl": (s.get("final") or {}).get("kl"),
+        "step_s": (s.get("time_per_step") or {}).get("step_s"),
+    }
 
 
 def _f(x: Any, spec: str = ".3f") -> str:
@@ -101,14 +128,27 @@ def _f(x: Any, spec: str = ".3f") -> str:
 
 
 def compare_markdown(res: dict[str, Any]) -> str:
-    lines = ["# Policies aligned against each reward model, judged pairwise", "",
-             "| policy (reward model) | steps | final reward | final KL | s / step |", "|---|---|---|---|---|"]
+    lines = [
+        "# Policies aligned against each reward model, judged pairwise",
+        "",
+        "| policy (reward model) | steps | final reward | final KL | s / step |",
+        "|---|---|---|---|---|",
+    ]
     for n, p in res["policies"].items():
-        lines.append(f"| {n} (`{p['reward_model']}`) | {p['steps']} | {_f(p['final_reward'])} | {_f(p['final_kl'], '.4f')} "
-                     f"| {_f(p['step_s'], '.1f')} |")
-    lines += ["", f"Judge `{res['judge']}` ({res['judge_mode']}), both orders; win-rate of the first policy, ties = 1/2.", "",
-              "| pair | wins | ties | losses | invalid | win-rate | 95% CI |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {n} (`{p['reward_model']}`) | {p['steps']} | {_f(p['final_reward'])} | {_f(p['final_kl'], '.4f')} "
+            f"| {_f(p['step_s'], '.1f')} |"
+        )
+    lines += [
+        "",
+        f"Judge `{res['judge']}` ({res['judge_mode']}), both orders; win-rate of the first policy, ties = 1/2.",
+        "",
+        "| pair | wins | ties | losses | invalid | win-rate | 95% CI |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k, w in res["pairs"].items():
-        lines.append(f"| {k} | {w['win']} | {w['tie']} | {w['loss']} | {w['invalid']} | {_f(w['win_rate'])} "
-                     f"| [{_f(w['ci_low'])}, {_f(w['ci_high'])}] |")
+        lines.append(
+            f"| {k} | {w['win']} | {w['tie']} | {w['loss']} | {w['invalid']} | {_f(w['win_rate'])} "
+            f"| [{_f(w['ci_low'])}, {_f(w['ci_high'])}] |"
+        )
     return "\n".join(lines) + "\n"

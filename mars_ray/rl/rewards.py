@@ -71,8 +71,9 @@ class ServedReward:
             else:
                 from mars_ray.serve.client import RewardClient
 
-                self._client = RewardClient(self.target.url, token_env=self.target.token_env,
-                                            timeout=(3.05, self.target.timeout_s))
+                self._client = RewardClient(
+                    self.target.url, token_env=self.target.token_env, timeout=(3.05, self.target.timeout_s)
+                )
         return self._client
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:

@@ -49,9 +49,14 @@ def generate_responses(cfg: Config, ref: str, prompts: list[list[dict[str, str]]
 
     t0 = time.perf_counter()
     dtype = generation_dtype("auto")
-    inner = LocalChatGenerator(policy_path(ref), GenParams(max_new_tokens=cfg.rl.eval_max_new_tokens, temperature=0.0),
-                               batch_size=cfg.rl.judge_batch_size, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline,
-                               dtype=dtype)
+    inner = LocalChatGenerator(
+        policy_path(ref),
+        GenParams(max_new_tokens=cfg.rl.eval_max_new_tokens, temperature=0.0),
+        batch_size=cfg.rl.judge_batch_size,
+        cache_dir=cfg.model.cache_dir,
+        offline=cfg.model.offline,
+        dtype=dtype,
+    )
     inner.model_id = f"{inner.model_id}@{str(dtype).removeprefix('torch.')}"  # the dtype changes outputs: cache key
     gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir))
     outs = [o[0].strip() if o and o[0] is not None else None for o in gen.generate(prompts, 1)]
@@ -64,8 +69,15 @@ def generate_responses(cfg: Config, ref: str, prompts: list[list[dict[str, str]]
 class LogitJudge:
     """Verdicts from a local chat model's log-probabilities of answering "A" or "B"."""
 
-    def __init__(self, model_ref: str, *, batch_size: int, tie_margin: float, cache_dir: str | None = None,
-                 offline: bool | None = None) -> None:
+    def __init__(
+        self,
+        model_ref: str,
+        *,
+        batch_size: int,
+        tie_margin: float,
+        cache_dir: str | None = None,
+        offline: bool | None = None,
+    ) -> None:
         from mars_ray.models.resolve import load_causal_lm, resolve_model
         from mars_ray.models.reward import generation_dtype
 
@@ -93,7 +105,9 @@ class LogitJudge:
         with torch.inference_mode():
             for s in range(0, len(order), self.batch_size):
                 idx = order[s : s + self.batch_size]
-                enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = self.tokenizer(
+                    [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+                )
                 logits = self.model(**enc).logits[:, -1, :].float()  # left padding: the last position is real
                 logp = torch.log_softmax(logits, dim=-1)
                 for row, i in enumerate(idx):
@@ -115,10 +129,19 @@ class TextJudge:
         from mars_ray.generation.local import make_generator
 
         r = cfg.rl
-        inner = make_generator(r.judge_backend, r.judge_model, GenParams(max_new_tokens=r.judge_max_new_tokens, temperature=0.0),
-                               batch_size=r.judge_batch_size, base_url=r.judge_base_url, api_key_env=r.judge_api_key_env,
-                               cache_dir=cfg.model.cache_dir, offline=cfg.model.offline, concurrency=r.judge_concurrency,
-                               timeout_s=r.judge_timeout_s, max_retries=r.judge_max_retries)
+        inner = make_generator(
+            r.judge_backend,
+            r.judge_model,
+            GenParams(max_new_tokens=r.judge_max_new_tokens, temperature=0.0),
+            batch_size=r.judge_batch_size,
+            base_url=r.judge_base_url,
+            api_key_env=r.judge_api_key_env,
+            cache_dir=cfg.model.cache_dir,
+            offline=cfg.model.offline,
+            concurrency=r.judge_concurrency,
+            timeout_s=r.judge_timeout_s,
+            max_retries=r.judge_max_retries,
+        )
         self.inner = inner
         self.gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir))
         self.model_id = f"{r.judge_backend}:{r.judge_model}"
@@ -136,8 +159,13 @@ class TextJudge:
 def make_judge(cfg: Config):
     r = cfg.rl
     if r.judge_mode == "logits":
-        return LogitJudge(r.judge_model, batch_size=r.judge_batch_size, tie_margin=r.tie_margin,
-                          cache_dir=cfg.model.cache_dir, offline=cfg.model.offline)
+        return LogitJudge(
+            r.judge_model,
+            batch_size=r.judge_batch_size,
+            tie_margin=r.tie_margin,
+            cache_dir=cfg.model.cache_dir,
+            offline=cfg.model.offline,
+        )
     return TextJudge(cfg)
 
 
@@ -147,8 +175,14 @@ def judge_requests(messages: list[dict[str, str]], first: str, second: str) -> l
     return render("judge", conversation=conversation_text(messages), response_a=first, response_b=second)
 
 
-def winrate(cfg: Config, policy_a: str, policy_b: str, *, names: tuple[str, str] | None = None,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+def winrate(
+    cfg: Config,
+    policy_a: str,
+    policy_b: str,
+    *,
+    names: tuple[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Judge ``policy_a`` against ``policy_b`` on ``rl.eval_prompts`` held-out prompts; returns the
     ``winrate.json`` content (from ``policy_a``'s side: win = ``policy_a`` is better)."""
     from mars_ray.models.resolve import load_tokenizer, resolve_model
@@ -161,8 +195,9 @@ def winrate(cfg: Config, policy_a: str, policy_b: str, *, names: tuple[str, str]
     names = names or (Path(policy_a).name or policy_a, Path(policy_b).name or policy_b)
     t0 = time.perf_counter()
     tok = load_tokenizer(resolve_model(policy_path(policy_a), cache_dir=cfg.model.cache_dir, offline=cfg.model.offline))
-    rows, info = prompt_rows(cfg, split="test", limit=r.eval_prompts, tokenizer=tok, max_tokens=r.max_prompt_tokens,
-                             path=r.eval_path)
+    rows, info = prompt_rows(
+        cfg, split="test", limit=r.eval_prompts, tokenizer=tok, max_tokens=r.max_prompt_tokens, path=r.eval_path
+    )
     msgs = [row["prompt"] for row in rows]
     log(f"winrate: {names[0]} vs {names[1]} on {len(rows)} prompts from {info['data']} ({info['split']} split)")
     resp_a, gen_a = generate_responses(cfg, policy_a, msgs)
@@ -185,24 +220,49 @@ def winrate(cfg: Config, policy_a: str, policy_b: str, *, names: tuple[str, str]
     outcomes = [combine_orders(v1[i], v2[i]) for i in range(len(rows))]
     summary = winrate_summary(outcomes, seed=cfg.seed)
     summary.update(position_bias([v1[i] for i in ok], [v2[i] for i in ok]))
-    summary.update({
-        "policy_a": names[0], "policy_b": names[1], "policy_a_path": policy_path(policy_a),
-        "policy_b_path": policy_path(policy_b), "judge": judge.model_id, "judge_mode": r.judge_mode,
-        "orders": 2, "judge_calls": 2 * len(ok), "prompts": info, "generation": {"a": gen_a, "b": gen_b},
-        "judge_generation": judge.gen.stats.as_dict() if hasattr(judge, "gen") else None,
-        "mean_response_chars": {"a": _mean_len(resp_a), "b": _mean_len(resp_b)},
-        "seconds": {"judge": round(judge_s, 2), "total": round(time.perf_counter() - t0, 2)},
-    })
-    write_jsonl(out / "responses.jsonl", [{"i": i, "prompt": rows[i]["rm_prompt"], "response_a": resp_a[i],
-                                          "response_b": resp_b[i]} for i in range(len(rows))])
-    write_jsonl(out / "verdicts.jsonl", [{"i": i, "a_shown_first": detail[i][0] if i in detail else None,
-                                         "b_shown_first": detail[i][1] if i in detail else None,
-                                         "outcome": outcomes[i]} for i in range(len(rows))])
+    summary.update(
+        {
+            "policy_a": names[0],
+            "policy_b": names[1],
+            "policy_a_path": policy_path(policy_a),
+            "policy_b_path": policy_path(policy_b),
+            "judge": judge.model_id,
+            "judge_mode": r.judge_mode,
+            "orders": 2,
+            "judge_calls": 2 * len(ok),
+            "prompts": info,
+            "generation": {"a": gen_a, "b": gen_b},
+            "judge_generation": judge.gen.stats.as_dict() if hasattr(judge, "gen") else None,
+            "mean_response_chars": {"a": _mean_len(resp_a), "b": _mean_len(resp_b)},
+            "seconds": {"judge": round(judge_s, 2), "total": round(time.perf_counter() - t0, 2)},
+        }
+    )
+    write_jsonl(
+        out / "responses.jsonl",
+        [
+            {"i": i, "prompt": rows[i]["rm_prompt"], "response_a": resp_a[i], "response_b": resp_b[i]}
+            for i in range(len(rows))
+        ],
+    )
+    write_jsonl(
+        out / "verdicts.jsonl",
+        [
+            {
+                "i": i,
+                "a_shown_first": detail[i][0] if i in detail else None,
+                "b_shown_first": detail[i][1] if i in detail else None,
+                "outcome": outcomes[i],
+            }
+            for i in range(len(rows))
+        ],
+    )
     (out / "winrate.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     (out / "winrate.md").write_text(winrate_markdown(summary))
-    log(f"winrate: {names[0]} vs {names[1]}: {summary['win']} wins, {summary['tie']} ties, {summary['loss']} losses"
+    log(
+        f"winrate: {names[0]} vs {names[1]}: {summary['win']} wins, {summary['tie']} ties, {summary['loss']} losses"
         f" ({summary['invalid']} invalid); win-rate {summary['win_rate']:.3f} "
-        f"[{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]; {out}/winrate.json")
+        f"[{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]; {out}/winrate.json"
+    )
     return summary
 
 
@@ -213,20 +273,23 @@ def _mean_len(xs: Sequence[str | None]) -> float:
 
 def winrate_markdown(s: dict[str, Any]) -> str:
     lvl = int(round(100 * s.get("level", 0.95)))
-    return "\n".join([
-        f"# Win-rate: {s['policy_a']} vs {s['policy_b']}",
-        "",
-        f"Judge `{s['judge']}` ({s['judge_mode']}), both orders asked for each of {s['n_prompts']} prompts "
-        f"from `{s['prompts']['data']}` ({s['prompts']['split']} split).",
-        "",
-        "| wins | ties | losses | invalid | win-rate (ties = 1/2) | " + f"{lvl}% CI (bootstrap) | wins / decisive | {lvl}% CI (Wilson) |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {s['win']} | {s['tie']} | {s['loss']} | {s['invalid']} | {s['win_rate']:.3f} | [{s['ci_low']:.3f}, {s['ci_high']:.3f}] "
-        f"| {s['decisive_win_rate']:.3f} | [{s['decisive_ci_low']:.3f}, {s['decisive_ci_high']:.3f}] |",
-        "",
-        f"Position bias: the judge picked the first-shown response in {s['picked_first_position']:.0%} of verdicts; "
-        f"its two orders agreed on a winner for {s['orders_agree']:.0%} of prompts.",
-        f"Mean response length: {s['mean_response_chars']['a']:.0f} chars ({s['policy_a']}), "
-        f"{s['mean_response_chars']['b']:.0f} chars ({s['policy_b']}).",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# Win-rate: {s['policy_a']} vs {s['policy_b']}",
+            "",
+            f"Judge `{s['judge']}` ({s['judge_mode']}), both orders asked for each of {s['n_prompts']} prompts "
+            f"from `{s['prompts']['data']}` ({s['prompts']['split']} split).",
+            "",
+            "| wins | ties | losses | invalid | win-rate (ties = 1/2) | "
+            + f"{lvl}% CI (bootstrap) | wins / decisive | {lvl}% CI (Wilson) |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {s['win']} | {s['tie']} | {s['loss']} | {s['invalid']} | {s['win_rate']:.3f} | [{s['ci_low']:.3f}, {s['ci_high']:.3f}] "
+            f"| {s['decisive_win_rate']:.3f} | [{s['decisive_ci_low']:.3f}, {s['decisive_ci_high']:.3f}] |",
+            "",
+            f"Position bias: the judge picked the first-shown response in {s['picked_first_position']:.0%} of verdicts; "
+            f"its two orders agreed on a winner for {s['orders_agree']:.0%} of prompts.",
+            f"Mean response length: {s['mean_response_chars']['a']:.0f} chars ({s['policy_a']}), "
+            f"{s['mean_response_chars']['b']:.0f} chars ({s['policy_b']}).",
+            "",
+        ]
+    )

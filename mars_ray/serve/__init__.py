@@ -13,7 +13,6 @@ May import :mod:`mars_ray.models`, :mod:`mars_ray.generation` and :mod:`mars_ray
 Importing this package is cheap: Ray Serve and torch load only with :mod:`mars_ray.serve.app`.
 """
 
-
 from mars_ray.serve.client import RewardClient, RewardClientError, RewardServerError
 from mars_ray.serve.protocol import RequestError
 

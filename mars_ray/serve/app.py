@@ -73,8 +73,12 @@ class RewardServer:
         device = "cuda" if float(spec["num_gpus"]) > 0 and torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_reward_model(
-            spec["load"], seed=int(spec["seed"]), dtype=spec["dtype"], device=device,
-            cache_dir=spec["cache_dir"], offline=spec["offline"],
+            spec["load"],
+            seed=int(spec["seed"]),
+            dtype=spec["dtype"],
+            device=device,
+            cache_dir=spec["cache_dir"],
+            offline=spec["offline"],
         )
         self.limits = P.Limits(**spec["limits"])
         self.norm = P.Normalizer(**spec["normalizer"])
@@ -85,8 +89,12 @@ class RewardServer:
         self.forward_max_tokens = spec["forward_max_tokens"]
         # One thread runs every forward pass. OpenMP thread counts are per thread, so the worker sets
         # its own (Ray gives a 1-CPU replica OMP_NUM_THREADS=1).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward",
-                                            initializer=torch.set_num_threads, initargs=(int(spec["threads"]),))
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="reward-forward",
+            initializer=torch.set_num_threads,
+            initargs=(int(spec["threads"]),),
+        )
         self._score_batch.set_max_batch_size(int(spec["max_batch_size"]))
         self._score_batch.set_batch_wait_timeout_s(float(spec["batch_wait_timeout_s"]))
         self._executor.submit(self._forward, ["warm-up"], ["warm-up"]).result()
@@ -99,7 +107,8 @@ class RewardServer:
             "threads": int(spec["threads"]),
             "normalized": self.norm.enabled,
             "normalization": {"mean": self.norm.mean, "std": self.norm.std, "source": self.norm.source}
-            if self.norm.enabled else None,
+            if self.norm.enabled
+            else None,
             "max_batch_size": int(spec["max_batch_size"]),
             "batch_wait_timeout_s": float(spec["batch_wait_timeout_s"]),
             "limits": spec["limits"],
@@ -113,8 +122,13 @@ class RewardServer:
         from mars_ray.models.reward import score_texts
 
         out = score_texts(
-            self.model, self.tokenizer, prompts, responses, batch_size=self.forward_batch_size,
-            max_prompt_tokens=self.max_prompt_tokens, max_response_tokens=self.max_response_tokens,
+            self.model,
+            self.tokenizer,
+            prompts,
+            responses,
+            batch_size=self.forward_batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_response_tokens=self.max_response_tokens,
             max_tokens=self.forward_max_tokens,
         )
         return [float(x) for x in out]
@@ -166,15 +180,22 @@ class RewardServer:
     async def compare(self, prompt: str, chosen: str, rejected: str) -> dict[str, Any]:
         """Rewards of both responses, raw margin and sigma(margin) (see :mod:`mars_ray.serve.protocol`)."""
         prompt, chosen, rejected = P.parse_compare(
-            {"prompt": prompt, "chosen": chosen, "rejected": rejected}, self.limits)
+            {"prompt": prompt, "chosen": chosen, "rejected": rejected}, self.limits
+        )
         rc, rr = await self._raw([prompt, prompt], [chosen, rejected])
         nc, nr = self.norm.apply([rc, rr])
         margin = rc - rr
-        return {"chosen_reward": nc, "rejected_reward": nr, "margin": margin,
-                "probability": P.sigmoid(margin), "normalized": self.norm.enabled}
+        return {
+            "chosen_reward": nc,
+            "rejected_reward": nr,
+            "margin": margin,
+            "probability": P.sigmoid(margin),
+            "normalized": self.norm.enabled,
+        }
 
-    async def get_reward(self, query: list[str], prompts: list[str] | None = None,
-                         labels: Any = None) -> dict[str, Any]:
+    async def get_reward(
+        self, query: list[str], prompts: list[str] | None = None, labels: Any = None
+    ) -> dict[str, Any]:
         """OpenRLHF's remote reward model: ``{"rewards", "scores", "extra_logs"}`` (labels are ignored)."""
         body: dict[str, Any] = {"query": query}
         if prompts is not None:
@@ -185,8 +206,11 @@ class RewardServer:
         queries, prompts = P.parse_get_reward(body, self.limits)
         ps, rs, split = P.split_queries(queries, prompts)
         rewards = self.norm.apply(await self._raw(ps, rs))
-        return {"rewards": rewards, "scores": rewards,
-                "extra_logs": {"query_split": [1.0 if f else 0.0 for f in split]}}
+        return {
+            "rewards": rewards,
+            "scores": rewards,
+            "extra_logs": {"query_split": [1.0 if f else 0.0 for f in split]},
+        }
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", **self.info, "counters": dict(self.counters)}
@@ -209,10 +233,13 @@ class RewardServer:
             if not P.bearer_ok(request.headers.get("authorization"), self._token.get()):
                 self.counters["rejected"] += 1
                 return JSONResponse(
-                    {"error": "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
-                              "with the token from the server's serve.auth_token_env variable",
-                     "field": "Authorization"},
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                    {
+                        "error": "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
+                        "with the token from the server's serve.auth_token_env variable",
+                        "field": "Authorization",
+                    },
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
                 )
             body = await self._read_body(request)
             return JSONResponse(await handler(body))
@@ -221,8 +248,13 @@ class RewardServer:
             return JSONResponse(e.to_json(), status_code=e.status)
         except Exception as e:
             logger.exception("reward scoring failed: %s", type(e).__name__)
-            return JSONResponse({"error": f"internal error while scoring ({type(e).__name__}); "
-                                          "the replica log has the details", "field": None}, status_code=500)
+            return JSONResponse(
+                {
+                    "error": f"internal error while scoring ({type(e).__name__}); the replica log has the details",
+                    "field": None,
+                },
+                status_code=500,
+            )
 
     async def _score_body(self, body: dict[str, Any]) -> dict[str, Any]:
         prompts, responses = P.parse_score(body, self.limits)
@@ -257,8 +289,11 @@ def deployment_options(s: Any) -> dict[str, Any]:
     from mars_ray.runtime import worker_env
 
     opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": float(s.num_cpus), "num_gpus": float(s.num_gpus),
-                              "runtime_env": {"env_vars": worker_env()}},
+        "ray_actor_options": {
+            "num_cpus": float(s.num_cpus),
+            "num_gpus": float(s.num_gpus),
+            "runtime_env": {"env_vars": worker_env()},
+        },
         "max_ongoing_requests": int(s.max_ongoing_requests or 2 * s.max_batch_size),
     }
     if s.max_replicas is not None:
@@ -318,8 +353,11 @@ def build_app(cfg: Any, model: str | None = None):
         "forward_max_tokens": None if s.forward_max_tokens is None else int(s.forward_max_tokens),
         "max_batch_size": int(s.max_batch_size),
         "batch_wait_timeout_s": float(s.batch_wait_timeout_s),
-        "limits": {"max_text_chars": limits.max_text_chars, "max_batch_items": limits.max_batch_items,
-                   "max_request_bytes": limits.max_request_bytes},
+        "limits": {
+            "max_text_chars": limits.max_text_chars,
+            "max_batch_items": limits.max_batch_items,
+            "max_request_bytes": limits.max_request_bytes,
+        },
         "normalizer": {"mean": normalizer.mean, "std": normalizer.std, "source": normalizer.source},
         "token": token,
         "threads": _threads(s),

@@ -81,10 +81,18 @@ class RewardClient:
         self.timeout = timeout
         self.chunk_size = int(chunk_size)
         retry = Retry(
-            total=retries, connect=retries, read=retries, status=retries, other=0, redirect=0,
-            allowed_methods=frozenset({"GET", "POST"}), status_forcelist=tuple(retry_statuses),
-            backoff_factor=backoff_factor, backoff_max=backoff_max,
-            respect_retry_after_header=True, raise_on_status=False,
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            other=0,
+            redirect=0,
+            allowed_methods=frozenset({"GET", "POST"}),
+            status_forcelist=tuple(retry_statuses),
+            backoff_factor=backoff_factor,
+            backoff_max=backoff_max,
+            respect_retry_after_header=True,
+            raise_on_status=False,
         )
         self._session = requests.Session()
         adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=pool_maxsize)
@@ -122,8 +130,14 @@ class RewardClient:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         out: list[float] = []
         for i in range(0, len(prompts), self.chunk_size):
-            data = self._request("POST", "/score", {"prompts": list(prompts[i : i + self.chunk_size]),
-                                                    "responses": list(responses[i : i + self.chunk_size])})
+            data = self._request(
+                "POST",
+                "/score",
+                {
+                    "prompts": list(prompts[i : i + self.chunk_size]),
+                    "responses": list(responses[i : i + self.chunk_size]),
+                },
+            )
             out.extend(float(x) for x in data["rewards"])
         return out
 

@@ -217,8 +217,10 @@ class _Worker:
         else:
             if not self._warned_params:
                 self._warned_params = True
-                logger.warning("%s: params cannot be set per request; using the generator's own",
-                               getattr(gen, "model_id", type(gen).__name__))
+                logger.warning(
+                    "%s: params cannot be set per request; using the generator's own",
+                    getattr(gen, "model_id", type(gen).__name__),
+                )
             outs = gen.generate(requests, n)
         if len(outs) != len(requests) or any(len(row) != n for row in outs):
             raise RuntimeError("the generator returned the wrong number of outputs")
@@ -272,8 +274,7 @@ class ChatRequest(BaseModel):
     stream: bool | None = False
 
 
-def _error(status: int, message: str, etype: str, code: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
+def _error(status: int, message: str, etype: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     return JSONResponse(status_code=status, content=body, headers=headers)
 
@@ -387,8 +388,10 @@ def create_app(
         if not _authorized(request):
             counters.status(401)
             return _error(401, "invalid or missing API key", "invalid_request_error", "invalid_api_key")
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "mars_ray"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "mars_ray"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest, body: ChatRequest):
@@ -572,17 +575,29 @@ def run_server(
     """
     import uvicorn
 
-    app = create_app(generator, faults=faults, served_model=served_model, api_key=api_key,
-                     max_batch=max_batch, batch_wait_s=batch_wait_s)
+    app = create_app(
+        generator,
+        faults=faults,
+        served_model=served_model,
+        api_key=api_key,
+        max_batch=max_batch,
+        batch_wait_s=batch_wait_s,
+    )
     sock = _bind(host, port)
     actual_port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, host=host, port=actual_port, log_config=None, log_level=log_level, access_log=False,
-        lifespan="off", timeout_graceful_shutdown=graceful_shutdown_s, timeout_keep_alive=5,
+        app,
+        host=host,
+        port=actual_port,
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=graceful_shutdown_s,
+        timeout_keep_alive=5,
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{actual_port}",
-                              daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{actual_port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
     while not server.started:
@@ -601,8 +616,9 @@ def run_server(
 def _build_generator(args: argparse.Namespace) -> TextGenerator:
     from mars_ray.generation.local import make_generator
 
-    params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed)
+    params = GenParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     return make_generator(args.backend, args.model, params, batch_size=args.batch_size)
 
 
@@ -611,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m mars_ray.serve.llm_server",
         description="Serve a local model (builtin:smollm2, a folder, a hub id) over an OpenAI-compatible "
-                    "/v1/chat/completions API.",
+        "/v1/chat/completions API.",
     )
     ap.add_argument("--model", default="builtin:smollm2", help="model reference (default: builtin:smollm2)")
     ap.add_argument("--backend", default="local", choices=["local", "seq2seq"])
@@ -624,8 +640,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="requests per model.generate call")
     ap.add_argument("--batch-wait-s", type=float, default=0.01, help="how long to gather concurrent requests")
-    ap.add_argument("--api-key-env", default=None,
-                    help="require 'Authorization: Bearer <key>' with the key read from this environment variable")
+    ap.add_argument(
+        "--api-key-env",
+        default=None,
+        help="require 'Authorization: Bearer <key>' with the key read from this environment variable",
+    )
     ap.add_argument("--fail-first", type=int, default=0, help="fault injection: fail the first N chat requests")
     ap.add_argument("--fail-status", type=int, default=429)
     ap.add_argument("--retry-after", type=float, default=0)
@@ -634,23 +653,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             print(f"error: environment variable {args.api_key_env} is not set", file=sys.stderr)
             return 2
-    faults = Faults(fail_first=args.fail_first, fail_status=args.fail_status, retry_after=args.retry_after,
-                    delay_s=args.delay_s, delay_first=args.delay_first)
+    faults = Faults(
+        fail_first=args.fail_first,
+        fail_status=args.fail_status,
+        retry_after=args.retry_after,
+        delay_s=args.delay_s,
+        delay_first=args.delay_first,
+    )
     t0 = time.perf_counter()
     generator = _build_generator(args)
     logger.info("model %s ready in %.1f s", args.model, time.perf_counter() - t0)
-    handle = run_server(generator, host=args.host, port=args.port, faults=faults,
-                        served_model=args.served_model_name or args.model, api_key=api_key,
-                        max_batch=args.batch_size, batch_wait_s=args.batch_wait_s,
-                        log_level=args.log_level.lower())
+    handle = run_server(
+        generator,
+        host=args.host,
+        port=args.port,
+        faults=faults,
+        served_model=args.served_model_name or args.model,
+        api_key=api_key,
+        max_batch=args.batch_size,
+        batch_wait_s=args.batch_wait_s,
+        log_level=args.log_level.lower(),
+    )
     done = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:

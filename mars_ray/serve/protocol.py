@@ -173,9 +173,9 @@ def check_text(value: Any, field: str, limits: Limits) -> str:
         raise RequestError(f"{field}: expected a string, got {json_type(value)}", field=field)
     if len(value) > limits.max_text_chars:
         raise RequestError(
-            f"{field} has {len(value)} characters; at most {limits.max_text_chars} are accepted "
-            "(serve.max_text_chars)",
-            field=field, status=413,
+            f"{field} has {len(value)} characters; at most {limits.max_text_chars} are accepted (serve.max_text_chars)",
+            field=field,
+            status=413,
         )
     return value
 
@@ -190,7 +190,8 @@ def check_text_list(value: Any, field: str, limits: Limits) -> list[str]:
         raise RequestError(
             f"{field} has {len(value)} items; at most {limits.max_batch_items} per request "
             "(serve.max_batch_items): split it into several requests",
-            field=field, status=413,
+            field=field,
+            status=413,
         )
     return [check_text(v, f"{field}[{i}]", limits) for i, v in enumerate(value)]
 
@@ -250,7 +251,7 @@ def split_query(query: str, prompt: str | None) -> tuple[str, str, bool]:
     """``(prompt, response, split?)``: split at the prompt when the query starts with a non-empty one,
     else the whole query is the response to an empty prompt (see the module docstring)."""
     if prompt and query.startswith(prompt):
-        return prompt, query[len(prompt):], True
+        return prompt, query[len(prompt) :], True
     return "", query, False
 
 
@@ -416,7 +417,7 @@ def reward_stats(run_dir: str | None) -> tuple[float, float, str]:
     Raises:
         ValueError: no run directory, no metrics, or no usable statistics (says what to do).
     """
-    fix = ("set serve.norm_mean and serve.norm_std explicitly, or turn serve.normalize off")
+    fix = "set serve.norm_mean and serve.norm_std explicitly, or turn serve.normalize off"
     if run_dir is None:
         raise ValueError(
             "serve.normalize is on but the model is not a training run directory, so there are no "

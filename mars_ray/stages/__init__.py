@@ -4,4 +4,3 @@ whose ``__init__`` loads its model once per actor and whose ``__call__(batch)`` 
 Algorithm code lives in :mod:`mars_ray.core`, generators in :mod:`mars_ray.generation`, models in
 :mod:`mars_ray.models`; stages may import those, :mod:`mars_ray.config` and :mod:`mars_ray.runtime`.
 """
-

@@ -44,7 +44,9 @@ def local_actor(actor_cls: type, kwargs: dict[str, Any]) -> Any:
     return _LOCAL_ACTORS[key]
 
 
-def map_with_actors(table: pa.Table, actor_cls: type, kwargs: dict[str, Any], *, resources, batch_size: int) -> pa.Table:
+def map_with_actors(
+    table: pa.Table, actor_cls: type, kwargs: dict[str, Any], *, resources, batch_size: int
+) -> pa.Table:
     """Stream ``table`` through an actor pool running ``actor_cls(**kwargs)`` and collect the result.
 
     Resources come from the typed config (``resources``): pool size, CPUs and GPUs per actor. With
@@ -52,8 +54,12 @@ def map_with_actors(table: pa.Table, actor_cls: type, kwargs: dict[str, Any], *,
     Ray Data (tiny data, debugging: no actor start-up).
     """
     if getattr(resources, "in_process", False):
-        actor = local_actor(actor_cls, {k: v for k, v in kwargs.items() if k != "num_threads"} | {"num_threads": None}
-                            if "num_threads" in kwargs else kwargs)
+        actor = local_actor(
+            actor_cls,
+            {k: v for k, v in kwargs.items() if k != "num_threads"} | {"num_threads": None}
+            if "num_threads" in kwargs
+            else kwargs,
+        )
         parts = []
         for i in range(0, table.num_rows, batch_size):
             chunk = table.slice(i, batch_size)

@@ -15,8 +15,15 @@ from mars_ray.stages.common import actor_threads, as_list, map_with_actors, set_
 class Encoder:
     """A sentence-transformer loaded once; ``distances`` and ``similarity`` in batches."""
 
-    def __init__(self, model_ref: str, *, batch_size: int = 64, num_threads: int | None = None,
-                 device: str = "cpu", cache_dir: str | None = None):
+    def __init__(
+        self,
+        model_ref: str,
+        *,
+        batch_size: int = 64,
+        num_threads: int | None = None,
+        device: str = "cpu",
+        cache_dir: str | None = None,
+    ):
         from mars_ray.models import load_sentence_encoder
 
         set_threads(num_threads)
@@ -26,8 +33,9 @@ class Encoder:
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 1), dtype=np.float32)
-        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                 normalize_embeddings=True, show_progress_bar=False)
+        return self.model.encode(
+            texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        )
 
     def distances(self, a: list[str], b: list[str]) -> np.ndarray:
         """1 - cos(a_i, b_i), one encode call for both sides."""
@@ -51,7 +59,15 @@ class EmbedActor:
 
 def semantic_distances(table: pa.Table, cfg: Config) -> pa.Table:
     """(pair_id, distance) for every row of ``table``, computed on ``resources.actors`` actors."""
-    kwargs = {"model_ref": cfg.model.encoder, "batch_size": cfg.semantic.batch_size,
-              "num_threads": actor_threads(cfg.resources)}
-    return map_with_actors(table.select(["pair_id", "chosen", "rejected"]), EmbedActor, kwargs,
-                           resources=cfg.resources, batch_size=cfg.semantic.batch_size)
+    kwargs = {
+        "model_ref": cfg.model.encoder,
+        "batch_size": cfg.semantic.batch_size,
+        "num_threads": actor_threads(cfg.resources),
+    }
+    return map_with_actors(
+        table.select(["pair_id", "chosen", "rejected"]),
+        EmbedActor,
+        kwargs,
+        resources=cfg.resources,
+        batch_size=cfg.semantic.batch_size,
+    )

@@ -25,7 +25,9 @@ from mars_ray.stages.embed import Encoder
 STAT_COLUMNS = ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
 
 
-def build_generator(section: dict[str, Any], *, batch_size: int, cache_dir: str | None, use_cache: bool = True) -> CachedGenerator:
+def build_generator(
+    section: dict[str, Any], *, batch_size: int, cache_dir: str | None, use_cache: bool = True
+) -> CachedGenerator:
     """A cached generator from a rewrite/paraphrase config section (as a plain dict)."""
     from mars_ray.generation.local import make_generator
 
@@ -39,7 +41,11 @@ def build_generator(section: dict[str, Any], *, batch_size: int, cache_dir: str 
     openai_kwargs: dict[str, Any] = {}
     dtype = None
     if section["backend"] == "openai":
-        openai_kwargs = {k: section[k] for k in ("concurrency", "timeout_s", "max_retries", "max_requests", "max_tokens") if k in section}
+        openai_kwargs = {
+            k: section[k]
+            for k in ("concurrency", "timeout_s", "max_retries", "max_requests", "max_tokens")
+            if k in section
+        }
     else:
         from mars_ray.models.reward import generation_dtype
 
@@ -51,9 +57,16 @@ def build_generator(section: dict[str, Any], *, batch_size: int, cache_dir: str 
         model_id = f"{model_id}@{str(dtype).removeprefix('torch.')}"
 
     def build():
-        gen = make_generator(section["backend"], section["model"], params, batch_size=batch_size,
-                             base_url=section.get("base_url"), api_key_env=section.get("api_key_env", "OPENAI_API_KEY"),
-                             cache_dir=cache_dir, **openai_kwargs)
+        gen = make_generator(
+            section["backend"],
+            section["model"],
+            params,
+            batch_size=batch_size,
+            base_url=section.get("base_url"),
+            api_key_env=section.get("api_key_env", "OPENAI_API_KEY"),
+            cache_dir=cache_dir,
+            **openai_kwargs,
+        )
         if section["backend"] != "openai":  # an endpoint generator names itself (openai:<model>)
             gen.model_id = model_id
         return gen
@@ -113,8 +126,17 @@ class _StatsMixin:
 class RefineActor(_StatsMixin):
     """Rewrites semantically-too-close pairs (rejected first, then chosen), keeps what separates them."""
 
-    def __init__(self, rewrite: dict[str, Any], encoder_ref: str, *, seed: int, batch_size: int,
-                 encoder_batch_size: int, num_threads: int | None, cache_dir: str | None):
+    def __init__(
+        self,
+        rewrite: dict[str, Any],
+        encoder_ref: str,
+        *,
+        seed: int,
+        batch_size: int,
+        encoder_batch_size: int,
+        num_threads: int | None,
+        cache_dir: str | None,
+    ):
         set_threads(num_threads)
         self.cfg = rewrite
         self.gen = build_generator(dict(rewrite, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
@@ -130,22 +152,41 @@ class RefineActor(_StatsMixin):
             idx = [j for j, r in enumerate(reqs) if (r[4], r[5]) == (first, count)]
             # A distinct, reproducible sampling seed (and cache key) per first attempt.
             self.gen.inner.params = dataclasses.replace(self.base_params, seed=self.base_params.seed + first)
-            msgs = [render(f"rewrite_{reqs[j][0]}", prompt=reqs[j][1], chosen=reqs[j][2], rejected=reqs[j][3]) for j in idx]
+            msgs = [
+                render(f"rewrite_{reqs[j][0]}", prompt=reqs[j][1], chosen=reqs[j][2], rejected=reqs[j][3]) for j in idx
+            ]
             # A rewrite is a response of about the same size: cap each output at twice its source
             # (sampled small models otherwise ramble to max_new_tokens).
-            caps = [output_cap(reqs[j][2] if reqs[j][0] == "chosen" else reqs[j][3], 2.0, self.cfg["max_new_tokens"],
-                               floor=64) for j in idx]
+            caps = [
+                output_cap(
+                    reqs[j][2] if reqs[j][0] == "chosen" else reqs[j][3], 2.0, self.cfg["max_new_tokens"], floor=64
+                )
+                for j in idx
+            ]
             for j, row in zip(idx, self.gen.generate(msgs, n=count, max_new_tokens=caps)):
                 out[j] = [clean_generation(t) or None if t is not None else None for t in row]
         return out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         before = self.gen.stats.as_dict()
-        items = [RefineItem(p, c, r, float(d)) for p, c, r, d in zip(as_list(batch["prompt"]), as_list(batch["chosen"]),
-                                                                   as_list(batch["rejected"]), as_list(batch["distance"]))]
-        res = refine_batch(items, rewrite=self._rewrite, distance=self.encoder.distances, harmful=introduced_harm,
-                           max_rejected=self.cfg["max_attempts_rejected"], max_chosen=self.cfg["max_attempts_chosen"],
-                           schedule=refine_schedule(self.cfg))
+        items = [
+            RefineItem(p, c, r, float(d))
+            for p, c, r, d in zip(
+                as_list(batch["prompt"]),
+                as_list(batch["chosen"]),
+                as_list(batch["rejected"]),
+                as_list(batch["distance"]),
+            )
+        ]
+        res = refine_batch(
+            items,
+            rewrite=self._rewrite,
+            distance=self.encoder.distances,
+            harmful=introduced_harm,
+            max_rejected=self.cfg["max_attempts_rejected"],
+            max_chosen=self.cfg["max_attempts_chosen"],
+            schedule=refine_schedule(self.cfg),
+        )
         return {
             "pair_id": batch["pair_id"],
             "refined_chosen": np.array([o.chosen for o in res], dtype=object),
@@ -160,8 +201,17 @@ class RefineActor(_StatsMixin):
 class ParaphraseActor(_StatsMixin):
     """n paraphrases per text, each through the quality gate; kept texts and rejection reasons."""
 
-    def __init__(self, paraphrase: dict[str, Any], encoder_ref: str, *, batch_size: int, encoder_batch_size: int,
-                 num_threads: int | None, cache_dir: str | None, seed: int):
+    def __init__(
+        self,
+        paraphrase: dict[str, Any],
+        encoder_ref: str,
+        *,
+        batch_size: int,
+        encoder_batch_size: int,
+        num_threads: int | None,
+        cache_dir: str | None,
+        seed: int,
+    ):
         set_threads(num_threads)
         self.cfg, self.seed = paraphrase, int(seed)
         self.gen = build_generator(dict(paraphrase, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
@@ -189,12 +239,16 @@ class ParaphraseActor(_StatsMixin):
             short = [i for i, k in enumerate(ns) if len(kept[i]) < k]
             if not short:
                 break
-            sampler = self.gen.with_params(temperature=float(self.cfg["topup_temperature"]), num_beams=1,
-                                           seed=self.seed * 1000 + 500 + rnd)
+            sampler = self.gen.with_params(
+                temperature=float(self.cfg["topup_temperature"]), num_beams=1, seed=self.seed * 1000 + 500 + rnd
+            )
             sub = [texts[i] for i in short]
             over = int(self.cfg.get("retry_oversample", 1))
-            more, why = self._gate(sub, self._generate(sampler, sub, [(ns[i] - len(kept[i])) * over for i in short],
-                                                       [caps[i] for i in short]), exclude=[kept[i] for i in short])
+            more, why = self._gate(
+                sub,
+                self._generate(sampler, sub, [(ns[i] - len(kept[i])) * over for i in short], [caps[i] for i in short]),
+                exclude=[kept[i] for i in short],
+            )
             for j, i in enumerate(short):
                 need = ns[i] - len(kept[i])
                 kept[i] += more[j][:need]
@@ -211,7 +265,9 @@ class ParaphraseActor(_StatsMixin):
             **self._stats_columns(len(texts), before),
         }
 
-    def _generate(self, gen: CachedGenerator, texts: list[str], ns: list[int], caps: list[int]) -> list[list[str | None]]:
+    def _generate(
+        self, gen: CachedGenerator, texts: list[str], ns: list[int], caps: list[int]
+    ) -> list[list[str | None]]:
         """n outputs per text, one generate call per distinct n (each text keeps its own cap)."""
         raw: list[list[str | None]] = [[] for _ in texts]
         for n in sorted(set(ns)):
@@ -229,8 +285,12 @@ class ParaphraseActor(_StatsMixin):
         reasons: list[Counter] = [Counter() for _ in texts]
         for (i, cand), sim in zip(cands, sims):
             why = paraphrase_rejection(
-                texts[i], cand, min_length_ratio=self.cfg["min_length_ratio"], max_length_ratio=self.cfg["max_length_ratio"],
-                max_copy_similarity=self.cfg["max_copy_similarity"], min_semantic_similarity=self.cfg["min_semantic_similarity"],
+                texts[i],
+                cand,
+                min_length_ratio=self.cfg["min_length_ratio"],
+                max_length_ratio=self.cfg["max_length_ratio"],
+                max_copy_similarity=self.cfg["max_copy_similarity"],
+                min_semantic_similarity=self.cfg["min_semantic_similarity"],
                 semantic_similarity=float(sim),
             )
             if why is None and (cand in kept[i] or (exclude is not None and cand in exclude[i])):

@@ -24,16 +24,31 @@ class WestOfNActor(_StatsMixin):
     and returns one row per group: ``key`` (``<key>:<group>``), chosen, rejected (empty when the
     group could not make a pair), ``status`` (``ok``, ``too_few_distinct``, ``all_tied``) and scores."""
 
-    def __init__(self, generator: dict[str, Any], *, n: int, reward_ref: str, seed: int, gen_seed: int, dtype: str,
-                 max_prompt_tokens: int, max_response_tokens: int, batch_size: int, num_threads: int | None,
-                 cache_dir: str | None, offline: bool | None = None):
+    def __init__(
+        self,
+        generator: dict[str, Any],
+        *,
+        n: int,
+        reward_ref: str,
+        seed: int,
+        gen_seed: int,
+        dtype: str,
+        max_prompt_tokens: int,
+        max_response_tokens: int,
+        batch_size: int,
+        num_threads: int | None,
+        cache_dir: str | None,
+        offline: bool | None = None,
+    ):
         from mars_ray.models.reward import load_reward_model
 
         set_threads(num_threads)
         self.n = int(n)
         self.gen = build_generator(dict(generator, seed=gen_seed), batch_size=batch_size, cache_dir=cache_dir)
         self.system = load_prompt("respond").system
-        self.model, self.tokenizer = load_reward_model(reward_ref, seed=seed, dtype=dtype, cache_dir=cache_dir, offline=offline)
+        self.model, self.tokenizer = load_reward_model(
+            reward_ref, seed=seed, dtype=dtype, cache_dir=cache_dir, offline=offline
+        )
         self.lim = dict(max_prompt_tokens=int(max_prompt_tokens), max_response_tokens=int(max_response_tokens))
         self.batch_size = int(batch_size)
 
@@ -52,13 +67,23 @@ class WestOfNActor(_StatsMixin):
             for i, o in zip(idx, self.gen.generate([self.request(prompts[i]) for i in idx], self.n * g)):
                 outs[i] = [clean_generation(t) if t is not None else None for t in o]
         flat = [(i, t) for i, o in enumerate(outs) for t in o if t]
-        scores = score_texts(self.model, self.tokenizer, [prompts[i] for i, _ in flat], [t for _, t in flat],
-                             batch_size=self.batch_size, **self.lim) if flat else np.zeros(0)
+        scores = (
+            score_texts(
+                self.model,
+                self.tokenizer,
+                [prompts[i] for i, _ in flat],
+                [t for _, t in flat],
+                batch_size=self.batch_size,
+                **self.lim,
+            )
+            if flat
+            else np.zeros(0)
+        )
         by_text: dict[tuple[int, str], float] = {(i, t): float(s) for (i, t), s in zip(flat, scores)}
         rows: dict[str, list] = {c: [] for c in RESULT_COLUMNS}
         for i, o in enumerate(outs):
             for g in range(groups[i]):
-                texts = o[g * self.n:(g + 1) * self.n]
+                texts = o[g * self.n : (g + 1) * self.n]
                 sc = [by_text.get((i, t), float("nan")) if t else float("nan") for t in texts]
                 bw = best_worst(texts, sc)
                 usable = [t for t in texts if t]
@@ -69,8 +94,10 @@ class WestOfNActor(_StatsMixin):
                 rows["status"].append(status)
                 rows["best_score"].append(sc[bw[0]] if bw else float("nan"))
                 rows["worst_score"].append(sc[bw[1]] if bw else float("nan"))
-        out = {c: np.array(v, dtype=object if c in ("key", "chosen", "rejected", "status") else np.float64)
-               for c, v in rows.items()}
+        out = {
+            c: np.array(v, dtype=object if c in ("key", "chosen", "rejected", "status") else np.float64)
+            for c, v in rows.items()
+        }
         stats = self._stats_columns(len(rows["key"]), before)
         return {**out, **stats}
 
@@ -83,11 +110,25 @@ def west_of_n_groups(prompts: pa.Table, cfg: Config, *, reward_ref: str, groups:
     section.update(temperature=cfg.mars.west_of_n_temperature, num_beams=1, no_repeat_ngram_size=0)
     table = prompts.append_column("groups", pa.array(np.asarray(groups, dtype=np.int64)))
     table = table.filter(pa.array(np.asarray(groups) > 0))
-    kwargs = dict(generator=section, n=cfg.mars.west_of_n, reward_ref=reward_ref, seed=cfg.seed, gen_seed=cfg.seed + 7919 * int(epoch), dtype=cfg.model.dtype,
-                  max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
-                  batch_size=cfg.paraphrase.batch_size, num_threads=actor_threads(cfg.resources),
-                  cache_dir=cfg.model.cache_dir, offline=cfg.model.offline)
+    kwargs = dict(
+        generator=section,
+        n=cfg.mars.west_of_n,
+        reward_ref=reward_ref,
+        seed=cfg.seed,
+        gen_seed=cfg.seed + 7919 * int(epoch),
+        dtype=cfg.model.dtype,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+        batch_size=cfg.paraphrase.batch_size,
+        num_threads=actor_threads(cfg.resources),
+        cache_dir=cfg.model.cache_dir,
+        offline=cfg.model.offline,
+    )
     if table.num_rows == 0:
-        return pa.table({c: pa.array([], pa.string() if c in ("key", "chosen", "rejected", "status") else pa.float64())
-                         for c in RESULT_COLUMNS})
+        return pa.table(
+            {
+                c: pa.array([], pa.string() if c in ("key", "chosen", "rejected", "status") else pa.float64())
+                for c in RESULT_COLUMNS
+            }
+        )
     return map_with_actors(table, WestOfNActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size)

@@ -3,7 +3,6 @@ checkpoints) and the DeepSpeed config. May import :mod:`mars_ray.config`, :mod:`
 :mod:`mars_ray.models` and :mod:`mars_ray.runtime`; heavy imports happen on first use.
 """
 
-
 from mars_ray.train.deepspeed_config import build_ds_config
 from mars_ray.train.loop import MODEL_SUBDIR, TRAIN_STATE, fit_reward_model, train_loop_per_worker
 

@@ -30,7 +30,9 @@ def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int)
     if ds.offload_params and ds.stage != 3:
         problems.append("deepspeed.offload_params needs deepspeed.stage=3 (or set deepspeed.offload_params=false)")
     if ds.offload_optimizer and ds.stage == 0:
-        problems.append("deepspeed.offload_optimizer needs deepspeed.stage >= 1 (or set deepspeed.offload_optimizer=false)")
+        problems.append(
+            "deepspeed.offload_optimizer needs deepspeed.stage >= 1 (or set deepspeed.offload_optimizer=false)"
+        )
     if train.batch_size < 1 or train.grad_accum < 1:
         problems.append("train.batch_size and train.grad_accum must be >= 1")
     if train.lr <= 0:

@@ -215,8 +215,11 @@ def train_loop_per_worker(config: dict) -> dict:
     # ---- model
     device = "cuda" if (t.use_gpu and torch.cuda.is_available()) else "cpu"
     model, tokenizer = load_reward_model(
-        config["init_model"], seed=cfg.seed, dtype="float32" if dsc.enabled else cfg.model.dtype,
-        cache_dir=cfg.model.cache_dir, offline=cfg.model.offline,
+        config["init_model"],
+        seed=cfg.seed,
+        dtype="float32" if dsc.enabled else cfg.model.dtype,
+        cache_dir=cfg.model.cache_dir,
+        offline=cfg.model.offline,
     )
     if t.disable_dropout:
         disable_dropout(model)
@@ -302,8 +305,18 @@ def train_loop_per_worker(config: dict) -> dict:
     if state is not None and (passes_done >= t.passes or step >= total_steps):
         # Restarted after the last checkpoint was written: report it again and stop.
         metrics = dict(state.get("metrics") or {})
-        _report(metrics, ckpt_model, tokenizer, optimizer if engine is None else None, losses,
-                passes_done, step, rank, config.get("local", False), dsc.stage if dsc.enabled else None)
+        _report(
+            metrics,
+            ckpt_model,
+            tokenizer,
+            optimizer if engine is None else None,
+            losses,
+            passes_done,
+            step,
+            rank,
+            config.get("local", False),
+            dsc.stage if dsc.enabled else None,
+        )
         return metrics
     prev_local: Path | None = None
     for p in range(passes_done, t.passes):
@@ -318,7 +331,9 @@ def train_loop_per_worker(config: dict) -> dict:
                 break
             _maybe_fail(config.get("fault"), step, rank)
             ids = [enc_c.input_ids[i] for i in idx] + [enc_r.input_ids[i] for i in idx]
-            tts = ([enc_c.token_type_ids[i] for i in idx] + [enc_r.token_type_ids[i] for i in idx]) if has_types else None
+            tts = (
+                ([enc_c.token_type_ids[i] for i in idx] + [enc_r.token_type_ids[i] for i in idx]) if has_types else None
+            )
             batch = pad_batch(ids, tts, tokenizer.pad_token_id)
             train_tokens += int(batch["attention_mask"].sum())
             batch = {key: v.to(device) for key, v in batch.items()}
@@ -351,10 +366,23 @@ def train_loop_per_worker(config: dict) -> dict:
         last = passes_done >= t.passes or step >= total_steps
         metrics = _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed)
         if last and val is not None:
-            metrics.update(_validate(ckpt_model, tokenizer, val, lim, cfg, rank, world, distributed,
-                                     bt_loss, pair_metrics, score_pairs))
-        d = _report(metrics, ckpt_model, tokenizer, optimizer if engine is None else None, losses,
-                    passes_done, step, rank, config.get("local", False), dsc.stage if dsc.enabled else None)
+            metrics.update(
+                _validate(
+                    ckpt_model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss, pair_metrics, score_pairs
+                )
+            )
+        d = _report(
+            metrics,
+            ckpt_model,
+            tokenizer,
+            optimizer if engine is None else None,
+            losses,
+            passes_done,
+            step,
+            rank,
+            config.get("local", False),
+            dsc.stage if dsc.enabled else None,
+        )
         if config.get("local") and prev_local is not None:
             shutil.rmtree(prev_local, ignore_errors=True)  # superseded in-process checkpoint
         prev_local = d
@@ -388,7 +416,7 @@ def _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, wo
         "epoch": epoch,
         "passes_done": passes_done,
         "steps": step,
-        "train_loss": float(np.mean(hist_l[-max(1, len(step_times)):])) if hist_l else float("nan"),
+        "train_loss": float(np.mean(hist_l[-max(1, len(step_times)) :])) if hist_l else float("nan"),
         "train_loss_first": hist_l[0] if hist_l else float("nan"),
         "train_loss_last": hist_l[-1] if hist_l else float("nan"),
         "train_loss_history": hist_l,
@@ -407,15 +435,27 @@ def _validate(model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    rc, rr = score_pairs(model, tokenizer, [val[S.PROMPT][i] for i in mine], [val[S.CHOSEN][i] for i in mine],
-                         [val[S.REJECTED][i] for i in mine], batch_size=2 * cfg.train.batch_size, **lim)
+    rc, rr = score_pairs(
+        model,
+        tokenizer,
+        [val[S.PROMPT][i] for i in mine],
+        [val[S.CHOSEN][i] for i in mine],
+        [val[S.REJECTED][i] for i in mine],
+        batch_size=2 * cfg.train.batch_size,
+        **lim,
+    )
     elapsed = time.perf_counter() - t0
     if was_training:
         model.train()
     from mars_ray.models.reward import encode_preferences
 
-    ec, er = encode_preferences(tokenizer, [val[S.PROMPT][i] for i in mine], [val[S.CHOSEN][i] for i in mine],
-                                [val[S.REJECTED][i] for i in mine], **lim)
+    ec, er = encode_preferences(
+        tokenizer,
+        [val[S.PROMPT][i] for i in mine],
+        [val[S.CHOSEN][i] for i in mine],
+        [val[S.REJECTED][i] for i in mine],
+        **lim,
+    )
     tokens = int(ec.lengths.sum() + er.lengths.sum())
     if distributed and world > 1:
         parts: list = [None] * world
@@ -541,8 +581,11 @@ def fit_reward_model(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu,
-            resources_per_worker=None if local else {"CPU": t.cpus_per_worker if t.cpus_per_worker is not None else 1.0},
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker=None
+            if local
+            else {"CPU": t.cpus_per_worker if t.cpus_per_worker is not None else 1.0},
         ),
         run_config=RunConfig(
             name=name,
