@@ -31,7 +31,14 @@ import pyarrow as pa
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
-from mars_ray.core.allocation import allocation_weights, integer_budgets, reserve_pairs, split_counts
+from mars_ray.core.allocation import (
+    allocation_diagnostics,
+    allocation_weights,
+    integer_budgets,
+    priority_order,
+    reserve_pairs,
+    split_counts,
+)
 from mars_ray.core.pairs import fit_budgets, pool_capacity, sample_pool, synthetic_rows
 from mars_ray.core.semantic import semantic_labels
 
@@ -100,24 +107,30 @@ def run_epoch(
 
     # 2. Allocation.
     mode = "uniform" if strategy == "uniform" else cfg.mars.allocation
-    q = allocation_weights(margins, cfg.mars.tau, mode)
+    q = allocation_weights(margins, cfg.mars.tau, mode, cfg.mars.margin_scale)
     b = integer_budgets(q, cfg.mars.budget, rng)
+    # Equal weights (all of them under uniform) are ordered at random under the seed wherever
+    # pairs are picked in order of q: the reserve, the shortfall moves and the top-up rounds.
+    tiebreak = rng.permutation(n)
     per_pair.update(q=q, budget=b)
 
-    # 3-4. Semantic labels and refinement of low-distance pairs that receive budget.
+    # 3-4. Semantic labels and refinement of low-distance pairs that may receive budget: those
+    # with budget and the reserve (reserve_pairs); pairs a top-up round reaches are refined there.
+    # Every pair that ends up with synthetic pairs has been through the semantic step.
     chosen = np.array(pairs.column(S.CHOSEN).to_pylist(), dtype=object)
     rejected = np.array(pairs.column(S.REJECTED).to_pylist(), dtype=object)
-    refined = np.zeros(n, dtype=bool)
-    status = np.full(n, "", dtype=object)
-    gen_stats: Counter = Counter()
+    sem = _Semantic(cfg, pairs, ids, chosen, rejected, per_pair, times, log, reward_ref=reward_ref)
+    reserve = reserve_pairs(b, q, cfg.paraphrase.reserve, tiebreak)
     if strategy == "mars" and cfg.semantic.enabled:
-        summary["semantic"], summary["refine"] = _semantic_and_refine(
-            cfg, pairs, ids, b, chosen, rejected, refined, status, per_pair, gen_stats, times, log
-        )
+        summary["semantic"] = sem.label()
+        summary["semantic"]["low_with_budget"] = int((sem.low & (b > 0)).sum())
+        summary["semantic"]["low_in_reserve"] = int((sem.low & (reserve > 0)).sum())
+        sem.refine((b > 0) | (reserve > 0), "first round")
 
-    # 5. Paraphrases of the (refined) responses, plus a reserve (reserve_pairs).
+    # 5. Paraphrases of the (refined) responses, plus the reserve's rejected responses.
     n_plus, n_minus = split_counts(b)
-    reserve = reserve_pairs(b, q, cfg.paraphrase.reserve)
+    gen_stats = sem.gen_stats
+    refined, status = sem.refined, sem.status
     kept_c, kept_r, para = _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus + reserve, gen_stats, times, log)
     para["reserve_texts"] = int(reserve.sum())
     summary["paraphrase"] = para
@@ -127,16 +140,17 @@ def run_epoch(
     # largest allocation weight until the budget fits or the rounds run out.
     def fit():
         cap = np.array([pool_capacity(len(kept_c[i]), len(kept_r[i]), bool(refined[i])) for i in range(n)])
-        return fit_budgets(b, cap, q)
+        return fit_budgets(b, cap, q, tiebreak)
 
     b_fit, unspent = fit()
     para["topup_rounds"] = []
     for rnd in range(1, cfg.paraphrase.topup_rounds + 1):
         if unspent == 0:
             break
-        order = np.lexsort((np.arange(n), -q))
+        order = priority_order(q, tiebreak)
         extra = np.zeros(n, dtype=np.int64)
         extra[order[: min(n, 2 * unspent)]] = 1  # twice the shortfall: about half pass the gate
+        sem.refine(extra > 0, f"top-up {rnd}")
         more_c, more_r, info = _paraphrase(cfg, ids, chosen, rejected, extra, extra, gen_stats, times, log, topup=rnd)
         for i in range(n):
             kept_c[i] += [t for t in more_c[i] if t not in kept_c[i]]
@@ -162,17 +176,34 @@ def run_epoch(
             subset=subsets[i],
         )
     para["reserve_used"] = int(((b_fit > 0) & (reserve > 0)).sum())
-    per_pair.update(budget_spent=b_fit, refine_status=status)
+    if sem.ref:
+        summary["refine"] = sem.ref
+    per_pair.update(reserve=reserve, budget_spent=b_fit, refine_status=status)
     synthetic = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
     summary.update(
         synthetic=synthetic.num_rows,
         budget_unspent=unspent,
         operations=dict(Counter(r[S.OPERATION] for r in rows)),
         allocation=_allocation_summary(margins if strategy != "uniform" else None, q, b),
+        diagnostics={
+            **allocation_diagnostics(q, b, margins if strategy != "uniform" else None),
+            "gate_pass_rate": _gate_pass_rate(para),
+        },
         generation=dict(gen_stats),
         stage_seconds=times,
     )
     return EpochResult(synthetic, pa.table(per_pair), summary)
+
+
+def _check_failures(cfg: Config, operation: str, out: pa.Table, generator: str) -> None:
+    """Fail the epoch when a stage's generations failed more often than augment.max_failure_rate."""
+    from mars_ray.generation import check_failure_rate
+
+    if out.num_rows == 0 or "gen_failed" not in out.column_names:
+        return
+    generated = int(np.sum(out.column("gen_generated").to_numpy()))
+    failed = int(np.sum(out.column("gen_failed").to_numpy()))
+    check_failure_rate(operation, generated, failed, cfg.augment.max_failure_rate, generator)
 
 
 def _align(ids: list[str], table: pa.Table, column: str) -> np.ndarray:
@@ -184,20 +215,49 @@ def _align(ids: list[str], table: pa.Table, column: str) -> np.ndarray:
     return np.array([got[i] for i in ids], dtype=np.float64)
 
 
-def _semantic_and_refine(cfg, pairs, ids, b, chosen, rejected, refined, status, per_pair, gen_stats, times, log):
-    from mars_ray.stages.common import actor_threads, map_with_actors
-    from mars_ray.stages.embed import semantic_distances
-    from mars_ray.stages.generate import STAT_COLUMNS, RefineActor
+class _Semantic:
+    """The semantic step of one epoch: distances once, then refinement of the low-distance pairs
+    among any set of pairs, each pair at most once (its rewrite replaces ``chosen``/``rejected``)."""
 
-    with _stage("semantic distances", times, log):
-        dist = _align(ids, semantic_distances(pairs, cfg), "distance")
-    low, threshold = semantic_labels(dist, cfg.semantic.threshold)
-    per_pair.update(distance=dist, low_distance=low)
-    todo = np.flatnonzero(low & (b > 0))
-    sem = {"threshold": threshold, "low": int(low.sum()), "high": int((~low).sum()), "low_with_budget": int(todo.size)}
-    ref: dict[str, Any] = {"candidates": int(todo.size)}
-    if todo.size:
-        sub = pairs.take(pa.array(todo)).select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED])
+    def __init__(self, cfg, pairs, ids, chosen, rejected, per_pair, times, log, *, reward_ref: str):
+        self.cfg, self.pairs, self.ids, self.per_pair, self.times, self.log = cfg, pairs, ids, per_pair, times, log
+        self.reward_ref = reward_ref
+        self.chosen, self.rejected = chosen, rejected
+        n = len(ids)
+        self.refined = np.zeros(n, dtype=bool)
+        self.status = np.full(n, "", dtype=object)
+        self.attempted = np.zeros(n, dtype=bool)
+        self.low = np.zeros(n, dtype=bool)
+        self.dist: np.ndarray | None = None
+        self.gen_stats: Counter = Counter()
+        self.ref: dict[str, Any] = {}
+
+    def label(self) -> dict[str, Any]:
+        from mars_ray.stages.embed import semantic_distances
+
+        with _stage("semantic distances", self.times, self.log):
+            self.dist = _align(self.ids, semantic_distances(self.pairs, self.cfg), "distance")
+        self.low, threshold = semantic_labels(self.dist, self.cfg.semantic.threshold)
+        self.per_pair.update(distance=self.dist.copy(), low_distance=self.low, distance_after=self.dist)
+        return {"threshold": threshold, "low": int(self.low.sum()), "high": int((~self.low).sum())}
+
+    def refine(self, mask: np.ndarray, why: str) -> None:
+        """Rewrite the low-distance pairs of ``mask`` not attempted yet (nothing before :meth:`label`)."""
+        from mars_ray.stages.common import actor_threads, map_with_actors
+        from mars_ray.stages.generate import STAT_COLUMNS, RefineActor
+        from mars_ray.stages.score import actor_kwargs
+
+        if self.dist is None:
+            return
+        todo = np.flatnonzero(self.low & np.asarray(mask, dtype=bool) & ~self.attempted)
+        by_round = self.ref.setdefault("candidates_by_round", {})
+        by_round[why] = int(todo.size)
+        self.ref["candidates"] = self.ref.get("candidates", 0) + int(todo.size)
+        if not todo.size:
+            return
+        self.attempted[todo] = True
+        cfg, dist = self.cfg, self.dist
+        sub = self.pairs.take(pa.array(todo)).select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED])
         sub = sub.append_column("distance", pa.array(dist[todo]))
         kwargs = dict(
             rewrite=dataclasses.asdict(cfg.rewrite),
@@ -207,28 +267,33 @@ def _semantic_and_refine(cfg, pairs, ids, b, chosen, rejected, refined, status, 
             encoder_batch_size=cfg.semantic.batch_size,
             num_threads=actor_threads(cfg.resources),
             cache_dir=cfg.model.cache_dir,
+            scorer=actor_kwargs(self.reward_ref, cfg, num_threads=None)
+            if cfg.rewrite.label_check == "reward"
+            else None,
         )
-        with _stage(f"refine {todo.size} low-distance pairs", times, log):
+        with _stage(f"refine {todo.size} low-distance pairs ({why})", self.times, self.log):
             out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
+        _check_failures(cfg, f"refine ({why})", out, f"{cfg.rewrite.backend}:{cfg.rewrite.model}")
         by_id = {r["pair_id"]: r for r in out.to_pylist()}
         for i in todo:
-            r = by_id[ids[i]]
-            status[i] = r["refine_status"]
+            r = by_id[self.ids[i]]
+            self.status[i] = r["refine_status"]
             if r["refine_status"].startswith("rewrote"):
-                refined[i] = True
-                chosen[i], rejected[i] = r["refined_chosen"], r["refined_rejected"]
+                self.refined[i] = True
+                self.chosen[i], self.rejected[i] = r["refined_chosen"], r["refined_rejected"]
                 dist[i] = r["refined_distance"]
         for c in STAT_COLUMNS:
-            gen_stats[f"rewrite_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
-        counts = Counter(status[todo])
-        ref.update(
-            refined=int(refined.sum()),
-            retention=float(refined.sum() / todo.size),
-            by_status=dict(counts),
-            rewrite_calls=int(np.sum(out.column("refine_attempts").to_numpy())),
+            self.gen_stats[f"rewrite_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
+        tried = self.attempted.sum()
+        self.ref.update(
+            refined=int(self.refined.sum()),
+            retention=float(self.refined.sum() / tried),
+            by_status=dict(Counter(self.status[self.attempted])),
+            rewrite_calls=self.ref.get("rewrite_calls", 0) + int(np.sum(out.column("refine_attempts").to_numpy())),
+            label_check=cfg.rewrite.label_check,
+            label_flips_rejected=self.ref.get("label_flips_rejected", 0)
+            + int(np.sum(out.column("refine_label_flips").to_numpy())),
         )
-    per_pair["distance_after"] = dist
-    return sem, ref
 
 
 def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log, topup: int = 0):
@@ -266,6 +331,7 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
         out = map_with_actors(
             req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size
         )
+    _check_failures(cfg, label, out, f"{cfg.paraphrase.backend}:{cfg.paraphrase.model}")
     reasons: Counter = Counter()
     kept_total = 0
     for row in out.select(["key", "kept", "rejected_reasons"]).to_pylist():
@@ -287,6 +353,18 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     return kept_c, kept_r, info
 
 
+def _gate_pass_rate(para: dict[str, Any]) -> float | None:
+    """Paraphrase candidates that passed the quality gate / candidates judged, over every round
+    (surplus candidates passed but were not needed; failed generations were never judged)."""
+    rounds = [para, *para.get("topup_rounds", [])]
+    passed = judged = 0
+    for r in rounds:
+        filtered = r.get("filtered", {})
+        passed += int(r.get("kept", 0)) + int(filtered.get("surplus", 0))
+        judged += int(r.get("kept", 0)) + sum(int(v) for k, v in filtered.items() if k != "generation_failed")
+    return passed / judged if judged else None
+
+
 def _allocation_summary(margins: np.ndarray | None, q: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """Budget by margin decile (how much went to the lowest-margin pairs) and concentration."""
     out: dict[str, Any] = {"pairs_with_budget": int((b > 0).sum()), "max_budget": int(b.max()), "q_max": float(q.max())}
@@ -303,6 +381,24 @@ def _allocation_summary(margins: np.ndarray | None, q: np.ndarray, b: np.ndarray
             "negative": int((margins < 0).sum()),
         }
     return out
+
+
+def diagnostics_text(d: dict[str, Any]) -> str:
+    """One line: how far q was from uniform and where the budget went."""
+
+    def pct(x):
+        return "n/a" if x is None else f"{x:.0%}"
+
+    parts = [f"ESS/N {d['ess_ratio']:.3f}" if d.get("ess_ratio") is not None else "ESS/N n/a"]
+    if d.get("margin_std") is not None:
+        parts.append(f"margin {d['margin_mean']:+.3f} ± {d['margin_std']:.3f}")
+    parts += [
+        f"budget on mis-ranked pairs {pct(d.get('budget_share_misranked'))}",
+        f"on the lowest-margin decile {pct(d.get('budget_share_lowest_decile'))}",
+        f"max b_i {d.get('max_budget')}",
+        f"gate pass rate {pct(d.get('gate_pass_rate'))}",
+    ]
+    return ", ".join(parts)
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -342,6 +438,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         )
     if summary.get("generation"):
         lines.append("- generation: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["generation"].items())))
+    diag = summary.get("diagnostics")
+    if diag:
+        lines.append("- allocation diagnostics: " + diagnostics_text(diag))
     alloc = summary.get("allocation", {})
     if "by_margin_decile" in alloc:
         lines += ["", "| margin decile | margin range | budget |", "|---|---|---|"]

@@ -93,6 +93,14 @@ class MarsConfig:
     allocation: Literal["signed", "abs", "uniform"] = "signed"
     # Temperature of the allocation; tau -> 0 is uniform.
     tau: float = 0.5
+    # Margins as they are ("raw", the papers) or divided by their std ("std": q ∝ exp(-τ·Δ/σ_Δ), so
+    # tau means the same for a fresh score head, σ ≈ 0.01, and a trained model, σ ≈ 1).
+    margin_scale: Literal["raw", "std"] = "raw"
+    # r^0: the backbone with a fresh score head (0, the papers' default reading) or that backbone
+    # trained this many passes on the human pairs before the first allocation (an "off-the-shelf"
+    # reward model; informative margins from epoch 1). Built once per (data, backbone, training
+    # settings, seed) and shared by every strategy of that seed through model.cache_dir.
+    warmup_passes: int = 0
     # Synthetic pairs added per epoch. The default keeps the embedded demo to minutes on 2 CPU
     # cores; the paper used 5 synthetic pairs per original pair.
     budget: int = 16
@@ -110,6 +118,10 @@ class MarsConfig:
 class AugmentConfig:
     # `mars-ray augment`: which MARS epoch this is (lineage; epoch 1 scores with the base model).
     epoch: int = 1
+    # Fail the epoch (a clear error, nothing recorded as done) when more than this share of an
+    # operation's generations fail (endpoint errors after retries, budget exhausted, a crashed
+    # chunk): a broken generator must not silently turn a `mars` run into a run without synthetic data.
+    max_failure_rate: float = 0.2
 
 
 @dataclass
@@ -161,6 +173,10 @@ class RewriteConfig(EndpointConfig):
     # protocol order, so the outcome is the same. null: all for local models (extra rows in a
     # batch are nearly free), sequential for openai (each attempt is a paid request).
     schedule: Literal["sequential", "by_role", "all"] | None = None
+    # Label check (v2 §3.2): keep a rewrite only if the pair is still a valid preference, i.e. the
+    # current reward model r^{t-1} still scores the chosen side higher ("reward"), or not at all
+    # ("none"). With a fresh score head (no mars.warmup_passes) r^0's verdict is close to a coin flip.
+    label_check: Literal["reward", "none"] = "reward"
     max_new_tokens: int = 192
     # Sampling, so repeated attempts differ.
     temperature: float = 0.7
@@ -877,6 +893,10 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     unknown_cols = set(d.columns) - {"prompt", "chosen", "rejected", "subset"}
     if unknown_cols:
         p.append(f"data.columns has unknown keys {sorted(unknown_cols)}; use prompt, chosen, rejected, subset")
+    if m.warmup_passes < 0:
+        p.append(f"mars.warmup_passes={m.warmup_passes} must be >= 0 (0: start from a fresh score head)")
+    if not 0.0 <= cfg.augment.max_failure_rate <= 1.0:
+        p.append(f"augment.max_failure_rate={cfg.augment.max_failure_rate} must be in [0, 1] (1: never fail)")
     if m.tau <= 0:
         p.append(
             f"mars.tau={m.tau} must be > 0 (small tau approaches uniform allocation; use mars.allocation=uniform for exactly uniform)"

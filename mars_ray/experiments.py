@@ -211,6 +211,7 @@ def trial_rows(root: Path) -> list[dict[str, Any]]:
         }
         for e in sorted((d / "heldout").glob("*/eval.json")):
             res = json.loads(e.read_text())
+            res["_dir"] = str(e.parent)
             row["heldout"][Path(res["data"]).stem] = res
         out.append(row)
     return out
@@ -224,8 +225,8 @@ COMPARE_METRICS = ("test_accuracy", "test_snr", "val_accuracy", "val_snr")
 
 def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Strategies x seeds on the same data, subset and budget; a table of mean ± std per metric per
-    strategy, paired differences vs ``uniform`` and ``none`` (paired t-test across seeds, bootstrap
-    CI), synthetic pairs and generation time per strategy. Writes ``compare.json``, ``compare.md``,
+    strategy, paired differences vs ``uniform`` and ``none`` (paired t-test across seeds with its
+    t-interval; on held-out files also a pair-level paired bootstrap), synthetic pairs and generation time per strategy. Writes ``compare.json``, ``compare.md``,
     ``compare.html`` and plots into ``cfg.output.dir``."""
     from ray import tune
 
@@ -321,8 +322,9 @@ def summarise_compare(trials: list[dict[str, Any]], cfg: Config) -> dict[str, An
                     "strategy": s,
                     "reference": ref,
                     "metric": m,
-                    **paired_comparison(a[ok], b[ok], seed=cfg.seed),
+                    **paired_comparison(a[ok], b[ok]),
                 }
+    pairs_level = _pair_level(by_strategy, seed=cfg.seed)
     from mars_ray.report import fmt
 
     lines = [
@@ -348,9 +350,58 @@ def summarise_compare(trials: list[dict[str, Any]], cfg: Config) -> dict[str, An
         "data": cfg.data.path,
         "table": table,
         "paired": paired,
+        "paired_pairs": pairs_level,
         "table_md": "\n".join(lines),
         "trials": len(trials),
     }
+
+
+def _heldout_correct(trial: dict[str, Any], name: str) -> dict[str, bool] | None:
+    """pair id -> ranked right, from a trial's held-out ``scores.npz`` (None when it has none)."""
+    res = trial["heldout"].get(name)
+    if not res or not res.get("_dir"):
+        return None
+    f = Path(res["_dir"]) / "scores.npz"
+    if not f.exists():
+        return None
+    z = np.load(f, allow_pickle=False)
+    return dict(zip(z["pair_id"].tolist(), (z["r_chosen"] > z["r_rejected"]).tolist()))
+
+
+def _pair_level(by_strategy: dict[str, dict[int, dict[str, Any]]], *, seed: int) -> dict[str, Any]:
+    """Secondary analysis: for every held-out file, strategy and reference (uniform, none), a
+    pair-level paired bootstrap of the accuracy difference on the pairs every seed of both arms
+    was scored on."""
+    from mars_ray.core.metrics import pair_bootstrap
+
+    names = sorted({h for seeds in by_strategy.values() for t in seeds.values() for h in t["heldout"]})
+    out: dict[str, Any] = {}
+    for ref in ("uniform", "none"):
+        if ref not in by_strategy:
+            continue
+        for s in by_strategy:
+            if s == ref:
+                continue
+            common = sorted(set(by_strategy[s]) & set(by_strategy[ref]))
+            for name in names:
+                per = [
+                    (_heldout_correct(by_strategy[s][k], name), _heldout_correct(by_strategy[ref][k], name))
+                    for k in common
+                ]
+                if not per or any(a is None or b is None for a, b in per):
+                    continue
+                ids = sorted(set.intersection(*(set(a) & set(b) for a, b in per)))
+                if not ids:
+                    continue
+                ca = np.array([[a[i] for i in ids] for a, _ in per])
+                cb = np.array([[b[i] for i in ids] for _, b in per])
+                out[f"{s} - {ref} | {name}:accuracy"] = {
+                    "strategy": s,
+                    "reference": ref,
+                    "heldout": name,
+                    **pair_bootstrap(ca, cb, seed=seed),
+                }
+    return out
 
 
 # ------------------------------------------------------------------------------ sweep

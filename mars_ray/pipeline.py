@@ -288,12 +288,21 @@ def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, lo
                 S.WEIGHT: float(r["best_score"] - r["worst_score"]),
             }
         )
+    from mars_ray.generation import check_failure_rate
+
     syn = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
     gen = {
         c.removeprefix("gen_"): int(np.sum(out.column(c).to_numpy()))
         for c in ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
         if c in out.column_names
     }
+    check_failure_rate(
+        "west-of-n",
+        gen.get("generated", 0),
+        gen.get("failed", 0),
+        cfg.augment.max_failure_rate,
+        f"{cfg.paraphrase.backend}:{cfg.paraphrase.model}",
+    )
     summary.update(
         synthetic=syn.num_rows,
         budget_unspent=int(groups.sum()) - syn.num_rows,
@@ -302,6 +311,99 @@ def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, lo
         stage_seconds={"west-of-n": round(time.perf_counter() - t0, 3)},
     )
     return syn, summary
+
+
+# --------------------------------------------------------------------------------------------
+# r^0 with warm-up passes
+# --------------------------------------------------------------------------------------------
+
+WARMUP_FILE = "warmup.json"
+
+
+def warmup_key(cfg: Config, train_ids: list[str]) -> str:
+    """What r^0 after warm-up depends on: the backbone, the training pairs, the training and
+    DeepSpeed settings, the length limits, the seed and the passes; not the strategy, budget or tau,
+    so every strategy of a seed shares one r^0."""
+    import hashlib
+
+    ref = cfg.model.reward
+    if Path(os.path.expanduser(ref)).exists():
+        ref = str(Path(os.path.expanduser(ref)).resolve())
+    train = {k: v for k, v in cfg.to_dict()["train"].items() if k not in ("max_failures", "num_workers", "threads")}
+    blob = json.dumps(
+        {
+            "reward": ref,
+            "dtype": cfg.model.dtype,
+            "train": train,
+            "deepspeed": cfg.to_dict()["deepspeed"],
+            "limits": [cfg.data.max_prompt_tokens, cfg.data.max_response_tokens],
+            "seed": cfg.seed,
+            "passes": cfg.mars.warmup_passes,
+            "pairs": sorted(train_ids),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def warmup_model(cfg: Config, run_dir: Path, train_path: Path, val_path: Path | None, log) -> dict[str, Any]:
+    """r^0 = ``model.reward`` trained ``mars.warmup_passes`` passes on the human training pairs,
+    built once per :func:`warmup_key` under ``model.cache_dir/warmup/`` (a file lock keeps two trials
+    from building the same one) and recorded in the run directory's ``warmup.json``."""
+    import fcntl
+
+    from mars_ray.models.resolve import cache_root
+    from mars_ray.train.loop import fit_reward_model
+
+    ids = pq.read_table(train_path, columns=[S.PAIR_ID]).column(S.PAIR_ID).to_pylist()
+    key = warmup_key(cfg, ids)
+    root = cache_root(cfg.model.cache_dir) / "warmup"
+    root.mkdir(parents=True, exist_ok=True)
+    done = root / key
+    t0 = time.perf_counter()
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = not (done / WARMUP_FILE).exists()
+        if built:
+            log(
+                f"[warm-up] r0: {cfg.model.reward} trained {cfg.mars.warmup_passes} pass(es) on {len(ids)} human pairs ..."
+            )
+            wcfg = Config.from_dict(cfg.to_dict(), source="warm-up")
+            wcfg.train.passes = cfg.mars.warmup_passes
+            fit = fit_reward_model(
+                wcfg,
+                init_model=cfg.model.reward,
+                train_path=train_path,
+                val_path=val_path,
+                run_dir=run_dir / "ray_train",
+                name="warmup",
+                epoch=0,
+                max_failures=cfg.train.max_failures,
+            )
+            tmp = root / f"{key}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(fit["model_dir"], tmp / MODEL_DIR)
+            info = {
+                "key": key,
+                "passes": cfg.mars.warmup_passes,
+                "base_model": cfg.model.reward,
+                "train_pairs": len(ids),
+                "seed": cfg.seed,
+                "seconds": round(time.perf_counter() - t0, 1),
+                **{k: _finite(v) for k, v in fit.items() if k.startswith("val_") or k == "train_loss"},
+            }
+            _write_json(tmp / WARMUP_FILE, info)
+            os.replace(tmp, done)  # complete or absent: a reader never sees half a model
+        info = json.loads((done / WARMUP_FILE).read_text(encoding="utf-8"))
+    info = {**info, "model_dir": str(done / MODEL_DIR), "built_by_this_run": built}
+    _write_json(run_dir / WARMUP_FILE, info)
+    log(
+        f"[warm-up] r0 {'built' if built else 'shared from an earlier run'} ({done}): "
+        f"val_accuracy {_fmt(info.get('val_accuracy'))}"
+    )
+    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +518,10 @@ def run_mars(
     init_ray(cfg.resources)
 
     prev_model, current = cfg.model.reward, originals
+    warm = None
+    if cfg.mars.warmup_passes > 0:
+        warm = warmup_model(cfg, run_dir, run_dir / "data" / "train.parquet", val_path, log)
+        prev_model = warm["model_dir"]
     rows: list[dict[str, Any]] = []
     T = cfg.mars.epochs
     for t in range(1, T + 1):
@@ -519,6 +625,7 @@ def run_mars(
         "final": rows[-1] if rows else {},
         "seconds": round(time.perf_counter() - t_run, 1),
         "config_hash": cfg.hash(),
+        "warmup": warm,
     }
     _write_json(
         run_dir / SUMMARY_FILE,

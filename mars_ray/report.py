@@ -263,7 +263,8 @@ def compare_report(result: dict[str, Any], trials: list[dict[str, Any]], out_dir
         "",
         "## Paired differences across seeds",
         "",
-        "Positive = the strategy is ahead. p: two-sided paired t-test over seeds; CI: 95% bootstrap of the mean difference.",
+        "Positive = the strategy is ahead. p: two-sided paired t-test over seeds; CI: its 95% t-interval "
+        "(excludes 0 exactly when p < 0.05).",
         "",
     ]
     rows = [
@@ -280,6 +281,30 @@ def compare_report(result: dict[str, Any], trials: list[dict[str, Any]], out_dir
         for v in result["paired"].values()
     ]
     lines += md_table(["strategy", "vs", "metric", "mean diff", "std", "p", "95% CI", "seeds"], rows)
+    if result.get("paired_pairs"):
+        lines += [
+            "",
+            "## Secondary: pair-level paired bootstrap on the held-out files",
+            "",
+            "Held-out pairs resampled with replacement (the same pairs for both arms), accuracy difference "
+            "averaged over seeds; 95% percentile interval.",
+            "",
+        ]
+        lines += md_table(
+            ["strategy", "vs", "held-out", "mean diff", "95% CI", "pairs", "seeds"],
+            [
+                [
+                    v["strategy"],
+                    v["reference"],
+                    v["heldout"],
+                    v["mean_diff"],
+                    f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
+                    v["n_pairs"],
+                    v["n_seeds"],
+                ]
+                for v in result["paired_pairs"].values()
+            ],
+        )
     images = []
     for metric, label in (("val_accuracy", "validation accuracy"), ("val_snr", "validation margin SNR")):
         series: dict[str, dict[int, float]] = {}
@@ -357,6 +382,33 @@ def run_report(run_dir: Path) -> tuple[Path, Path]:
         if rows and c in rows[0]
     ]
     lines += md_table(cols, [[r.get(c) for c in cols] for r in rows])
+    diag_rows = []
+    for f in sorted(run_dir.glob("epochs/*/augment_summary.json")):
+        d = json.loads(f.read_text()).get("diagnostics")
+        if d:
+            diag_rows.append(
+                [
+                    int(f.parent.name),
+                    d.get("ess_ratio"),
+                    d.get("margin_std"),
+                    d.get("budget_share_misranked"),
+                    d.get("budget_share_lowest_decile"),
+                    d.get("max_budget"),
+                    d.get("gate_pass_rate"),
+                ]
+            )
+    if diag_rows:
+        lines += [
+            "",
+            "## Allocation per epoch",
+            "",
+            "ESS/N: effective sample size of q relative to the number of pairs (1 = uniform).",
+            "",
+        ]
+        lines += md_table(
+            ["epoch", "ESS/N", "margin std", "budget on mis-ranked", "budget on lowest decile", "max b_i", "gate pass"],
+            diag_rows,
+        )
     images = []
     if rows:
         images.append(

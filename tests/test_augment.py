@@ -395,3 +395,45 @@ def test_longest_first_orders_generation_requests_stably():
     assert out.column("key").to_pylist() == ["b", "d", "a", "e", "c"]  # ties keep their order
     assert out.column("n").to_pylist() == [2, 4, 1, 5, 3]  # whole rows move together
     assert longest_first(t.slice(0, 1)).equals(t.slice(0, 1)) and longest_first(t.slice(0, 0)).num_rows == 0
+
+
+def test_failure_rate_gate():
+    from mars_ray.generation import GenerationFailed, check_failure_rate
+
+    check_failure_rate("paraphrase", generated=8, failed=2, max_rate=0.2)  # exactly at the limit: fine
+    check_failure_rate("paraphrase", generated=0, failed=0, max_rate=0.0)  # nothing tried
+    with pytest.raises(GenerationFailed, match=r"paraphrase: 3 of 10 generations failed \(30% > .*20%\) with m"):
+        check_failure_rate("paraphrase", generated=7, failed=3, max_rate=0.2, generator="m")
+
+
+@pytest.mark.ray
+def test_an_endpoint_that_always_fails_fails_the_epoch(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs):
+    """Every paraphrase request answered 500: the epoch raises (it used to return 0 synthetic pairs
+    under the name of the strategy); a 401 fails it at the first refusal."""
+    from mars_ray.augment import run_epoch
+    from mars_ray.generation import GenParams
+    from mars_ray.generation.local import LocalChatGenerator
+    from mars_ray.serve.llm_server import Faults, run_server
+
+    gen = LocalChatGenerator(str(tiny_llama_dir), GenParams(max_new_tokens=8), batch_size=8)
+    down = run_server(gen, faults=Faults(fail_first=10**6, fail_status=500))
+    locked = run_server(gen, api_key="sk-test-right-key-0123456789")
+    pairs = demo_pairs.slice(0, 8)
+    try:
+        for url, match in ((down.url, "generations failed"), (locked.url, "401")):
+            over = {
+                "mars.strategy": "uniform",
+                "mars.budget": "8",
+                "paraphrase.backend": "openai",
+                "paraphrase.base_url": url,
+                "paraphrase.model": "tiny",
+                "paraphrase.max_retries": "0",
+                "paraphrase.api_key_env": "MARS_RAY_TEST_WRONG_KEY_ENV",
+                "data.max_pairs": "8",
+            }
+            cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
+            with pytest.raises(Exception, match=match):
+                run_epoch(cfg, pairs, reward_ref=cfg.model.reward, epoch=1, log=lambda m: None)
+    finally:
+        down.stop()
+        locked.stop()

@@ -265,3 +265,116 @@ def test_refine_all_generation_failures_keep_originals():
             schedule=schedule,
         )
         assert res[0].status == "kept:generation_failed" and res[0].attempts == 10
+
+
+def test_uniform_picks_follow_a_seeded_permutation_not_file_order():
+    """Under uniform allocation every q is equal; the reserve, the shortfall moves and the top-up
+    order must then be random under the seed (they were the first pairs of the file)."""
+    from mars_ray.core.allocation import priority_order, reserve_pairs
+
+    n = 40
+    q = np.full(n, 1.0 / n)
+    b = np.zeros(n, dtype=np.int64)
+    b[::4] = 1  # 10 pairs with budget, 30 without
+    tb = np.random.default_rng([7, 1]).permutation(n)
+    order = priority_order(q, tb)
+    np.testing.assert_array_equal(order, np.argsort(tb))  # all weights equal: the permutation decides
+    assert not np.array_equal(order, np.arange(n))
+    res = reserve_pairs(b, q, 0.5, tb)  # ceil(0.5 * 10) = 5 of the 30 without budget
+    assert res.sum() == 5 and not res[b > 0].any()
+    picked = [i for i in np.argsort(tb) if b[i] == 0][:5]
+    assert sorted(np.flatnonzero(res).tolist()) == sorted(picked)
+    assert sorted(picked) != [1, 2, 3, 5, 6]  # not the top of the file
+    # the shortfall of a full pool moves to the first pairs of the permutation that have room
+    cap = np.full(n, 3)
+    cap[0] = 0
+    out, left = fit_budgets(b, cap, q, tb)
+    receiver = next(i for i in np.argsort(tb) if i != 0)
+    assert left == 0 and out[0] == 0 and out[receiver] == b[receiver] + 1
+    # without a tiebreak the old index order is kept (pure callers)
+    np.testing.assert_array_equal(priority_order(q), np.arange(n))
+    with pytest.raises(ValueError, match="tiebreak"):
+        priority_order(q, tb[:3])
+
+
+def test_refine_keeps_a_rewrite_only_if_the_preference_still_holds():
+    """v2 §3.2: a rewrite that grows the distance but makes the rejected side preferred (here: the
+    judge prefers the longer reply) is rejected and counted; the next candidate that keeps the
+    label wins; with no candidate left the original pair is kept as kept:label_flip."""
+    items = [
+        RefineItem("p", "a full and helpful answer here", "short", 0.2),  # attempt 1 flips, attempt 2 keeps
+        RefineItem("p", "ok", "no", 0.2),  # every rewrite of rejected is longer than chosen: flips
+    ]
+    rewrites = {
+        ("short", 1): "an even longer rejected reply that now wins over it",
+        ("short", 2): "bad",
+        ("no", 1): "a rambling rejected reply",
+        ("no", 2): "another rambling rejected reply",
+    }
+
+    def rewrite(reqs):
+        return [[rewrites[(rej, first + k)] for k in range(n)] for role, _, _, rej, first, n in reqs]
+
+    asked = []
+
+    def by_length(prompts, chosen, rejected):
+        asked.append(len(prompts))
+        return np.array([len(c) - len(r) for c, r in zip(chosen, rejected)], dtype=float)
+
+    always_far = lambda c, r: np.full(len(c), 0.9)
+    for schedule in ("sequential", "all"):
+        asked.clear()
+        res = refine_batch(
+            items,
+            rewrite=rewrite,
+            distance=always_far,
+            harmful=introduced_harm,
+            preference=by_length,
+            max_rejected=2,
+            max_chosen=0,
+            schedule=schedule,
+        )
+        assert [r.status for r in res] == ["rewrote_rejected", "kept:label_flip"], schedule
+        assert res[0].rejected == "bad" and res[0].label_flips == 1 and res[0].attempts == 2
+        assert (res[1].chosen, res[1].rejected, res[1].label_flips) == ("ok", "no", 2)
+        assert refine_summary(res)["label_flips_rejected"] == 3
+        assert len(asked) == (2 if schedule == "sequential" else 1)  # one batched check per round
+    # without a preference check the first, label-flipping rewrite would have been kept
+    res = refine_batch(
+        items, rewrite=rewrite, distance=always_far, harmful=introduced_harm, max_rejected=2, max_chosen=0
+    )
+    assert res[0].rejected == rewrites[("short", 1)] and res[1].status == "rewrote_rejected"
+
+
+def test_margin_scale_std_makes_tau_scale_free():
+    from mars_ray.core.allocation import allocation_weights
+
+    m = np.array([-0.02, -0.005, 0.0, 0.004, 0.01, 0.03])  # fresh-head margins
+    raw = allocation_weights(m, 0.5)
+    assert raw.max() / raw.min() < 1.03  # raw: flat to within 3% at these margins
+    q = allocation_weights(m, 0.5, scale="std")
+    np.testing.assert_allclose(q, allocation_weights(100 * m, 0.5, scale="std"))  # any margin scale
+    np.testing.assert_allclose(q, allocation_weights(m / m.std(), 0.5))  # = raw on standardised margins
+    assert q.max() / q.min() > 1.5 and np.argmax(q) == 0
+    np.testing.assert_allclose(allocation_weights(np.full(4, 0.3), 1.0, scale="std"), 0.25)  # σ = 0: uniform
+    with pytest.raises(ValueError, match="scale"):
+        allocation_weights(m, 0.5, scale="minmax")
+
+
+def test_allocation_diagnostics():
+    from mars_ray.core.allocation import allocation_diagnostics
+
+    n = 20
+    d = allocation_diagnostics(np.full(n, 1 / n), np.ones(n, dtype=np.int64))
+    assert d["ess_ratio"] == pytest.approx(1.0) and d["budget_share_misranked"] is None
+    m = np.linspace(-1, 1, n)  # 10 mis-ranked pairs, the lowest 2 form the lowest decile
+    q = np.zeros(n)
+    q[:2] = 0.5
+    b = np.zeros(n, dtype=np.int64)
+    b[:2] = [3, 1]
+    b[15] = 4
+    d = allocation_diagnostics(q, b, m)
+    assert d["ess_ratio"] == pytest.approx(2 / n)  # 1 / (0.25 + 0.25) = 2 pairs' worth
+    assert d["budget_share_misranked"] == pytest.approx(0.5) and d["budget_share_lowest_decile"] == pytest.approx(0.5)
+    assert d["max_budget"] == 4 and d["pairs_with_budget"] == 3
+    assert d["margin_mean"] == pytest.approx(0.0) and d["margin_std"] == pytest.approx(m.std())

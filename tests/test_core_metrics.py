@@ -104,16 +104,46 @@ def test_curvature_on_a_linear_model_matches_the_closed_form():
 
 def test_paired_comparison_matches_the_t_distribution():
     # Differences 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.4641, df 2 -> p = 0.07418.
-    r = paired_comparison([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], n_boot=2000)
+    r = paired_comparison([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
     assert r["mean_diff"] == pytest.approx(2.0) and r["std_diff"] == pytest.approx(1.0)
     assert r["t"] == pytest.approx(3.4641016, rel=1e-6)
     assert r["p_value"] == pytest.approx(0.074180, abs=2e-5)
-    assert 1.0 <= r["ci_low"] <= 2.0 <= r["ci_high"] <= 3.0
+    # t-interval: 2 ± t(0.975, 2) · 1/√3 = 2 ± 4.302653 · 0.57735; p > 0.05, so it holds 0
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-5)
+    assert r["ci_low"] < 0 < r["ci_high"]
     # df 9, t = 2.262157 is the 97.5% quantile: p = 0.05.
     x = np.array([0.0] * 9 + [1.0])
     d = 2.262157 * x.std(ddof=1) / math.sqrt(10)
     r = paired_comparison(x - x.mean() + d, np.zeros(10))
     assert r["p_value"] == pytest.approx(0.05, abs=1e-5)
+    assert r["ci_low"] == pytest.approx(0.0, abs=1e-6)  # the interval touches 0 exactly at p = 0.05
     # Identical results: no difference, no test.
     r = paired_comparison([0.5, 0.5], [0.5, 0.5])
     assert r["mean_diff"] == 0 and math.isnan(r["p_value"])
+
+
+def test_interval_agrees_with_the_test_where_a_seed_bootstrap_did_not():
+    """Three seeds with differences 0.01, 0.02, 0.05: p = 0.157, so a 95% interval must hold 0 (the
+    percentile bootstrap over the three seeds gave [0.01, 0.05], excluding it)."""
+    r = paired_comparison([0.61, 0.62, 0.65], [0.60, 0.60, 0.60])
+    assert r["p_value"] > 0.05 and r["ci_low"] < 0 < r["ci_high"]
+    for diffs in ([0.03, 0.031, 0.029, 0.032], [0.01, -0.02, 0.005]):
+        r = paired_comparison(np.array(diffs), np.zeros(len(diffs)))
+        assert (r["p_value"] < 0.05) == (r["ci_low"] > 0 or r["ci_high"] < 0)
+
+
+def test_pair_bootstrap_resamples_pairs_for_both_arms_together():
+    from mars_ray.core.metrics import pair_bootstrap
+
+    rng = np.random.default_rng(0)
+    b = rng.random((3, 400)) < 0.6
+    a = b.copy()
+    a[:, :40] = True  # arm a also gets 40 pairs right that b may miss: a real, small gain
+    r = pair_bootstrap(a, b, n_boot=2000, seed=1)
+    gain = (a.mean(axis=1) - b.mean(axis=1)).mean()
+    assert r["mean_diff"] == pytest.approx(gain) and r["n_pairs"] == 400 and r["n_seeds"] == 3
+    assert 0 < r["ci_low"] < gain < r["ci_high"]
+    same = pair_bootstrap(b, b, n_boot=500)
+    assert same["ci_low"] == same["ci_high"] == 0.0  # paired: identical arms differ on no resample
+    with pytest.raises(ValueError):
+        pair_bootstrap(a[:, :10], b)

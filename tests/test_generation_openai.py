@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mars_ray.generation import GenParams, TextGenerator
+from mars_ray.generation import GeneratorAuthError, GenParams, TextGenerator
 from mars_ray.generation.openai_backend import OpenAIGenerator
 from mars_ray.serve.llm_server import Faults, run_server
 
@@ -300,10 +300,17 @@ def test_the_api_key_appears_nowhere(tiny_gen, serve, secret_env, monkeypatch, c
     caplog.set_level(logging.DEBUG)
     h = serve(tiny_gen, api_key=SECRET, faults=Faults(fail_first=1, fail_status=500))
     good = client_for(h.url, max_retries=2)
-    bad = client_for(h.url, api_key_env=wrong_env, max_retries=2)
-    texts = good.generate(["hello", "world"], n=1) + bad.generate(["hello"], n=1)
-    assert all(isinstance(t, str) for row in texts[:2] for t in row) and texts[2] == [None]
-    assert bad.stats["failed_by_reason"] == {"401": 1}  # the server refused the wrong key; not retried
+    bad = client_for(h.url, api_key_env=wrong_env, max_retries=2, concurrency=1)
+    texts = good.generate(["hello", "world"], n=1)
+    # The server refused the wrong key: not retried, and the call fails loudly (a run must not go on
+    # without its generator), naming the variable but not the key.
+    with pytest.raises(GeneratorAuthError, match="401") as refused:
+        bad.generate(["hello", "again"], n=2)
+    assert "MARS_RAY_TEST_WRONG_KEY" in str(refused.value)
+    assert bad.stats["failed_by_reason"] == {"401": 1}  # the first refusal stops the other calls
+    with pytest.raises(GeneratorAuthError):  # and every later call
+        bad.generate(["hello"], n=1)
+    assert bad.stats["requests"] == 1
     assert good.stats["retries"] == 1  # the injected 500 was retried (and logged by the client)
     assert caplog.records, "expected some log records (retries, failures)"
     blobs = [
@@ -313,6 +320,7 @@ def test_the_api_key_appears_nowhere(tiny_gen, serve, secret_env, monkeypatch, c
         str(good.stats),
         str(bad.stats),
         json.dumps(texts),
+        str(refused.value),
         caplog.text,
         json.dumps(get_json(h.root_url + "/stats")),
         repr(h),

@@ -160,6 +160,49 @@ def test_every_strategy_two_epochs(ray_local, tmp_path, tiny_bert_dir, tiny_llam
 
 
 @pytest.mark.ray
+def test_warmup_r0_is_built_once_and_shared_by_every_strategy_of_a_seed(
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir
+):
+    """mars.warmup_passes: r^0 is the backbone trained on the human pairs, built by the first run and
+    taken from model.cache_dir by the next strategy of the same seed; another seed builds its own.
+    Its margins are informative (a fresh score head's are not), and margin_scale std uses them."""
+    from mars_ray.pipeline import WARMUP_FILE, run_mars
+
+    over = {"train.num_workers": "0", "resources.in_process": "true", "mars.epochs": "1", "mars.warmup_passes": "2"}
+    infos, margins = {}, {}
+    for name, strategy, seed in (("a", "mars-nosem", "0"), ("b", "uniform", "0"), ("c", "mars-nosem", "1")):
+        cfg = loop_cfg(
+            tmp_path,
+            tiny_bert_dir,
+            tiny_llama_dir,
+            name,
+            **over,
+            **{"mars.strategy": strategy, "seed": seed, "mars.margin_scale": "std"},
+        )
+        summary = run_mars(cfg, log=lambda m: None)
+        infos[name] = json.loads((Path(cfg.output.dir) / WARMUP_FILE).read_text())
+        assert summary["warmup"]["model_dir"] == infos[name]["model_dir"]
+        alloc = pq.read_table(Path(cfg.output.dir) / "epochs" / "001" / "allocation.parquet")
+        if "margin" in alloc.column_names:
+            margins[name] = alloc.column("margin").to_numpy()
+        diag = json.loads((Path(cfg.output.dir) / "epochs" / "001" / "augment_summary.json").read_text())["diagnostics"]
+        if strategy == "uniform":
+            assert diag["ess_ratio"] == pytest.approx(1.0)
+        else:
+            assert diag["ess_ratio"] < 0.99 and diag["margin_std"] > 0
+    assert infos["a"]["built_by_this_run"] and not infos["b"]["built_by_this_run"]
+    assert infos["a"]["key"] == infos["b"]["key"] != infos["c"]["key"] and infos["c"]["built_by_this_run"]
+    assert infos["a"]["passes"] == 2 and infos["a"]["val_accuracy"] is not None
+    # the warm model's margins are far from a fresh head's (std ~0.01 on tiny models too)
+    fresh = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "fresh", **{"train.num_workers": "0"})
+    from mars_ray.stages.score import score_margins_local
+
+    train = pq.read_table(Path(tmp_path / "a") / "data" / "train.parquet")
+    m0 = score_margins_local(train, model_ref=fresh.model.reward, cfg=fresh).column("margin").to_numpy()
+    assert margins["a"].std() > 3 * m0.std()
+
+
+@pytest.mark.ray
 def test_run_dir_in_use_is_refused(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
     from mars_ray.pipeline import RunDirError, run_mars
 

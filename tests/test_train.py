@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 torch = pytest.importorskip("torch")
 
 from mars_ray.config import Config, DeepSpeedConfig, TrainConfig  # noqa: E402
-from mars_ray.core.losses import adaboost_weights, bt_loss, pair_metrics  # noqa: E402
+from mars_ray.core.losses import adaboost_weights, bt_loss, normalise_weights, pair_metrics  # noqa: E402
 from mars_ray.train.deepspeed_config import build_ds_config  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -43,10 +43,12 @@ def test_bt_loss_weights_and_margin():
     rc = torch.tensor([2.0, 0.0])
     rr = torch.tensor([0.0, 1.0])
     l0, l1 = _nll(2.0), _nll(-1.0)
-    # weights: weighted mean, invariant to scaling; weight on the wrong pair raises the loss
-    assert float(bt_loss(rc, rr, weights=torch.tensor([1.0, 3.0]))) == pytest.approx((l0 + 3 * l1) / 4, rel=1e-6)
-    assert float(bt_loss(rc, rr, weights=[2.0, 6.0])) == pytest.approx((l0 + 3 * l1) / 4, rel=1e-6)
-    assert float(bt_loss(rc, rr, weights=[1.0, 3.0])) > float(bt_loss(rc, rr))
+    # weights: absolute multipliers, mean over the batch; weight on the wrong pair raises the loss
+    assert float(bt_loss(rc, rr, weights=torch.tensor([0.5, 1.5]))) == pytest.approx(
+        (0.5 * l0 + 1.5 * l1) / 2, rel=1e-6
+    )
+    assert float(bt_loss(rc, rr, weights=[2.0, 6.0])) == pytest.approx((2 * l0 + 6 * l1) / 2, rel=1e-6)
+    assert float(bt_loss(rc, rr, weights=[0.5, 1.5])) > float(bt_loss(rc, rr))
     assert float(bt_loss(rc, rr, weights=[1.0, 1.0])) == pytest.approx(float(bt_loss(rc, rr)))
     # margin: subtracted inside the sigmoid, so a positive margin raises the loss
     m = torch.tensor([0.5, 0.25])
@@ -57,12 +59,31 @@ def test_bt_loss_weights_and_margin():
     x = torch.tensor([0.3, -0.1], requires_grad=True)
     bt_loss(x, torch.zeros(2), weights=[1.0, 2.0]).backward()
     assert x.grad is not None and bool((x.grad < 0).all())
-    with pytest.raises(ValueError, match="weights"):
-        bt_loss(rc, rr, weights=[0.0, 0.0])
+    assert float(bt_loss(rc, rr, weights=[0.0, 0.0])) == 0.0  # a batch of zero-weight pairs adds nothing
     with pytest.raises(ValueError):
         bt_loss(rc, rr, weights=[-1.0, 1.0])
     with pytest.raises(ValueError):
         bt_loss(rc, torch.zeros(3))
+
+
+def test_a_pairs_weight_does_not_depend_on_its_batch():
+    """AdaBoost weights act across the whole training set: the gradient a pair receives is the same
+    whichever batch-mates it lands with (normalising by the batch's own weight sum, as before, made a
+    heavy pair count less when its batch-mates were heavy too)."""
+    w = normalise_weights(adaboost_weights(np.array([-2.0, 0.0, 0.0, 2.0]), beta=1.0))
+    assert w.mean() == pytest.approx(1.0)
+
+    def grad_of_pair0(mates):
+        x = torch.zeros(1 + len(mates), requires_grad=True)
+        bt_loss(x, torch.zeros(1 + len(mates)), weights=np.r_[w[0], w[mates]]).backward()
+        return float(x.grad[0]) * (1 + len(mates))  # per-pair gradient times batch size
+
+    assert grad_of_pair0([1]) == pytest.approx(grad_of_pair0([3]), rel=1e-6)  # light or heavy mates
+    assert grad_of_pair0([1]) == pytest.approx(-0.5 * w[0], rel=1e-6)  # d/dx -log σ(x) at 0 is -1/2
+    with pytest.raises(ValueError, match="sum to 0"):
+        normalise_weights([0.0, 0.0])
+    with pytest.raises(ValueError):
+        normalise_weights([1.0, -1.0])
 
 
 def test_adaboost_weights():

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["adaboost_weights", "bt_loss", "pair_metrics"]
+__all__ = ["adaboost_weights", "bt_loss", "normalise_weights", "pair_metrics"]
 
 
 def bt_loss(r_chosen: Any, r_rejected: Any, weights: Any = None, margin: Any = None):
@@ -21,12 +21,14 @@ def bt_loss(r_chosen: Any, r_rejected: Any, weights: Any = None, margin: Any = N
 
     Args:
         r_chosen, r_rejected: rewards, shape ``(n,)`` (``(n, 1)`` is flattened).
-        weights: optional non-negative per-pair weights ``(n,)``; the result is the weighted mean
-            ``sum(w * l) / sum(w)`` (so scaling all weights changes nothing).
+        weights: optional non-negative per-pair weights ``(n,)``, normalised over the whole
+            training set (:func:`normalise_weights`, mean 1); the result is ``sum(w * l) / n``. A
+            pair's weight is therefore the same whatever batch it lands in (dividing by the batch's
+            own ``sum(w)`` would only reweight pairs against their batch-mates).
         margin: optional per-pair (or scalar) margin subtracted from ``r+ - r-`` inside the sigmoid.
 
     Raises:
-        ValueError: shape mismatch, negative weights or all-zero weights.
+        ValueError: shape mismatch or negative weights.
     """
     import torch
     import torch.nn.functional as F
@@ -47,10 +49,25 @@ def bt_loss(r_chosen: Any, r_rejected: Any, weights: Any = None, margin: Any = N
         raise ValueError(f"weights has {w.numel()} values for {losses.numel()} pairs")
     if bool((w < 0).any()):
         raise ValueError("weights must be >= 0")
-    total = w.sum()
-    if float(total) <= 0:
+    return (w * losses).sum() / losses.numel()
+
+
+def normalise_weights(weights: Any) -> np.ndarray:
+    """Per-pair loss weights of a whole training set scaled to mean 1 (float64), so the weighted
+    loss has the scale of the unweighted one and a pair's weight does not depend on its batch.
+
+    Raises:
+        ValueError: empty, negative, non-finite or all-zero weights.
+    """
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size == 0:
+        raise ValueError("no weights")
+    if not np.all(np.isfinite(w)) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and >= 0")
+    mean = float(w.mean())
+    if mean <= 0:
         raise ValueError("weights sum to 0: give at least one pair a positive weight")
-    return (w * losses).sum() / total
+    return w / mean
 
 
 def adaboost_weights(margins: Any, beta: float) -> np.ndarray:

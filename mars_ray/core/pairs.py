@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mars_ray.core import schema as S
+from mars_ray.core.allocation import priority_order
 
 
 def pool_capacity(n_chosen: int, n_rejected: int, refined: bool = False) -> int:
@@ -26,14 +27,17 @@ def pool_capacity(n_chosen: int, n_rejected: int, refined: bool = False) -> int:
     return (n_chosen + 1) * (n_rejected + 1) - (0 if refined else 1)
 
 
-def fit_budgets(b: np.ndarray, capacity: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, int]:
+def fit_budgets(
+    b: np.ndarray, capacity: np.ndarray, q: np.ndarray, tiebreak: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
     """Clip b to capacity and move the excess to pairs with room, one unit at a time in order of
-    descending q (ties by index). Returns (new budgets, units that fit nowhere)."""
+    descending q (ties by ``tiebreak``, see :func:`~mars_ray.core.allocation.priority_order`).
+    Returns (new budgets, units that fit nowhere)."""
     b = np.asarray(b, dtype=np.int64)
     cap = np.asarray(capacity, dtype=np.int64)
     out = np.minimum(b, cap)
     excess = int(b.sum() - out.sum())
-    order = np.lexsort((np.arange(q.size), -np.asarray(q, dtype=np.float64)))
+    order = priority_order(q, tiebreak)
     while excess > 0:
         room = [i for i in order if out[i] < cap[i]]
         if not room:

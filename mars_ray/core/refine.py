@@ -3,8 +3,10 @@
 Protocol (MARS v2): rewrite the rejected response up to ``max_rejected`` times, keeping it worse
 than the chosen one and plausible for the same dialogue; if the chosen/rejected distance has not
 grown, rewrite the chosen response up to ``max_chosen`` times, keeping it helpful, safe and
-preferred. A rewritten pair is kept only if its distance is larger than the original's and it adds
-no harmful content; otherwise the original pair is kept, with the reason.
+preferred. A rewritten pair is kept only if its distance is larger than the original's, it adds
+no harmful content and (v2 §3.2) it is still a valid preference: the injected ``preference``
+check (the current reward model's margin, or a judge) still prefers the chosen side; otherwise
+the original pair is kept, with the reason.
 
 Each call is batched over all pairs still pending, so an LLM back end sees batches, not single
 requests. ``schedule`` says how many attempts one call carries:
@@ -41,8 +43,17 @@ RewriteFn = Callable[[Sequence[tuple[Role, str, str, str, int, int]]], list[list
 DistanceFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 # (new text, context) -> reason it is harmful, or None
 HarmFn = Callable[[str, str], str | None]
+# (prompts, chosen texts, rejected texts) -> margins; > 0 means the chosen side is still preferred
+PreferenceFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], np.ndarray]
 
-STATUSES = ("rewrote_rejected", "rewrote_chosen", "kept:no_gain", "kept:harmful", "kept:generation_failed")
+STATUSES = (
+    "rewrote_rejected",
+    "rewrote_chosen",
+    "kept:no_gain",
+    "kept:harmful",
+    "kept:label_flip",
+    "kept:generation_failed",
+)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class RefineOutcome:
     status: str  # one of STATUSES
     attempts: int  # protocol attempts spent on this pair (up to and including the successful one)
     harmful_phrase: str | None = None
+    label_flips: int = 0  # candidates that grew the distance but no longer kept chosen preferred
 
     @property
     def refined(self) -> bool:
@@ -86,17 +98,21 @@ def refine_batch(
     rewrite: RewriteFn,
     distance: DistanceFn,
     harmful: HarmFn,
+    preference: PreferenceFn | None = None,
     max_rejected: int = 5,
     max_chosen: int = 5,
     schedule: Schedule = "sequential",
 ) -> list[RefineOutcome]:
     """Run the protocol over ``items``; one outcome per item, in order. ``attempts`` of an
-    outcome counts the attempts the protocol used (up to and including the successful one)."""
+    outcome counts the attempts the protocol used (up to and including the successful one).
+    ``preference`` (None: no label check) is asked once per round, for every candidate that grew
+    the distance without adding harm."""
     n = len(items)
     done: list[RefineOutcome | None] = [None] * n
     attempts = [0] * n
     produced = [False] * n  # the generator returned usable text at least once
     harm: list[str | None] = [None] * n
+    flips = [0] * n
     for windows in _rounds(schedule, max_rejected, max_chosen):
         pending = [i for i in range(n) if done[i] is None]
         if not pending:
@@ -117,33 +133,58 @@ def refine_batch(
         new_c = [t if role == "chosen" else items[i].chosen for i, role, t in usable]
         new_r = [t if role == "rejected" else items[i].rejected for i, role, t in usable]
         dist = iter(np.asarray(distance(new_c, new_r), dtype=np.float64) if usable else ())
+        # Pass 1: distance and harm for every candidate, in protocol order.
+        ok: dict[int, list[tuple[int, Role, str, float]]] = {i: [] for i in pending}
         for i in pending:
-            used = len(cands[i])
             for j, (role, text) in enumerate(cands[i]):
                 if text is None:
                     continue
                 produced[i] = True
                 d = float(next(dist))
-                if done[i] is not None or d <= items[i].distance:
+                if d <= items[i].distance:
                     continue
                 why = harmful(text, "\n".join((items[i].prompt, items[i].chosen, items[i].rejected)))
                 if why:
-                    harm[i] = why
+                    harm[i] = harm[i] or why
                     continue
-                c = text if role == "chosen" else items[i].chosen
-                r = text if role == "rejected" else items[i].rejected
-                done[i] = RefineOutcome(c, r, d, f"rewrote_{role}", 0)
-                used = j + 1
-            attempts[i] += used
+                ok[i].append((j, role, text, d))
+        # Pass 2: the label check, batched over the survivors; the first that keeps the label wins.
+        flat = [(i, *c) for i in pending for c in ok[i]]
+        prefers = np.ones(len(flat), dtype=bool)
+        if preference is not None and flat:
+            cs = [t if role == "chosen" else items[i].chosen for i, _, role, t, _ in flat]
+            rs = [t if role == "rejected" else items[i].rejected for i, _, role, t, _ in flat]
+            margins = np.asarray(preference([items[i].prompt for i, *_ in flat], cs, rs), dtype=np.float64)
+            if margins.shape != (len(flat),):
+                raise ValueError(f"preference returned {margins.shape} margins for {len(flat)} pairs")
+            prefers = margins > 0
+        used = {i: len(cands[i]) for i in pending}
+        for (i, j, role, text, d), keeps in zip(flat, prefers):
+            if done[i] is not None:
+                continue
+            if not keeps:
+                flips[i] += 1
+                continue
+            c = text if role == "chosen" else items[i].chosen
+            r = text if role == "rejected" else items[i].rejected
+            done[i] = RefineOutcome(c, r, d, f"rewrote_{role}", 0)
+            used[i] = j + 1
+        for i in pending:
+            attempts[i] += used[i]
     out: list[RefineOutcome] = []
     for i, it in enumerate(items):
         kept = done[i]
         if kept is not None:
-            kept.attempts = attempts[i]
+            kept.attempts, kept.label_flips = attempts[i], flips[i]
             out.append(kept)
             continue
-        status = "kept:harmful" if harm[i] else ("kept:no_gain" if produced[i] else "kept:generation_failed")
-        out.append(RefineOutcome(it.chosen, it.rejected, it.distance, status, attempts[i], harm[i]))
+        if harm[i]:
+            status = "kept:harmful"
+        elif flips[i]:
+            status = "kept:label_flip"
+        else:
+            status = "kept:no_gain" if produced[i] else "kept:generation_failed"
+        out.append(RefineOutcome(it.chosen, it.rejected, it.distance, status, attempts[i], harm[i], flips[i]))
     return out
 
 
@@ -158,4 +199,5 @@ def refine_summary(outcomes: Sequence[RefineOutcome]) -> dict:
         "retention": refined / n if n else None,
         "by_status": {s: counts.get(s, 0) for s in STATUSES},
         "rewrite_calls": int(sum(o.attempts for o in outcomes)),
+        "label_flips_rejected": int(sum(o.label_flips for o in outcomes)),
     }

@@ -13,7 +13,18 @@ May import :mod:`mars_ray.models` (model resolution) and :mod:`mars_ray.core`; n
 commands. Importing the package is cheap: torch, transformers and openai load with the back ends.
 """
 
-from mars_ray.generation.base import GenParams, Message, Request, TextGenerator, as_messages, as_text, request_caps
+from mars_ray.generation.base import (
+    GenerationFailed,
+    GeneratorAuthError,
+    GenParams,
+    Message,
+    Request,
+    TextGenerator,
+    as_messages,
+    as_text,
+    check_failure_rate,
+    request_caps,
+)
 from mars_ray.generation.cache import CachedGenerator, CacheStats, GenerationCache, LazyGenerator, default_cache
 
 __all__ = [
@@ -21,12 +32,15 @@ __all__ = [
     "CachedGenerator",
     "GenParams",
     "GenerationCache",
+    "GenerationFailed",
+    "GeneratorAuthError",
     "LazyGenerator",
     "Message",
     "Request",
     "TextGenerator",
     "as_messages",
     "as_text",
+    "check_failure_rate",
     "default_cache",
     "request_caps",
 ]

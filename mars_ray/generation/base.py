@@ -17,6 +17,32 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
+
+class GeneratorAuthError(RuntimeError):
+    """The back end refused our credentials (HTTP 401/403): no later request can succeed, so a
+    generator raises this instead of returning ``None`` outputs."""
+
+
+class GenerationFailed(RuntimeError):
+    """Too many of an operation's generations failed (:func:`check_failure_rate`)."""
+
+
+def check_failure_rate(operation: str, generated: int, failed: int, max_rate: float, generator: str = "") -> None:
+    """Raise :class:`GenerationFailed` when ``failed / (generated + failed)`` exceeds ``max_rate``.
+
+    Raises:
+        GenerationFailed: naming the operation, the counts and the generator.
+    """
+    tried = generated + failed
+    if tried and failed / tried > max_rate:
+        raise GenerationFailed(
+            f"{operation}: {failed} of {tried} generations failed ({failed / tried:.0%} > "
+            f"augment.max_failure_rate {max_rate:.0%}){f' with {generator}' if generator else ''}; "
+            "check the generator (endpoint URL, key, rate limits, the worker log), or raise "
+            "augment.max_failure_rate if failures are expected"
+        )
+
+
 Message = dict[str, str]
 Request = str | list[Message]
 

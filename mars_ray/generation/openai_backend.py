@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from mars_ray.generation.base import GenParams, Message, Request, as_messages, request_caps
+from mars_ray.generation.base import GeneratorAuthError, GenParams, Message, Request, as_messages, request_caps
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class OpenAIGenerator:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._budget_warned = False
+        self._auth_error: str | None = None  # set by the first 401/403: every later call raises
         self._reset_counters()
         self._client = self._make_client()
 
@@ -242,6 +243,8 @@ class OpenAIGenerator:
             for fut, (i, k) in futures.items():
                 try:
                     out[i][k] = fut.result()
+                except GeneratorAuthError:
+                    raise  # the pool's exit waits for the rest, which stop at their first attempt
                 except Exception as err:  # defensive: _one catches everything it expects
                     self._fail("error")
                     logger.warning("%s: unexpected %s", self.model_id, type(err).__name__)
@@ -254,6 +257,8 @@ class OpenAIGenerator:
         if messages is None:
             self._fail("bad_request")
             return None
+        if self._auth_error is not None:
+            raise GeneratorAuthError(self._auth_error)
         with self._lock:
             over = self._over_budget_locked()
             if not over:
@@ -285,6 +290,13 @@ class OpenAIGenerator:
             return None
         except openai.APIStatusError as err:
             self._log_failure(str(err.status_code), getattr(err, "message", ""))
+            if err.status_code in (401, 403):
+                self._auth_error = (
+                    f"{self.model_id} at {_safe_url(self.base_url) or 'api.openai.com'} answered "
+                    f"{err.status_code}: the key in ${self.api_key_env} is missing, wrong or not allowed "
+                    f"this model ({self._redact(str(getattr(err, 'message', '')))[:200]})"
+                )
+                raise GeneratorAuthError(self._auth_error) from None
             return None
         except openai.APIResponseValidationError:
             self._log_failure("invalid_response")

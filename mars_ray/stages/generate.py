@@ -136,12 +136,30 @@ class RefineActor(_StatsMixin):
         encoder_batch_size: int,
         num_threads: int | None,
         cache_dir: str | None,
+        scorer: dict[str, Any] | None = None,
     ):
         set_threads(num_threads)
         self.cfg = rewrite
         self.gen = build_generator(dict(rewrite, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
         self.base_params = self.gen.inner.params
         self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
+        # The label check's reward model (ScoreActor kwargs: the current r^{t-1}); None: no check.
+        self.scorer = None
+        if scorer is not None:
+            from mars_ray.stages.score import ScoreActor
+
+            self.scorer = ScoreActor(**{**scorer, "num_threads": None})
+
+    def _margins(self, prompts, chosen, rejected) -> np.ndarray:
+        assert self.scorer is not None
+        n = len(prompts)
+        batch = {
+            "pair_id": np.array([str(i) for i in range(n)], dtype=object),
+            "prompt": np.array(prompts, dtype=object),
+            "chosen": np.array(chosen, dtype=object),
+            "rejected": np.array(rejected, dtype=object),
+        }
+        return np.asarray(self.scorer(batch)["margin"], dtype=np.float64)
 
     def _rewrite(self, reqs):
         """Rewrites for (role, prompt, chosen, rejected, first attempt, count) requests: one
@@ -183,6 +201,7 @@ class RefineActor(_StatsMixin):
             rewrite=self._rewrite,
             distance=self.encoder.distances,
             harmful=introduced_harm,
+            preference=self._margins if self.scorer is not None else None,
             max_rejected=self.cfg["max_attempts_rejected"],
             max_chosen=self.cfg["max_attempts_chosen"],
             schedule=refine_schedule(self.cfg),
@@ -194,6 +213,7 @@ class RefineActor(_StatsMixin):
             "refined_distance": np.array([o.distance for o in res], dtype=np.float64),
             "refine_status": np.array([o.status for o in res], dtype=object),
             "refine_attempts": np.array([o.attempts for o in res], dtype=np.int64),
+            "refine_label_flips": np.array([o.label_flips for o in res], dtype=np.int64),
             **self._stats_columns(len(res), before),
         }
 

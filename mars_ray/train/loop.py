@@ -200,7 +200,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import torch
 
-    from mars_ray.core.losses import bt_loss, pair_metrics
+    from mars_ray.core.losses import bt_loss, normalise_weights, pair_metrics
     from mars_ray.models.reward import disable_dropout, encode_preferences, load_reward_model, pad_batch, score_pairs
 
     cfg = Config.from_dict(config["config"])
@@ -249,6 +249,11 @@ def train_loop_per_worker(config: dict) -> dict:
     if n_train == 0:
         raise ValueError(f"{config['train_path']}: no training pairs")
     weights = _column_floats(train, config.get("weights_column"), "weights", config["train_path"])
+    if weights is not None:  # mean 1 over the training set: a pair's weight is the same in any batch
+        try:
+            weights = normalise_weights(weights)
+        except ValueError as e:
+            raise ValueError(f"{config['train_path']}: column {config['weights_column']!r}: {e}") from None
     margins = _column_floats(train, extra[1], "margins", config["train_path"])
     lim = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens)
     enc_c, enc_r = encode_preferences(tokenizer, train[S.PROMPT], train[S.CHOSEN], train[S.REJECTED], **lim)
