@@ -1,7 +1,8 @@
 """Paraphrase generation with builtin:smollm2: the Ray Data stage vs one text at a time, and a rerun.
 
 Real texts (chosen responses of PKU-SafeRLHF, 60-400 characters), ``--n`` paraphrases each with
-the epoch's decoding (greedy for n = 1, beam search with n beams otherwise, no-repeat 3-grams), and
+the epoch's decoding (greedy for the first, sampled candidates by index after it, no-repeat 3-grams;
+with ``--n`` > 1 the loop runs an n-beam search instead, so only n = 1 compares like with like), and
 the epoch's per-text output cap (``output_cap``: the length the quality gate would accept). Both
 variants generate exactly the same requests; each runs in a fresh process:
 
@@ -132,7 +133,6 @@ def child(args) -> None:
                 encoder_batch_size=64,
                 num_threads=2,
                 cache_dir=cfg.model.cache_dir,
-                seed=cfg.seed,
             )
             out = map_with_actors(req, ParaphraseActor, kw, resources=cfg.resources, batch_size=p.batch_size)
             generated = int(sum(out.column("gen_generated").to_pylist()))

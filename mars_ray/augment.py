@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mars_ray.bank import bank_counts
 from mars_ray.config import Config
 from mars_ray.core import schema as S
 from mars_ray.core.allocation import (
@@ -136,8 +137,8 @@ def run_epoch(
     summary["paraphrase"] = para
 
     # 6. Pools -> exactly B synthetic pairs. When the quality gate left the pools too small, top-up
-    # rounds sample more paraphrases (temperature > 0, a new seed per round) for the pairs with the
-    # largest allocation weight until the budget fits or the rounds run out.
+    # rounds ask one more paraphrase per side (further down each text's bank walk) for the pairs
+    # with the largest allocation weight until the budget fits or the rounds run out.
     def fit():
         cap = np.array([pool_capacity(len(kept_c[i]), len(kept_r[i]), bool(refined[i])) for i in range(n)])
         return fit_budgets(b, cap, q, tiebreak)
@@ -151,10 +152,14 @@ def run_epoch(
         extra = np.zeros(n, dtype=np.int64)
         extra[order[: min(n, 2 * unspent)]] = 1  # twice the shortfall: about half pass the gate
         sem.refine(extra > 0, f"top-up {rnd}")
-        more_c, more_r, info = _paraphrase(cfg, ids, chosen, rejected, extra, extra, gen_stats, times, log, topup=rnd)
-        for i in range(n):
-            kept_c[i] += [t for t in more_c[i] if t not in kept_c[i]]
-            kept_r[i] += [t for t in more_r[i] if t not in kept_r[i]]
+        # One more paraphrase per side: the bank walk for (text, kept + 1) repeats the cached
+        # candidates and continues past them, so its answer extends what the pair already has.
+        want_c = np.where(extra > 0, [len(k) + 1 for k in kept_c], 0)
+        want_r = np.where(extra > 0, [len(k) + 1 for k in kept_r], 0)
+        more_c, more_r, info = _paraphrase(cfg, ids, chosen, rejected, want_c, want_r, gen_stats, times, log, topup=rnd)
+        for i in np.flatnonzero(extra):
+            kept_c[i], kept_r[i] = more_c[i], more_r[i]
+        info["extra_asked"] = int(2 * extra.sum())
         b_fit, unspent = fit()
         para["topup_rounds"].append({**info, "unspent_after": unspent})
     prompts = pairs.column(S.PROMPT).to_pylist()
@@ -190,6 +195,7 @@ def run_epoch(
             "gate_pass_rate": _gate_pass_rate(para),
         },
         generation=dict(gen_stats),
+        bank=bank_counts(dict(gen_stats)),
         stage_seconds=times,
     )
     return EpochResult(synthetic, pa.table(per_pair), summary)
@@ -262,7 +268,6 @@ class _Semantic:
         kwargs = dict(
             rewrite=dataclasses.asdict(cfg.rewrite),
             encoder_ref=cfg.model.encoder,
-            seed=cfg.seed,
             batch_size=cfg.rewrite.batch_size,
             encoder_batch_size=cfg.semantic.batch_size,
             num_threads=actor_threads(cfg.resources),
@@ -314,17 +319,13 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     if not texts:
         return kept_c, kept_r, info
     req = longest_first(pa.table({"key": keys, "text": texts, "n": counts}))
-    section = dataclasses.asdict(cfg.paraphrase)
-    if topup:  # sample, so top-up outputs differ from the deterministic first round (and each other)
-        section.update(temperature=cfg.paraphrase.topup_temperature, num_beams=1)
     kwargs = dict(
-        paraphrase=section,
+        paraphrase=dataclasses.asdict(cfg.paraphrase),
         encoder_ref=cfg.model.encoder,
         batch_size=cfg.paraphrase.batch_size,
         encoder_batch_size=cfg.semantic.batch_size,
         num_threads=actor_threads(cfg.resources),
         cache_dir=cfg.model.cache_dir,
-        seed=cfg.seed + topup,
     )
     label = f"paraphrase top-up {topup}" if topup else "paraphrase"
     with _stage(f"{label}: {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
@@ -438,6 +439,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         )
     if summary.get("generation"):
         lines.append("- generation: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["generation"].items())))
+    if summary.get("bank"):
+        b = summary["bank"]
+        lines.append(
+            f"- generation bank: {b['hits']} hits, {b['misses']} misses ({b['generated']} generated, {b['failed']} failed)"
+        )
     diag = summary.get("diagnostics")
     if diag:
         lines.append("- allocation diagnostics: " + diagnostics_text(diag))

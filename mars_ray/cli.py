@@ -260,6 +260,29 @@ def cmd_serve(args, extra) -> int:
     return EXIT_OK
 
 
+def cmd_bank(args, extra) -> int:
+    from mars_ray.bank import build_bank, inspect_bank
+
+    cfg = build_config(args, extra)
+    if args.action == "build":
+        build_bank(cfg)
+    info = inspect_bank(cfg.model.cache_dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"generation bank {info['cache']}: {info['entries']} outputs ({info.get('bytes', 0) / 1e6:.1f} MB)")
+    for gen, n in info["by_generator"].items():
+        print(f"  {n:8d}  {gen}")
+    for b in info["builds"][-5:]:
+        para, rew = b.get("paraphrase", {}), b.get("rewrite", {})
+        print(
+            f"  build {b['finished']}: {b['data']} ({b['pairs']} pairs, {b['texts']} responses x "
+            f"{b['paraphrases_per_text']}): paraphrases generated {para.get('generated', 0)}, hits "
+            f"{para.get('hits', 0)}; rewrites generated {rew.get('generated', 0)}; {b['seconds']:.0f}s"
+        )
+    return EXIT_OK
+
+
 def cmd_eval(args, extra) -> int:
     from mars_ray.evaluate import evaluate
 
@@ -405,6 +428,16 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("augment", parents=[common], help="one MARS epoch of data work: synthetic pairs + summary")
     s.set_defaults(func=cmd_augment)
 
+    bankp = sub.add_parser("bank", help="the generation bank: build it for a data file, or inspect it")
+    bank_sub = bankp.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("build", "generate paraphrase candidates and rewrite attempts for the training pairs (Ray Data)"),
+        ("inspect", "what model.cache_dir holds: outputs per generator, build manifests"),
+    ):
+        s = bank_sub.add_parser(action, parents=[common], help=text)
+        s.add_argument("--json", action="store_true", help="print JSON")
+        s.set_defaults(func=cmd_bank)
+
     s = sub.add_parser(
         "train",
         parents=[common],
@@ -512,12 +545,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed its message
         return int(e.code or 0)
     func: Callable[..., int] = args.func
+    from mars_ray.generation.base import GenerationFailed
+
     try:
         return func(args, extra)
     except UsageError as e:
         print(f"mars-ray: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, GenerationFailed) as e:
         # Config, data and model-resolution errors are ValueErrors with fix-it messages.
         print(f"mars-ray: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILURE

@@ -153,6 +153,9 @@ class EndpointConfig:
     max_tokens: int | None = None
     max_new_tokens: int = 160
     temperature: float = 0.0
+    # Seed of sampled generations. Not the run's seed: a sampled candidate is keyed on its text and
+    # index in the generation cache (the bank), so every epoch, strategy, seed and trial shares it.
+    gen_seed: int = 0
     # Requests per Ray Data batch and per local generate call. On a CPU a decoding step reads all
     # the weights whatever the rows, so 32 rows cost ~1.5x the time of 4 (SmolLM2, 2 cores).
     batch_size: int = 32
@@ -523,6 +526,21 @@ class ResourcesConfig:
 
 
 @dataclass
+class BankConfig:
+    # The generation bank (`mars-ray bank build`, and `compare` before its trials): paraphrase
+    # candidates of every training response and rewrite attempts of every low-distance pair,
+    # generated once into the generation cache (model.cache_dir) and shared by every epoch,
+    # strategy, seed and trial. Demand beyond it is generated on the first miss and reported.
+    # Gated paraphrases per response; null: what uniform allocation needs at this budget,
+    # ceil(budget / pairs / 2), plus one.
+    paraphrases: int | None = None
+    # Also generate the rewrite attempts of the low-distance pairs (the semantic step's inputs).
+    rewrites: bool = True
+    # `compare`: build the bank once before the trials.
+    before_compare: bool = True
+
+
+@dataclass
 class CompareConfig:
     # `mars-ray compare`: every strategy x seed is one full `mars-ray train` (a Ray Tune trial).
     strategies: list[str] = field(default_factory=lambda: ["none", "uniform", "mars", "mars-nosem"])
@@ -574,6 +592,7 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     # ---------------------------------------------------------------- construction
@@ -893,6 +912,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     unknown_cols = set(d.columns) - {"prompt", "chosen", "rejected", "subset"}
     if unknown_cols:
         p.append(f"data.columns has unknown keys {sorted(unknown_cols)}; use prompt, chosen, rejected, subset")
+    if cfg.bank.paraphrases is not None and cfg.bank.paraphrases < 0:
+        p.append(f"bank.paraphrases={cfg.bank.paraphrases} must be >= 0 (or null: from the budget)")
     if m.warmup_passes < 0:
         p.append(f"mars.warmup_passes={m.warmup_passes} must be >= 0 (0: start from a fresh score head)")
     if not 0.0 <= cfg.augment.max_failure_rate <= 1.0:

@@ -244,6 +244,8 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
         f"compare: {len(cfg.compare.strategies)} strategies x {len(cfg.compare.seeds)} seeds = {n} runs of "
         f"{cfg.mars.epochs} epoch(s), budget {cfg.mars.budget}, data {cfg.data.path}"
     )
+    if cfg.bank.before_compare and {"uniform", "mars", "mars-nosem"} & set(cfg.compare.strategies):
+        _bank_for_trials(cfg, log)
     space = {
         "mars.strategy": tune.grid_search(list(cfg.compare.strategies)),
         "seed": tune.grid_search(list(cfg.compare.seeds)),
@@ -268,6 +270,29 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
     compare_report(result, trial_rows(root), root)
     log(result["table_md"])
     return result
+
+
+def _bank_for_trials(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """The generation bank for every training pair any trial will see (the union over the seeds'
+    subsets), built once before the trials."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from mars_ray.bank import build_bank
+    from mars_ray.core import schema as S
+    from mars_ray.data.load import read_preferences
+
+    parts, seen, sizes = [], set(), []
+    for seed in cfg.compare.seeds:
+        t = read_preferences(cfg.data, seed=seed).table
+        t = t.filter(pc.equal(t.column(S.SPLIT), "train"))
+        sizes.append(t.num_rows)
+        keep = [i for i, pid in enumerate(t.column(S.PAIR_ID).to_pylist()) if pid not in seen]
+        seen.update(t.column(S.PAIR_ID).to_pylist())
+        parts.append(t.take(pa.array(keep, type=pa.int64())))
+    pairs = pa.concat_tables(parts)
+    log(f"compare: generation bank for {pairs.num_rows} training pairs (the union over {len(cfg.compare.seeds)} seeds)")
+    return build_bank(absolute_paths(cfg), pairs, run_pairs=min(sizes), log=log)
 
 
 def summarise_compare(trials: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:

@@ -59,7 +59,6 @@ def test_refine_actor_in_process(tmp_path, tiny_bert_dir, tiny_llama_dir, demo_p
     actor = RefineActor(
         dataclasses.asdict(cfg.rewrite),
         str(tiny_bert_dir),
-        seed=0,
         batch_size=4,
         encoder_batch_size=8,
         num_threads=1,
@@ -90,7 +89,6 @@ def test_refine_actor_in_process(tmp_path, tiny_bert_dir, tiny_llama_dir, demo_p
     seq = RefineActor(
         one,
         str(tiny_bert_dir),
-        seed=0,
         batch_size=4,
         encoder_batch_size=8,
         num_threads=1,
@@ -114,7 +112,6 @@ def test_paraphrase_actor_gates_and_cache(tmp_path, tiny_bert_dir, tiny_llama_di
         encoder_batch_size=8,
         num_threads=1,
         cache_dir=cfg.model.cache_dir,
-        seed=0,
     )
     actor = ParaphraseActor(dataclasses.asdict(cfg.paraphrase), **kw)
     batch = {
@@ -158,7 +155,6 @@ def test_paraphrase_actor_resamples_texts_the_gate_left_short(tmp_path, tiny_ber
         encoder_batch_size=8,
         num_threads=1,
         cache_dir=cfg.model.cache_dir,
-        seed=0,
     )
     batch = {
         "key": np.array(["0:c", "1:r"], dtype=object),
@@ -437,3 +433,34 @@ def test_an_endpoint_that_always_fails_fails_the_epoch(ray_local, tmp_path, tiny
     finally:
         down.stop()
         locked.stop()
+
+
+@pytest.mark.ray
+def test_pairs_that_get_budget_by_reallocation_get_the_semantic_step(
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs
+):
+    """Outputs of the tiny model are short, so the gate rejects paraphrases of long responses: pools
+    fall short and their budget moves to reserve and top-up pairs. Every low-distance pair that ends
+    up with synthetic pairs must have been through refinement (it used to get only paraphrases)."""
+    from mars_ray.augment import run_epoch
+
+    over = {
+        "mars.strategy": "mars",
+        "mars.budget": "12",
+        "mars.tau": "2.0",
+        "paraphrase.min_length_ratio": "1.0",
+        "paraphrase.retry_rounds": "0",
+        "paraphrase.topup_rounds": "1",
+        "rewrite.label_check": "none",
+    }
+    cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
+    res = run_epoch(cfg, demo_pairs, reward_ref=cfg.model.reward, epoch=1, log=lambda m: None)
+    pp = res.per_pair.to_pydict()
+    b, spent = np.array(pp["budget"]), np.array(pp["budget_spent"])
+    low, status = np.array(pp["low_distance"]), np.array(pp["refine_status"], dtype=object)
+    moved = (b == 0) & (spent > 0)
+    assert moved.any(), "the set-up must make budget move to pairs that had none"
+    assert (low & moved).any(), "and some of those pairs must be low-distance"
+    assert all(status[i] for i in np.flatnonzero(low & (spent > 0))), "a low-distance pair skipped refinement"
+    rounds = res.summary["refine"]["candidates_by_round"]
+    assert sum(rounds.values()) == res.summary["refine"]["candidates"]

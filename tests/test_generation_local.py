@@ -162,18 +162,19 @@ def test_batched_equals_one_at_a_time_and_order_kept(llama_parts, t5_parts):
 
 
 def test_per_request_caps_share_a_chunk_and_equal_separate_calls(llama_parts, t5_parts):
-    """Greedy and sampled: requests with different output caps run in one model.generate call,
-    and each output is what a call with that cap alone gives."""
+    """Greedy and sampled: requests with different output caps share one batch (sampled seq2seq:
+    one model.generate per row, each with its own seed), and each output is what a call with that
+    cap alone gives, for sampling too (every output slot has its own seed)."""
     caps = [2, 9, 5, 9, 1]
     for params in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 3}):
         for g in both(llama_parts, t5_parts, batch_size=8, max_new_tokens=9, **params):
             before, tokens = g.batches, g.generated_tokens
             mixed = g.generate(REQUESTS, 1, max_new_tokens=caps)
-            assert g.batches == before + 1, type(g).__name__  # one chunk for all five caps
+            per_row = params["temperature"] > 0 and g.is_encoder_decoder
+            assert g.batches == before + (len(caps) if per_row else 1), type(g).__name__
             assert 0 < g.generated_tokens - tokens <= sum(caps)
-            if params["temperature"] == 0:
-                for r, c, out in zip(REQUESTS, caps, mixed):
-                    assert out == g.generate([r], 1, max_new_tokens=[c])[0], (type(g).__name__, c)
+            for r, c, out in zip(REQUESTS, caps, mixed):
+                assert out == g.generate([r], 1, max_new_tokens=[c])[0], (type(g).__name__, c)
     g = chat_gen(llama_parts, batch_size=8, max_new_tokens=9)
     assert g.generate([SHORT], 1, max_new_tokens=[50]) == g.generate([SHORT], 1)  # never above params
     with pytest.raises(ValueError, match="2 entries for 1 requests"):
@@ -205,8 +206,8 @@ def test_cache_keys_follow_each_requests_own_cap(llama_parts, tmp_path):
 
 
 def test_left_padding_and_chat_template_reach_the_model(llama_parts, monkeypatch):
-    # sampling goes through model.generate (greedy single outputs take ragged_greedy, tested on its own)
-    g = chat_gen(llama_parts, batch_size=4, temperature=0.7)
+    # beam search goes through model.generate (greedy and sampling take ragged_decode, tested on its own)
+    g = chat_gen(llama_parts, batch_size=4, num_beams=2)
     g.system = "You are terse."
     seen = {}
     real = g.model.generate
@@ -326,7 +327,9 @@ def test_unencodable_request_fails_alone(llama_parts):
 
 
 def test_cached_generator_generates_only_missing_slots(llama_parts, tmp_path):
-    inner = chat_gen(llama_parts, batch_size=4)
+    """Sampled slots are continued from the first missing one; beam slots are keyed on the beams
+    that produced them, so a 3-beam request never reuses a 2-beam search's outputs."""
+    inner = chat_gen(llama_parts, batch_size=4, temperature=0.9, seed=5)
     cache = GenerationCache(tmp_path / "gen.sqlite")
     cached = CachedGenerator(inner, cache)
     reqs = REQUESTS[:3]
@@ -335,16 +338,24 @@ def test_cached_generator_generates_only_missing_slots(llama_parts, tmp_path):
     again = cached.generate(reqs, 2)
     assert again == first and cached.stats.generated == 6 and inner.calls == 1  # zero new generations
     more = cached.generate(reqs, 3)
-    # one call for the requests missing a slot; only the missing slot (k=2) is filled and stored
-    assert inner.calls == 2 and len(cache) == 9 and cached.stats.hits == 6 + 6
+    # one call, for slot 2 only (first_slot=2); slots 0-1 come from the cache
+    assert inner.calls == 2 and len(cache) == 9 and cached.stats.hits == 6 + 6 and cached.stats.generated == 9
     assert [row[:2] for row in more] == first
     assert all(isinstance(t, str) for row in more for t in row)
-    # the cache asks for the full n, so slot 2 is beam 3 of 3, not a repeat of beam 1
-    assert [row[2] for row in more] == [row[2] for row in inner.generate(reqs, 3)]
+    # slot 2 is what a fresh 3-sample call gives: the slot's own seed, not the call's
+    assert more == inner.generate(reqs, 3)
+    assert [row[2] for row in more] == [row[0] for row in inner.generate(reqs, 1, first_slot=2)]
     # a fresh generator over the same cache file (a rerun) generates nothing
-    inner2 = chat_gen(llama_parts, batch_size=4)
+    inner2 = chat_gen(llama_parts, batch_size=4, temperature=0.9, seed=5)
     assert CachedGenerator(inner2, GenerationCache(tmp_path / "gen.sqlite")).generate(reqs, 3) == more
     assert inner2.calls == 0
+    # beams: 2 then 3 outputs are two different searches, keyed apart
+    beams = CachedGenerator(chat_gen(llama_parts, batch_size=4), GenerationCache(tmp_path / "beams.sqlite"))
+    two = beams.generate(reqs, 2)
+    three = beams.generate(reqs, 3)
+    assert beams.stats.hits == 0 and beams.stats.generated == 6 + 9
+    assert three == beams.inner.generate(reqs, 3) and two == beams.inner.generate(reqs, 2)
+    assert beams.generate(reqs, 2) == two and beams.stats.hits == 6
 
 
 def test_lazy_generator_builds_on_the_first_miss_and_shares_the_model(llama_parts, tmp_path):
@@ -545,3 +556,20 @@ def test_smollm2_batched_vs_single_throughput(smollm2):
     print(f"  greedy outputs identical batched vs single: {same}/{len(prompts)}")
     assert all(t for row in out_b for t in row)
     assert tps_b > tps_s
+
+
+def test_a_sampled_slot_does_not_depend_on_its_batch_or_n(llama_parts, t5_parts):
+    """The generation bank keys a sampled candidate on (request, slot): the same slot must come out
+    whatever other requests share the batch, whatever n, and under either decoding path."""
+    for g in both(llama_parts, t5_parts, batch_size=8, temperature=1.0, seed=11):
+        alone = g.generate([LONG], 3)[0]
+        crowd = g.generate([SHORT, LONG, *REQUESTS[:3]], 5)[1]
+        assert crowd[:3] == alone, type(g).__name__
+        assert g.generate([LONG], 2, first_slot=3)[0] == crowd[3:5]
+        assert len(set(crowd)) > 1  # n samples, not n copies
+    # a chat model off the ragged path samples row by row with model.generate: also batch-free
+    model, tok = llama_parts
+    plain = LocalChatGenerator(
+        "tiny-llama", GenParams(max_new_tokens=6, temperature=1.0, seed=11), model=model, tokenizer=tok, ragged=False
+    )
+    assert plain.generate([SHORT, LONG], 3)[1] == plain.generate([LONG], 3)[0]

@@ -136,6 +136,15 @@ def test_sampling_slots_differ_and_server_micro_batches(tiny_gen, serve):
     assert len(set(out[0])) > 1  # seed = params.seed + slot: distinct samples
     assert gen.stats["succeeded"] == 4
     assert h.stats()["max_batch_seen"] >= 2  # concurrent requests shared a generate() call
+    # each request's seed is its sampling slot on the server: batched or alone, the same sample
+    alone = OpenAIGenerator(
+        "tiny",
+        GenParams(max_new_tokens=12, temperature=1.0),
+        base_url=h.url,
+        api_key_env="MARS_RAY_UNSET_KEY_VAR",
+        concurrency=1,
+    )
+    assert alone.generate(["Tell me a story about a dragon."], n=4) == out
 
 
 def test_official_openai_client_against_server(tiny_gen, serve):

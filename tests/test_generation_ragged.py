@@ -241,3 +241,37 @@ def test_peft_wrapped_model_gets_the_cache_argument_of_the_model_it_wraps(llama6
     assert seen and all(name in kw for kw in seen)
     assert got == [_reference(wrapped, row, cap, eos, pad) for row, cap in zip(ids, caps)]
     assert got != ragged_greedy(model, ids, caps, eos_ids=eos, pad_id=pad)  # the adapters took part
+
+
+def test_sampling_at_the_greedy_limits_is_greedy(llama64):
+    """Sampling through the same loop: at a vanishing temperature, or a nucleus that holds one
+    token, every row is the greedy row (prefix sharing, padding and per-row cache stay exact)."""
+    from mars_ray.generation.ragged_decode import ragged_decode
+
+    model, tok = llama64
+    ids = _ids(tok, TEXTS)
+    caps = [12, 30, 7, 25, 1]
+    eos, pad = {tok.eos_token_id}, tok.pad_token_id
+    greedy = ragged_greedy(model, ids, caps, eos_ids=eos, pad_id=pad, no_repeat_ngram_size=3)
+    seeds = list(range(len(ids)))
+    for t, p in ((1e-6, 1.0), (1.0, 1e-9)):
+        got = ragged_decode(
+            model, ids, caps, eos_ids=eos, pad_id=pad, no_repeat_ngram_size=3, temperature=t, top_p=p, seeds=seeds
+        )
+        assert got == greedy, (t, p)
+
+
+def test_sampled_rows_depend_on_their_seed_only(llama64):
+    from mars_ray.generation.ragged_decode import ragged_decode
+
+    model, tok = llama64
+    ids = _ids(tok, TEXTS)
+    eos, pad = {tok.eos_token_id}, tok.pad_token_id
+    kw = dict(eos_ids=eos, pad_id=pad, temperature=1.0, top_p=0.9)
+    together = ragged_decode(model, ids, [10] * len(ids), seeds=[7, 8, 9, 10, 11], **kw)
+    alone = ragged_decode(model, [ids[2]], [10], seeds=[9], **kw)
+    assert together[2] == alone[0]  # the same row, seed and cap in another batch
+    again = ragged_decode(model, [ids[2], ids[2]], [10, 10], seeds=[9, 99], **kw)
+    assert again[0] == alone[0] and again[1] != alone[0]  # another seed, another sample
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        ragged_decode(model, ids, [4] * len(ids), seeds=[1], **kw)

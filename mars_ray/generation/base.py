@@ -59,7 +59,12 @@ class GenParams:
     seed: int = 0
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The cache-key form: deterministic decoding does not use the seed, so it is left out
+        (runs with different seeds share their deterministic outputs)."""
+        d = asdict(self)
+        if self.temperature == 0:
+            d.pop("seed")
+        return json.dumps(d, sort_keys=True)
 
 
 @runtime_checkable
@@ -70,10 +75,17 @@ class TextGenerator(Protocol):
     params: GenParams
 
     def generate(
-        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+        self,
+        requests: Sequence[Request],
+        n: int = 1,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+        first_slot: int = 0,
     ) -> list[list[str | None]]:
         """``n`` outputs per request (``None`` marks a failed one); never raises for one bad request.
-        ``max_new_tokens``: one output cap per request (capped at ``params.max_new_tokens``)."""
+        ``max_new_tokens``: one output cap per request (capped at ``params.max_new_tokens``).
+        ``first_slot``: return output slots ``first_slot .. first_slot + n - 1``; a sampled slot
+        depends on its request and index only, so a cached prefix of slots can be continued."""
         ...
 
 

@@ -3,7 +3,14 @@ generator that loads its back end on the first cache miss.
 
 The cache works in *slots*: output k of request r under (model id, generation params) is stored
 under ``sha256(model_id, params, r, k)``. A request whose slots are all cached costs nothing, so a
-rerun, a resumed epoch or a sweep trial with the same requests generates nothing again.
+rerun, a resumed epoch or a sweep trial with the same requests generates nothing again. The keys
+are what makes the cache a bank shared by every epoch, strategy, seed and trial:
+
+- deterministic decoding (temperature 0) never keys on the seed (:meth:`GenParams.key`), and beam
+  search keys on the beams it really ran (``max(num_beams, n)``: beam k of a 3-beam search is not
+  beam k of a 5-beam one), so what a slot holds never depends on which trial asked first;
+- a sampled slot k is drawn from its own seed (request, k), so it is the same whatever batch it
+  was generated in, and a request with slots 0..k-1 cached is continued from slot k.
 """
 
 from __future__ import annotations
@@ -111,7 +118,12 @@ class LazyGenerator:
         return self._built[0]
 
     def generate(
-        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+        self,
+        requests: Sequence[Request],
+        n: int = 1,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+        first_slot: int = 0,
     ) -> list[list[str | None]]:
         import copy
 
@@ -122,9 +134,10 @@ class LazyGenerator:
                 view.params = self.params
                 self._views[self.params] = view
             gen = self._views[self.params]
-        if max_new_tokens is None:
-            return gen.generate(requests, n)
-        return gen.generate(requests, n, max_new_tokens=max_new_tokens)
+        kw: dict[str, Any] = {"first_slot": first_slot} if first_slot else {}
+        if max_new_tokens is not None:
+            kw["max_new_tokens"] = max_new_tokens
+        return gen.generate(requests, n, **kw)
 
 
 @dataclass
@@ -155,45 +168,66 @@ class CachedGenerator:
         return self.inner.params
 
     def generate(
-        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+        self,
+        requests: Sequence[Request],
+        n: int = 1,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+        first_slot: int = 0,
     ) -> list[list[str | None]]:
         """As :meth:`TextGenerator.generate`; a request's cache key holds its own output cap (the
         params with ``max_new_tokens`` set to it), so what is cached never depends on which other
-        requests shared its batch."""
+        requests shared its batch. ``first_slot``: slots ``first_slot ..`` (sampled decoding)."""
+        sampled = self.params.temperature > 0
+        if first_slot and not sampled:
+            raise ValueError("first_slot needs sampled decoding (deterministic slots come from one search)")
         self.stats.requested += len(requests) * n
         caps = request_caps(self.params, len(requests), max_new_tokens)
         if self.cache is None or n == 0:
-            outs = self._inner_generate(list(requests), n, caps) if n else [[] for _ in requests]
+            outs = self._inner_generate(list(requests), n, caps, first_slot) if n else [[] for _ in requests]
             self._count(outs)
             return outs
+        p = self.params
+        if not sampled and max(p.num_beams, n) > 1:  # the beams this call really runs
+            p = replace(p, num_beams=max(p.num_beams, n))
         by_cap: dict[int, GenParams] = {}
         for c in set(caps):
-            by_cap[c] = self.params if c == self.params.max_new_tokens else replace(self.params, max_new_tokens=c)
-        keys = [[request_key(self.model_id, by_cap[c], r, k) for k in range(n)] for r, c in zip(requests, caps)]
+            by_cap[c] = p if c == p.max_new_tokens else replace(p, max_new_tokens=c)
+        slots = range(first_slot, first_slot + n)
+        keys = [[request_key(self.model_id, by_cap[c], r, k) for k in slots] for r, c in zip(requests, caps)]
         found = self.cache.get_many([k for ks in keys for k in ks])
         self.stats.hits += len(found)
         results: list[list[str | None]] = [[found.get(k) for k in ks] for ks in keys]
-        # Requests with any missing slot are generated again with the same n, and only the missing
-        # slots are filled from the same positions: output k of an n-output call (beam k of n, or
-        # sample k) stays distinct from the cached ones, which asking for fewer outputs would not.
-        todo = [i for i, row in enumerate(results) if any(t is None for t in row)]
+        # Deterministic: a request with any missing slot is generated again with the same n and only
+        # the missing slots are filled (beam k of n is only defined within an n-beam search).
+        # Sampled: slot k has its own seed, so a request is continued from its first missing slot.
+        starts: dict[int, list[int]] = {}
+        for i, row in enumerate(results):
+            missing = [j for j, t in enumerate(row) if t is None]
+            if missing:
+                starts.setdefault(missing[0] if sampled else 0, []).append(i)
         new_items: list[tuple[str, str]] = []
-        if todo:
-            outs = self._inner_generate([requests[i] for i in todo], n, [caps[i] for i in todo])
+        for start, todo in sorted(starts.items()):
+            outs = self._inner_generate(
+                [requests[i] for i in todo], n - start, [caps[i] for i in todo], first_slot + start
+            )
             self._count(outs)
             for i, gen in zip(todo, outs):
-                for k in range(min(n, len(gen))):
-                    text = gen[k]
-                    if results[i][k] is None and text is not None:
-                        results[i][k] = text
-                        new_items.append((keys[i][k], text))
+                for j in range(min(n - start, len(gen))):
+                    text = gen[j]
+                    if results[i][start + j] is None and text is not None:
+                        results[i][start + j] = text
+                        new_items.append((keys[i][start + j], text))
         self.cache.put_many(new_items, model=self.model_id)
         return results
 
-    def _inner_generate(self, requests: list[Request], n: int, caps: list[int]) -> list[list[str | None]]:
-        if all(c == self.params.max_new_tokens for c in caps):
-            return self.inner.generate(requests, n)
-        return self.inner.generate(requests, n, max_new_tokens=caps)
+    def _inner_generate(
+        self, requests: list[Request], n: int, caps: list[int], first_slot: int = 0
+    ) -> list[list[str | None]]:
+        kw: dict[str, Any] = {"first_slot": first_slot} if first_slot else {}
+        if any(c != self.params.max_new_tokens for c in caps):
+            kw["max_new_tokens"] = caps
+        return self.inner.generate(requests, n, **kw)
 
     def with_params(self, **changes: Any) -> CachedGenerator:
         """The same loaded model / client, cache and counters with other decoding parameters

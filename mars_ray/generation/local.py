@@ -12,11 +12,14 @@ Decoding (both local classes), driven by :class:`GenParams`:
 - ``temperature == 0``: deterministic. ``num_beams = max(params.num_beams, n)`` and
   ``num_return_sequences = n``: greedy when that is 1, beam search otherwise.
 - ``temperature > 0``: multinomial sampling with ``temperature`` and ``top_p`` (no top-k cut-off,
-  like OpenAI-compatible endpoints), ``n`` independent samples per request. The random generator
-  is seeded per chunk from ``params.seed``, ``n`` and the chunk's token ids (inside
-  ``torch.random.fork_rng``, so the caller's global RNG is untouched): the same call gives the
-  same outputs whatever the caller did to the global RNG; another ``n`` or another set of
-  requests draws other samples.
+  like OpenAI-compatible endpoints), ``n`` independent samples per request. Output slot k of a
+  request is drawn with its own generator seeded from ``params.seed``, the sampling settings, the
+  request's token ids and k: it is the same whatever ``n``, whatever other requests share the
+  batch and whatever the caller did to the global RNG (which is left untouched), so a cache can
+  key it on (request, k) and ``generate(..., first_slot=k)`` continues a request's samples where
+  a cached prefix ends. Decoder-only full-attention models sample through
+  :func:`~mars_ray.generation.ragged_decode.ragged_decode` (batched, one generator per row); other
+  models sample one row at a time with ``model.generate`` under a per-row seed (slower).
 - ``no_repeat_ngram_size > 0`` applies in both modes; ``max_new_tokens`` always.
 
 Batching: requests are encoded once, sorted by length (longest first, less padding; an out-of-memory
@@ -49,7 +52,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mars_ray.generation.base import GenParams, Request, TextGenerator, as_messages, as_text, request_caps
-from mars_ray.generation.ragged_decode import ragged_greedy, supports_ragged_greedy
+from mars_ray.generation.ragged_decode import ragged_decode, supports_ragged_greedy
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +111,29 @@ class _LocalGenerator:
     # ---- the protocol -----------------------------------------------------------------------
 
     def generate(
-        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+        self,
+        requests: Sequence[Request],
+        n: int = 1,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+        first_slot: int | Sequence[int] = 0,
     ) -> list[list[str | None]]:
         """``n`` outputs per request, in request order; ``None`` marks a failed output.
-        ``max_new_tokens``: one output cap per request (at most ``params.max_new_tokens``)."""
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+        ``max_new_tokens``: one output cap per request (at most ``params.max_new_tokens``).
+        ``first_slot``: the outputs are slots ``first_slot .. first_slot + n - 1`` (sampling: each
+        slot has its own seed; deterministic decoding: the tail of a ``first_slot + n`` search);
+        sampling also takes one first slot per request (a server whose requests carry their own
+        seeds batches them this way)."""
+        firsts = [int(first_slot)] * len(requests) if isinstance(first_slot, int) else [int(f) for f in first_slot]
+        if len(firsts) != len(requests):
+            raise ValueError(f"first_slot has {len(firsts)} entries for {len(requests)} requests")
+        if n < 0 or any(f < 0 for f in firsts):
+            raise ValueError(f"n and first_slot must be >= 0, got {n} and {first_slot}")
+        if not isinstance(first_slot, int) and self.params.temperature == 0:
+            raise ValueError("per-request first slots need sampled decoding")
+        if isinstance(first_slot, int) and first_slot and self.params.temperature == 0:
+            full = self.generate(requests, first_slot + n, max_new_tokens=max_new_tokens)
+            return [row[first_slot:] for row in full]
         caps = request_caps(self.params, len(requests), max_new_tokens)
         self.calls += 1
         results: list[list[str | None]] = [[None] * n for _ in requests]
@@ -138,7 +158,12 @@ class _LocalGenerator:
                 self.failed += n
         for idxs in self._chunks(encoded, caps, n):
             try:
-                outs = self._generate_chunk([encoded[i] for i in idxs], n, [caps[i] for i in idxs])
+                if self.params.temperature > 0:
+                    outs = self._sample_chunk(
+                        [encoded[i] for i in idxs], n, [caps[i] for i in idxs], [firsts[i] for i in idxs]
+                    )
+                else:
+                    outs = self._generate_chunk([encoded[i] for i in idxs], n, [caps[i] for i in idxs])
             except Exception as exc:  # one bad chunk (OOM, ...) must not sink the call
                 logger.warning(
                     "%s: generation failed for a chunk of %d requests (%s: %s); its %d outputs are None",
@@ -196,11 +221,57 @@ class _LocalGenerator:
             kw.update(do_sample=True, num_beams=1, temperature=p.temperature, top_p=p.top_p, top_k=0)
         return kw
 
-    def _chunk_seed(self, chunk: list[list[int]], n: int) -> int:
-        h = hashlib.sha256(f"{self.params.seed}|{n}|".encode())
-        for ids in chunk:
-            h.update(b"|" + ",".join(map(str, ids)).encode())
+    def _slot_seed(self, ids: list[int], slot: int) -> int:
+        """The seed of output ``slot`` of the request with token ids ``ids``."""
+        p = self.params
+        h = hashlib.sha256(f"{p.seed}|{p.temperature}|{p.top_p}|{slot}|".encode())
+        h.update(",".join(map(str, ids)).encode())
         return int.from_bytes(h.digest()[:8], "big") & ((1 << 63) - 1)
+
+    def _sample_chunk(self, chunk: list[list[int]], n: int, caps: list[int], firsts: list[int]) -> list[list[str]]:
+        """Slots ``firsts[r] ..`` of each request r, every row with its own seed (:meth:`_slot_seed`)."""
+        import torch
+
+        t0 = time.perf_counter()
+        prompts = [ids for ids in chunk for _ in range(n)]
+        row_caps = [c for c in caps for _ in range(n)]
+        seeds = [self._slot_seed(ids, f + k) for ids, f in zip(chunk, firsts) for k in range(n)]
+        p = self.params
+        if not self.is_encoder_decoder and getattr(self, "ragged", False) and supports_ragged_greedy(self.model):
+            self.batches += 1
+            rows = ragged_decode(
+                self.model,
+                prompts,
+                row_caps,
+                eos_ids=self._eos_ids,
+                pad_id=self._pad_id,
+                no_repeat_ngram_size=p.no_repeat_ngram_size,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                seeds=seeds,
+            )
+        else:  # one row at a time: model.generate draws a batch's samples from one generator
+            kw = self._decoding_kwargs(1, 0)
+            device = getattr(self.model, "device", None)
+            rows = []
+            for ids, cap, seed in zip(prompts, row_caps, seeds):
+                input_ids, mask = self._pad([ids], left=not self.is_encoder_decoder)
+                if device is not None:
+                    input_ids, mask = input_ids.to(device), mask.to(device)
+                self.batches += 1
+                with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    if torch.cuda.is_available():
+                        torch.cuda.manual_seed_all(seed)
+                    out = self.model.generate(input_ids=input_ids, attention_mask=mask, **{**kw, "max_new_tokens": cap})
+                if not torch.is_tensor(out):
+                    out = out.sequences
+                new = out[:, 1:] if self.is_encoder_decoder else out[:, input_ids.shape[1] :]
+                rows += self._cut(new.tolist(), [cap])
+        texts = [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        self.generated_tokens += sum(len(r) for r in rows)
+        self.seconds += time.perf_counter() - t0
+        return [texts[r * n : (r + 1) * n] for r in range(len(chunk))]
 
     def _pad(self, chunk: list[list[int]], left: bool) -> tuple[Any, Any]:
         import torch
@@ -244,7 +315,7 @@ class _LocalGenerator:
         t0 = time.perf_counter()
         if self._ragged(n):
             self.batches += 1
-            rows = ragged_greedy(
+            rows = ragged_decode(
                 self.model,
                 chunk,
                 caps,
@@ -263,14 +334,7 @@ class _LocalGenerator:
         kw = self._decoding_kwargs(n, max(caps))
         self.batches += 1
         with torch.inference_mode():
-            if kw["do_sample"]:
-                with torch.random.fork_rng(devices=[]):  # CPU RNG only; the caller's state is restored
-                    torch.manual_seed(self._chunk_seed(chunk, n))
-                    if torch.cuda.is_available():
-                        torch.cuda.manual_seed_all(self._chunk_seed(chunk, n))
-                    out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
-            else:
-                out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
         if not torch.is_tensor(out):  # a GenerateOutput when the model's config asks for one
             out = out.sequences
         # Decoder-only: the output repeats the (padded) prompt. Encoder-decoder: it starts with the

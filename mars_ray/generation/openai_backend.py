@@ -221,10 +221,16 @@ class OpenAIGenerator:
 
     # ---------------------------------------------------------------- generate
     def generate(
-        self, requests: Sequence[Request], n: int = 1, *, max_new_tokens: Sequence[int] | None = None
+        self,
+        requests: Sequence[Request],
+        n: int = 1,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+        first_slot: int = 0,
     ) -> list[list[str | None]]:
-        """``n`` outputs per request (one chat completion each); ``max_new_tokens``: one
-        ``max_tokens`` per request (at most ``params.max_new_tokens``)."""
+        """``n`` outputs per request (one chat completion each, slot k asked with seed
+        ``params.seed + k``); ``max_new_tokens``: one ``max_tokens`` per request (at most
+        ``params.max_new_tokens``); ``first_slot``: the slots start there."""
         out: list[list[str | None]] = [[None] * n for _ in requests]
         if n <= 0 or not requests:
             return [[] for _ in requests] if n <= 0 else out
@@ -239,7 +245,7 @@ class OpenAIGenerator:
         t0 = time.monotonic()
         workers = max(1, min(self.concurrency, len(jobs)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-gen") as pool:
-            futures = {pool.submit(self._one, msgs[i], k, caps[i]): (i, k) for i, k in jobs}
+            futures = {pool.submit(self._one, msgs[i], first_slot + k, caps[i]): (i, k) for i, k in jobs}
             for fut, (i, k) in futures.items():
                 try:
                     out[i][k] = fut.result()

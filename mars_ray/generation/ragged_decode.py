@@ -18,8 +18,11 @@ up to and including the first end-of-sequence token, at most the row's cap; ``no
 bans exactly the tokens that would repeat an n-gram of that row's own prompt + output. Only the
 floating-point summation order differs from a one-row ``generate`` (as it does for any batch).
 
-Only greedy decoding of one output per prompt takes this path
-(:func:`supports_ragged_greedy`); beam search and sampling stay with ``model.generate``.
+The same loop samples (:func:`ragged_decode` with ``temperature > 0``): each row draws its tokens
+from its own seeded ``torch.Generator`` (softmax of logits / temperature, nucleus ``top_p``), so a
+row's output depends on its prompt and its seed only, never on which other rows share its batch.
+That makes sampled candidate k of a text the same in every epoch, trial and batch (the generation
+bank keys it on k). Beam search stays with ``model.generate``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["common_prefix_len", "ragged_greedy", "supports_ragged_greedy"]
+__all__ = ["common_prefix_len", "ragged_decode", "ragged_greedy", "supports_ragged_greedy"]
 
 # Generation-config fields that would add logits processors or stopping criteria this path does
 # not apply.
@@ -134,7 +137,32 @@ class _NoRepeat:
             self.seen.setdefault(tuple(self.seq[-self.n : -1]), set()).add(tok)
 
 
-def ragged_greedy(
+def ragged_greedy(model: Any, prompts: Sequence[Sequence[int]], caps: Sequence[int], **kw: Any) -> list[list[int]]:
+    """:func:`ragged_decode` with greedy decoding."""
+    return ragged_decode(model, prompts, caps, **kw)
+
+
+def _sampler(temperature: float, top_p: float, seeds: Sequence[int]):
+    """``choose(logits, rows) -> next tokens``: row r samples from softmax(logits / temperature),
+    cut to the smallest set of tokens whose probability reaches ``top_p``, with its own generator."""
+    import torch
+
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+    def choose(logits: Any, rows: Sequence[int]) -> Any:
+        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # tokens after the nucleus is full
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        toks = [int(torch.multinomial(probs[j], 1, generator=gens[r])) for j, r in enumerate(rows)]
+        return torch.tensor(toks, dtype=torch.long, device=logits.device)
+
+    return choose
+
+
+def ragged_decode(
     model: Any,
     prompts: Sequence[Sequence[int]],
     caps: Sequence[int],
@@ -143,14 +171,22 @@ def ragged_greedy(
     pad_id: int,
     no_repeat_ngram_size: int = 0,
     min_shared_prefix: int = 4,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """New tokens of each prompt under greedy decoding: up to and including the first token in
-    ``eos_ids``, at most ``caps[i]`` tokens. ``prompts`` are unpadded token-id lists."""
+    """New tokens of each prompt: up to and including the first token in ``eos_ids``, at most
+    ``caps[i]`` tokens. ``prompts`` are unpadded token-id lists. ``temperature == 0``: greedy;
+    ``> 0``: sampled, row i with a generator seeded by ``seeds[i]``."""
     import torch
     from transformers import DynamicCache
 
     if len(prompts) != len(caps):
         raise ValueError(f"{len(prompts)} prompts but {len(caps)} caps")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampling needs one seed per prompt")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     eos = frozenset(int(e) for e in eos_ids)
@@ -192,6 +228,7 @@ def ragged_greedy(
         logits = forward(input_ids=ids, attention_mask=mask, position_ids=pos[:, p:])
         last_pos = pos[:, -1]
         bans = [_NoRepeat(no_repeat_ngram_size, prompts[i]) for i in rows] if no_repeat_ngram_size > 0 else None
+        choose = _sampler(temperature, top_p, [seeds[i] for i in rows]) if temperature > 0 and seeds else None
         active = list(range(b))  # positions in `rows` of the rows still decoding, in batch order
         while True:
             if bans is not None:
@@ -199,7 +236,7 @@ def ragged_greedy(
                     banned = list(bans[a].banned())
                     if banned:
                         logits[j, banned] = float("-inf")
-            next_tok = logits.argmax(dim=-1)
+            next_tok = logits.argmax(dim=-1) if choose is None else choose(logits, active)
             keep: list[int] = []
             for j, (a, tok) in enumerate(zip(active, next_tok.tolist())):
                 i = rows[a]

@@ -20,9 +20,11 @@ with its own parameters (a warning says so once). ``n`` is honoured (``generate(
 
 Concurrency: one worker thread owns the generator (one ``generate`` at a time). Concurrent
 requests with the same decoding parameters (seed aside) are micro-batched: the worker waits up
-to ``batch_wait_s`` for up to ``max_batch`` of them and makes one ``generate`` call. The batch
-uses the first request's seed, so with ``temperature > 0`` a request's samples depend on what it
-was batched with; pass ``max_batch=1`` for per-request reproducibility.
+to ``batch_wait_s`` for up to ``max_batch`` of them and makes one ``generate`` call. With
+``temperature > 0`` and a local generator, each request's seed becomes its output slot
+(``generate(..., first_slot=[seed, ...])``), so a request's sample depends on its own text and
+seed only, not on what it was batched with; other generators get the batch's first seed (pass
+``max_batch=1`` for per-request reproducibility there).
 
 Usage counts come from the generator's tokenizer when it has one (``encode``/``tokenizer``),
 otherwise from whitespace words. ``finish_reason`` is ``"length"`` when the completion used the
@@ -118,6 +120,10 @@ class _Worker:
         self.max_batch_seen = 0
         self.generate_seconds = 0.0
         self._params_mode = self._detect_params_mode(generator)
+        try:  # per-request sampling slots (the local generators)
+            self._slots = "first_slot" in inspect.signature(generator.generate).parameters
+        except (TypeError, ValueError):
+            self._slots = False
         self._warned_params = False
         self._thread = threading.Thread(target=self._loop, name="openai-server-generate", daemon=True)
         self._thread.start()
@@ -187,7 +193,12 @@ class _Worker:
         t0 = time.perf_counter()
         try:
             with self.lock:
-                outs = self._generate(requests, first.n, first.params)
+                if self._slots and first.params.temperature > 0 and self._params_mode == "swap":
+                    outs = self._generate(
+                        requests, first.n, replace(first.params, seed=0), slots=[j.params.seed % 2**31 for j in batch]
+                    )
+                else:
+                    outs = self._generate(requests, first.n, first.params)
                 usage = [self._usage(j, row) for j, row in zip(batch, outs)]
         except BaseException as err:
             for j in batch:
@@ -203,7 +214,9 @@ class _Worker:
             if not j.future.done():
                 j.future.set_result((row, u))
 
-    def _generate(self, requests: list[list[Message]], n: int, params: GenParams) -> list[list[str | None]]:
+    def _generate(
+        self, requests: list[list[Message]], n: int, params: GenParams, slots: list[int] | None = None
+    ) -> list[list[str | None]]:
         gen: Any = self.gen
         if self._params_mode == "argument":
             outs = gen.generate(requests, n, params=params)
@@ -211,7 +224,7 @@ class _Worker:
             saved = gen.params
             gen.params = params
             try:
-                outs = gen.generate(requests, n)
+                outs = gen.generate(requests, n, first_slot=slots) if slots is not None else gen.generate(requests, n)
             finally:
                 gen.params = saved
         else:

@@ -7,7 +7,6 @@ protocol and the quality gates are the pure functions in :mod:`mars_ray.core`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from typing import Any
@@ -36,7 +35,7 @@ def build_generator(
         temperature=section["temperature"],
         num_beams=section.get("num_beams", 1),
         no_repeat_ngram_size=section.get("no_repeat_ngram_size", 0),
-        seed=section.get("seed", 0),
+        seed=int(section.get("gen_seed", 0)),
     )
     openai_kwargs: dict[str, Any] = {}
     dtype = None
@@ -131,7 +130,6 @@ class RefineActor(_StatsMixin):
         rewrite: dict[str, Any],
         encoder_ref: str,
         *,
-        seed: int,
         batch_size: int,
         encoder_batch_size: int,
         num_threads: int | None,
@@ -140,8 +138,7 @@ class RefineActor(_StatsMixin):
     ):
         set_threads(num_threads)
         self.cfg = rewrite
-        self.gen = build_generator(dict(rewrite, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
-        self.base_params = self.gen.inner.params
+        self.gen = build_generator(rewrite, batch_size=batch_size, cache_dir=cache_dir)
         self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
         # The label check's reward model (ScoreActor kwargs: the current r^{t-1}); None: no check.
         self.scorer = None
@@ -163,13 +160,13 @@ class RefineActor(_StatsMixin):
 
     def _rewrite(self, reqs):
         """Rewrites for (role, prompt, chosen, rejected, first attempt, count) requests: one
-        generate call per distinct (first attempt, count), all roles together; each request
-        gets ``count`` samples, its attempts first .. first + count - 1."""
+        generate call per distinct (first attempt, count), all roles together; attempt a of a
+        request is its output slot a - 1 (a sampled slot has its own seed), so an attempt is the
+        same text whichever schedule asked for it, and is shared through the cache by every run."""
         out: list[list[str | None]] = [[] for _ in reqs]
+        sampled = float(self.cfg["temperature"]) > 0
         for first, count in sorted({(r[4], r[5]) for r in reqs}):
             idx = [j for j, r in enumerate(reqs) if (r[4], r[5]) == (first, count)]
-            # A distinct, reproducible sampling seed (and cache key) per first attempt.
-            self.gen.inner.params = dataclasses.replace(self.base_params, seed=self.base_params.seed + first)
             msgs = [
                 render(f"rewrite_{reqs[j][0]}", prompt=reqs[j][1], chosen=reqs[j][2], rejected=reqs[j][3]) for j in idx
             ]
@@ -181,7 +178,11 @@ class RefineActor(_StatsMixin):
                 )
                 for j in idx
             ]
-            for j, row in zip(idx, self.gen.generate(msgs, n=count, max_new_tokens=caps)):
+            if sampled:
+                rows = self.gen.generate(msgs, n=count, max_new_tokens=caps, first_slot=first - 1)
+            else:  # deterministic rewrites: attempts are the slots of one (first - 1 + count)-output call
+                rows = [r[first - 1 :] for r in self.gen.generate(msgs, n=first - 1 + count, max_new_tokens=caps)]
+            for j, row in zip(idx, rows):
                 out[j] = [clean_generation(t) or None if t is not None else None for t in row]
         return out
 
@@ -219,7 +220,17 @@ class RefineActor(_StatsMixin):
 
 
 class ParaphraseActor(_StatsMixin):
-    """n paraphrases per text, each through the quality gate; kept texts and rejection reasons."""
+    """n paraphrases per text, each through the quality gate; kept texts and rejection reasons.
+
+    A text's candidates form one fixed sequence, the text's row in the generation bank: first the
+    deterministic outputs (``temperature 0``: the ``max(num_beams, 1)`` outputs of one search;
+    none when the section samples), then sampled candidates 0, 1, 2, ... (``topup_temperature``,
+    each with its own seed). The kept paraphrases are the first ``n`` candidates that pass the
+    gate (duplicates excluded), walked in rounds: the deterministic outputs and enough samples to
+    reach ``n``, then up to ``retry_rounds`` rounds of ``retry_oversample`` samples per missing
+    paraphrase. So the answer for (text, n) is the same in every epoch, strategy, seed and trial,
+    a larger ``n`` extends a smaller one's answer, and the cache makes a repeated walk free.
+    """
 
     def __init__(
         self,
@@ -230,11 +241,16 @@ class ParaphraseActor(_StatsMixin):
         encoder_batch_size: int,
         num_threads: int | None,
         cache_dir: str | None,
-        seed: int,
     ):
         set_threads(num_threads)
-        self.cfg, self.seed = paraphrase, int(seed)
-        self.gen = build_generator(dict(paraphrase, seed=seed), batch_size=batch_size, cache_dir=cache_dir)
+        self.cfg = paraphrase
+        self.gen = build_generator(paraphrase, batch_size=batch_size, cache_dir=cache_dir)
+        self.deterministic = max(1, int(paraphrase.get("num_beams", 1))) if float(paraphrase["temperature"]) == 0 else 0
+        self.sampler = (
+            self.gen.with_params(temperature=float(paraphrase["topup_temperature"]), num_beams=1)
+            if self.deterministic
+            else self.gen
+        )
         self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
 
     def output_cap(self, text: str) -> int:
@@ -252,31 +268,41 @@ class ParaphraseActor(_StatsMixin):
         texts = as_list(batch["text"])
         ns = [int(n) for n in as_list(batch["n"])]
         caps = [self.output_cap(t) for t in texts]
-        kept, reasons = self._gate(texts, self._generate(self.gen, texts, ns, caps))
+        kept: list[list[str]] = [[] for _ in texts]
+        reasons: list[dict[str, int]] = [{} for _ in texts]
+        want = [i for i, n in enumerate(ns) if n > 0]
+        if self.deterministic and want:
+            raw = self.gen.generate(
+                [self.request(texts[i]) for i in want], self.deterministic, max_new_tokens=[caps[i] for i in want]
+            )
+            self._take(want, texts, ns, raw, kept, reasons)
+        next_slot = [0] * len(texts)
         retried = [0] * len(texts)
-        # Texts left short by the gate: sample again in this actor (model already loaded).
-        for rnd in range(1, int(self.cfg.get("retry_rounds", 0)) + 1):
-            short = [i for i, k in enumerate(ns) if len(kept[i]) < k]
-            if not short:
-                break
-            sampler = self.gen.with_params(
-                temperature=float(self.cfg["topup_temperature"]), num_beams=1, seed=self.seed * 1000 + 500 + rnd
-            )
-            sub = [texts[i] for i in short]
-            over = int(self.cfg.get("retry_oversample", 1))
-            more, why = self._gate(
-                sub,
-                self._generate(sampler, sub, [(ns[i] - len(kept[i])) * over for i in short], [caps[i] for i in short]),
-                exclude=[kept[i] for i in short],
-            )
-            for j, i in enumerate(short):
-                need = ns[i] - len(kept[i])
-                kept[i] += more[j][:need]
-                if len(more[j]) > need:  # passed the gate, not needed: counted, so every candidate is
-                    why[j]["surplus"] = why[j].get("surplus", 0) + len(more[j]) - need
-                retried[i] += 1
-                for r, c in why[j].items():
-                    reasons[i][r] = reasons[i].get(r, 0) + c
+        over = max(1, int(self.cfg.get("retry_oversample", 1)))
+        for rnd in range(int(self.cfg.get("retry_rounds", 0)) + 1):
+            # round 0: the samples that n needs beyond the deterministic outputs; later rounds:
+            # retry_oversample samples per paraphrase the gate left missing
+            asks: dict[int, int] = {}
+            for i in want:
+                missing = ns[i] - len(kept[i])
+                if missing <= 0:
+                    continue
+                if rnd == 0:
+                    if ns[i] > self.deterministic:
+                        asks[i] = ns[i] - self.deterministic
+                else:
+                    asks[i] = missing * over
+                    retried[i] += 1
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, k in asks.items():
+                groups.setdefault((next_slot[i], k), []).append(i)
+            for (first, k), idx in sorted(groups.items()):
+                raw = self.sampler.generate(
+                    [self.request(texts[i]) for i in idx], k, max_new_tokens=[caps[i] for i in idx], first_slot=first
+                )
+                self._take(idx, texts, ns, raw, kept, reasons)
+                for i in idx:
+                    next_slot[i] = first + k
         return {
             "key": batch["key"],
             "kept": np.array([json.dumps(k, ensure_ascii=False) for k in kept], dtype=object),
@@ -285,17 +311,17 @@ class ParaphraseActor(_StatsMixin):
             **self._stats_columns(len(texts), before),
         }
 
-    def _generate(
-        self, gen: CachedGenerator, texts: list[str], ns: list[int], caps: list[int]
-    ) -> list[list[str | None]]:
-        """n outputs per text, one generate call per distinct n (each text keeps its own cap)."""
-        raw: list[list[str | None]] = [[] for _ in texts]
-        for n in sorted(set(ns)):
-            idx = [i for i, k in enumerate(ns) if k == n]
-            outs = gen.generate([self.request(texts[i]) for i in idx], n, max_new_tokens=[caps[i] for i in idx])
-            for i, o in zip(idx, outs):
-                raw[i] = o
-        return raw
+    def _take(self, idx, texts, ns, raw, kept, reasons) -> None:
+        """Gate ``raw`` (outputs for the texts ``idx``, in candidate order) and keep, per text, the
+        passing candidates it still needs; the rest that pass are counted as surplus."""
+        sub_kept, why = self._gate([texts[i] for i in idx], raw, exclude=[kept[i] for i in idx])
+        for j, i in enumerate(idx):
+            need = max(0, ns[i] - len(kept[i]))
+            kept[i] += sub_kept[j][:need]
+            if len(sub_kept[j]) > need:  # passed the gate, not needed: counted, so every candidate is
+                why[j]["surplus"] = why[j].get("surplus", 0) + len(sub_kept[j]) - need
+            for r, c in why[j].items():
+                reasons[i][r] = reasons[i].get(r, 0) + c
 
     def _gate(self, texts: list[str], raw: list[list[str | None]], exclude: list[list[str]] | None = None):
         cands = [(i, clean_generation(t)) for i, outs in enumerate(raw) for t in outs if t is not None]

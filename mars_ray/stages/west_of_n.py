@@ -44,7 +44,7 @@ class WestOfNActor(_StatsMixin):
 
         set_threads(num_threads)
         self.n = int(n)
-        self.gen = build_generator(dict(generator, seed=gen_seed), batch_size=batch_size, cache_dir=cache_dir)
+        self.gen = build_generator(dict(generator, gen_seed=gen_seed), batch_size=batch_size, cache_dir=cache_dir)
         self.system = load_prompt("respond").system
         self.model, self.tokenizer = load_reward_model(
             reward_ref, seed=seed, dtype=dtype, cache_dir=cache_dir, offline=offline
