@@ -120,7 +120,10 @@ def run_epoch(
     # Every pair that ends up with synthetic pairs has been through the semantic step.
     chosen = np.array(pairs.column(S.CHOSEN).to_pylist(), dtype=object)
     rejected = np.array(pairs.column(S.REJECTED).to_pylist(), dtype=object)
-    sem = _Semantic(cfg, pairs, ids, chosen, rejected, per_pair, times, log, reward_ref=reward_ref)
+    check = cfg.rewrite.label_check
+    if check == "auto":
+        check = "reward" if epoch > 1 or cfg.mars.warmup_passes > 0 else "none"
+    sem = _Semantic(cfg, pairs, ids, chosen, rejected, per_pair, times, log, reward_ref=reward_ref, label_check=check)
     reserve = reserve_pairs(b, q, cfg.paraphrase.reserve, tiebreak)
     if strategy == "mars" and cfg.semantic.enabled:
         summary["semantic"] = sem.label()
@@ -225,9 +228,9 @@ class _Semantic:
     """The semantic step of one epoch: distances once, then refinement of the low-distance pairs
     among any set of pairs, each pair at most once (its rewrite replaces ``chosen``/``rejected``)."""
 
-    def __init__(self, cfg, pairs, ids, chosen, rejected, per_pair, times, log, *, reward_ref: str):
+    def __init__(self, cfg, pairs, ids, chosen, rejected, per_pair, times, log, *, reward_ref: str, label_check: str):
         self.cfg, self.pairs, self.ids, self.per_pair, self.times, self.log = cfg, pairs, ids, per_pair, times, log
-        self.reward_ref = reward_ref
+        self.reward_ref, self.label_check = reward_ref, label_check
         self.chosen, self.rejected = chosen, rejected
         n = len(ids)
         self.refined = np.zeros(n, dtype=bool)
@@ -272,9 +275,7 @@ class _Semantic:
             encoder_batch_size=cfg.semantic.batch_size,
             num_threads=actor_threads(cfg.resources),
             cache_dir=cfg.model.cache_dir,
-            scorer=actor_kwargs(self.reward_ref, cfg, num_threads=None)
-            if cfg.rewrite.label_check == "reward"
-            else None,
+            scorer=actor_kwargs(self.reward_ref, cfg, num_threads=None) if self.label_check == "reward" else None,
         )
         with _stage(f"refine {todo.size} low-distance pairs ({why})", self.times, self.log):
             out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
@@ -295,7 +296,7 @@ class _Semantic:
             retention=float(self.refined.sum() / tried),
             by_status=dict(Counter(self.status[self.attempted])),
             rewrite_calls=self.ref.get("rewrite_calls", 0) + int(np.sum(out.column("refine_attempts").to_numpy())),
-            label_check=cfg.rewrite.label_check,
+            label_check=self.label_check,
             label_flips_rejected=self.ref.get("label_flips_rejected", 0)
             + int(np.sum(out.column("refine_label_flips").to_numpy())),
         )

@@ -177,9 +177,10 @@ class RewriteConfig(EndpointConfig):
     # batch are nearly free), sequential for openai (each attempt is a paid request).
     schedule: Literal["sequential", "by_role", "all"] | None = None
     # Label check (v2 §3.2): keep a rewrite only if the pair is still a valid preference, i.e. the
-    # current reward model r^{t-1} still scores the chosen side higher ("reward"), or not at all
-    # ("none"). With a fresh score head (no mars.warmup_passes) r^0's verdict is close to a coin flip.
-    label_check: Literal["reward", "none"] = "reward"
+    # scoring model r^{t-1} still scores the chosen side higher ("reward"), or never ("none").
+    # "auto": "reward" unless r^{t-1} is an untrained score head (epoch 1 without
+    # mars.warmup_passes), whose verdict would be a coin flip.
+    label_check: Literal["auto", "reward", "none"] = "auto"
     max_new_tokens: int = 192
     # Sampling, so repeated attempts differ.
     temperature: float = 0.7
