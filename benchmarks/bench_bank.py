@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import SHARED_DATA, run_variant
+from _util import SHARED_DATA
 from bench_scoring import TreeRss
 
 HH = SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl"
@@ -151,7 +152,12 @@ def main() -> None:
         f"--seeds={args.seeds}",
         f"--strategies={args.strategies}",
     ]
-    rows = {v: run_variant(Path(__file__), v, *passthrough, reps=1) for v in ("no bank", "bank")}
+    rows = {}
+    for v in ("no bank", "bank"):  # each in a fresh process; its progress lines go to stderr
+        out = subprocess.run(
+            [sys.executable, __file__, "--variant", v, *passthrough], check=True, stdout=subprocess.PIPE, text=True
+        )
+        rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
     a, b = rows["no bank"], rows["bank"]
     same = sum(1 for k in a["digests"] if a["digests"][k] == b["digests"].get(k))
     print(
