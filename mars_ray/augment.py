@@ -18,7 +18,6 @@ none           (no augmentation at all)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections import Counter
@@ -252,8 +251,8 @@ class _Semantic:
 
     def refine(self, mask: np.ndarray, why: str) -> None:
         """Rewrite the low-distance pairs of ``mask`` not attempted yet (nothing before :meth:`label`)."""
-        from mars_ray.stages.common import actor_threads, map_with_actors
-        from mars_ray.stages.generate import STAT_COLUMNS, RefineActor
+        from mars_ray.stages.common import map_with_actors
+        from mars_ray.stages.generate import STAT_COLUMNS, RefineActor, refine_actor_kwargs
         from mars_ray.stages.score import actor_kwargs
 
         if self.dist is None:
@@ -268,15 +267,8 @@ class _Semantic:
         cfg, dist = self.cfg, self.dist
         sub = self.pairs.take(pa.array(todo)).select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED])
         sub = sub.append_column("distance", pa.array(dist[todo]))
-        kwargs = dict(
-            rewrite=dataclasses.asdict(cfg.rewrite),
-            encoder_ref=cfg.model.encoder,
-            batch_size=cfg.rewrite.batch_size,
-            encoder_batch_size=cfg.semantic.batch_size,
-            num_threads=actor_threads(cfg.resources),
-            cache_dir=cfg.model.cache_dir,
-            scorer=actor_kwargs(self.reward_ref, cfg, num_threads=None) if self.label_check == "reward" else None,
-        )
+        scorer = actor_kwargs(self.reward_ref, cfg, num_threads=None) if self.label_check == "reward" else None
+        kwargs = refine_actor_kwargs(cfg, scorer)
         with _stage(f"refine {todo.size} low-distance pairs ({why})", self.times, self.log):
             out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
         _check_failures(cfg, f"refine ({why})", out, f"{cfg.rewrite.backend}:{cfg.rewrite.model}")
@@ -303,8 +295,8 @@ class _Semantic:
 
 
 def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log, topup: int = 0):
-    from mars_ray.stages.common import actor_threads, map_with_actors
-    from mars_ray.stages.generate import STAT_COLUMNS, ParaphraseActor, longest_first
+    from mars_ray.stages.common import map_with_actors
+    from mars_ray.stages.generate import STAT_COLUMNS, ParaphraseActor, longest_first, paraphrase_actor_kwargs
 
     n = len(ids)
     keys, texts, counts = [], [], []
@@ -320,14 +312,7 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     if not texts:
         return kept_c, kept_r, info
     req = longest_first(pa.table({"key": keys, "text": texts, "n": counts}))
-    kwargs = dict(
-        paraphrase=dataclasses.asdict(cfg.paraphrase),
-        encoder_ref=cfg.model.encoder,
-        batch_size=cfg.paraphrase.batch_size,
-        encoder_batch_size=cfg.semantic.batch_size,
-        num_threads=actor_threads(cfg.resources),
-        cache_dir=cfg.model.cache_dir,
-    )
+    kwargs = paraphrase_actor_kwargs(cfg)
     label = f"paraphrase top-up {topup}" if topup else "paraphrase"
     with _stage(f"{label}: {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
         out = map_with_actors(

@@ -20,7 +20,6 @@ An epoch that needs more than the bank holds (a pair given more paraphrases than
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -53,9 +52,16 @@ def build_bank(
     from mars_ray.core.semantic import semantic_labels
     from mars_ray.models.resolve import cache_root
     from mars_ray.runtime import init_ray
-    from mars_ray.stages.common import actor_threads, map_with_actors
+    from mars_ray.stages.common import map_with_actors
     from mars_ray.stages.embed import semantic_distances
-    from mars_ray.stages.generate import STAT_COLUMNS, ParaphraseActor, RefineActor, longest_first
+    from mars_ray.stages.generate import (
+        STAT_COLUMNS,
+        ParaphraseActor,
+        RefineActor,
+        longest_first,
+        paraphrase_actor_kwargs,
+        refine_actor_kwargs,
+    )
 
     t0 = time.perf_counter()
     if pairs is None:
@@ -83,14 +89,7 @@ def build_bank(
         req = longest_first(
             pa.table({"key": [str(i) for i in range(len(texts))], "text": texts, "n": [k] * len(texts)})
         )
-        kwargs = dict(
-            paraphrase=dataclasses.asdict(cfg.paraphrase),
-            encoder_ref=cfg.model.encoder,
-            batch_size=cfg.paraphrase.batch_size,
-            encoder_batch_size=cfg.semantic.batch_size,
-            num_threads=actor_threads(cfg.resources),
-            cache_dir=cfg.model.cache_dir,
-        )
+        kwargs = paraphrase_actor_kwargs(cfg)
         out = map_with_actors(
             req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size
         )
@@ -108,15 +107,7 @@ def build_bank(
         if idx.size:
             sub = pairs.take(pa.array(idx)).select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED])
             sub = sub.append_column("distance", pa.array(np.asarray(dist, dtype=np.float64)[idx]))
-            rewrite = dict(dataclasses.asdict(cfg.rewrite), label_check="none")
-            kwargs = dict(
-                rewrite=rewrite,
-                encoder_ref=cfg.model.encoder,
-                batch_size=cfg.rewrite.batch_size,
-                encoder_batch_size=cfg.semantic.batch_size,
-                num_threads=actor_threads(cfg.resources),
-                cache_dir=cfg.model.cache_dir,
-            )
+            kwargs = refine_actor_kwargs(cfg)  # no scorer: which attempt is kept is decided in the epoch
             out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
             manifest["rewrite"] = {**counts(out), "pairs": int(idx.size)}
     manifest["seconds"] = round(time.perf_counter() - t0, 1)

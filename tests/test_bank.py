@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from test_augment import tiny_cfg
@@ -91,3 +93,20 @@ def test_a_built_bank_serves_every_strategy_and_seed(ray_local, tmp_path, tiny_b
             assert gen.get("rewrite_generated", 0) == 0 and gen.get("rewrite_hits", 0) > 0
         outs[(strategy, seed)] = res
     assert np.isfinite(outs[("uniform", "0")].summary["diagnostics"]["ess_ratio"])
+
+
+def test_bank_inspect_command(tmp_path, capsys):
+    from mars_ray.cli import main
+    from mars_ray.generation import GenerationCache
+
+    cache = tmp_path / "cache"
+    assert main(["bank", "inspect", "--model.cache_dir", str(cache), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 0  # nothing yet, and nothing created
+    cache.mkdir()
+    GenerationCache(cache / "generations.sqlite").put_many([("k1", "a"), ("k2", "b")], model="builtin:smollm2")
+    (cache / "bank").mkdir()
+    build = {"data": "d.jsonl", "pairs": 3, "texts": 6, "paraphrases_per_text": 2, "seconds": 1.0, "finished": "now"}
+    (cache / "bank" / "b.json").write_text(json.dumps(build))
+    assert main(["bank", "inspect", "--model.cache_dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "2 outputs" in out and "builtin:smollm2" in out and "d.jsonl (3 pairs, 6 responses x 2)" in out

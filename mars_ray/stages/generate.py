@@ -7,6 +7,7 @@ protocol and the quality gates are the pure functions in :mod:`mars_ray.core`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mars_ray.config import Config
 from mars_ray.core.filters import clean_generation, introduced_harm, paraphrase_rejection
 from mars_ray.core.refine import RefineItem, refine_batch
 from mars_ray.generation import CachedGenerator, GenParams, LazyGenerator, default_cache
@@ -75,6 +77,35 @@ def build_generator(
     # nothing to skip.
     gen = LazyGenerator(model_id, params, build) if use_cache and section["backend"] != "openai" else build()
     return CachedGenerator(gen, default_cache(cache_dir) if use_cache else None)
+
+
+def paraphrase_actor_kwargs(cfg: Config) -> dict[str, Any]:
+    """Everything a :class:`ParaphraseActor` needs, as plain values (no config object is captured)."""
+    from mars_ray.stages.common import actor_threads
+
+    return dict(
+        paraphrase=dataclasses.asdict(cfg.paraphrase),
+        encoder_ref=cfg.model.encoder,
+        batch_size=cfg.paraphrase.batch_size,
+        encoder_batch_size=cfg.semantic.batch_size,
+        num_threads=actor_threads(cfg.resources),
+        cache_dir=cfg.model.cache_dir,
+    )
+
+
+def refine_actor_kwargs(cfg: Config, scorer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a :class:`RefineActor` needs; ``scorer``: the label check's ScoreActor kwargs."""
+    from mars_ray.stages.common import actor_threads
+
+    return dict(
+        rewrite=dataclasses.asdict(cfg.rewrite),
+        encoder_ref=cfg.model.encoder,
+        batch_size=cfg.rewrite.batch_size,
+        encoder_batch_size=cfg.semantic.batch_size,
+        num_threads=actor_threads(cfg.resources),
+        cache_dir=cfg.model.cache_dir,
+        scorer=scorer,
+    )
 
 
 def output_cap(text: str, ratio: float, max_new_tokens: int, floor: int = 32) -> int:
