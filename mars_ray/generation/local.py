@@ -237,7 +237,7 @@ class _LocalGenerator:
         row_caps = [c for c in caps for _ in range(n)]
         seeds = [self._slot_seed(ids, f + k) for ids, f in zip(chunk, firsts) for k in range(n)]
         p = self.params
-        if not self.is_encoder_decoder and getattr(self, "ragged", False) and supports_ragged_greedy(self.model):
+        if self._ragged_capable():
             self.batches += 1
             rows = ragged_decode(
                 self.model,
@@ -297,17 +297,15 @@ class _LocalGenerator:
             out.append(row)
         return out
 
+    def _ragged_capable(self) -> bool:
+        """A decoder-only, full-attention model with the ragged path switched on."""
+        return getattr(self, "ragged", False) and not self.is_encoder_decoder and supports_ragged_greedy(self.model)
+
     def _ragged(self, n: int) -> bool:
-        """Greedy, one output per request, decoder-only: :func:`ragged_greedy` gives the same tokens
-        with a shared prompt prefix computed once and ended rows leaving the batch."""
+        """Greedy, one output per request: :func:`ragged_greedy` gives the same tokens as
+        ``model.generate`` with a shared prompt prefix computed once and ended rows leaving the batch."""
         p = self.params
-        return (
-            getattr(self, "ragged", False)
-            and not self.is_encoder_decoder
-            and p.temperature == 0
-            and max(p.num_beams, n) == 1
-            and supports_ragged_greedy(self.model)
-        )
+        return p.temperature == 0 and max(p.num_beams, n) == 1 and self._ragged_capable()
 
     def _generate_chunk(self, chunk: list[list[int]], n: int, caps: list[int]) -> list[list[str]]:
         import torch

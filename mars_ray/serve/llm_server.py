@@ -195,7 +195,11 @@ class _Worker:
             with self.lock:
                 if self._slots and first.params.temperature > 0 and self._params_mode == "swap":
                     outs = self._generate(
-                        requests, first.n, replace(first.params, seed=0), slots=[j.params.seed % 2**31 for j in batch]
+                        # a request's seed is its sampling slot (slots are non-negative)
+                        requests,
+                        first.n,
+                        replace(first.params, seed=0),
+                        slots=[j.params.seed % 2**31 for j in batch],
                     )
                 else:
                     outs = self._generate(requests, first.n, first.params)
