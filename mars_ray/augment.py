@@ -39,6 +39,7 @@ from mars_ray.core.allocation import (
     reserve_pairs,
     split_counts,
 )
+from mars_ray.core.audit import audit_examples, audit_markdown, audit_operations
 from mars_ray.core.pairs import fit_budgets, pool_capacity, sample_pool, synthetic_rows
 from mars_ray.core.semantic import semantic_labels
 
@@ -124,7 +125,16 @@ def run_epoch(
         check = "reward" if epoch > 1 or cfg.mars.warmup_passes > 0 else "none"
     sem = _Semantic(cfg, pairs, ids, chosen, rejected, per_pair, times, log, reward_ref=reward_ref, label_check=check)
     reserve = reserve_pairs(b, q, cfg.paraphrase.reserve, tiebreak)
-    if strategy == "mars" and cfg.semantic.enabled:
+    if strategy == "mars" and not cfg.semantic.active(cfg.rewrite.model):
+        why = (
+            "semantic.enabled false"
+            if cfg.semantic.enabled is False
+            else f"the built-in rewriter {cfg.rewrite.model} fails the rewrite quality figure (docs/results.md); "
+            "set semantic.enabled true, or a capable rewrite.model"
+        )
+        summary["semantic"] = {"off": why}
+        log(f"[augment] semantic step off: {why}")
+    elif strategy == "mars":
         summary["semantic"] = sem.label()
         summary["semantic"]["low_with_budget"] = int((sem.low & (b > 0)).sum())
         summary["semantic"]["low_in_reserve"] = int((sem.low & (reserve > 0)).sum())
@@ -198,6 +208,14 @@ def run_epoch(
         },
         generation=dict(gen_stats),
         bank=bank_counts(dict(gen_stats)),
+        audit={
+            "operations": audit_operations(para, sem.audit),
+            "examples": audit_examples(
+                rows,
+                pairs.select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED]).to_pylist(),
+                np.random.default_rng([cfg.seed, epoch, 1]),
+            ),
+        },
         stage_seconds=times,
     )
     return EpochResult(synthetic, pa.table(per_pair), summary)
@@ -239,6 +257,7 @@ class _Semantic:
         self.dist: np.ndarray | None = None
         self.gen_stats: Counter = Counter()
         self.ref: dict[str, Any] = {}
+        self.audit: dict[str, Counter] = {}  # rewrite outputs by operation and what became of them
 
     def label(self) -> dict[str, Any]:
         from mars_ray.stages.embed import semantic_distances
@@ -282,6 +301,10 @@ class _Semantic:
                 dist[i] = r["refined_distance"]
         for c in STAT_COLUMNS:
             self.gen_stats[f"rewrite_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
+        for a in out.column("refine_audit").to_pylist():
+            for key, v in json.loads(a).items():
+                role, what = key.split(":", 1)
+                self.audit.setdefault(f"rewrite-{role}", Counter())[what] += int(v)
         tried = self.attempted.sum()
         self.ref.update(
             refined=int(self.refined.sum()),
@@ -399,7 +422,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if "operations" in summary:
         lines.append("- operations: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["operations"].items())))
     sem, ref = summary.get("semantic"), summary.get("refine")
-    if sem:
+    if sem and sem.get("off"):
+        lines.append(f"- semantic step off: {sem['off']}")
+    elif sem:
         lines.append(
             f"- semantic: threshold {sem['threshold']:.3f}, low {sem['low']}, high {sem['high']}, low with budget {sem['low_with_budget']}"
         )
@@ -433,6 +458,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     diag = summary.get("diagnostics")
     if diag:
         lines.append("- allocation diagnostics: " + diagnostics_text(diag))
+    if summary.get("audit", {}).get("operations"):
+        lines += ["", "## Synthetic data audit", ""] + audit_markdown(summary["audit"])
     alloc = summary.get("allocation", {})
     if "by_margin_decile" in alloc:
         lines += ["", "| margin decile | margin range | budget |", "|---|---|---|"]

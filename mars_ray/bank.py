@@ -99,7 +99,7 @@ def build_bank(
             "texts_full": int(sum(1 for x in kept if x >= k)),
             "kept": int(sum(kept)),
         }
-    if cfg.bank.rewrites and cfg.semantic.enabled and pairs.num_rows:
+    if cfg.bank.rewrites and cfg.semantic.active(cfg.rewrite.model) and pairs.num_rows:
         dist = semantic_distances(pairs, cfg).column("distance").to_numpy()
         low, threshold = semantic_labels(np.asarray(dist, dtype=np.float64), cfg.semantic.threshold)
         idx = np.flatnonzero(low)

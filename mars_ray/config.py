@@ -124,10 +124,23 @@ class AugmentConfig:
     max_failure_rate: float = 0.2
 
 
+# The built-in rewriter (SmolLM2-135M-Instruct): the semantic step is off with it unless asked for.
+BUILTIN_REWRITER = "builtin:smollm2"
+
+
 @dataclass
 class SemanticConfig:
-    # Rewrite semantically-too-close pairs (off for the mars-nosem ablation).
-    enabled: bool = True
+    # Rewrite semantically-too-close pairs (the mars-nosem ablation never does). null (auto): on,
+    # except with the built-in rewriter builtin:smollm2, whose rewrites fail the quality figure in
+    # docs/results.md (the run says so); true turns it on with any rewriter.
+    enabled: bool | None = None
+
+    def active(self, rewrite_model: str) -> bool:
+        """Whether the semantic step runs with this rewriter (``enabled``, or auto as above)."""
+        if self.enabled is not None:
+            return bool(self.enabled)
+        return str(rewrite_model).strip() != BUILTIN_REWRITER
+
     # Distance threshold; null uses the dataset mean distance (the paper).
     threshold: float | None = None
     batch_size: int = 64
@@ -181,6 +194,20 @@ class RewriteConfig(EndpointConfig):
     # "auto": "reward" unless r^{t-1} is an untrained score head (epoch 1 without
     # mars.warmup_passes), whose verdict would be a coin flip.
     label_check: Literal["auto", "reward", "none"] = "auto"
+    # false: no rewrite gate (every non-blank output is a candidate): for a generator whose output
+    # is known to be clean, or tests with random tiny models. The audit counts outputs either way.
+    gate: bool = True
+    # The rewrite gate (core.filters.rewrite_rejection), before the distance and label checks: the
+    # reply must sit between <reply> markers (when the template asks for them), must not echo
+    # the template or a transcript label, loop, stop mid-sentence, or fall outside these length
+    # ratios of the text it rewrites, and (when set) must be at least this similar (MiniLM cosine)
+    # to the conversation's last human turn.
+    min_length_ratio: float = 0.2
+    max_length_ratio: float = 2.5
+    # 0.0: below the 2nd percentile of real replies in HH-RLHF helpful (-0.003 over 2,000 chosen and
+    # rejected replies; PKU-SafeRLHF 0.155, UltraFeedback 0.061): human replies such as "You're
+    # welcome" are far from their question, so a higher floor would reject real replies. null: off.
+    min_topic_similarity: float | None = 0.0
     max_new_tokens: int = 192
     # Sampling, so repeated attempts differ.
     temperature: float = 0.7
@@ -943,6 +970,11 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"mars.west_of_n_temperature={m.west_of_n_temperature} must be > 0 (N sampled responses must differ)")
     if m.west_of_n < 2:
         p.append(f"mars.west_of_n={m.west_of_n} must be >= 2 (best and worst of N)")
+    rw = cfg.rewrite
+    if not 0 <= rw.min_length_ratio <= 1 <= rw.max_length_ratio:
+        p.append("rewrite.min_length_ratio must be in [0, 1] and rewrite.max_length_ratio >= 1")
+    if rw.min_topic_similarity is not None and not -1.0 <= rw.min_topic_similarity <= 1.0:
+        p.append(f"rewrite.min_topic_similarity={rw.min_topic_similarity} must be in [-1, 1] (a cosine) or null")
     pp = cfg.paraphrase
     if not 0 < pp.min_length_ratio <= 1 <= pp.max_length_ratio:
         p.append("paraphrase.min_length_ratio must be in (0, 1] and paraphrase.max_length_ratio >= 1")

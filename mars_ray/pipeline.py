@@ -308,9 +308,33 @@ def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, lo
         budget_unspent=int(groups.sum()) - syn.num_rows,
         groups=dict(status),
         generation=gen,
+        audit=_west_of_n_audit(cfg, gen, status, rows, originals, epoch),
         stage_seconds={"west-of-n": round(time.perf_counter() - t0, 3)},
     )
     return syn, summary
+
+
+def _west_of_n_audit(cfg: Config, gen: dict[str, int], status, rows: list[dict], originals: pa.Table, epoch: int):
+    """The audit of a West-of-N epoch: every sampled response is kept (the best or worst of its
+    group), failed, or unused (a middle response, or one of a group that made no pair: ``groups``
+    counts the groups by status)."""
+    from mars_ray.core.audit import audit_examples
+
+    generated = int(gen.get("requested", 0))
+    kept, failed = 2 * len(rows), int(gen.get("failed", 0))
+    op = {
+        "generated": generated,
+        "kept": kept,
+        "unused": generated - kept - failed,
+        "generation_failed": failed,
+        "rejected": {},
+        "groups": {str(k): int(v) for k, v in sorted(status.items())},
+    }
+    originals_rows = originals.select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED]).to_pylist()
+    return {
+        "operations": {"west-of-n": op},
+        "examples": audit_examples(rows, originals_rows, np.random.default_rng([cfg.seed, epoch, 1])),
+    }
 
 
 # --------------------------------------------------------------------------------------------

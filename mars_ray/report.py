@@ -409,6 +409,25 @@ def run_report(run_dir: Path) -> tuple[Path, Path]:
             ["epoch", "ESS/N", "margin std", "budget on mis-ranked", "budget on lowest decile", "max b_i", "gate pass"],
             diag_rows,
         )
+    audits = [
+        (int(f.parent.name), json.loads(f.read_text()).get("audit"))
+        for f in sorted(run_dir.glob("epochs/*/augment_summary.json"))
+    ]
+    audits = [(ep, a) for ep, a in audits if a and a.get("operations")]
+    if audits:
+        from mars_ray.core.audit import audit_markdown
+
+        lines += [
+            "",
+            "## Synthetic data audit",
+            "",
+            "Every generated text by operation: kept, passed the gates but not needed, failed, or rejected "
+            "(by reason). Then random kept synthetic pairs of the last epoch beside their human pairs.",
+        ]
+        for ep, a in audits:
+            table = audit_markdown({"operations": a["operations"]})
+            lines += ["", f"Epoch {ep}:", ""] + table
+        lines += [""] + audit_markdown({"operations": {}, "examples": audits[-1][1].get("examples", [])})[2:]
     images = []
     if rows:
         images.append(

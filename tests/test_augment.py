@@ -27,6 +27,7 @@ def tiny_cfg(tmp_path, bert, llama, **over) -> Config:
         "paraphrase.num_beams": "1",
         "rewrite.max_attempts_rejected": "2",
         "rewrite.max_attempts_chosen": "1",
+        "rewrite.gate": "false",  # a random tiny model never writes a reply the gate would pass
         "paraphrase.min_length_ratio": "0.01",
         "paraphrase.max_length_ratio": "100",
         "paraphrase.max_copy_similarity": "1.0",
@@ -291,6 +292,7 @@ def test_real_epoch_on_real_pairs(ray_local, tmp_path):
             "data.test_fraction": "0",
             "mars.budget": "16",
             "mars.tau": "50",
+            "semantic.enabled": "true",  # the built-in rewriter, through the rewrite gate
             "rewrite.max_attempts_rejected": "1",
             "rewrite.max_attempts_chosen": "1",
             "rewrite.max_new_tokens": "48",
@@ -316,6 +318,16 @@ def test_real_epoch_on_real_pairs(ray_local, tmp_path):
     ids = set(pairs.column("pair_id").to_pylist())
     assert set(res.synthetic.column("source_pair_id").to_pylist()) <= ids
     assert s["refine"]["candidates"] == sum(s["refine"]["by_status"].values())
+    # The audit accounts for every generated text, and shows kept examples of every operation.
+    ops = s["audit"]["operations"]
+    for op, r in ops.items():
+        assert r["generated"] == r["kept"] + r["unused"] + r["generation_failed"] + sum(r["rejected"].values()), op
+    assert ops["paraphrase"]["kept"] == sum(
+        rd.get("kept", 0) for rd in [s["paraphrase"], *s["paraphrase"]["topup_rounds"]]
+    )
+    rewritten = sum(ops.get(op, {}).get("kept", 0) for op in ("rewrite-rejected", "rewrite-chosen"))
+    assert rewritten == s["refine"]["refined"]
+    assert {e["operation"] for e in s["audit"]["examples"]} == set(s["operations"])
 
 
 @pytest.mark.ray

@@ -613,6 +613,7 @@ def _tiny_overrides(bert: Path, llama: Path, cache: Path) -> dict[str, str]:
         "rewrite.model": str(llama),
         "paraphrase.model": str(llama),
         "rewrite.max_new_tokens": "12",
+        "rewrite.gate": "false",  # a random tiny model never writes a reply the gate would pass
         "paraphrase.max_new_tokens": "12",
         "paraphrase.num_beams": "1",
         "rewrite.max_attempts_rejected": "1",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -244,11 +246,22 @@ def test_refine_rejected_first_then_chosen_then_keep_original():
 
     # Several attempts per call: the same outcomes and attempt counts in fewer calls.
     kw = dict(rewrite=rewrite, distance=_distance, harmful=introduced_harm, max_rejected=3, max_chosen=2)
+    # The audit counts every output: sequential generated only what the protocol used.
+    assert res[0].audit == {"rejected:no_gain": 1, "rejected:kept": 1}
+    assert s["audit"]["rewrite-chosen"] == {"no_gain": 2, "kept": 1, "harmful": 2}
+    assert sum(sum(c.values()) for c in s["audit"].values()) == sum(c[-1] for c in calls)  # every output
+
+    def same(a, b):  # outcomes equal apart from the audit (batched schedules generate more)
+        return [dataclasses.replace(o, audit={}) for o in a] == [dataclasses.replace(o, audit={}) for o in b]
+
     calls.clear()
-    assert refine_batch(items, schedule="by_role", **kw) == res
+    by_role = refine_batch(items, schedule="by_role", **kw)
+    assert same(by_role, res)
+    # the third rejected attempt of pair 0 was generated too, and passed: counted, not used
+    assert by_role[0].audit == {"rejected:no_gain": 1, "rejected:kept": 1, "rejected:unused": 1}
     assert calls == [[("rejected", 1, 3), 4], [("chosen", 1, 2), 3]]
     calls.clear()
-    assert refine_batch(items, schedule="all", **kw) == res
+    assert same(refine_batch(items, schedule="all", **kw), res)
     assert calls == [[("chosen", 1, 2), ("rejected", 1, 3), 8]]  # both roles for all four pairs at once
     with pytest.raises(ValueError, match="schedule"):
         refine_batch(items, schedule="parallel", **kw)

@@ -107,10 +107,12 @@ def test_sweep_restores_after_a_killed_driver_and_exports_the_best_config(
     ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir
 ):
     args = _tiny_overrides(
-        tmp_path, tiny_bert_dir, tiny_llama_dir, "sweep", **{"mars.strategy": "mars-nosem", "mars.epochs": "2"}
+        tmp_path, tiny_bert_dir, tiny_llama_dir, "sweep", **{"mars.strategy": "mars-nosem", "mars.epochs": "1"}
     )
     out = tmp_path / "sweep"
-    space = '{"mars.tau": [0.5, 4.0], "mars.budget": [4, 8]}'
+    # Sized down (was 2 x 2 trials of 2 epochs): three one-epoch trials still leave some finished
+    # and some not when the driver is killed after the first.
+    space = '{"mars.tau": [0.5, 2.0, 4.0], "mars.budget": [4]}'
     cmd = [sys.executable, "-m", "mars_ray.cli", "sweep", *args, "--tune.space", space, "--tune.scheduler", "fifo"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
@@ -125,16 +127,15 @@ def test_sweep_restores_after_a_killed_driver_and_exports_the_best_config(
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "sweep.json").exists()
-    assert len(list((out / "trials").glob("*/summary.json"))) < 4
+    assert len(list((out / "trials").glob("*/summary.json"))) < 3
 
     assert main(["sweep", "--resume", str(out)]) == 0
     res = json.loads((out / "sweep.json").read_text())
-    assert len(res["trials"]) == 4 and all(r["val_accuracy"] is not None and not r["error"] for r in res["trials"])
+    assert len(res["trials"]) == 3 and all(r["val_accuracy"] is not None and not r["error"] for r in res["trials"])
     assert {(r["overrides"]["mars.tau"], r["overrides"]["mars.budget"]) for r in res["trials"]} == {
         (0.5, 4),
-        (0.5, 8),
+        (2.0, 4),
         (4.0, 4),
-        (4.0, 8),
     }
     best = res["best"]
     assert best["val_accuracy"] == max(r["val_accuracy"] for r in res["trials"])

@@ -144,6 +144,11 @@ def test_every_strategy_two_epochs(ray_local, tmp_path, tiny_bert_dir, tiny_llam
         if strategy == "west-of-n":
             assert ops == {"west-of-3"} and summary["groups"].get("ok", 0) == syn[0].num_rows
             assert syn[0].num_rows + summary["budget_unspent"] == 12
+        if strategy in ("uniform", "mars", "mars-nosem", "west-of-n"):  # every generated text accounted for
+            for op, r in summary["audit"]["operations"].items():
+                assert r["generated"] == r["kept"] + r["unused"] + r["generation_failed"] + sum(r["rejected"].values())
+                assert r["generated"] > 0 and r["kept"] > 0, op
+            assert {e["operation"] for e in summary["audit"]["examples"]} == ops
         if strategy in ("uniform", "mars", "mars-nosem"):
             assert all(op.startswith(("paraphrase", "rewrite")) for op in ops)
         if strategy == "mars":
@@ -325,4 +330,7 @@ def test_embedded_default_end_to_end(ray_local, tmp_path):
     enc = tok(["How do I boil an egg?"], ["Put it in boiling water for 8 minutes."], return_tensors="pt")
     assert model(**enc).logits.shape == (1, 1)
     s = json.loads((out / "epochs" / "001" / "augment_summary.json").read_text())
-    assert s["refine"]["candidates"] >= 1 and s["paraphrase"]["requested"] >= 1
+    # the built-in rewriter fails the quality figure: the embedded default paraphrases only, and says so
+    assert "builtin:smollm2" in s["semantic"]["off"] and "refine" not in s
+    assert s["paraphrase"]["requested"] >= 1
+    assert "## Synthetic data audit" in (out / "report.md").read_text()

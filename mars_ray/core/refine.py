@@ -3,7 +3,9 @@
 Protocol (MARS v2): rewrite the rejected response up to ``max_rejected`` times, keeping it worse
 than the chosen one and plausible for the same dialogue; if the chosen/rejected distance has not
 grown, rewrite the chosen response up to ``max_chosen`` times, keeping it helpful, safe and
-preferred. A rewritten pair is kept only if its distance is larger than the original's, it adds
+preferred. Every output first passes the injected ``gate`` (the reply taken out of its markers; template
+echo, degenerate, truncated, off-topic and length checks in :mod:`mars_ray.core.filters`). A
+rewritten pair is kept only if its distance is larger than the original's, it adds
 no harmful content and (v2 §3.2) it is still a valid preference: the injected ``preference``
 check (the current reward model's margin, or a judge) still prefers the chosen side; otherwise
 the original pair is kept, with the reason.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -45,6 +47,8 @@ DistanceFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 HarmFn = Callable[[str, str], str | None]
 # (prompts, chosen texts, rejected texts) -> margins; > 0 means the chosen side is still preferred
 PreferenceFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], np.ndarray]
+# [(role, item, raw output)] -> per output (the reply it holds, None) or (None, rejection reason)
+GateFn = Callable[[Sequence[tuple[Role, "RefineItem", str]]], list[tuple[str | None, str | None]]]
 
 STATUSES = (
     "rewrote_rejected",
@@ -52,6 +56,7 @@ STATUSES = (
     "kept:no_gain",
     "kept:harmful",
     "kept:label_flip",
+    "kept:gate_rejected",
     "kept:generation_failed",
 )
 
@@ -73,6 +78,8 @@ class RefineOutcome:
     attempts: int  # protocol attempts spent on this pair (up to and including the successful one)
     harmful_phrase: str | None = None
     label_flips: int = 0  # candidates that grew the distance but no longer kept chosen preferred
+    # every output of the generator for this pair by "<role>:<what became of it>" (audit_counts)
+    audit: dict[str, int] = field(default_factory=dict)
 
     @property
     def refined(self) -> bool:
@@ -99,20 +106,25 @@ def refine_batch(
     distance: DistanceFn,
     harmful: HarmFn,
     preference: PreferenceFn | None = None,
+    gate: GateFn | None = None,
     max_rejected: int = 5,
     max_chosen: int = 5,
     schedule: Schedule = "sequential",
 ) -> list[RefineOutcome]:
     """Run the protocol over ``items``; one outcome per item, in order. ``attempts`` of an
     outcome counts the attempts the protocol used (up to and including the successful one).
-    ``preference`` (None: no label check) is asked once per round, for every candidate that grew
-    the distance without adding harm."""
+    ``gate`` (None: every non-blank output is a candidate as it is) turns each raw output into
+    the reply it holds or a rejection reason, before the distance; ``preference`` (None: no label
+    check) is asked once per round, for every candidate that grew the distance without adding
+    harm. ``audit`` of an outcome counts every output the generator returned by what became of it."""
     n = len(items)
     done: list[RefineOutcome | None] = [None] * n
     attempts = [0] * n
-    produced = [False] * n  # the generator returned usable text at least once
+    produced = [False] * n  # some output passed the gate (reached the distance test)
+    gated = [False] * n  # some output was rejected by the gate
     harm: list[str | None] = [None] * n
     flips = [0] * n
+    audit: list[Counter] = [Counter() for _ in range(n)]
     for windows in _rounds(schedule, max_rejected, max_chosen):
         pending = [i for i in range(n) if done[i] is None]
         if not pending:
@@ -129,45 +141,62 @@ def refine_batch(
         cands: dict[int, list[tuple[Role, str | None]]] = {i: [] for i in pending}
         for (role, *_), row, i in zip(reqs, outs, [i for _ in windows for i in pending]):
             cands[i] += [(role, t if t and t.strip() else None) for t in row]
-        usable = [(i, role, t) for i in pending for role, t in cands[i] if t is not None]
-        new_c = [t if role == "chosen" else items[i].chosen for i, role, t in usable]
-        new_r = [t if role == "rejected" else items[i].rejected for i, role, t in usable]
-        dist = iter(np.asarray(distance(new_c, new_r), dtype=np.float64) if usable else ())
-        # Pass 1: distance and harm for every candidate, in protocol order.
-        ok: dict[int, list[tuple[int, Role, str, float]]] = {i: [] for i in pending}
+        # The gate: raw output -> (reply, reason), in one batch for the round.
+        raw = [(i, j, role, t) for i in pending for j, (role, t) in enumerate(cands[i]) if t is not None]
+        verdicts = (
+            gate([(role, items[i], t) for i, _, role, t in raw]) if gate is not None else [(t, None) for *_, t in raw]
+        )
+        if len(verdicts) != len(raw):
+            raise ValueError(f"gate returned {len(verdicts)} verdicts for {len(raw)} outputs")
+        usable: list[tuple[int, int, Role, str]] = []
+        for (i, j, role, _), (text, why) in zip(raw, verdicts):
+            if why is not None or not text:
+                audit[i][f"{role}:{why or 'empty'}"] += 1
+                gated[i] = True
+            else:
+                usable.append((i, j, role, text))
         for i in pending:
-            for j, (role, text) in enumerate(cands[i]):
-                if text is None:
-                    continue
-                produced[i] = True
-                d = float(next(dist))
-                if d <= items[i].distance:
-                    continue
-                why = harmful(text, "\n".join((items[i].prompt, items[i].chosen, items[i].rejected)))
-                if why:
-                    harm[i] = harm[i] or why
-                    continue
-                ok[i].append((j, role, text, d))
+            for role, t in cands[i]:
+                if t is None:
+                    audit[i][f"{role}:generation_failed"] += 1
+        new_c = [t if role == "chosen" else items[i].chosen for i, _, role, t in usable]
+        new_r = [t if role == "rejected" else items[i].rejected for i, _, role, t in usable]
+        dists = np.asarray(distance(new_c, new_r), dtype=np.float64) if usable else np.zeros(0)
+        # Pass 1: distance and harm for every candidate that passed the gate, in protocol order.
+        ok: list[tuple[int, int, Role, str, float]] = []
+        for (i, j, role, text), d in zip(usable, dists):
+            produced[i] = True
+            if d <= items[i].distance:
+                audit[i][f"{role}:no_gain"] += 1
+                continue
+            why = harmful(text, "\n".join((items[i].prompt, items[i].chosen, items[i].rejected)))
+            if why:
+                harm[i] = harm[i] or why
+                audit[i][f"{role}:harmful"] += 1
+                continue
+            ok.append((i, j, role, text, float(d)))
         # Pass 2: the label check, batched over the survivors; the first that keeps the label wins.
-        flat = [(i, *c) for i in pending for c in ok[i]]
-        prefers = np.ones(len(flat), dtype=bool)
-        if preference is not None and flat:
-            cs = [t if role == "chosen" else items[i].chosen for i, _, role, t, _ in flat]
-            rs = [t if role == "rejected" else items[i].rejected for i, _, role, t, _ in flat]
-            margins = np.asarray(preference([items[i].prompt for i, *_ in flat], cs, rs), dtype=np.float64)
-            if margins.shape != (len(flat),):
-                raise ValueError(f"preference returned {margins.shape} margins for {len(flat)} pairs")
+        prefers = np.ones(len(ok), dtype=bool)
+        if preference is not None and ok:
+            cs = [t if role == "chosen" else items[i].chosen for i, _, role, t, _ in ok]
+            rs = [t if role == "rejected" else items[i].rejected for i, _, role, t, _ in ok]
+            margins = np.asarray(preference([items[i].prompt for i, *_ in ok], cs, rs), dtype=np.float64)
+            if margins.shape != (len(ok),):
+                raise ValueError(f"preference returned {margins.shape} margins for {len(ok)} pairs")
             prefers = margins > 0
         used = {i: len(cands[i]) for i in pending}
-        for (i, j, role, text, d), keeps in zip(flat, prefers):
-            if done[i] is not None:
+        for (i, j, role, text, d), keeps in zip(ok, prefers):
+            if done[i] is not None:  # passed everything after an earlier candidate was kept
+                audit[i][f"{role}:unused"] += 1
                 continue
             if not keeps:
                 flips[i] += 1
+                audit[i][f"{role}:label_flip"] += 1
                 continue
             c = text if role == "chosen" else items[i].chosen
             r = text if role == "rejected" else items[i].rejected
             done[i] = RefineOutcome(c, r, d, f"rewrote_{role}", 0)
+            audit[i][f"{role}:kept"] += 1
             used[i] = j + 1
         for i in pending:
             attempts[i] += used[i]
@@ -175,17 +204,33 @@ def refine_batch(
     for i, it in enumerate(items):
         kept = done[i]
         if kept is not None:
-            kept.attempts, kept.label_flips = attempts[i], flips[i]
+            kept.attempts, kept.label_flips, kept.audit = attempts[i], flips[i], dict(audit[i])
             out.append(kept)
             continue
         if harm[i]:
             status = "kept:harmful"
         elif flips[i]:
             status = "kept:label_flip"
+        elif produced[i]:
+            status = "kept:no_gain"
         else:
-            status = "kept:no_gain" if produced[i] else "kept:generation_failed"
-        out.append(RefineOutcome(it.chosen, it.rejected, it.distance, status, attempts[i], harm[i], flips[i]))
+            status = "kept:gate_rejected" if gated[i] else "kept:generation_failed"
+        out.append(
+            RefineOutcome(it.chosen, it.rejected, it.distance, status, attempts[i], harm[i], flips[i], dict(audit[i]))
+        )
     return out
+
+
+def audit_counts(outcomes: Sequence[RefineOutcome]) -> dict[str, dict[str, int]]:
+    """Every rewrite output of ``outcomes`` by operation (``rewrite-rejected``/``rewrite-chosen``)
+    and what became of it: a gate reason, ``no_gain``, ``harmful``, ``label_flip``, ``kept``,
+    ``unused`` (passed, after an earlier attempt was kept) or ``generation_failed``."""
+    by: dict[str, Counter] = {}
+    for o in outcomes:
+        for key, v in o.audit.items():
+            role, why = key.split(":", 1)
+            by.setdefault(f"rewrite-{role}", Counter())[why] += v
+    return {op: dict(c) for op, c in sorted(by.items())}
 
 
 def refine_summary(outcomes: Sequence[RefineOutcome]) -> dict:
@@ -200,4 +245,5 @@ def refine_summary(outcomes: Sequence[RefineOutcome]) -> dict:
         "by_status": {s: counts.get(s, 0) for s in STATUSES},
         "rewrite_calls": int(sum(o.attempts for o in outcomes)),
         "label_flips_rejected": int(sum(o.label_flips for o in outcomes)),
+        "audit": audit_counts(outcomes),
     }

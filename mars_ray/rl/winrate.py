@@ -175,6 +175,29 @@ def judge_requests(messages: list[dict[str, str]], first: str, second: str) -> l
     return render("judge", conversation=conversation_text(messages), response_a=first, response_b=second)
 
 
+def judge_wellformed(judge, items: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The audit rubric (``prompts/wellformed.txt``) for ``(prompt, reply)`` items with a judge of
+    :func:`make_judge`, asked twice per item with the letters swapped (well-formed = "A", then
+    = "B"): ``wellformed`` is True or False when both answers agree, None when they disagree or
+    one has no verdict (counted, never guessed; a judge biased to one letter gives None)."""
+    from mars_ray.core.judging import to_messages
+    from mars_ray.generation.prompts import render
+
+    def reqs(good: str, bad: str):
+        return [
+            render("wellformed", conversation=conversation_text(to_messages(p)), reply=r.strip(), good=good, bad=bad)
+            for p, r in items
+        ]
+
+    first, second = judge.judge(reqs("A", "B")), judge.judge(reqs("B", "A"))
+    out = []
+    for v1, v2 in zip(first, second):
+        a = {"A": True, "B": False}.get(v1.get("verdict"))
+        b = {"B": True, "A": False}.get(v2.get("verdict"))
+        out.append({"wellformed": a if a is not None and a == b else None, "first": v1, "second": v2})
+    return out
+
+
 def winrate(
     cfg: Config,
     policy_a: str,

@@ -16,10 +16,16 @@ import numpy as np
 import pyarrow as pa
 
 from mars_ray.config import Config
-from mars_ray.core.filters import clean_generation, introduced_harm, paraphrase_rejection
-from mars_ray.core.refine import RefineItem, refine_batch
+from mars_ray.core.filters import (
+    clean_generation,
+    introduced_harm,
+    judge_rewrite,
+    last_human_turn,
+    paraphrase_rejection,
+)
+from mars_ray.core.refine import RefineItem, Role, refine_batch
 from mars_ray.generation import CachedGenerator, GenParams, LazyGenerator, default_cache
-from mars_ray.generation.prompts import render
+from mars_ray.generation.prompts import load_prompt, render
 from mars_ray.stages.common import as_list, set_threads
 from mars_ray.stages.embed import Encoder
 
@@ -214,8 +220,36 @@ class RefineActor(_StatsMixin):
             else:  # deterministic rewrites: attempts are the slots of one (first - 1 + count)-output call
                 rows = [r[first - 1 :] for r in self.gen.generate(msgs, n=first - 1 + count, max_new_tokens=caps)]
             for j, row in zip(idx, rows):
-                out[j] = [clean_generation(t) or None if t is not None else None for t in row]
+                out[j] = list(row)
         return out
+
+    def _gate(self, cands: list[tuple[Role, RefineItem, str]]) -> list[tuple[str | None, str | None]]:
+        """Raw outputs -> (reply, None) or (None, reason): markers parsed strictly when the
+        template asks for them, then :func:`rewrite_rejection` with the topic similarity of each
+        reply to its conversation's last human turn (one encoder call for the batch)."""
+        verdicts = [
+            judge_rewrite(
+                raw,
+                role=role,
+                prompt=it.prompt,
+                chosen=it.chosen,
+                rejected=it.rejected,
+                template_wording=load_prompt(f"rewrite_{role}").wording,
+                min_length_ratio=self.cfg["min_length_ratio"],
+                max_length_ratio=self.cfg["max_length_ratio"],
+            )
+            for role, it, raw in cands
+        ]
+        floor = self.cfg.get("min_topic_similarity")
+        live = [k for k, (_, why) in enumerate(verdicts) if why is None]
+        if floor is not None and live:
+            sims = self.encoder.similarity(
+                [last_human_turn(cands[k][1].prompt) for k in live], [str(verdicts[k][0]) for k in live]
+            )
+            for k, sim in zip(live, sims):
+                if float(sim) < float(floor):
+                    verdicts[k] = (None, "off_topic")
+        return verdicts
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         before = self.gen.stats.as_dict()
@@ -234,6 +268,7 @@ class RefineActor(_StatsMixin):
             distance=self.encoder.distances,
             harmful=introduced_harm,
             preference=self._margins if self.scorer is not None else None,
+            gate=self._gate if self.cfg.get("gate", True) else _clean_only,
             max_rejected=self.cfg["max_attempts_rejected"],
             max_chosen=self.cfg["max_attempts_chosen"],
             schedule=refine_schedule(self.cfg),
@@ -246,8 +281,18 @@ class RefineActor(_StatsMixin):
             "refine_status": np.array([o.status for o in res], dtype=object),
             "refine_attempts": np.array([o.attempts for o in res], dtype=np.int64),
             "refine_label_flips": np.array([o.label_flips for o in res], dtype=np.int64),
+            "refine_audit": np.array([json.dumps(o.audit) for o in res], dtype=object),
             **self._stats_columns(len(res), before),
         }
+
+
+def _clean_only(cands: list[tuple[Role, RefineItem, str]]) -> list[tuple[str | None, str | None]]:
+    """``rewrite.gate false``: the cleaned output is the candidate; only a blank one is rejected."""
+    out: list[tuple[str | None, str | None]] = []
+    for _, _, raw in cands:
+        t = clean_generation(raw)
+        out.append((t, None) if t else (None, "empty"))
+    return out
 
 
 class ParaphraseActor(_StatsMixin):
