@@ -467,6 +467,11 @@ def test_pairs_that_get_budget_by_reallocation_get_the_semantic_step(
         "paraphrase.retry_rounds": "0",
         "paraphrase.topup_rounds": "1",
         "rewrite.label_check": "none",
+        # the rewrite gate rejects the tiny model's rewrites, so refinement adds no pool capacity
+        # and the shortfall must move to pairs without budget; every pair is low-distance, so
+        # every pair the budget moves to must go through the semantic step
+        "rewrite.gate": "true",
+        "semantic.threshold": "2.0",
     }
     cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
     res = run_epoch(cfg, demo_pairs, reward_ref=cfg.model.reward, epoch=1, log=lambda m: None)
