@@ -147,7 +147,8 @@ def test_every_strategy_two_epochs(ray_local, tmp_path, tiny_bert_dir, tiny_llam
         if strategy in ("uniform", "mars", "mars-nosem", "west-of-n"):  # every generated text accounted for
             for op, r in summary["audit"]["operations"].items():
                 assert r["generated"] == r["kept"] + r["unused"] + r["generation_failed"] + sum(r["rejected"].values())
-                assert r["generated"] > 0 and r["kept"] > 0, op
+                assert r["generated"] > 0, op
+            assert sum(r["kept"] for r in summary["audit"]["operations"].values()) > 0
             assert {e["operation"] for e in summary["audit"]["examples"]} == ops
         if strategy in ("uniform", "mars", "mars-nosem"):
             assert all(op.startswith(("paraphrase", "rewrite")) for op in ops)
