@@ -415,7 +415,7 @@ def run_report(run_dir: Path) -> tuple[Path, Path]:
     ]
     audits = [(ep, a) for ep, a in audits if a and a.get("operations")]
     if audits:
-        from mars_ray.core.audit import audit_markdown
+        from mars_ray.core.audit import examples_markdown, operations_markdown
 
         lines += [
             "",
@@ -425,9 +425,9 @@ def run_report(run_dir: Path) -> tuple[Path, Path]:
             "(by reason). Then random kept synthetic pairs of the last epoch beside their human pairs.",
         ]
         for ep, a in audits:
-            table = audit_markdown({"operations": a["operations"]})
+            table = operations_markdown(a["operations"])
             lines += ["", f"Epoch {ep}:", ""] + table
-        lines += [""] + audit_markdown({"operations": {}, "examples": audits[-1][1].get("examples", [])})[2:]
+        lines += [""] + examples_markdown(audits[-1][1].get("examples", []))
     images = []
     if rows:
         images.append(

@@ -75,29 +75,42 @@ def audit_examples(
     return out
 
 
-def audit_markdown(audit: dict[str, Any], width: int = 240) -> list[str]:
-    """The audit as markdown lines: the per-operation table, then the examples side by side."""
+def _cell(t: str, width: int) -> str:
+    t = " ".join(str(t).split()).replace("|", "\\|")
+    return t if len(t) <= width else t[: width - 1] + "…"
 
-    def cut(t: str) -> str:
-        t = " ".join(str(t).split()).replace("|", "\\|")
-        return t if len(t) <= width else t[: width - 1] + "…"
 
+def operations_markdown(operations: dict[str, dict[str, Any]]) -> list[str]:
+    """The per-operation table of an audit as markdown lines."""
     lines = [
         "| operation | generated | kept | passed, not needed | failed | rejected by reason |",
         "|---|---|---|---|---|---|",
     ]
-    for op, r in audit.get("operations", {}).items():
+    for op, r in operations.items():
         why = ", ".join(f"{k} {v}" for k, v in r["rejected"].items()) or "none"
         lines.append(f"| {op} | {r['generated']} | {r['kept']} | {r['unused']} | {r['generation_failed']} | {why} |")
-    ex = audit.get("examples", [])
-    if ex:
-        lines += ["", "| operation | prompt (end) | original chosen | original rejected | chosen | rejected |"]
-        lines.append("|---|---|---|---|---|---|")
-        for e in ex:
-            same_c, same_r = e["chosen"] == e["original_chosen"], e["rejected"] == e["original_rejected"]
-            lines.append(
-                f"| {e['operation']} | {cut(e['prompt'][-width:])} | {cut(e['original_chosen'])} | "
-                f"{cut(e['original_rejected'])} | {'(same)' if same_c else cut(e['chosen'])} | "
-                f"{'(same)' if same_r else cut(e['rejected'])} |"
-            )
     return lines
+
+
+def examples_markdown(examples: Sequence[dict[str, Any]], width: int = 240) -> list[str]:
+    """Kept synthetic pairs beside their human pairs, as markdown table lines ([] for none)."""
+    if not examples:
+        return []
+    lines = [
+        "| operation | prompt (end) | original chosen | original rejected | chosen | rejected |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in examples:
+        same_c, same_r = e["chosen"] == e["original_chosen"], e["rejected"] == e["original_rejected"]
+        lines.append(
+            f"| {e['operation']} | {_cell(e['prompt'][-width:], width)} | {_cell(e['original_chosen'], width)} | "
+            f"{_cell(e['original_rejected'], width)} | {'(same)' if same_c else _cell(e['chosen'], width)} | "
+            f"{'(same)' if same_r else _cell(e['rejected'], width)} |"
+        )
+    return lines
+
+
+def audit_markdown(audit: dict[str, Any], width: int = 240) -> list[str]:
+    """The audit as markdown lines: the per-operation table, then the examples side by side."""
+    ex = examples_markdown(audit.get("examples", []), width)
+    return operations_markdown(audit.get("operations", {})) + ([""] + ex if ex else [])

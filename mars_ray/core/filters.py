@@ -56,6 +56,17 @@ def is_degenerate(text: str, max_repeat_fraction: float = 0.5) -> bool:
     return top / len(words) > max_repeat_fraction
 
 
+def length_rejection(source: str, candidate: str, min_ratio: float, max_ratio: float) -> str | None:
+    """``too_short`` / ``too_long`` when ``candidate`` is outside [min_ratio, max_ratio] times the
+    character length of ``source``, else None."""
+    ratio = len(candidate) / max(len(source), 1)
+    if ratio < min_ratio:
+        return "too_short"
+    if ratio > max_ratio:
+        return "too_long"
+    return None
+
+
 def paraphrase_rejection(
     source: str,
     candidate: str,
@@ -72,11 +83,8 @@ def paraphrase_rejection(
         return "empty"
     if is_degenerate(candidate):
         return "degenerate"
-    ratio = len(candidate) / max(len(source), 1)
-    if ratio < min_length_ratio:
-        return "too_short"
-    if ratio > max_length_ratio:
-        return "too_long"
+    if why := length_rejection(source, candidate, min_length_ratio, max_length_ratio):
+        return why
     if copy_similarity(source, candidate) > max_copy_similarity:
         return "near_copy"
     if (
@@ -243,7 +251,8 @@ def rewrite_rejection(
 ) -> str | None:
     """Why ``candidate`` (already taken out of its markers) is not an acceptable rewrite of
     ``source`` (one of :data:`REWRITE_REASONS`), or None. ``context``: the conversation and both
-    given replies; ``replies``: the given replies only; ``topic_similarity``: the candidate's embedding similarity to the conversation."""
+    given replies; ``replies``: the given replies only; ``topic_similarity``: the candidate's
+    embedding similarity to the conversation."""
     if not candidate or not candidate.strip():
         return "empty"
     if echoes_template(candidate, context, ngrams, replies=replies):
@@ -252,11 +261,8 @@ def rewrite_rejection(
         return "degenerate"
     if looks_truncated(candidate, source):
         return "truncated"
-    ratio = len(candidate) / max(len(source), 1)
-    if ratio < min_length_ratio:
-        return "too_short"
-    if ratio > max_length_ratio:
-        return "too_long"
+    if why := length_rejection(source, candidate, min_length_ratio, max_length_ratio):
+        return why
     if min_topic_similarity is not None and topic_similarity is not None and topic_similarity < min_topic_similarity:
         return "off_topic"
     return None
