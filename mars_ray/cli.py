@@ -170,7 +170,7 @@ def cmd_augment(args, extra) -> int:
 
 
 def cmd_train(args, extra) -> int:
-    from mars_ray.pipeline import load_run_config, run_mars
+    from mars_ray.pipeline import end_summary, load_run_config, run_mars
 
     if args.resume:
         cfg = load_run_config(args.resume)
@@ -188,12 +188,8 @@ def cmd_train(args, extra) -> int:
         cfg.validate()
     else:
         cfg = build_config(args, extra)
-    summary = run_mars(cfg, resume=bool(args.resume))
-    final = summary.get("final", {})
-    print(
-        f"done: {summary['strategy']}, {summary['epochs']} epoch(s), val_accuracy {final.get('val_accuracy')}, "
-        f"test_accuracy {final.get('test_accuracy')}; model {summary['model']}; metrics {summary['run_dir']}/metrics.jsonl"
-    )
+    summary = run_mars(cfg, resume=bool(args.resume), base_metrics=True)
+    print("\n".join(end_summary(summary)), flush=True)
     return EXIT_OK
 
 
@@ -400,6 +396,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"
     )
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="also show Ray's, Ray Data's and transformers' own output (worker logs, load reports); "
+        "without it they stay in the Ray session's log files",
+    )
     p = argparse.ArgumentParser(
         prog="mars-ray",
         description="MARS: margin- and semantic-aware data augmentation for reward modeling, on Ray. "
@@ -545,6 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed its message
         return int(e.code or 0)
     func: Callable[..., int] = args.func
+    from mars_ray import console
+
+    if getattr(args, "verbose", None):
+        console.set_verbose(True)
+    console.quiet_libraries()
     from mars_ray.generation.base import GenerationFailed
 
     try:

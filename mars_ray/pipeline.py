@@ -51,8 +51,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mars_ray import console
 from mars_ray.config import CONFIG_FILENAME, Config
 from mars_ray.core import schema as S
+from mars_ray.train.loop import SCORES_FILE
 
 METRICS_JSONL, METRICS_CSV, SUMMARY_FILE, MANIFEST = "metrics.jsonl", "metrics.csv", "summary.json", "manifest.json"
 LOSS_WEIGHT = "loss_weight"  # per-epoch AdaBoost weights (train.parquet of that epoch only)
@@ -192,13 +194,31 @@ def _empty_pairs() -> pa.Table:
     return S.PAIR_SCHEMA.empty_table()
 
 
-def _augment(cfg: Config, originals: pa.Table, current: pa.Table, prev_model: str, epoch: int, ep: Path, log):
-    """Returns (synthetic table, per-epoch summary, AdaBoost weights for ``current`` or None)."""
+def _augment(
+    cfg: Config,
+    originals: pa.Table,
+    current: pa.Table,
+    prev_model: str,
+    epoch: int,
+    ep: Path,
+    log,
+    scores: pa.Table | None = None,
+):
+    """Returns (synthetic table, per-epoch summary, AdaBoost weights for ``current`` or None).
+    ``scores``: ``prev_model``'s margins of ``originals`` when its training run scored them."""
     strategy = cfg.mars.strategy
     if strategy in ("mars", "mars-nosem", "uniform", "none"):
         from mars_ray.augment import run_epoch, summary_markdown
 
-        res = run_epoch(cfg, originals, reward_ref=prev_model, epoch=epoch, log=log)
+        res = run_epoch(
+            cfg,
+            originals,
+            reward_ref=prev_model,
+            epoch=epoch,
+            log=log,
+            label=f"[epoch {epoch}/{cfg.mars.epochs}]",
+            margins=scores,
+        )
         _write_parquet(res.per_pair, ep / "allocation.parquet")
         (ep / "augment_summary.md").write_text(summary_markdown(res.summary), encoding="utf-8")
         return res.synthetic, res.summary, None
@@ -209,8 +229,12 @@ def _augment(cfg: Config, originals: pa.Table, current: pa.Table, prev_model: st
         from mars_ray.stages.score import score_margins
 
         t0 = time.perf_counter()
-        scored = score_margins(current, model_ref=prev_model, cfg=cfg)
-        margins = np.asarray(scored.column("margin").to_numpy(), dtype=np.float64)
+        with console.stage(
+            f"[epoch {epoch}/{cfg.mars.epochs}] score margins", total=current.num_rows, unit="pairs"
+        ) as st:
+            scored = score_margins(current, model_ref=prev_model, cfg=cfg)
+            margins = np.asarray(scored.column("margin").to_numpy(), dtype=np.float64)
+            st.done(f"margin mean {margins.mean():+.3f}, std {margins.std():.3f}")
         w = adaboost_weights(margins, cfg.mars.adaboost_beta)
         _write_parquet(
             pa.table({S.PAIR_ID: current.column(S.PAIR_ID), "margin": margins, LOSS_WEIGHT: w}),
@@ -257,11 +281,13 @@ def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, lo
         summary.update(synthetic=0, budget_unspent=0)
         return _empty_pairs(), summary
     init_ray(cfg.resources)
-    log(
-        f"[west-of-n] {int(groups.sum())} groups of {cfg.mars.west_of_n} responses over {int((groups > 0).sum())} prompts ..."
-    )
     table = pa.table({"key": [str(i) for i in uniq], "prompt": [prompts[i] for i in uniq]})
-    out = west_of_n_groups(table, cfg, reward_ref=prev_model, groups=groups, epoch=epoch)
+    with console.stage(
+        f"[epoch {epoch}/{cfg.mars.epochs}] west-of-n: {int(groups.sum())} groups of {cfg.mars.west_of_n} responses",
+        total=int((groups > 0).sum()),
+        unit="prompts",
+    ):
+        out = west_of_n_groups(table, cfg, reward_ref=prev_model, groups=groups, epoch=epoch)
     rows = []
     status = Counter(out.column("status").to_pylist())
     for r in sorted(out.to_pylist(), key=lambda r: tuple(int(x) for x in r["key"].split(":"))):
@@ -342,6 +368,7 @@ def _west_of_n_audit(cfg: Config, gen: dict[str, int], status, rows: list[dict],
 # --------------------------------------------------------------------------------------------
 
 WARMUP_FILE = "warmup.json"
+BASE_FILE = "base_metrics.json"  # data/: the test metrics of model.reward before training
 
 
 def warmup_key(cfg: Config, train_ids: list[str]) -> str:
@@ -371,10 +398,22 @@ def warmup_key(cfg: Config, train_ids: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def warmup_model(cfg: Config, run_dir: Path, train_path: Path, val_path: Path | None, log) -> dict[str, Any]:
+def warmup_model(
+    cfg: Config,
+    run_dir: Path,
+    train_path: Path,
+    val_path: Path | None,
+    log,
+    test_path: Path | None = None,
+    score: bool = False,
+) -> dict[str, Any]:
     """r^0 = ``model.reward`` trained ``mars.warmup_passes`` passes on the human training pairs,
     built once per :func:`warmup_key` under ``model.cache_dir/warmup/`` (a file lock keeps two trials
-    from building the same one) and recorded in the run directory's ``warmup.json``."""
+    from building the same one) and recorded in the run directory's ``warmup.json``.
+
+    ``test_path``: the build also scores these pairs with ``model.reward`` before its first step
+    (``info["base"]``, the test metrics of the untrained model; kept with the shared r^0).
+    ``score``: r^0's margins of the training pairs are kept with it too (``info["scores_path"]``)."""
     import fcntl
 
     from mars_ray.models.resolve import cache_root
@@ -390,25 +429,31 @@ def warmup_model(cfg: Config, run_dir: Path, train_path: Path, val_path: Path | 
         fcntl.flock(lock, fcntl.LOCK_EX)
         built = not (done / WARMUP_FILE).exists()
         if built:
-            log(
-                f"[warm-up] r0: {cfg.model.reward} trained {cfg.mars.warmup_passes} pass(es) on {len(ids)} human pairs ..."
-            )
             wcfg = Config.from_dict(cfg.to_dict(), source="warm-up")
             wcfg.train.passes = cfg.mars.warmup_passes
-            fit = fit_reward_model(
-                wcfg,
-                init_model=cfg.model.reward,
-                train_path=train_path,
-                val_path=val_path,
-                run_dir=run_dir / "ray_train",
-                name="warmup",
-                epoch=0,
-                max_failures=cfg.train.max_failures,
-            )
+            with console.stage(
+                f"[warm-up] r0: train {cfg.model.reward} {cfg.mars.warmup_passes} pass(es) on {len(ids)} human pairs"
+            ) as st:
+                fit = fit_reward_model(
+                    wcfg,
+                    init_model=cfg.model.reward,
+                    train_path=train_path,
+                    val_path=val_path,
+                    run_dir=run_dir / "ray_train",
+                    name="warmup",
+                    epoch=0,
+                    max_failures=cfg.train.max_failures,
+                    test_path=test_path,
+                    test_before=test_path is not None,
+                    score_path=train_path if score else None,
+                )
+                st.done(_fit_result(fit))
             tmp = root / f"{key}.tmp"
             if tmp.exists():
                 shutil.rmtree(tmp)
             shutil.copytree(fit["model_dir"], tmp / MODEL_DIR)
+            if fit.get("scores_path"):
+                shutil.copy2(fit["scores_path"], tmp / SCORES_FILE)
             info = {
                 "key": key,
                 "passes": cfg.mars.warmup_passes,
@@ -417,17 +462,26 @@ def warmup_model(cfg: Config, run_dir: Path, train_path: Path, val_path: Path | 
                 "seed": cfg.seed,
                 "seconds": round(time.perf_counter() - t0, 1),
                 **{k: _finite(v) for k, v in fit.items() if k.startswith("val_") or k == "train_loss"},
+                "base": _base_from_fit(fit),
             }
             _write_json(tmp / WARMUP_FILE, info)
             os.replace(tmp, done)  # complete or absent: a reader never sees half a model
         info = json.loads((done / WARMUP_FILE).read_text(encoding="utf-8"))
     info = {**info, "model_dir": str(done / MODEL_DIR), "built_by_this_run": built}
+    if (done / SCORES_FILE).exists():
+        info["scores_path"] = str(done / SCORES_FILE)
     _write_json(run_dir / WARMUP_FILE, info)
-    log(
-        f"[warm-up] r0 {'built' if built else 'shared from an earlier run'} ({done}): "
-        f"val_accuracy {_fmt(info.get('val_accuracy'))}"
-    )
+    if not built:
+        log(f"[warm-up] r0 shared from an earlier run ({done}): val accuracy {_fmt(info.get('val_accuracy'))}")
     return info
+
+
+def _fit_result(fit: dict[str, Any]) -> str:
+    """A training stage's result for its console line."""
+    parts = [f"train loss {_fmt(fit.get('train_loss'))}"]
+    if fit.get("val_accuracy") is not None:
+        parts.append(f"val accuracy {_fmt(fit.get('val_accuracy'))}")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,40 +536,22 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    cols = (
-        "epoch",
-        "train_pairs",
-        "synthetic",
-        "val_accuracy",
-        "val_snr",
-        "test_accuracy",
-        "train_loss",
-        "augment_s",
-        "train_s",
-    )
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
-
-
 def run_mars(
     cfg: Config,
     *,
     resume: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = console.say,
     _fault: dict | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    base_metrics: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) ``cfg.mars.epochs`` epochs of ``cfg.mars.strategy`` into ``cfg.output.dir``.
 
     ``on_epoch`` is called with each epoch's metrics row once that epoch is finished (also for
     epochs a resumed run finds done), e.g. to report to Ray Tune.
+
+    ``base_metrics``: also score the test split with ``model.reward`` as it is (the "before" of
+    the run's end summary, ``summary["base"]``; one more scoring pass).
 
     ``_fault`` is for recovery tests only: a worker fault to inject (see
     :func:`mars_ray.train.loop.train_loop_per_worker`).
@@ -540,12 +576,32 @@ def run_mars(
     originals = splits["train"]
     val_path = run_dir / "data" / "val.parquet" if splits["val"].num_rows else None
     init_ray(cfg.resources)
+    _say_new_head(cfg, log)
+    test_path = run_dir / "data" / "test.parquet" if splits["test"].num_rows else None
+    base_path = run_dir / "data" / BASE_FILE
+    base = json.loads(base_path.read_text(encoding="utf-8")) if base_metrics and base_path.exists() else None
+    # The "before": scored by the first training run of this run, before its first step.
+    want_base = base_metrics and base is None and test_path is not None
 
     prev_model, current = cfg.model.reward, originals
+    # The next epoch's margins of the original pairs, scored by the training run of r^t.
+    score_in_training = cfg.mars.margins_in_training and cfg.mars.strategy in ("mars", "mars-nosem")
+    prev_scores: str | None = None
     warm = None
     if cfg.mars.warmup_passes > 0:
-        warm = warmup_model(cfg, run_dir, run_dir / "data" / "train.parquet", val_path, log)
+        warm = warmup_model(
+            cfg,
+            run_dir,
+            run_dir / "data" / "train.parquet",
+            val_path,
+            log,
+            test_path=test_path if want_base else None,
+            score=score_in_training,
+        )
         prev_model = warm["model_dir"]
+        prev_scores = warm.get("scores_path")
+        if want_base:
+            base = warm.get("base")
     rows: list[dict[str, Any]] = []
     T = cfg.mars.epochs
     for t in range(1, T + 1):
@@ -555,15 +611,18 @@ def run_mars(
             man = json.loads(man_path.read_text(encoding="utf-8"))
             rows.append(man["metrics"])
             prev_model = man["model_dir"]
+            prev_scores = man.get("scores_path")
             current = pq.read_table(ep / "train.parquet").select(S.PAIR_SCHEMA.names)
             log(f"[epoch {t}/{T}] done earlier: val_accuracy {_fmt(man['metrics'].get('val_accuracy'))} (resumed)")
             if on_epoch is not None:
                 on_epoch(man["metrics"])
             continue
         ep.mkdir(parents=True, exist_ok=True)
-        log(f"[epoch {t}/{T}] {cfg.mars.strategy}: augment with {'the base model' if t == 1 else f'r{t - 1}'} ...")
+        scorer = f"r{t - 1}" if t > 1 else ("r0 (warm-up)" if warm else "the base model")
+        log(f"[epoch {t}/{T}] {cfg.mars.strategy}: augment {originals.num_rows} pairs, margins from {scorer}")
         t0 = time.perf_counter()
-        syn, aug_summary, weights = _augment(cfg, originals, current, prev_model, t, ep, log)
+        scores = pq.read_table(prev_scores) if prev_scores and Path(prev_scores).exists() else None
+        syn, aug_summary, weights = _augment(cfg, originals, current, prev_model, t, ep, log, scores)
         augment_s = time.perf_counter() - t0
         _write_parquet(syn, ep / "synthetic.parquet")
         _write_json(ep / "augment_summary.json", aug_summary)
@@ -571,23 +630,31 @@ def run_mars(
         to_train = grown.append_column(LOSS_WEIGHT, pa.array(weights, pa.float64())) if weights is not None else grown
         _write_parquet(to_train, ep / "train.parquet")
 
-        log(f"[epoch {t}/{T}] train on {grown.num_rows} pairs ({syn.num_rows} new) ...")
         t0 = time.perf_counter()
-        fit = fit_reward_model(
-            cfg,
-            init_model=prev_model,
-            train_path=ep / "train.parquet",
-            val_path=val_path,
-            run_dir=run_dir / "ray_train",
-            name=f"epoch_{t:03d}",
-            weights_column=LOSS_WEIGHT if weights is not None else None,
-            epoch=t,
-            max_failures=cfg.train.max_failures,
-            _fault=_fault,
-        )
+        with console.stage(f"[epoch {t}/{T}] train on {grown.num_rows} pairs ({syn.num_rows} new)") as st:
+            fit = fit_reward_model(
+                cfg,
+                init_model=prev_model,
+                train_path=ep / "train.parquet",
+                val_path=val_path,
+                run_dir=run_dir / "ray_train",
+                name=f"epoch_{t:03d}",
+                weights_column=LOSS_WEIGHT if weights is not None else None,
+                epoch=t,
+                max_failures=cfg.train.max_failures,
+                _fault=_fault,
+                test_path=test_path,
+                test_before=want_base and base is None and t == 1 and warm is None,
+                score_path=run_dir / "data" / "train.parquet" if score_in_training and t < T else None,
+            )
+            st.done(_fit_result(fit) + f", test accuracy {_fmt(fit.get('test_accuracy'))}")
+        if want_base and base is None:
+            base = _base_from_fit(fit)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        test = _test_metrics(cfg, splits["test"], fit["model_dir"])
+        test = {k: v for k, v in fit.items() if k.startswith("test_")}
+        if test_path is not None and "test_accuracy" not in test:  # e.g. a restart that reported its last checkpoint
+            test = _test_metrics(cfg, splits["test"], fit["model_dir"])
         eval_s = time.perf_counter() - t0
         row = {
             "epoch": t,
@@ -611,10 +678,14 @@ def run_mars(
             "eval_s": round(eval_s, 2),
         }
         rows.append(row)
+        if want_base and base is not None:  # kept for a resumed run
+            _write_json(base_path, base)
+            want_base = False
         manifest = {
             "epoch": t,
             "model_dir": fit["model_dir"],
             "checkpoint_dir": fit["checkpoint_dir"],
+            "scores_path": fit.get("scores_path"),
             "init_model": prev_model,
             "train_file": str(ep / "train.parquet"),
             "train_pairs": grown.num_rows,
@@ -625,14 +696,17 @@ def run_mars(
         write_metrics(run_dir, rows)
         _write_json(man_path, manifest)  # last: the epoch is done
         log(
-            f"[epoch {t}/{T}] val_accuracy {_fmt(row.get('val_accuracy'))}, val_snr {_fmt(row.get('val_snr'))}, "
-            f"test_accuracy {_fmt(row.get('test_accuracy'))} (augment {augment_s:.0f}s, train {train_s:.0f}s)"
+            f"[epoch {t}/{T}] done: val accuracy {_fmt(row.get('val_accuracy'))}, val SNR {_fmt(row.get('val_snr'))}, "
+            f"test accuracy {_fmt(row.get('test_accuracy'))} (augment {augment_s:.0f}s, train {train_s:.0f}s)"
         )
-        prev_model, current = fit["model_dir"], grown
+        prev_model, current, prev_scores = fit["model_dir"], grown, fit.get("scores_path")
         if on_epoch is not None:
             on_epoch(row)
 
     write_metrics(run_dir, rows)
+    if want_base:  # not scored by a training run (resumed epochs, a shared r0): score it now
+        base = base or _base_metrics(cfg, splits["test"])
+        _write_json(base_path, base)
     final = run_dir / MODEL_DIR
     tmp = run_dir / (MODEL_DIR + ".tmp")
     if tmp.exists():
@@ -650,6 +724,7 @@ def run_mars(
         "seconds": round(time.perf_counter() - t_run, 1),
         "config_hash": cfg.hash(),
         "warmup": warm,
+        "base": base,
     }
     _write_json(
         run_dir / SUMMARY_FILE,
@@ -664,6 +739,93 @@ def run_mars(
         run_report(run_dir)
     except Exception as e:  # a report must never cost a finished run
         log(f"report not written: {type(e).__name__}: {e}")
-    log(summary_table(rows))
-    log(f"final reward model: {final}; report {run_dir / 'report.html'}")
     return summary
+
+
+def _say_new_head(cfg: Config, log: Callable[[str], None]) -> None:
+    """transformers' "newly initialized" notice, once per run and in our words."""
+    from mars_ray.models.resolve import has_reward_head
+
+    try:
+        head = has_reward_head(cfg.model.reward, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline)
+    except Exception:  # resolution problems are reported where the model is loaded
+        return
+    if not head:
+        log(
+            f"[model] {cfg.model.reward} has no reward head: a new linear head (seed {cfg.seed}) is added, "
+            "so its scores are noise until training fits it"
+        )
+
+
+def _base_from_fit(fit: dict[str, Any]) -> dict[str, Any] | None:
+    """``base_test_*`` metrics of a training run as ``test_*`` (None when it did not score them)."""
+    base = {"test_" + k.removeprefix("base_test_"): _finite(v) for k, v in fit.items() if k.startswith("base_test_")}
+    return base or None
+
+
+def _base_metrics(cfg: Config, test: pa.Table) -> dict[str, Any]:
+    """Test metrics of ``model.reward`` before any training, with a scoring pool."""
+    with console.stage(f"[base] test {cfg.model.reward} before training", total=test.num_rows, unit="pairs") as st:
+        base = _test_metrics(cfg, test, cfg.model.reward)
+        st.done(f"accuracy {_fmt(base.get('test_accuracy'))}, SNR {_fmt(base.get('test_snr'))}")
+    return base
+
+
+def end_summary(summary: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> list[str]:
+    """At most 10 lines for the end of `mars-ray train`: what improved, the allocation, where the
+    model, report and plots are, and the command that serves the model."""
+    run_dir = Path(summary["run_dir"])
+    final = summary.get("final") or {}
+    base = summary.get("base") or {}
+    warm = summary.get("warmup") or {}
+    n_syn = final.get("synthetic_total", 0)
+    lines = [
+        f"done in {_duration(summary.get('seconds'))}: {summary['strategy']}, {summary['epochs']} epoch(s), "
+        f"{final.get('original_pairs', '?')} human + {n_syn} synthetic training pairs"
+    ]
+
+    def before_after(metric: str) -> str:
+        b, a = base.get(f"test_{metric}"), final.get(f"test_{metric}")
+        return f"{_fmt(b)} -> {_fmt(a)}" if b is not None else f"{_fmt(a)}"
+
+    if final.get("test_accuracy") is not None:
+        held = final.get("test_n") or ""
+        lines.append(
+            f"  test accuracy  {before_after('accuracy')}   (base model -> final"
+            + (f", {held} held-out pairs)" if held else ")")
+        )
+        lines.append(f"  test SNR       {before_after('snr')}")
+    loss = final.get("train_loss")
+    if loss is not None:
+        lines.append(f"  train loss     {_fmt(loss)} in the last epoch (ln 2 = 0.693: no better than a coin)")
+    diag = _last_allocation(run_dir, summary.get("epochs", 0))
+    if diag:
+        lines.append(
+            f"  allocation     effective sample size {diag['ess_ratio']:.2f} x N (1 = uniform); the lowest-margin "
+            f"10% of pairs held {diag['q_share_lowest_decile']:.0%} of the budget weight (epoch {diag['epoch']})"
+        )
+    if warm:
+        lines[0] += f"; r0 warmed up {warm.get('passes')} pass(es)"
+    lines += [
+        f"  model          {summary['model']}",
+        f"  report         {run_dir / 'report.html'} (plots: {run_dir}/*.png)",
+        f"  serve it       mars-ray serve --model {run_dir}",
+    ]
+    return lines[:10]
+
+
+def _last_allocation(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    for t in range(int(epochs), 0, -1):
+        path = epoch_dir(run_dir, t) / "augment_summary.json"
+        if path.exists():
+            d = json.loads(path.read_text(encoding="utf-8")).get("diagnostics") or {}
+            if d.get("ess_ratio") is not None and d.get("q_share_lowest_decile") is not None:
+                return {**d, "epoch": t}
+    return None
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s} s" if m else f"{s} s"

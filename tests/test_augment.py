@@ -37,6 +37,9 @@ def tiny_cfg(tmp_path, bert, llama, **over) -> Config:
         "data.val_fraction": "0",
         "data.test_fraction": "0",
         "mars.budget": "30",
+        # the allocation regime these tests were written for (fresh score head, raw margins)
+        "mars.warmup_passes": "0",
+        "mars.margin_scale": "raw",
         "resources.actors": "1",
         "resources.cpus_per_actor": "1",
         "resources.batch_size": "16",
@@ -292,6 +295,7 @@ def test_real_epoch_on_real_pairs(ray_local, tmp_path):
             "data.test_fraction": "0",
             "mars.budget": "16",
             "mars.tau": "50",
+            "mars.margin_scale": "raw",
             "semantic.enabled": "true",  # the built-in rewriter, through the rewrite gate
             "rewrite.max_attempts_rejected": "1",
             "rewrite.max_attempts_chosen": "1",

@@ -631,6 +631,7 @@ def _tiny_overrides(bert: Path, llama: Path, cache: Path) -> dict[str, str]:
         "mars.strategy": "mars",
         "mars.epochs": "1",
         "mars.budget": "12",
+        "mars.warmup_passes": "0",
         "train.batch_size": "4",
         "train.lr": "1e-3",
         "train.lora_r": "4",
@@ -708,7 +709,7 @@ def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert
     logs = job.stdout + job.stderr
     assert job.returncode == 0, logs[-4000:]
     assert client.get_job_status(sid) == JobStatus.SUCCEEDED
-    assert "done: mars, 1 epoch(s)" in job.stdout
+    assert ": mars, 1 epoch(s)" in job.stdout and "serve it       mars-ray serve --model" in job.stdout
 
     # The run directory is complete.
     cfg = Config.load(run / "config.yaml")

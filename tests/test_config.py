@@ -24,7 +24,7 @@ def test_defaults_validate_and_have_the_documented_keys():
         "tune.space",
     ):
         assert k in keys()
-    assert cfg.mars.tau == 0.5 and cfg.train.lr == 2e-5
+    assert cfg.mars.tau == 0.5 and cfg.train.lr == 5e-4
     assert cfg.data.max_prompt_tokens == 512 and cfg.data.max_response_tokens == 192
 
 

@@ -308,17 +308,31 @@ def test_worker_fault_mid_epoch_recovers_from_checkpoint(ray_local, tmp_path, ti
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_embedded_default_end_to_end(ray_local, tmp_path):
+def test_embedded_default_end_to_end(ray_local, tmp_path, capsys):
     """`mars-ray train` with only an output directory: MARS on builtin:demo with builtin:minilm and
-    builtin:smollm2, on local Ray (the README's main command)."""
+    builtin:smollm2, on local Ray (the README's main command). The model learns, the allocation
+    is not uniform, and the run ends with a summary of at most 10 lines."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from mars_ray.cli import main
     from mars_ray.pipeline import read_metrics
 
     out = tmp_path / "demo"
+    capsys.readouterr()
     assert main(["train", "--output.dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    tail = printed[printed.rindex("done in ") :].strip().splitlines()
+    assert len(tail) <= 10 and f"mars-ray serve --model {out}" in tail[-1], tail
+    assert any(line.strip().startswith("test accuracy") and "->" in line for line in tail), tail
     rows = read_metrics(out)
+    cfg = Config.load(out / "config.yaml")
+    summary = json.loads((out / "summary.json").read_text())
+    # it learns: the base model's fresh head is a coin flip, the final model is not
+    assert summary["base"]["test_accuracy"] < 0.7 and rows[-1]["test_accuracy"] >= 0.8, (summary["base"], rows[-1])
+    assert rows[-1]["train_loss"] < 0.45
+    for t in range(1, cfg.mars.epochs + 1):
+        d = json.loads((out / "epochs" / f"{t:03d}" / "augment_summary.json").read_text())["diagnostics"]
+        assert d["ess_ratio"] < 0.9 and d["q_share_lowest_decile"] > 0.15, (t, d)
     cfg = Config.load(out / "config.yaml")
     assert cfg.mars.strategy == "mars" and cfg.model.reward == "builtin:minilm"
     assert [r["epoch"] for r in rows] == list(range(1, cfg.mars.epochs + 1))

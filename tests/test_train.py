@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 # Ray Train V2 polls worker health every second by default; faster polls shorten every fit().
@@ -305,6 +306,20 @@ def test_local_fit_learns_and_saves_plain_hf_folder(tiny_bert_dir, data_files, t
         run_dir=tmp_path,
         name="local",
         weights_column="weight",
+        test_path=val_path,  # the held-out pairs again: test_* must equal val_*
+        test_before=True,
+        score_path=train_path,
+    )
+    assert m["test_margin_mean"] == pytest.approx(m["val_margin_mean"], abs=1e-6) and m["test_n"] == m["val_n"]
+    assert m["base_test_n"] == m["val_n"] and m["base_test_accuracy"] < m["test_accuracy"]
+    # the trained model's rewards of the training pairs, in the checkpoint: the next epoch's margins
+    scores = pq.read_table(m["scores_path"])
+    assert Path(m["scores_path"]).parent == Path(m["checkpoint_dir"])
+    assert scores.column("pair_id").to_pylist() == pq.read_table(train_path).column("pair_id").to_pylist()
+    np.testing.assert_allclose(
+        scores.column("margin").to_numpy(),
+        scores.column("reward_chosen").to_numpy() - scores.column("reward_rejected").to_numpy(),
+        atol=1e-6,
     )
     hist = m["train_loss_history"]
     assert m["steps"] == 3 * 8 and len(hist) == 24

@@ -125,6 +125,7 @@ def allocation_diagnostics(
     - ``max_budget``: max bᵢ; ``pairs_with_budget``;
     - ``budget_share_misranked``: share of the budget on pairs with Δ < 0 (None without margins);
     - ``budget_share_lowest_decile``: share on the 10% lowest-margin pairs (None without margins);
+    - ``q_share_lowest_decile``: the allocation's mass on those pairs (0.1: uniform; None without margins);
     - ``margin_mean`` / ``margin_std`` (None without margins).
     """
     q = np.asarray(q, dtype=np.float64)
@@ -136,6 +137,7 @@ def allocation_diagnostics(
         "pairs_with_budget": int((b > 0).sum()),
         "budget_share_misranked": None,
         "budget_share_lowest_decile": None,
+        "q_share_lowest_decile": None,
         "margin_mean": None,
         "margin_std": None,
     }
@@ -146,6 +148,7 @@ def allocation_diagnostics(
         out.update(
             budget_share_misranked=float(b[m < 0].sum() / total) if total else 0.0,
             budget_share_lowest_decile=float(b[lowest].sum() / total) if total else 0.0,
+            q_share_lowest_decile=float(q[lowest].sum() / q.sum()) if q.sum() > 0 else 0.0,
             margin_mean=float(m.mean()),
             margin_std=float(m.std()),
         )

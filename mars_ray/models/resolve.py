@@ -310,6 +310,22 @@ def resolve_model(ref: str, *, cache_dir: str | None = None, offline: bool | Non
     return ResolvedModel(ref=ref, path=ref, kind="hub", model_id=ref)
 
 
+def has_reward_head(ref: str, *, cache_dir: str | None = None, offline: bool | None = None) -> bool:
+    """Whether ``ref`` is already a scalar reward model (a sequence-classification checkpoint with
+    one label), judged from its ``config.json`` without loading weights. A backbone (BERT, a chat
+    LM) gets a fresh score head when it is loaded as a reward model."""
+    import json
+
+    resolved = resolve_model(ref, cache_dir=cache_dir, offline=offline)
+    cfg_path = pathlib.Path(resolved.path) / "config.json"
+    if not cfg_path.is_file():
+        return False
+    conf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    archs = conf.get("architectures") or []
+    labels = conf.get("num_labels", len(conf.get("id2label") or {}) or None)
+    return any(str(a).endswith("ForSequenceClassification") for a in archs) and labels in (1, None)
+
+
 def _cached_snapshot(repo_id: str, hub_cache: pathlib.Path) -> pathlib.Path | None:
     """The snapshot directory of ``repo_id`` (revision ``main``) in the HF cache, or None. No network."""
     if not (hub_cache / ("models--" + repo_id.replace("/", "--"))).is_dir():

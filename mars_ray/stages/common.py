@@ -65,11 +65,13 @@ def map_with_actors(
             chunk = table.slice(i, batch_size)
             batch = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
             parts.append(pa.table(actor(batch)))
+            _advance(chunk.num_rows)
         parts = [t for t in parts if t.num_rows]
         return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
 
     import ray.data
 
+    wait_for_cpus(actor_cpus(resources))
     # One block per batch, so the pool can hand batches to all its actors (a single block goes to
     # one actor, whatever the pool size); the batches are the same slices as in-process.
     blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)] or [table]
@@ -83,15 +85,44 @@ def map_with_actors(
         num_cpus=actor_cpus(resources),
         num_gpus=resources.gpus_per_actor,
     )
-    return _collect(out)
+    return collect_blocks(out)
 
 
-def _collect(ds) -> pa.Table:
+def _advance(rows: int) -> None:
+    from mars_ray import console
+
+    st = console.current()
+    if st is not None:
+        st.advance(rows)
+
+
+def collect_blocks(ds) -> pa.Table:
+    """Every output block of ``ds``, streamed: the console's current stage advances as blocks
+    finish (the stages map rows one to one, so output rows count input rows done)."""
+    tables = []
+    for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if t.num_rows:
+            tables.append(t)
+            _advance(t.num_rows)
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+
+def wait_for_cpus(need: float, timeout_s: float = 30.0) -> None:
+    """Wait until ``need`` CPUs are free before a stage starts its actor pool.
+
+    The previous stage's actors, or a finished Ray Train worker group, release their CPUs a few
+    seconds after their work returns; a pool started in that window is queued behind them (and Ray
+    Data warns that the cluster has no free CPUs). When the CPUs stay taken (another job, a
+    cluster still scaling up) the stage starts anyway and Ray schedules it when they free."""
+    import time
+
     import ray
 
-    tables = ray.get(ds.to_arrow_refs())
-    tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+    if need <= 0 or float(ray.cluster_resources().get("CPU", 0.0)) < need:
+        return
+    deadline = time.monotonic() + timeout_s
+    while float(ray.available_resources().get("CPU", 0.0)) < need and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def as_list(col: Any) -> list:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
-from mars_ray.stages.common import actor_cpus, actor_threads
+from mars_ray.stages.common import actor_cpus, actor_threads, collect_blocks, wait_for_cpus
 
 REWARD_CHOSEN = "reward_chosen"
 REWARD_REJECTED = "reward_rejected"
@@ -186,6 +186,7 @@ def score_margins(table: pa.Table, *, model_ref: str, cfg: Config) -> pa.Table:
     bs = int(res.batch_size)
     blocks = [sorted_table.slice(i, bs) for i in range(0, n, bs)]
     threads = actor_threads(res) if res.gpus_per_actor == 0 else None
+    wait_for_cpus(actor_cpus(res))
     ds = ray.data.from_arrow(blocks).map_batches(
         ScoreActor,
         fn_constructor_kwargs=actor_kwargs(model_ref, cfg, num_threads=threads),
@@ -195,8 +196,8 @@ def score_margins(table: pa.Table, *, model_ref: str, cfg: Config) -> pa.Table:
         num_gpus=res.gpus_per_actor,
         batch_format="numpy",
     )
-    parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    return _finish(parts, n)
+    out = collect_blocks(ds)
+    return _finish([out] if out.num_rows else [], n)
 
 
 def score_margins_local(table: pa.Table, *, model_ref: str, cfg: Config, actor: ScoreActor | None = None) -> pa.Table:

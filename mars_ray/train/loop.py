@@ -49,6 +49,7 @@ __all__ = [
 
 MODEL_SUBDIR = "model"
 TRAIN_STATE = "train_state.pt"
+SCORES_FILE = "scores.parquet"  # the trained model's rewards of score_path (the next epoch's margins)
 
 # LoRA targets per architecture (config.model_type); anything else falls back to peft's table.
 _LORA_TARGETS = {
@@ -245,6 +246,8 @@ def train_loop_per_worker(config: dict) -> dict:
     extra = [config.get("weights_column"), config.get("margin_column") if t.margin_term else None]
     train = _read_pairs(config["train_path"], [c for c in extra if c])
     val = _read_pairs(config["val_path"], []) if config.get("val_path") else None
+    test = _read_pairs(config["test_path"], []) if config.get("test_path") else None
+    to_score = _read_pairs(config["score_path"], [S.PAIR_ID]) if config.get("score_path") else None
     n_train = len(train[S.PROMPT])
     if n_train == 0:
         raise ValueError(f"{config['train_path']}: no training pairs")
@@ -323,6 +326,13 @@ def train_loop_per_worker(config: dict) -> dict:
             dsc.stage if dsc.enabled else None,
         )
         return metrics
+    evaluate = (bt_loss, pair_metrics, score_pairs)
+    # The model as loaded, on the test pairs: the "before" of a run (a fresh start only).
+    before = (
+        _validate(ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="base_test")
+        if test is not None and config.get("test_before") and state is None
+        else {}
+    )
     prev_local: Path | None = None
     for p in range(passes_done, t.passes):
         if step >= total_steps:
@@ -371,11 +381,16 @@ def train_loop_per_worker(config: dict) -> dict:
         last = passes_done >= t.passes or step >= total_steps
         metrics = _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed)
         if last and val is not None:
+            metrics.update(_validate(ckpt_model, tokenizer, val, lim, cfg, rank, world, distributed, *evaluate))
+        if last and test is not None:
             metrics.update(
-                _validate(
-                    ckpt_model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss, pair_metrics, score_pairs
-                )
+                _validate(ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="test")
             )
+        metrics.update(before)
+        scores = None
+        if last and to_score is not None:
+            rc, rr = _score_sharded(ckpt_model, tokenizer, to_score, lim, cfg, rank, world, distributed, score_pairs)
+            scores = {S.PAIR_ID: to_score[S.PAIR_ID], "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr}
         d = _report(
             metrics,
             ckpt_model,
@@ -387,6 +402,7 @@ def train_loop_per_worker(config: dict) -> dict:
             rank,
             config.get("local", False),
             dsc.stage if dsc.enabled else None,
+            scores=scores,
         )
         if config.get("local") and prev_local is not None:
             shutil.rmtree(prev_local, ignore_errors=True)  # superseded in-process checkpoint
@@ -431,15 +447,33 @@ def _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, wo
     }
 
 
-def _validate(model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss, pair_metrics, score_pairs) -> dict:
-    """Validation rewards, sharded by rank (equal-size shards), gathered to every rank."""
+def _validate(
+    model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss, pair_metrics, score_pairs, prefix: str = "val"
+) -> dict:
+    """Held-out metrics (validation, or test under ``prefix``) from :func:`_score_sharded`."""
+    import torch
+
+    n = len(val[S.PROMPT])
+    t0 = time.perf_counter()
+    rc, rr, tokens = _score_sharded(
+        model, tokenizer, val, lim, cfg, rank, world, distributed, score_pairs, with_tokens=True
+    )
+    elapsed = time.perf_counter() - t0
+    out = {f"{prefix}_{k}": v for k, v in pair_metrics(rc, rr).items()}
+    out[f"{prefix}_loss"] = float(bt_loss(torch.from_numpy(rc), torch.from_numpy(rr))) if n else float("nan")
+    out[f"{prefix}_tokens_per_s"] = tokens / elapsed if elapsed > 0 else float("nan")
+    return out
+
+
+def _score_sharded(model, tokenizer, val, lim, cfg, rank, world, distributed, score_pairs, with_tokens=False):
+    """Rewards of every pair of ``val``, sharded by rank (equal-size shards), gathered to every rank:
+    ``(r_chosen, r_rejected)`` in input order (and the token count with ``with_tokens``)."""
     import torch
 
     n = len(val[S.PROMPT])
     mine = _shard(np.arange(n), rank, world) if n else np.arange(0)
     was_training = model.training
     model.eval()
-    t0 = time.perf_counter()
     rc, rr = score_pairs(
         model,
         tokenizer,
@@ -449,38 +483,38 @@ def _validate(model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss
         batch_size=2 * cfg.train.batch_size,
         **lim,
     )
-    elapsed = time.perf_counter() - t0
     if was_training:
         model.train()
-    from mars_ray.models.reward import encode_preferences
+    tokens = 0
+    if with_tokens:
+        from mars_ray.models.reward import encode_preferences
 
-    ec, er = encode_preferences(
-        tokenizer,
-        [val[S.PROMPT][i] for i in mine],
-        [val[S.CHOSEN][i] for i in mine],
-        [val[S.REJECTED][i] for i in mine],
-        **lim,
-    )
-    tokens = int(ec.lengths.sum() + er.lengths.sum())
+        ec, er = encode_preferences(
+            tokenizer,
+            [val[S.PROMPT][i] for i in mine],
+            [val[S.CHOSEN][i] for i in mine],
+            [val[S.REJECTED][i] for i in mine],
+            **lim,
+        )
+        tokens = int(ec.lengths.sum() + er.lengths.sum())
     if distributed and world > 1:
         parts: list = [None] * world
-        torch.distributed.all_gather_object(parts, (mine, rc, rr, tokens, elapsed))
+        torch.distributed.all_gather_object(parts, (mine, rc, rr, tokens))
         full_c = np.empty(n, dtype=np.float32)
         full_r = np.empty(n, dtype=np.float32)
-        for idx, c, r, _, _ in parts:
+        for idx, c, r, _ in parts:
             full_c[idx], full_r[idx] = c, r
         tokens = sum(x[3] for x in parts)
-        elapsed = max(x[4] for x in parts)
         rc, rr = full_c, full_r
-    out = {f"val_{k}": v for k, v in pair_metrics(rc, rr).items()}
-    out["val_loss"] = float(bt_loss(torch.from_numpy(rc), torch.from_numpy(rr))) if n else float("nan")
-    out["val_tokens_per_s"] = tokens / elapsed if elapsed > 0 else float("nan")
-    return out
+    return (rc, rr, tokens) if with_tokens else (rc, rr)
 
 
-def _report(metrics, model, tokenizer, optimizer, losses, passes_done, step, rank, local, ds_stage) -> Path | None:
+def _report(
+    metrics, model, tokenizer, optimizer, losses, passes_done, step, rank, local, ds_stage, scores=None
+) -> Path | None:
     """Rank 0 writes and reports the checkpoint (others report metrics only); returns the local
-    directory when it still exists (in-process runs), else None."""
+    directory when it still exists (in-process runs), else None. ``scores`` (columns) goes into the
+    checkpoint as :data:`SCORES_FILE`."""
     import ray.train
     import torch
 
@@ -500,6 +534,11 @@ def _report(metrics, model, tokenizer, optimizer, losses, passes_done, step, ran
     d = Path(tempfile.mkdtemp(prefix="mars_ray_ckpt_"))
     plain.save_pretrained(d / MODEL_SUBDIR)
     tokenizer.save_pretrained(d / MODEL_SUBDIR)
+    if scores is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(scores), d / SCORES_FILE)
     torch.save(
         {
             "trainable": trainable,
@@ -533,6 +572,9 @@ def fit_reward_model(
     val_path: str | os.PathLike | None,
     run_dir: str | os.PathLike,
     name: str,
+    test_path: str | os.PathLike | None = None,
+    test_before: bool = False,
+    score_path: str | os.PathLike | None = None,
     weights_column: str | None = None,
     margin_column: str | None = None,
     epoch: int = 1,
@@ -541,6 +583,13 @@ def fit_reward_model(
 ) -> dict:
     """Train a reward model with Ray Train; returns the final metrics plus ``model_dir`` (a plain
     HF folder, LoRA merged) and ``checkpoint_dir``.
+
+    ``test_path``: also score these pairs with the final model (``test_*`` metrics, as
+    ``mars_ray.pipeline`` computes them; it saves a scoring pool per epoch); ``test_before``: and
+    with the model as loaded, before any step (``base_test_*``; a fresh start only).
+    ``score_path``: the trained model's rewards of these pairs go into the checkpoint
+    (``scores_path`` in the result: pair_id, reward_chosen, reward_rejected, margin), the next MARS
+    epoch's margins without another model load.
 
     ``train.num_workers=0`` runs the loop in this process (no workers; tests). Re-running with the
     same ``run_dir`` / ``name`` resumes from the latest checkpoint (Ray Train's behaviour).
@@ -575,6 +624,9 @@ def fit_reward_model(
         "init_model": str(init_model),
         "train_path": str(Path(train_path).resolve()),
         "val_path": str(Path(val_path).resolve()) if val_path else None,
+        "test_path": str(Path(test_path).resolve()) if test_path else None,
+        "test_before": bool(test_before),
+        "score_path": str(Path(score_path).resolve()) if score_path else None,
         "weights_column": weights_column,
         "margin_column": margin_column,
         "epoch": int(epoch),
@@ -615,4 +667,6 @@ def fit_reward_model(
     metrics = dict(result.metrics or {})
     metrics["checkpoint_dir"] = str(ckpt_dir)
     metrics["model_dir"] = str(ckpt_dir / MODEL_SUBDIR)
+    if score_path and (ckpt_dir / SCORES_FILE).exists():
+        metrics["scores_path"] = str(ckpt_dir / SCORES_FILE)
     return metrics
