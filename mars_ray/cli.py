@@ -316,7 +316,10 @@ def _tune_config(args, extra) -> Config:
         cfg = Config.load(path)
         cfg.output.dir = str(Path(args.resume))
         return cfg
+    from mars_ray.experiments import check_trainable_in_tune
+
     cfg = build_config(args, extra)
+    check_trainable_in_tune(cfg, args.command)  # before anything is written
     out = Path(cfg.output.dir)
     if (out / "experiment_config.yaml").exists() and not cfg.output.overwrite:
         raise UsageError(

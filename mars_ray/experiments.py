@@ -223,6 +223,16 @@ def trial_rows(root: Path) -> list[dict[str, Any]]:
 COMPARE_METRICS = ("test_accuracy", "test_snr", "val_accuracy", "val_snr")
 
 
+def check_trainable_in_tune(cfg: Config, command: str) -> None:
+    """Each trial trains with Ray Train inside a Ray Tune trial; its local mode (no workers) cannot
+    run there (``ray.train.get_context`` is refused inside a Tune function)."""
+    if cfg.train.num_workers == 0:
+        raise ValueError(
+            f"train.num_workers=0 trains in the calling process, which `mars-ray {command}` cannot do inside its "
+            "Ray Tune trials; use train.num_workers 1 (or more)"
+        )
+
+
 def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Strategies x seeds on the same data, subset and budget; a table of mean ± std per metric per
     strategy, paired differences vs ``uniform`` and ``none`` (paired t-test across seeds with its
@@ -232,6 +242,7 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
 
     from mars_ray.pipeline import STRATEGIES
 
+    check_trainable_in_tune(cfg, "compare")
     bad = [s for s in cfg.compare.strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"compare.strategies: unknown {bad}; choose from {', '.join(STRATEGIES)}")
@@ -440,6 +451,7 @@ def sweep(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = pr
     resolved config, which ``mars-ray train --config`` runs as is."""
     from ray import tune
 
+    check_trainable_in_tune(cfg, "sweep")
     if not cfg.tune.space and not restore:
         raise ValueError("tune.space is empty: give the values to try, e.g. --tune.space '{\"mars.tau\": [0.1, 1.0]}'")
     root = Path(cfg.output.dir)

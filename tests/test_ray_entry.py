@@ -126,3 +126,35 @@ def test_state_api_noise_filter_drops_only_the_cleaner_poll_message():
     assert logger.filter(
         record("Detected that the Ray Train controller actor (abc) is dead. Cleaning up placement group")
     )
+
+
+def test_a_stage_waits_for_the_cpus_a_finished_stage_still_holds(ray_local):
+    """wait_for_cpus: returns as soon as the CPUs are free; while an actor holds them it waits up to
+    its timeout and then lets the stage start anyway (Ray schedules it when they free)."""
+    import time
+
+    from mars_ray.stages.common import wait_for_cpus
+
+    ray = ray_local
+    t0 = time.monotonic()
+    wait_for_cpus(1.0, timeout_s=5.0)
+    assert time.monotonic() - t0 < 1.0  # free: no wait
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ping(self):
+            return 1
+
+    holder = Holder.remote()
+    ray.get(holder.ping.remote())
+    t0 = time.monotonic()
+    wait_for_cpus(1.0, timeout_s=1.0)
+    waited = time.monotonic() - t0
+    assert 0.9 <= waited < 3.0, waited
+    ray.kill(holder)
+    t0 = time.monotonic()
+    wait_for_cpus(1.0, timeout_s=10.0)  # released by the kill within a few seconds
+    assert time.monotonic() - t0 < 8.0
+    t0 = time.monotonic()
+    wait_for_cpus(64.0, timeout_s=10.0)  # more than the cluster has: waiting could never help
+    assert time.monotonic() - t0 < 1.0

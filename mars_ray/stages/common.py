@@ -107,7 +107,7 @@ def collect_blocks(ds) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
 
-def wait_for_cpus(need: float, timeout_s: float = 30.0) -> None:
+def wait_for_cpus(need: float, timeout_s: float = 10.0) -> None:
     """Wait until ``need`` CPUs are free before a stage starts its actor pool.
 
     The previous stage's actors, or a finished Ray Train worker group, release their CPUs a few
