@@ -144,12 +144,12 @@ def _run_epoch(
     # pairs are picked in order of q: the reserve, the shortfall moves and the top-up rounds.
     tiebreak = rng.permutation(n)
     per_pair.update(q=q, budget=b)
+    diagnostics = allocation_diagnostics(q, b, margins if strategy != "uniform" else None)
     if strategy != "uniform":
-        d = allocation_diagnostics(q, b, margins)
         log(
             f"{_EPOCH_LABEL.get()} allocation of {cfg.mars.budget} synthetic pairs: effective sample size "
-            f"{d['ess_ratio']:.2f} x N (1 = uniform); the lowest-margin 10% of pairs hold "
-            f"{d['q_share_lowest_decile']:.0%} of q"
+            f"{diagnostics['ess_ratio']:.2f} x N (1 = uniform); the lowest-margin 10% of pairs hold "
+            f"{diagnostics['q_share_lowest_decile']:.0%} of q"
         )
 
     # 3-4. Semantic labels and refinement of low-distance pairs that may receive budget: those
@@ -241,7 +241,7 @@ def _run_epoch(
         operations=dict(Counter(r[S.OPERATION] for r in rows)),
         allocation=_allocation_summary(margins if strategy != "uniform" else None, q, b),
         diagnostics={
-            **allocation_diagnostics(q, b, margins if strategy != "uniform" else None),
+            **diagnostics,
             "gate_pass_rate": _gate_pass_rate(para),
         },
         generation=dict(gen_stats),

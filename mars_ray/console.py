@@ -177,12 +177,6 @@ class Stage:
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
 
-    def set_total(self, total: int) -> None:
-        self.total = int(total)
-        if self._bar is not None:
-            self._bar.total = self.total
-            self._bar.refresh()
-
     def advance(self, n: int = 1) -> None:
         if self.total is not None:
             n = max(0, min(int(n), self.total - self.count))

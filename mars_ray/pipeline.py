@@ -551,7 +551,8 @@ def run_mars(
     epochs a resumed run finds done), e.g. to report to Ray Tune.
 
     ``base_metrics``: also score the test split with ``model.reward`` as it is (the "before" of
-    the run's end summary, ``summary["base"]``; one more scoring pass).
+    the run's end summary, ``summary["base"]``), inside the first training run before its first
+    step; a scoring pool only when no training run of this call could (resumed epochs, a shared r0).
 
     ``_fault`` is for recovery tests only: a worker fault to inject (see
     :func:`mars_ray.train.loop.train_loop_per_worker`).
@@ -771,7 +772,7 @@ def _base_metrics(cfg: Config, test: pa.Table) -> dict[str, Any]:
     return base
 
 
-def end_summary(summary: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> list[str]:
+def end_summary(summary: dict[str, Any]) -> list[str]:
     """At most 10 lines for the end of `mars-ray train`: what improved, the allocation, where the
     model, report and plots are, and the command that serves the model."""
     run_dir = Path(summary["run_dir"])
@@ -811,7 +812,7 @@ def end_summary(summary: dict[str, Any], rows: list[dict[str, Any]] | None = Non
         f"  report         {run_dir / 'report.html'} (plots: {run_dir}/*.png)",
         f"  serve it       mars-ray serve --model {run_dir}",
     ]
-    return lines[:10]
+    return lines
 
 
 def _last_allocation(run_dir: Path, epochs: int) -> dict[str, Any] | None:
