@@ -286,7 +286,17 @@ def align_loop_per_worker(config: dict) -> None:
         resume_dir = ckpt.to_directory()  # a local copy that outlives the call
         resume = os.path.join(resume_dir, RayTrainReportCallback.CHECKPOINT_NAME)
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    done = _checkpoint_step(resume) >= r.steps if resume else False
+    if done:
+        # The run had finished its steps before it was stopped. transformers' loop checks
+        # max_steps only after a step, so train() from this checkpoint would take one more
+        # (at learning rate 0): load its weights and state instead.
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - t0
     info: dict[str, Any] = {
         "train_s": train_s,
@@ -318,6 +328,15 @@ def align_loop_per_worker(config: dict) -> None:
         os.replace(tmp, policy)
         (out / "worker_info.json").write_text(json.dumps(info, indent=2) + "\n")
     ray.train.report({"done": 1.0, "global_step": float(trainer.state.global_step)})
+
+
+def _checkpoint_step(checkpoint_dir: str) -> int:
+    """The optimisation step a transformers checkpoint was written at (0 if it does not say)."""
+    path = Path(checkpoint_dir) / "trainer_state.json"
+    try:
+        return int(json.loads(path.read_text()).get("global_step", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 # ------------------------------------------------------------------------------ the driver
