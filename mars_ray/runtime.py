@@ -26,6 +26,13 @@ _FORWARDED_ENV = (
 )
 
 
+# Settings of the private local Ray only (a cluster keeps its own). Ray Train's controller polls
+# its workers every 2 s by default, and a fit's start and end each wait for a poll: at 0.5 s an
+# empty one-worker fit took ~2 s less here (13 -> 11 s on 2 cores), and a run has one fit per
+# epoch plus the warm-up. Polling four times faster costs nothing measurable with a few workers.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def worker_env() -> dict[str, str]:
     from mars_ray import console
 
@@ -59,6 +66,8 @@ def init_ray(cfg: ResourcesConfig, **kwargs: Any):
         else:
             # No dashboard: it costs ~1 GB of RSS here (measured: 1.7 vs 0.7 GB for a bare local Ray).
             runtime_env["worker_process_setup_hook"] = "mars_ray.runtime.quiet_state_api_pollers"
+            for k, v in LOCAL_RAY_ENV.items():
+                runtime_env["env_vars"].setdefault(k, os.environ.get(k, v))
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
     console.quiet_ray_data()
     return ray.get_runtime_context()

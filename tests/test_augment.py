@@ -258,7 +258,8 @@ def test_augment_command_writes_outputs_and_rerun_hits_cache(
     s1 = json.loads((out1 / "augment_summary.json").read_text())
     assert s1["generation"]["paraphrase_generated"] > 0
     assert (out1 / "augment_summary.md").read_text().startswith("# MARS augmentation, epoch 2")
-    assert main(["augment", *args, f"--output.dir={out2}", "--augment.epoch=2"]) == 0
+    # the rerun in this process (sized down: cache keys do not depend on Ray Data)
+    assert main(["augment", *args, f"--output.dir={out2}", "--augment.epoch=2", "--resources.in_process=true"]) == 0
     s2 = json.loads((out2 / "augment_summary.json").read_text())
     assert (
         s2["generation"]["paraphrase_generated"] == 0
@@ -283,7 +284,8 @@ def _flat(cfg: Config):
 def test_real_epoch_on_real_pairs(ray_local, tmp_path):
     """builtin:minilm scores and embeds, builtin:smollm2 rewrites and paraphrases: 48 real
     PKU-SafeRLHF pairs, a budget of 8 (generation cost follows the budget, not the pair count).
-    Sized down for the suite's time (was 64 pairs, a budget of 16, 80 new tokens)."""
+    Sized down for the suite's time (was 64 pairs, a budget of 16, 80 new tokens, 2 beams, Ray Data
+    actor pools): the stages run in this process (the actor-pool path is tested with tiny models)."""
     from conftest import PKU, shared_file
 
     from mars_ray.augment import run_epoch
@@ -301,11 +303,10 @@ def test_real_epoch_on_real_pairs(ray_local, tmp_path):
             "rewrite.max_attempts_rejected": "1",
             "rewrite.max_attempts_chosen": "1",
             "rewrite.max_new_tokens": "40",
-            "paraphrase.max_new_tokens": "64",
-            "paraphrase.num_beams": "2",
+            "paraphrase.max_new_tokens": "48",
+            "paraphrase.num_beams": "1",
             "paraphrase.topup_rounds": "3",
-            "resources.actors": "1",
-            "resources.cpus_per_actor": "2",
+            "resources.in_process": "true",
             "model.cache_dir": str(tmp_path / "cache"),
         }
     )
@@ -370,6 +371,9 @@ def test_epoch_through_openai_endpoint_survives_429_500_and_timeouts(
             "paraphrase.max_retries": "2",
             "paraphrase.concurrency": "2",
             "data.max_pairs": "16",
+            # the stages in this process (sized down): what is tested is the client against the
+            # server's faults; the actor-pool path is test_epoch_on_local_ray_spends_budget_with_lineage
+            "resources.in_process": "true",
         }
         cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
         pairs = demo_pairs.slice(0, 16)
@@ -446,6 +450,7 @@ def test_an_endpoint_that_always_fails_fails_the_epoch(ray_local, tmp_path, tiny
                 "paraphrase.max_retries": "0",
                 "paraphrase.api_key_env": "MARS_RAY_TEST_WRONG_KEY_ENV",
                 "data.max_pairs": "8",
+                "resources.in_process": "true",  # sized down: the failure is the endpoint's, not Ray's
             }
             cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
             with pytest.raises(Exception, match=match):

@@ -67,7 +67,8 @@ def test_another_run_seed_makes_no_new_generations(ray_local, tmp_path, tiny_ber
 def test_a_built_bank_serves_every_strategy_and_seed(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
     """`bank build` once; then uniform and mars-nosem at another seed each, two epochs' worth of
     demand, generate nothing; mars generates nothing for its rewrites (the label check happens at
-    use). Sized down: 3 runs after the build (was 5: both strategies at both seeds)."""
+    use). Sized down: 3 runs after the build (was 5: both strategies at both seeds), and the
+    second build in this process."""
     from mars_ray.augment import run_epoch
     from mars_ray.bank import build_bank, inspect_bank
 
@@ -80,7 +81,9 @@ def test_a_built_bank_serves_every_strategy_and_seed(ray_local, tmp_path, tiny_b
     assert manifest["paraphrase"]["generated"] > 0 and manifest["rewrite"]["pairs"] > 0
     info = inspect_bank(cfg.model.cache_dir)
     assert info["entries"] >= manifest["paraphrase"]["generated"] and len(info["builds"]) == 1
-    again = build_bank(cfg, pairs, log=lambda m: None)  # a second build is all hits
+    # a second build is all hits (in this process, sized down: the keys do not depend on Ray Data)
+    local = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **base, **{"resources.in_process": "true"})
+    again = build_bank(local, pairs, log=lambda m: None)
     assert again["paraphrase"]["generated"] == 0 and again["rewrite"]["generated"] == 0
 
     outs = {}

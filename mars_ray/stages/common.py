@@ -44,6 +44,13 @@ def local_actor(actor_cls: type, kwargs: dict[str, Any]) -> Any:
     return _LOCAL_ACTORS[key]
 
 
+def clear_local_actors() -> int:
+    """Drop every in-process actor (and the models it holds); returns how many there were."""
+    n = len(_LOCAL_ACTORS)
+    _LOCAL_ACTORS.clear()
+    return n
+
+
 def map_with_actors(
     table: pa.Table, actor_cls: type, kwargs: dict[str, Any], *, resources, batch_size: int
 ) -> pa.Table:
