@@ -12,6 +12,10 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 RUN_DIR     ?= runs/demo
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; each module runs whole on one of them, with its own local Ray).
+# Two on 2 cores: about half of a serial run's time the CPUs wait (Ray start-up, actor
+# scheduling, subprocesses), and the other process fills it. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test test-fast lint format bench clean
 
@@ -37,7 +41,8 @@ run: install
 	RAY_AUTH_MODE=disabled $(BIN)/mars-ray train --output.dir $(RUN_DIR) --output.overwrite true
 
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25 \
+	  -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 lint: install
 	# ruff (lint + format check) on the package, tests and benchmarks; mypy on the pure layers (pyproject.toml)
@@ -50,7 +55,7 @@ format: install
 	$(BIN)/ruff format mars_ray tests benchmarks
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not ray and not slow" -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 bench: install
 	# Each prints a table of ratios against a baseline measured in the same run, with peak memory.

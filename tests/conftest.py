@@ -16,6 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The test Ray (``ray_local``) and the CLI's private Ray in subprocesses: what `mars-ray` sets.
+from mars_ray.runtime import LOCAL_RAY_ENV  # noqa: E402
+
+for _k, _v in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_k, _v)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes share the cores: OpenMP threads that spin while they wait would take
+    # them from the other process (inherited by the Ray workers and CLI subprocesses it starts).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def shared_file(name: str) -> Path:
@@ -48,6 +57,35 @@ def write_jsonl(path: Path, rows) -> Path:
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
     return path
+
+
+# Modules with the longest tests, started first: under `pytest -n 2 --dist loadscope` (make test)
+# each module runs whole on one worker, in collection order, so the long ones must not be left
+# for the end, where one worker would run them while the other waits. Measured module times
+# under -n 2 on 2 cores: pipeline ~250 s, align ~250 s, cluster jobs ~110 s, experiments ~115 s.
+LONGEST_MODULES = (
+    "test_pipeline.py",
+    "test_align.py",
+    "test_experiments.py",
+    "test_clusters_jobs.py",
+    "test_augment.py",
+    "test_train.py",
+    "test_serve.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
+
+
+@pytest.fixture(autouse=True)
+def _drop_in_process_actors():
+    """A test's in-process stage actors (``resources.in_process``) and their models go with it."""
+    yield
+    from mars_ray.stages.common import clear_local_actors
+
+    clear_local_actors()
 
 
 @pytest.fixture(scope="session")
