@@ -42,7 +42,7 @@ from mars_ray.core.allocation import (
     split_counts,
 )
 from mars_ray.core.audit import audit_examples, audit_markdown, audit_operations
-from mars_ray.core.pairs import fit_budgets, pool_capacity, sample_pool, synthetic_rows
+from mars_ray.core.pairs import draw_synthetic_pairs, fit_budgets, pool_capacity
 from mars_ray.core.semantic import semantic_labels
 
 AUGMENTING = ("mars", "mars-nosem", "uniform")
@@ -215,21 +215,22 @@ def _run_epoch(
     prompts = pairs.column(S.PROMPT).to_pylist()
     subsets = pairs.column(S.SUBSET).to_pylist()
     refined_by = f"rewrite={cfg.rewrite.model};paraphrase={cfg.paraphrase.model}"
-    rows: list[dict] = []
-    for i in np.flatnonzero(b_fit):
-        draws = sample_pool(len(kept_c[i]), len(kept_r[i]), int(b_fit[i]), rng, refined=bool(refined[i]))
-        rows += synthetic_rows(
-            source_pair_id=ids[i],
-            prompt=prompts[i],
-            chosen_variants=[chosen[i], *kept_c[i]],
-            rejected_variants=[rejected[i], *kept_r[i]],
-            draws=draws,
-            epoch=epoch,
-            generator=refined_by if refined[i] else cfg.paraphrase.model,
-            weight=float(q[i]),
-            refined=bool(refined[i]),
-            subset=subsets[i],
-        )
+    rows = draw_synthetic_pairs(
+        pair_ids=ids,
+        prompts=prompts,
+        subsets=subsets,
+        chosen=chosen,
+        rejected=rejected,
+        kept_chosen=kept_c,
+        kept_rejected=kept_r,
+        budgets=b_fit,
+        refined=refined,
+        q=q,
+        seed=cfg.seed,
+        epoch=epoch,
+        generator=cfg.paraphrase.model,
+        refined_generator=refined_by,
+    )
     para["reserve_used"] = int(((b_fit > 0) & (reserve > 0)).sum())
     if sem.ref:
         summary["refine"] = sem.ref

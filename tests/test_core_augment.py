@@ -391,3 +391,48 @@ def test_allocation_diagnostics():
     assert d["budget_share_misranked"] == pytest.approx(0.5) and d["budget_share_lowest_decile"] == pytest.approx(0.5)
     assert d["max_budget"] == 4 and d["pairs_with_budget"] == 3
     assert d["margin_mean"] == pytest.approx(0.0) and d["margin_std"] == pytest.approx(m.std())
+
+
+def _draw(kept_c, kept_r, budgets, *, order=None, seed=0):
+    from mars_ray.core.pairs import draw_synthetic_pairs
+
+    n = len(budgets)
+    order = list(range(n)) if order is None else order
+    ids = [f"pair{i}" for i in range(n)]
+    rows = draw_synthetic_pairs(
+        pair_ids=[ids[i] for i in order],
+        prompts=[f"q{i}" for i in order],
+        subsets=[None] * n,
+        chosen=[f"c{i}" for i in order],
+        rejected=[f"r{i}" for i in order],
+        kept_chosen=[kept_c[i] for i in order],
+        kept_rejected=[kept_r[i] for i in order],
+        budgets=np.array([budgets[i] for i in order]),
+        refined=np.zeros(n, dtype=bool),
+        q=np.full(n, 1 / n),
+        seed=seed,
+        epoch=1,
+        generator="g",
+        refined_generator="g+r",
+    )
+    by_pair: dict[str, list] = {}
+    for r in rows:
+        by_pair.setdefault(r["source_pair_id"], []).append((r["chosen"], r["rejected"]))
+    return by_pair
+
+
+def test_a_pairs_draws_do_not_depend_on_other_pools_or_the_order():
+    """Pair 0's pool one paraphrase short (a gate verdict that went the other way in another run)
+    changes pair 0's synthetic pairs only; the table's order changes nothing. With one random
+    stream for the epoch, every pair after pair 0 would draw differently."""
+    n = 12
+    kept_c = [[f"c{i}-p{k}" for k in range(3)] for i in range(n)]
+    kept_r = [[f"r{i}-p{k}" for k in range(3)] for i in range(n)]
+    budgets = [5] * n
+    base = _draw(kept_c, kept_r, budgets)
+    assert sum(len(v) for v in base.values()) == 5 * n
+    short = _draw([kept_c[0][:2], *kept_c[1:]], kept_r, budgets)
+    assert all(short[f"pair{i}"] == base[f"pair{i}"] for i in range(1, n))
+    assert _draw(kept_c, kept_r, budgets, order=list(reversed(range(n)))) == base
+    other_seed = _draw(kept_c, kept_r, budgets, seed=1)
+    assert other_seed != base and all(len(other_seed[k]) == 5 for k in base)

@@ -10,6 +10,7 @@ the pools can hold it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,60 @@ def sample_pool(n_chosen: int, n_rejected: int, k: int, rng: np.random.Generator
         return []
     flat = rng.choice(cap, size=k, replace=False) + first
     return [Draw(int(f // cols), int(f % cols)) for f in np.sort(flat)]
+
+
+def pool_rng(seed: int, epoch: int, pair_id: str) -> np.random.Generator:
+    """The random stream of one pair's pool draws in one epoch, keyed by the pair's content id.
+
+    One stream per pair, not one for the epoch: a pool that came out another size (a paraphrase
+    that failed the gate in one run and passed in another) changes that pair's draws only, not
+    those of every pair after it, and a pair's draws do not depend on the table's order.
+    """
+    key = int.from_bytes(hashlib.blake2b(pair_id.encode("utf-8"), digest_size=8).digest(), "little")
+    return np.random.default_rng([int(seed), int(epoch), key])
+
+
+def draw_synthetic_pairs(
+    *,
+    pair_ids: Sequence[str],
+    prompts: Sequence[str],
+    subsets: Sequence[str | None],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    kept_chosen: Sequence[Sequence[str]],
+    kept_rejected: Sequence[Sequence[str]],
+    budgets: np.ndarray,
+    refined: np.ndarray,
+    q: np.ndarray,
+    seed: int,
+    epoch: int,
+    generator: str,
+    refined_generator: str,
+) -> list[dict]:
+    """PAIR_SCHEMA rows: ``budgets[i]`` draws from pair i's pool (its, possibly refined, responses
+    and their kept paraphrases), each pair with its own :func:`pool_rng` stream."""
+    rows: list[dict] = []
+    for i in (int(j) for j in np.flatnonzero(np.asarray(budgets))):
+        draws = sample_pool(
+            len(kept_chosen[i]),
+            len(kept_rejected[i]),
+            int(budgets[i]),
+            pool_rng(seed, epoch, pair_ids[i]),
+            refined=bool(refined[i]),
+        )
+        rows += synthetic_rows(
+            source_pair_id=pair_ids[i],
+            prompt=prompts[i],
+            chosen_variants=[chosen[i], *kept_chosen[i]],
+            rejected_variants=[rejected[i], *kept_rejected[i]],
+            draws=draws,
+            epoch=epoch,
+            generator=refined_generator if refined[i] else generator,
+            weight=float(q[i]),
+            refined=bool(refined[i]),
+            subset=subsets[i],
+        )
+    return rows
 
 
 def operation_name(draw: Draw, refined: bool) -> str:
