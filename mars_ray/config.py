@@ -556,6 +556,10 @@ class ResourcesConfig:
     # Run the data stages in the driver process, one actor object per stage reused across epochs,
     # instead of Ray Data actor pools (tiny data and debugging: no actor start-up).
     in_process: bool = False
+    # In-process stage actors kept for reuse (least recently used dropped first, with the models
+    # they hold): a West-of-N run or a paraphrase top-up round builds one with other arguments
+    # every epoch or round, which would otherwise all stay in memory.
+    in_process_keep: int = 2
     # CPUs (and torch threads) per stage actor; null: reserve 1, use the cluster's CPUs / actors as
     # threads (max 8).
     cpus_per_actor: float | None = None
@@ -1026,6 +1030,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"serve.port={cfg.serve.port} must be in 1..65535")
     if cfg.resources.actors < 1:
         p.append("resources.actors must be >= 1")
+    if cfg.resources.in_process_keep < 1:
+        p.append(f"resources.in_process_keep={cfg.resources.in_process_keep} must be >= 1 (the actor in use)")
     if cfg.resources.batch_size < 1:
         p.append("resources.batch_size must be >= 1")
     if cfg.tune.space:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -30,17 +31,26 @@ def actor_threads(resources) -> int:
     return max(1, int(round(auto_cpus(resources.cpus_per_actor, resources.actors))))
 
 
-_LOCAL_ACTORS: dict[str, Any] = {}
+_LOCAL_ACTORS: OrderedDict[str, Any] = OrderedDict()
 
 
-def local_actor(actor_cls: type, kwargs: dict[str, Any]) -> Any:
+def local_actor(actor_cls: type, kwargs: dict[str, Any], *, keep: int = 2) -> Any:
     """``actor_cls(**kwargs)`` built once per process and reused (``resources.in_process``): later
-    epochs and stages with the same constructor arguments skip the model load."""
+    epochs and stages with the same constructor arguments skip the model load. At most ``keep``
+    actors stay (``resources.in_process_keep``): the least recently used ones, and the models they
+    hold, are dropped before a new one is built."""
+    import gc
     import json
 
     key = actor_cls.__qualname__ + json.dumps(kwargs, sort_keys=True, default=str)
-    if key not in _LOCAL_ACTORS:
-        _LOCAL_ACTORS[key] = actor_cls(**kwargs)
+    if key in _LOCAL_ACTORS:
+        _LOCAL_ACTORS.move_to_end(key)
+        return _LOCAL_ACTORS[key]
+    if len(_LOCAL_ACTORS) >= max(1, keep):
+        while len(_LOCAL_ACTORS) >= max(1, keep):
+            _LOCAL_ACTORS.popitem(last=False)
+        gc.collect()  # the dropped models' tensors, before the new actor loads its own
+    _LOCAL_ACTORS[key] = actor_cls(**kwargs)
     return _LOCAL_ACTORS[key]
 
 
@@ -66,6 +76,7 @@ def map_with_actors(
             {k: v for k, v in kwargs.items() if k != "num_threads"} | {"num_threads": None}
             if "num_threads" in kwargs
             else kwargs,
+            keep=int(getattr(resources, "in_process_keep", 2)),
         )
         parts = []
         for i in range(0, table.num_rows, batch_size):
