@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -19,8 +20,8 @@ class _Model:
 
 
 class CountingActor:
-    built: list[int] = []
-    models: list[weakref.ref] = []
+    built: ClassVar[list[int]] = []
+    models: ClassVar[list[weakref.ref]] = []
 
     def __init__(self, *, scale: int, num_threads=None):
         self.scale = scale
