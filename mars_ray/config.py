@@ -350,6 +350,9 @@ class ServeConfig:
     request_timeout_s: float | None = 60.0
     # Bearer token read from this environment variable (null: no auth). Never logged or echoed.
     auth_token_env: str | None = None
+    # Serving on an address other machines can reach (not loopback) without a token is refused
+    # unless this is true (a trusted network, or TLS and auth in a proxy in front).
+    allow_unauthenticated: bool = False
     # Request limits: characters per text, items per request, bytes per request body.
     max_text_chars: int = 20000
     max_batch_items: int = 256

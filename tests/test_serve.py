@@ -171,7 +171,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rewards(served, d
         t.join(60)
     for i, (ps, rs) in enumerate(reqs):
         close(out[i], direct(ps, rs))
-    health = requests.get(served["url"] + "/health", timeout=10).json()
+    health = requests.get(served["url"] + "/health", headers=served["auth"], timeout=10).json()
     assert 1 < health["counters"]["largest_batch"] <= 8, health["counters"]
 
 
@@ -236,7 +236,11 @@ def test_openrlhf_get_reward_schema(served, direct):
 
 
 def test_health_reports_model_and_config_hash(served, tiny_bert_dir):
-    h = requests.get(served["url"] + "/health", timeout=10).json()  # no token needed
+    # without the token (or with a wrong one): only that the app is up
+    for hdr in ({}, {"Authorization": "Bearer wrong"}):
+        r = requests.get(served["url"] + "/health", headers=hdr, timeout=10)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+    h = requests.get(served["url"] + "/health", headers=served["auth"], timeout=10).json()
     assert h["status"] == "ok" and h["model_id"] == str(tiny_bert_dir)
     assert h["config_hash"] == served["cfg"].hash() and h["normalized"] is False and h["auth"] is True
     assert TOKEN not in json.dumps(h)
@@ -277,7 +281,7 @@ def test_bad_compare_and_get_reward(served):
 
 def test_replica_survives_bad_and_oversized_requests(served, direct):
     url, auth = served["url"], served["auth"]
-    pid = requests.get(url + "/health", timeout=10).json()["pid"]
+    pid = requests.get(url + "/health", headers=auth, timeout=10).json()["pid"]
     junk = [
         b"\x00\xff" * 1000,
         b'{"prompts": [' + b"[" * 5000 + b"]}",
@@ -306,7 +310,7 @@ def test_replica_survives_bad_and_oversized_requests(served, direct):
         assert results[i].status_code == 200
         close(results[i].json()["rewards"], direct(prompts[i : i + 1], chosen[i : i + 1]))
         assert results[100 + i].status_code == 422
-    h = requests.get(url + "/health", timeout=10).json()
+    h = requests.get(url + "/health", headers=auth, timeout=10).json()
     assert h["pid"] == pid and h["counters"]["failed"] == 0
 
 

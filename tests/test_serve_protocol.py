@@ -263,6 +263,21 @@ def test_serve_command_fails_early_without_ray(capsys, tmp_path):
     assert "no recorded reward statistics" in capsys.readouterr().err
     assert main(["serve", "--model", "builtin:minilm", "--serve.auth_token_env", "MARS_UNSET_VAR_XYZ"]) == 1
     assert "MARS_UNSET_VAR_XYZ is unset" in capsys.readouterr().err
+    # every interface and no token: refused before Ray starts, with what to do
+    assert main(["serve", "--model", "builtin:minilm", "--serve.host", "0.0.0.0"]) == 1
+    assert "no token is set" in capsys.readouterr().err
+
+
+def test_only_loopback_serves_without_a_token():
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
+        assert P.is_loopback(host), host
+        P.check_exposure(host, None, False)
+    for host in ("0.0.0.0", "::", "10.1.2.3", "rm.example.internal", ""):
+        assert not P.is_loopback(host), host
+        with pytest.raises(ValueError, match=r"serve.auth_token_env .*127.0.0.1.*allow_unauthenticated true"):
+            P.check_exposure(host, None, False)
+        P.check_exposure(host, "a-token", False)  # a token: fine
+        P.check_exposure(host, None, True)  # opted in
 
 
 # ------------------------------------------------------------------------------ client retries

@@ -447,3 +447,32 @@ def test_disable_dropout_makes_training_forwards_deterministic(tiny_bert_dir, ti
     for m in attn:
         m.attention_dropout = 0.3
     assert disable_dropout(llama) >= len(attn) and all(m.attention_dropout == 0.0 for m in attn)
+
+
+def test_train_state_loads_with_weights_only_and_rng_round_trips(tmp_path):
+    """The checkpoint's training state holds tensors and plain values only (read with
+    weights_only=True); numpy's RNG state survives the round trip; anything else is refused."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from mars_ray.train.loop import _plain, _rng_state, _set_rng_state, load_train_state
+
+    np.random.seed(3)
+    random.seed(3)
+    state = {
+        "trainable": {"w": torch.ones(2)},
+        "optimizer": torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=False).state_dict(),
+        "rng": _rng_state(),
+        "metrics": _plain({"val_accuracy": np.float64(0.5), "hist": np.arange(3.0), "n": np.int64(4)}),
+    }
+    expected = (np.random.rand(), random.random())
+    torch.save(state, tmp_path / "state.pt")
+    back = load_train_state(tmp_path / "state.pt")
+    assert back["metrics"] == {"val_accuracy": 0.5, "hist": [0.0, 1.0, 2.0], "n": 4}
+    _set_rng_state(back["rng"])
+    assert (np.random.rand(), random.random()) == expected
+    torch.save({"rng": np.random.get_state()}, tmp_path / "old.pt")  # a pickled ndarray: refused
+    with pytest.raises(ValueError, match="older mars_ray cannot be resumed"):
+        load_train_state(tmp_path / "old.pt")

@@ -37,7 +37,9 @@ index), bodies are read with a byte cap (``serve.max_request_bytes``, checked ag
 ``Content-Length`` first), texts and lists are capped, and any unexpected error becomes a 500 JSON
 answer without request content; nothing a client sends can raise out of a route. The optional
 bearer token (``serve.auth_token_env``) is compared in constant time and is never logged, echoed or
-shown in reprs. ``GET /health`` needs no token and reveals no secret.
+shown in reprs. ``GET /health`` without the token says only that the app is up; with it (or on a
+server without one) it adds the model, run directory, process and counters. A non-loopback
+``serve.host`` without a token is refused unless ``serve.allow_unauthenticated``.
 """
 
 import asyncio
@@ -276,7 +278,11 @@ class RewardServer:
         return await self._http(request, self._get_reward_body)
 
     @api.get("/health")
-    async def http_health(self):
+    async def http_health(self, request: Request):
+        # Whether the app is up, for anyone (load balancers, probes); the model, run directory,
+        # process and counters only with the token when the server has one.
+        if not P.bearer_ok(request.headers.get("authorization"), self._token.get()):
+            return JSONResponse({"status": "ok"})
         return JSONResponse(await self.health())
 
 
@@ -336,7 +342,9 @@ def build_app(cfg: Any, model: str | None = None):
         raise ValueError("invalid serve configuration:\n  - " + "\n  - ".join(problems))
     target = P.resolve_target(model or cfg.model.reward)
     normalizer = P.make_normalizer(s, target.run_dir)
-    token = P.Secret(P.read_token(s.auth_token_env))
+    raw_token = P.read_token(s.auth_token_env)
+    P.check_exposure(s.host, raw_token, bool(s.allow_unauthenticated))
+    token = P.Secret(raw_token)
     limits = P.Limits.from_config(s)
     spec = {
         "load": target.load,

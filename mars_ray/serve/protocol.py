@@ -13,7 +13,8 @@ text at most ``serve.max_text_chars`` characters):
 - ``POST /get_reward`` (OpenRLHF's remote reward-model schema): ``{"query": [str],
   "prompts": [str] | null, "labels": any}`` -> ``{"rewards": [float], "scores": [float], "extra_logs": {...}}``
   (``scores`` repeats ``rewards``, as OpenRLHF's own server does)
-- ``GET /health`` -> ``{"status": "ok", "model_id", "config_hash", "normalized", ...}``
+- ``GET /health`` -> ``{"status": "ok"}``; with the token (or without auth) also ``"model_id",
+  "config_hash", "normalized", ...``
 
 ``/compare``: ``margin = r(prompt, chosen) - r(prompt, rejected)`` on the model's raw scale and
 ``probability = sigmoid(margin)``, the Bradley-Terry probability that ``chosen`` is preferred; with
@@ -298,6 +299,33 @@ def read_token(env_name: str | None) -> str | None:
             f"export {env_name}=<a long random secret>, or set serve.auth_token_env null for no auth"
         )
     return value.strip()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    h = host.strip().strip("[]")
+    if h.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:  # a host name other than localhost, or a wildcard: other machines may reach it
+        return False
+
+
+def check_exposure(host: str, token: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to serve on an address other machines can reach without a bearer token.
+
+    Raises:
+        ValueError: ``host`` is not loopback, no token is set and ``allow_unauthenticated`` is false.
+    """
+    if token is None and not allow_unauthenticated and not is_loopback(host):
+        raise ValueError(
+            f"serve.host={host} accepts connections from other machines, but no token is set: set "
+            "serve.auth_token_env to the name of an environment variable holding a bearer token, bind to "
+            "127.0.0.1, or set serve.allow_unauthenticated true on a trusted network"
+        )
 
 
 class Secret:

@@ -136,15 +136,54 @@ def _trainable_state(model: Any) -> dict[str, Any]:
 def _rng_state() -> dict[str, Any]:
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as plain values (no pickled ndarray), so the checkpoint loads with weights_only
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays as Python numbers and lists (JSON round trip)."""
+    import json
+
+    def conv(x: Any) -> Any:
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+        if isinstance(x, np.generic):
+            return x.item()
+        raise TypeError(f"{type(x).__name__} is not a plain value")
+
+    return json.loads(json.dumps(value, default=conv))
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's training state, unpickled with ``weights_only`` (tensors and plain values
+    only: a checkpoint on shared storage cannot run code when it is read).
+
+    Raises:
+        ValueError: the file holds anything else (e.g. written by a mars_ray before this check).
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: the checkpoint holds objects other than tensors and plain values, so it is not "
+            f"loaded (weights_only; {str(exc).splitlines()[0]}). A checkpoint written by an older "
+            "mars_ray cannot be resumed: start the run again"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +274,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if (Path(d) / TRAIN_STATE).exists():
-                state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=False)
+                state = load_train_state(Path(d) / TRAIN_STATE)
     if state is not None:
         missing = set(state["trainable"]) - {n for n, _ in model.named_parameters()}
         if missing:
@@ -546,9 +585,10 @@ def _report(
             "rng": _rng_state(),
             "passes_done": passes_done,
             "step": step,
-            # the history averaged over workers (what was reported), identical on every rank
-            "losses": list(metrics.get("train_loss_history", losses)),
-            "metrics": metrics,
+            # the history averaged over workers (what was reported), identical on every rank;
+            # plain Python values (no numpy scalars), so the file loads with weights_only
+            "losses": _plain(list(metrics.get("train_loss_history", losses))),
+            "metrics": _plain(metrics),
         },
         d / TRAIN_STATE,
     )
