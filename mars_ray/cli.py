@@ -203,6 +203,7 @@ def cmd_serve(args, extra) -> int:
     """Serve a reward model on Ray Serve until Ctrl-C / SIGTERM, then delete the app cleanly."""
     import signal
     import threading
+    import time
 
     from mars_ray.serve.protocol import resolve_target
 
@@ -249,6 +250,14 @@ def cmd_serve(args, extra) -> int:
             if handler is not None:  # None: a handler installed outside Python (cannot be restored)
                 signal.signal(sig, handler)
         if started:
+            # HTTP requests get 503 + Retry-After while those in flight finish, then a moment for
+            # their answers to leave the proxy, then the app and Ray go.
+            try:
+                d = serve_app.drain(cfg.serve.app_name, timeout_s=8.0)
+                print(f"draining: {d['replicas']} of {d['running']} replica(s), {d['inflight']} request(s) left")
+            except Exception as exc:  # stopping anyway: say why the drain did not finish
+                print(f"draining failed ({type(exc).__name__}: {exc}); stopping", flush=True)
+            time.sleep(0.5)
             serve_app.stop(cfg.serve.app_name)
         if ray.is_initialized():
             ray.shutdown()

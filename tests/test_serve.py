@@ -371,6 +371,52 @@ def test_handle_error_is_a_request_error(served):
 # ------------------------------------------------------------------------------ the command
 
 
+def _sigterm_load(url: str, *, clients: int):
+    """Client threads posting to ``url`` until stopped; returns (counts, lost, stop). A 503 makes a
+    client wait its Retry-After; a connection that cannot be made is a refusal; a request cut off
+    after it was sent (reset, timeout) is lost."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    lost: list[str] = []
+    done = threading.Event()
+    body = {"prompts": ["How do I boil an egg?"] * 2, "responses": ["Simmer it for nine minutes."] * 2}
+
+    def client():
+        with requests.Session() as sess:
+            while not done.is_set():
+                try:
+                    r = sess.post(url, json=body, timeout=30)
+                except requests.ConnectionError as e:
+                    if "NewConnectionError" in repr(e) or "Connection refused" in repr(e):
+                        counts["refused_connect"] += 1
+                        done.wait(0.2)
+                    else:
+                        lost.append(repr(e))
+                    continue
+                except requests.Timeout as e:
+                    lost.append(repr(e))
+                    continue
+                if r.status_code == 200:
+                    counts["answered"] += 1
+                elif r.status_code == 503:
+                    counts["refused_503"] += 1
+                    done.wait(float(r.headers.get("Retry-After", "1")))
+                else:
+                    counts[f"status_{r.status_code}"] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+
+    def stop():
+        done.set()
+        for t in threads:
+            t.join(40)
+
+    return counts, lost, stop
+
+
 def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_dir, tmp_path):
     """`mars-ray serve` in its own process (its own local Ray): prints the URL, serves, stops on SIGTERM."""
     port = _free_port()
@@ -401,12 +447,24 @@ def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_dir, tmp_pat
             assert f"at http://127.0.0.1:{port}" in text, text[-3000:]
             r = requests.post(f"http://127.0.0.1:{port}/score", json={"prompts": ["p"], "responses": ["r"]}, timeout=30)
             assert r.status_code == 200 and len(r.json()["rewards"]) == 1
+            # SIGTERM under load: 12 clients that honour Retry-After; every request is answered or
+            # refused (503 while draining, or no connection once the server is gone), none is lost.
+            counts, lost, stop = _sigterm_load(f"http://127.0.0.1:{port}/score", clients=12)
+            time.sleep(2)
+            t0 = time.time()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+            exit_s = time.time() - t0
+            time.sleep(1)
+            stop()
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    assert "stopped" in log.read_text()
+    print(f"\nSIGTERM under load: exit in {exit_s:.1f}s; {dict(counts)}")
+    assert "stopped" in log.read_text() and "draining: 1 of 1 replica(s)" in log.read_text()
+    assert exit_s < 15, exit_s  # Kubernetes, systemd and Docker send SIGKILL after 10-30 s
+    assert counts["answered"] > 0 and counts["refused_503"] > 0, dict(counts)
+    assert not lost and set(counts) <= {"answered", "refused_503", "refused_connect"}, (dict(counts), lost[:3])
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/health", timeout=5)

@@ -58,6 +58,11 @@ from mars_ray.serve import protocol as P
 
 logger = logging.getLogger("ray.serve")
 
+# A draining server's 503s ask clients to come back after this many seconds: by then the server
+# has stopped (`mars-ray serve` exits within about 7 s of SIGTERM), so a client that waits gets a
+# refused connection instead of a request cut off by a stopping proxy.
+DRAIN_RETRY_AFTER_S = 10
+
 api = FastAPI(title="mars_ray reward model", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -100,7 +105,18 @@ class RewardServer:
         self._score_batch.set_max_batch_size(int(spec["max_batch_size"]))
         self._score_batch.set_batch_wait_timeout_s(float(spec["batch_wait_timeout_s"]))
         self._executor.submit(self._forward, ["warm-up"], ["warm-up"]).result()
-        self.counters = {"requests": 0, "batches": 0, "pairs": 0, "largest_batch": 0, "rejected": 0, "failed": 0}
+        self.counters = {
+            "requests": 0,
+            "batches": 0,
+            "pairs": 0,
+            "largest_batch": 0,
+            "rejected": 0,
+            "failed": 0,
+            "refused_draining": 0,
+        }
+        # Set by drain() when the server is stopping: HTTP requests get 503 while those in flight finish.
+        self._draining = False
+        self._inflight = 0
         self.info = {
             "model_id": spec["model_id"],
             "config_hash": spec["config_hash"],
@@ -230,7 +246,32 @@ class RewardServer:
             chunks.append(chunk)
         return P.parse_json_body(b"".join(chunks), self.limits)
 
+    async def drain(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Stop taking HTTP requests (503 with Retry-After from now on) and wait, at most
+        ``timeout_s``, until those in flight have been answered. Idempotent; returns this
+        replica's id and what is still in flight."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "inflight": self._inflight}
+
     async def _http(self, request: Request, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]):
+        if self._draining:
+            self.counters["refused_draining"] += 1
+            return JSONResponse(
+                {"error": "the reward server is shutting down; retry after Retry-After seconds", "field": None},
+                status_code=503,
+                # the client closes this connection, so none is left open when the proxy stops
+                headers={"Retry-After": str(DRAIN_RETRY_AFTER_S), "Connection": "close"},
+            )
+        self._inflight += 1
+        try:
+            return await self._http_inner(request, handler)
+        finally:
+            self._inflight -= 1
+
+    async def _http_inner(self, request: Request, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]):
         try:
             if not P.bearer_ok(request.headers.get("authorization"), self._token.get()):
                 self.counters["rejected"] += 1
@@ -399,6 +440,25 @@ def start(cfg: Any, model: str | None = None, app: Any = None):
     serve.start(http_options=http)
     handle = serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
     return handle, url_of(s)
+
+
+def drain(app_name: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Drain every running replica of ``app_name`` (:meth:`RewardServer.drain`): a handle call
+    reaches one replica, so calls repeat until each running replica has answered or the time is up.
+    Returns the replicas drained, how many were running and what was left in flight."""
+    t0 = time.monotonic()
+    handle = serve.get_app_handle(app_name)
+    try:
+        app = serve.status().applications[app_name]
+        running = sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+    except Exception:
+        running = 1
+    seen: dict[str, int] = {}
+    while len(seen) < max(1, running) and time.monotonic() - t0 < timeout_s:
+        left = max(0.5, timeout_s - (time.monotonic() - t0))
+        out = handle.drain.remote(left).result(timeout_s=left + 5)
+        seen[out["replica"]] = int(out["inflight"])
+    return {"replicas": len(seen), "running": running, "inflight": sum(seen.values()), "s": time.monotonic() - t0}
 
 
 def stop(app_name: str) -> None:
