@@ -50,8 +50,25 @@ def local_actor(actor_cls: type, kwargs: dict[str, Any], *, keep: int = 2) -> An
         while len(_LOCAL_ACTORS) >= max(1, keep):
             _LOCAL_ACTORS.popitem(last=False)
         gc.collect()  # the dropped models' tensors, before the new actor loads its own
+        _return_freed_memory()
     _LOCAL_ACTORS[key] = actor_cls(**kwargs)
     return _LOCAL_ACTORS[key]
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``): freed model weights
+    otherwise stay in this process's RSS, and the next model is allocated beside them."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return
+    trim(0)
 
 
 def clear_local_actors() -> int:

@@ -1,0 +1,110 @@
+"""Memory of in-process stages over epochs: at most ``resources.in_process_keep`` stage actors.
+
+A West-of-N run builds its stage actor with other arguments every epoch (the reward model it
+scores with is r^{t-1}), so an unbounded in-process actor cache keeps one more generator and
+reward model per epoch. Two variants, each in a fresh process, same run otherwise: ``keep 2`` (the
+default) and ``keep 1000`` (what the cache did before it was bounded). Everything runs in one
+process (``resources.in_process``, ``train.num_workers 0``): the built-in demo data (``--pairs``
+training pairs), MiniLM reward model, SmolLM2 sampling N = 4 responses per pair, ``--epochs``
+epochs, each variant on an empty generation cache of its own. Printed per epoch: the peak RSS of
+the process during that epoch (sampled every 0.1 s).
+
+Run alone on the machine: ``python benchmarks/bench_stage_memory.py [--epochs 6] [--pairs 24]``
+(about 5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+
+def _variant(args) -> None:
+    import psutil
+
+    from mars_ray import console
+    from mars_ray.config import Config
+    from mars_ray.pipeline import run_mars
+
+    from pathlib import Path
+
+    from mars_ray.models.resolve import cache_root, resolve_model
+
+    out = tempfile.mkdtemp(prefix="bench_stage_memory_")
+    # An empty generation cache for each variant (so both generate, and load SmolLM2), with the
+    # converted built-in models linked from the default cache.
+    resolve_model("builtin:smollm2")
+    cache = Path(tempfile.mkdtemp(prefix="bench_stage_memory_cache_"))
+    (cache / "builtin").symlink_to(cache_root() / "builtin", target_is_directory=True)
+    cfg = Config.load(
+        overrides={
+            "data.max_pairs": str(int(args.pairs / 0.8) + 1),
+            "data.val_fraction": "0.1",
+            "data.test_fraction": "0.1",
+            "mars.strategy": "west-of-n",
+            "mars.epochs": str(args.epochs),
+            "mars.budget": str(args.budget),
+            "mars.warmup_passes": "0",
+            "resources.in_process": "true",
+            "resources.in_process_keep": str(args.keep),
+            "train.num_workers": "0",
+            "output.dir": out,
+            "model.cache_dir": str(cache),
+        }
+    )
+    me = psutil.Process()
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.1)
+
+    per_epoch: list[float] = []
+
+    def on_epoch(row):
+        per_epoch.append(peak[0] / 2**30)
+        peak[0] = me.memory_info().rss
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    run_mars(cfg, log=lambda m: None if not args.verbose else console.say(m), on_epoch=on_epoch)
+    stop.set()
+    print(json.dumps({"keep": args.keep, "peak_gib": per_epoch, "s": time.perf_counter() - t0}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--pairs", type=int, default=24)
+    ap.add_argument("--budget", type=int, default=4)
+    ap.add_argument("--keep", type=int, default=None, help="run one variant in this process")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    if args.keep is not None:
+        _variant(args)
+        return 0
+    rows = []
+    for keep in (2, 1000):
+        cmd = [sys.executable, __file__, "--keep", str(keep), "--epochs", str(args.epochs)]
+        cmd += ["--pairs", str(args.pairs), "--budget", str(args.budget)]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    print(f"West-of-N, {args.epochs} epochs in process, {args.pairs} pairs, budget {args.budget}")
+    print("| in_process_keep | " + " | ".join(f"epoch {i + 1}" for i in range(args.epochs)) + " | wall |")
+    print("|---|" + "---|" * (args.epochs + 1))
+    for r in rows:
+        cells = " | ".join(f"{g:.2f} GiB" for g in r["peak_gib"])
+        print(f"| {r['keep']} | {cells} | {r['s']:.0f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
