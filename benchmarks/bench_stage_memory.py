@@ -25,15 +25,14 @@ import time
 
 
 def _variant(args) -> None:
+    from pathlib import Path
+
     import psutil
 
     from mars_ray import console
     from mars_ray.config import Config
-    from mars_ray.pipeline import run_mars
-
-    from pathlib import Path
-
     from mars_ray.models.resolve import cache_root, resolve_model
+    from mars_ray.pipeline import run_mars
 
     out = tempfile.mkdtemp(prefix="bench_stage_memory_")
     # An empty generation cache for each variant (so both generate, and load SmolLM2), with the
