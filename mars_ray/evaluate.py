@@ -18,6 +18,7 @@ import numpy as np
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
+from mars_ray.core.jsonable import json_default
 from mars_ray.core.losses import pair_metrics
 from mars_ray.core.metrics import curvature_bins, length_buckets, rewardbench_sections, subset_accuracy
 
@@ -121,7 +122,7 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
     np.savez_compressed(
         out_dir / "scores.npz", pair_id=np.array(table.column(S.PAIR_ID).to_pylist()), r_chosen=rc, r_rejected=rr
     )
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2, default=json_default) + "\n")
     from mars_ray.report import eval_report
 
     eval_report(result, margins, out_dir)
@@ -152,9 +153,3 @@ def _exclude(table, ref: str):
     keep = pc.invert(pc.is_in(table.column(S.PAIR_ID), value_set=ids))
     out = table.filter(keep)
     return out, table.num_rows - out.num_rows
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from mars_ray import console
 from mars_ray.config import CONFIG_FILENAME, Config
 from mars_ray.core import schema as S
+from mars_ray.core.jsonable import json_default
 from mars_ray.train.loop import SCORES_FILE
 
 METRICS_JSONL, METRICS_CSV, SUMMARY_FILE, MANIFEST = "metrics.jsonl", "metrics.csv", "summary.json", "manifest.json"
@@ -99,18 +100,8 @@ def epoch_dir(run_dir: Path, epoch: int) -> Path:
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
@@ -512,7 +503,7 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     tmp = run_dir / (METRICS_JSONL + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps({k: _finite(v) for k, v in r.items()}, ensure_ascii=False, default=_json_default) + "\n")
+            f.write(json.dumps({k: _finite(v) for k, v in r.items()}, ensure_ascii=False, default=json_default) + "\n")
     os.replace(tmp, run_dir / METRICS_JSONL)
     tmp = run_dir / (METRICS_CSV + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as f:

@@ -457,7 +457,8 @@ def test_train_state_loads_with_weights_only_and_rng_round_trips(tmp_path):
     import numpy as np
     import torch
 
-    from mars_ray.train.loop import _plain, _rng_state, _set_rng_state, load_train_state
+    from mars_ray.core.jsonable import plain
+    from mars_ray.train.loop import _rng_state, _set_rng_state, load_train_state
 
     np.random.seed(3)
     random.seed(3)
@@ -465,7 +466,7 @@ def test_train_state_loads_with_weights_only_and_rng_round_trips(tmp_path):
         "trainable": {"w": torch.ones(2)},
         "optimizer": torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=False).state_dict(),
         "rng": _rng_state(),
-        "metrics": _plain({"val_accuracy": np.float64(0.5), "hist": np.arange(3.0), "n": np.int64(4)}),
+        "metrics": plain({"val_accuracy": np.float64(0.5), "hist": np.arange(3.0), "n": np.int64(4)}),
     }
     expected = (np.random.rand(), random.random())
     torch.save(state, tmp_path / "state.pt")

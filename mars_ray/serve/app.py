@@ -451,7 +451,7 @@ def drain(app_name: str, timeout_s: float = 10.0) -> dict[str, Any]:
     try:
         app = serve.status().applications[app_name]
         running = sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
-    except Exception:
+    except Exception:  # status unreadable (an older Serve, the app just gone): drain the one we reach
         running = 1
     seen: dict[str, int] = {}
     while len(seen) < max(1, running) and time.monotonic() - t0 < timeout_s:

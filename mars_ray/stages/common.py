@@ -46,9 +46,11 @@ def local_actor(actor_cls: type, kwargs: dict[str, Any], *, keep: int = 2) -> An
     if key in _LOCAL_ACTORS:
         _LOCAL_ACTORS.move_to_end(key)
         return _LOCAL_ACTORS[key]
-    if len(_LOCAL_ACTORS) >= max(1, keep):
-        while len(_LOCAL_ACTORS) >= max(1, keep):
-            _LOCAL_ACTORS.popitem(last=False)
+    dropped = 0
+    while len(_LOCAL_ACTORS) >= max(1, keep):
+        _LOCAL_ACTORS.popitem(last=False)
+        dropped += 1
+    if dropped:
         gc.collect()  # the dropped models' tensors, before the new actor loads its own
         _return_freed_memory()
     _LOCAL_ACTORS[key] = actor_cls(**kwargs)

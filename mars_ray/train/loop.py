@@ -36,6 +36,7 @@ import numpy as np
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
+from mars_ray.core.jsonable import plain as plain_values
 from mars_ray.core.lengths import length_grouped_batches
 
 __all__ = [
@@ -149,20 +150,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with numpy scalars and arrays as Python numbers and lists (JSON round trip)."""
-    import json
-
-    def conv(x: Any) -> Any:
-        if isinstance(x, np.ndarray):
-            return x.tolist()
-        if isinstance(x, np.generic):
-            return x.item()
-        raise TypeError(f"{type(x).__name__} is not a plain value")
-
-    return json.loads(json.dumps(value, default=conv))
 
 
 def load_train_state(path: Path) -> dict[str, Any]:
@@ -587,8 +574,8 @@ def _report(
             "step": step,
             # the history averaged over workers (what was reported), identical on every rank;
             # plain Python values (no numpy scalars), so the file loads with weights_only
-            "losses": _plain(list(metrics.get("train_loss_history", losses))),
-            "metrics": _plain(metrics),
+            "losses": plain_values(list(metrics.get("train_loss_history", losses))),
+            "metrics": plain_values(metrics),
         },
         d / TRAIN_STATE,
     )
