@@ -41,8 +41,13 @@ CONFIG_FILENAME = "config.yaml"
 class DataConfig:
     # File path (jsonl/json/csv/parquet), a Hugging Face dataset id, or "builtin:demo".
     path: str = "builtin:demo"
-    # Reader: auto-detected from the fields when "auto".
-    format: Literal["auto", "pairs", "hh-rlhf", "pku-saferlhf", "ultrafeedback", "rewardbench", "generic"] = "auto"
+    # Reader: auto-detected from the fields when "auto". TRL's four preference layouts all read:
+    # "pairs" (explicit prompt string), "hh-rlhf" (implicit prompt: two full texts, split after the
+    # last shared "\n\nAssistant:" or, for plain texts, at the last shared word), "conversational"
+    # (message lists, with or without a "prompt" list).
+    format: Literal[
+        "auto", "pairs", "hh-rlhf", "conversational", "pku-saferlhf", "ultrafeedback", "rewardbench", "generic"
+    ] = "auto"
     # Generic format: our field name -> column in the file (keys: prompt, chosen, rejected, subset).
     columns: dict[str, str] = field(default_factory=dict)
     # PKU-SafeRLHF native rows: follow the helpfulness ("better") or the safety ("safer") label.

@@ -74,6 +74,18 @@ def llama(tiny_llama_dir):
     return load_reward_model(str(tiny_llama_dir), seed=0)
 
 
+@pytest.fixture(scope="module")
+def llama_plain(llama):
+    """The tiny Llama with a tokenizer that has no chat template: the plain decoder formatting
+    (``p r EOS``). With its template, pairs are chat-formatted (tests/test_trl_layouts.py)."""
+    import copy
+
+    model, tok = llama
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None
+    return model, tok
+
+
 # ------------------------------------------------------------------------------------ encoding
 
 
@@ -135,8 +147,8 @@ def test_encode_preferences_equals_two_encode_pairs(bert):
     assert er == encode_pairs(tok, p, r, **kw)
 
 
-def test_decoder_encoding_ends_with_eos(llama):
-    _, tok = llama
+def test_decoder_encoding_ends_with_eos(llama_plain):
+    _, tok = llama_plain
     enc = encode_pairs(tok, ["a b c d e f g"], ["one two three four"], max_prompt_tokens=3, max_response_tokens=2)
     ids = enc.input_ids[0]
     r_ids = tok("one two three four", add_special_tokens=False)["input_ids"]
@@ -232,10 +244,10 @@ def test_score_pairs_equals_score_texts(bert):
     np.testing.assert_allclose(rr, score_texts(model, tok, p, r, **kw), atol=1e-5, rtol=0)
 
 
-def test_decoder_last_token_pooling_and_padding_invariance(llama):
+def test_decoder_last_token_pooling_and_padding_invariance(llama_plain):
     import torch
 
-    model, tok = llama
+    model, tok = llama_plain
     assert model.config.pad_token_id == tok.pad_token_id is not None
     kw = dict(max_prompt_tokens=256, max_response_tokens=128)
     short_p, short_r = "Human: hi", "Hello there, friend."

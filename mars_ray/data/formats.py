@@ -11,9 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mars_ray.core.chat import ASSISTANT, check_messages, messages_to_prompt, split_implicit, split_last_assistant
 from mars_ray.core.validation import RowError, text_problem
-
-ASSISTANT = "\n\nAssistant:"
 
 
 @dataclass
@@ -50,43 +49,36 @@ def _subset(row: Mapping[str, Any], column: str = "subset") -> str | None:
     return value
 
 
-def _common_prefix_len(a: str, b: str) -> int:
-    """Length of the longest common prefix, by binary search over C-level slice compares."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def split_hh_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split two HH-RLHF transcripts into (prompt, chosen response, rejected response).
-
-    The prompt is the shared prefix of both transcripts up to and including its last
-    ``"\\n\\nAssistant:"``; each response is what follows, without the leading space.
-    """
-    common = _common_prefix_len(chosen, rejected)
-    cut = chosen.rfind(ASSISTANT, 0, common)  # the last marker lying wholly in the shared prefix
-    if cut < 0:
+    """Split two HH-RLHF transcripts into (prompt, chosen response, rejected response): the prompt
+    is the shared prefix up to and including its last ``"\\n\\nAssistant:"``."""
+    if ASSISTANT not in chosen or ASSISTANT not in rejected:
         field_name = "chosen" if ASSISTANT not in chosen else "rejected"
         raise RowError(field_name, "no shared '\\n\\nAssistant:' turn to split the prompt from the response")
-    end = cut + len(ASSISTANT)
-    return chosen[:end], chosen[end:].lstrip(" "), rejected[end:].lstrip(" ")
+    return split_implicit(chosen, rejected)
 
 
 def parse_hh(row: Mapping[str, Any], **_: Any) -> ParsedPair:
+    """No ``prompt`` field: the prompt is implicit in two full texts (HH-RLHF transcripts, or
+    TRL's standard implicit-prompt layout); conversational rows go to :func:`parse_conversational`."""
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
+        return parse_conversational(row)
     chosen = _text(row, "chosen")
     rejected = _text(row, "rejected")
-    prompt, c, r = split_hh_transcripts(chosen, rejected)
-    return ParsedPair(prompt, c, r)
+    prompt, c, r = split_implicit(chosen, rejected)
+    return ParsedPair(prompt, c, r, meta=_meta(row))
+
+
+def _meta(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("source_index", "id", "metadata") if k in row}
 
 
 def parse_pairs(row: Mapping[str, Any], **_: Any) -> ParsedPair:
-    meta = {k: row[k] for k in ("source_index", "id", "metadata") if k in row}
-    return ParsedPair(row.get("prompt"), row.get("chosen"), row.get("rejected"), _subset(row), meta=meta)
+    """``prompt``/``chosen``/``rejected``: TRL's standard layout with an explicit prompt, or any of
+    its conversational layouts (message lists), which :func:`parse_conversational` reads."""
+    if any(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
+        return parse_conversational(row)
+    return ParsedPair(row.get("prompt"), row.get("chosen"), row.get("rejected"), _subset(row), meta=_meta(row))
 
 
 def parse_rewardbench(row: Mapping[str, Any], **_: Any) -> ParsedPair:
@@ -115,38 +107,37 @@ def parse_pku(row: Mapping[str, Any], *, pku_label: str = "safer", **_: Any) -> 
     return ParsedPair(row.get("prompt"), chosen, rejected, meta=meta)
 
 
-def _last_assistant(messages: Any, name: str) -> tuple[str | None, str]:
-    """(prompt text or None, last assistant content) from a chat message list."""
-    if not isinstance(messages, list) or not messages:
-        raise RowError(name, "expected a string or a non-empty list of chat messages")
-    for m in messages:
-        if not isinstance(m, Mapping) or "content" not in m or "role" not in m:
-            raise RowError(name, "chat messages must be objects with 'role' and 'content'")
-    last = messages[-1]
-    if last["role"] != "assistant":
-        raise RowError(name, f"last chat message has role {last['role']!r}, expected 'assistant'")
-    context = messages[:-1]
-    prompt = None
-    if context:
-        if len(context) == 1 and context[0]["role"] == "user":
-            prompt = context[0]["content"]
-        else:
-            prompt = "".join(
-                f"\n\n{'Human' if m['role'] == 'user' else m['role'].capitalize()}: {m['content']}" for m in context
-            )
-            prompt += ASSISTANT
-    return prompt, last["content"]
+def parse_conversational(row: Mapping[str, Any], **_: Any) -> ParsedPair:
+    """TRL's conversational layouts: ``chosen``/``rejected`` message lists ending with the
+    assistant turn, and a ``prompt`` message list (explicit) or not (implicit: the messages before
+    the last assistant turn, which must agree between chosen and rejected). The prompt is stored
+    as a transcript (:func:`~mars_ray.core.chat.messages_to_prompt`)."""
+    chosen, rejected = _require(row, "chosen"), _require(row, "rejected")
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        prompt = messages_to_prompt(check_messages(prompt, "prompt")) if prompt else ""
+    contexts = []
+    if isinstance(chosen, list):
+        ctx, chosen = split_last_assistant(chosen, "chosen")
+        contexts.append(("chosen", ctx))
+    if isinstance(rejected, list):
+        ctx, rejected = split_last_assistant(rejected, "rejected")
+        contexts.append(("rejected", ctx))
+    if prompt is None and contexts:
+        prompt = messages_to_prompt(contexts[0][1])
+        for name, ctx in contexts[1:]:
+            if messages_to_prompt(ctx) != prompt:
+                raise RowError(name, "its conversation before the last assistant turn differs from chosen's")
+    elif contexts and any(ctx for _, ctx in contexts) and isinstance(prompt, str):
+        # Explicit prompt and full conversations: the conversations must continue the prompt.
+        for name, ctx in contexts:
+            if ctx and messages_to_prompt(ctx).strip() != prompt.strip():
+                raise RowError(name, "its conversation before the last assistant turn differs from 'prompt'")
+    return ParsedPair(prompt, chosen, rejected, _subset(row), meta=_meta(row))
 
 
 def parse_ultrafeedback(row: Mapping[str, Any], **_: Any) -> ParsedPair:
-    chosen, rejected = _require(row, "chosen"), _require(row, "rejected")
-    prompt = row.get("prompt")
-    if isinstance(chosen, list):
-        p_c, chosen = _last_assistant(chosen, "chosen")
-        prompt = prompt if prompt is not None else p_c
-    if isinstance(rejected, list):
-        p_r, rejected = _last_assistant(rejected, "rejected")
-        prompt = prompt if prompt is not None else p_r
+    parsed = parse_conversational(row)
     meta: dict[str, Any] = {}
     flags: list[str] = []
     for k in ("score_chosen", "score_rejected", "source_index", "prompt_id"):
@@ -158,7 +149,7 @@ def parse_ultrafeedback(row: Mapping[str, Any], **_: Any) -> ParsedPair:
     sc, sr = meta.get("score_chosen"), meta.get("score_rejected")
     if isinstance(sc, (int, float)) and isinstance(sr, (int, float)) and sc == sr:
         flags.append("score_tie")
-    return ParsedPair(prompt, chosen, rejected, flags=flags, meta=meta)
+    return ParsedPair(parsed.prompt, parsed.chosen, parsed.rejected, flags=flags, meta=meta)
 
 
 def make_generic(columns: Mapping[str, str]) -> Callable[..., ParsedPair]:
@@ -183,6 +174,7 @@ PARSERS: dict[str, Callable[..., ParsedPair]] = {
     "hh-rlhf": parse_hh,
     "pku-saferlhf": parse_pku,
     "ultrafeedback": parse_ultrafeedback,
+    "conversational": parse_conversational,
     "rewardbench": parse_rewardbench,
 }
 
@@ -193,13 +185,16 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
     if {"response_0", "response_1"} <= keys:
         return "pku-saferlhf"
     if {"chosen", "rejected"} <= keys:
-        if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
-            return "ultrafeedback"
+        scored = "score_chosen" in keys or (
+            isinstance(row.get("metadata"), Mapping) and "score_chosen" in row["metadata"]
+        )
+        if any(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
+            return "ultrafeedback" if scored else "conversational"
         if "prompt" not in keys:
             return "hh-rlhf"
         if "subset" in keys:
             return "rewardbench"
-        if "score_chosen" in keys or (isinstance(row.get("metadata"), Mapping) and "score_chosen" in row["metadata"]):
+        if scored:
             return "ultrafeedback"
         return "pairs"
     return None

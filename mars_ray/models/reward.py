@@ -16,6 +16,14 @@ missing the pair template is read off the tokenizer itself (one probe encoding o
 checked against a second probe), so the result is exactly what ``tokenizer(prompt, response)``
 would produce for the same (truncated) token ids.
 
+Chat templates: a backbone whose tokenizer has one (decoder reward models such as Qwen or Llama)
+reads every pair as a conversation, the way it was tuned: the stored prompt becomes its messages
+(:func:`mars_ray.core.chat.prompt_messages`: transcript turns, else one user turn), the response the
+final assistant turn, and the template renders them. The rendered text is cut around the response,
+so the same rule applies: the END of the rendered prompt and the START of the response are kept,
+and the template's closing tokens follow the response. Encoders have no template and keep the
+plain pair formatting above.
+
 Decoder models (Llama/Qwen/SmolLM2-style) pool the rightmost token that is not ``pad_token_id``.
 When the pad token *is* the EOS token (SmolLM2, and every tokenizer we give eos-as-pad), that
 rightmost token is the last response token (the trailing EOS counts as padding); it has attended
@@ -30,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mars_ray.core.chat import prompt_messages
 from mars_ray.core.lengths import truncate_pair_tokens
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "score_encoded",
     "score_pairs",
     "score_texts",
+    "uses_chat_template",
 ]
 
 # Tokenizers report a huge sentinel (int(1e30)) when they know no limit.
@@ -371,6 +381,62 @@ def _assemble(
     return Encoded(ids_out, types_out, n_p, n_r)
 
 
+# Stands for the response while a chat template renders a conversation (letters only: templates
+# may strip or escape whitespace and punctuation around message content).
+_RESPONSE_SENTINEL = "MARSRAYRESPONSESENTINELQZX"
+
+
+def uses_chat_template(tokenizer: Any) -> bool:
+    """Whether pairs are formatted with the tokenizer's chat template (it has one)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_frame(tokenizer: Any, prompt: str) -> tuple[str, str]:
+    """(text before the response, text after it) of ``prompt`` answered by one assistant turn,
+    rendered with the tokenizer's chat template."""
+    messages = prompt_messages(prompt) or [{"role": "user", "content": ""}]
+    messages.append({"role": "assistant", "content": _RESPONSE_SENTINEL})
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if text.count(_RESPONSE_SENTINEL) != 1:
+        raise ValueError(
+            f"{type(tokenizer).__name__}: its chat template does not render an assistant message's content "
+            "exactly once; it cannot format reward-model pairs"
+        )
+    head, tail = text.split(_RESPONSE_SENTINEL)
+    return head, tail
+
+
+def _assemble_chat(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    max_length: int | None,
+) -> Encoded:
+    frames = {p: chat_frame(tokenizer, p) for p in dict.fromkeys(prompts)}
+    heads = dict(zip(frames, _tokenize(tokenizer, [h for h, _ in frames.values()])))
+    tails = dict(zip(frames, _tokenize(tokenizer, [t for _, t in frames.values()])))
+    limit = _max_length(tokenizer, max_length)
+    ids_out: list[list[int]] = []
+    n_p = n_r = 0
+    for p, r in zip(prompts, response_ids):
+        tail = tails[p]
+        resp_cap = max_response_tokens
+        p_cap = max_prompt_tokens
+        if limit is not None:
+            if limit - len(tail) < 1:
+                raise ValueError(f"max_length {limit} leaves no room for a response after the chat template")
+            resp_cap = min(resp_cap, limit - len(tail))
+            p_cap = max(0, min(p_cap, limit - len(tail) - min(len(r), resp_cap)))
+        cut = truncate_pair_tokens(heads[p], r, p_cap, resp_cap)
+        n_p += cut.prompt_truncated
+        n_r += cut.response_truncated
+        ids_out.append(list(cut.prompt_ids) + list(cut.response_ids) + list(tail))
+    return Encoded(ids_out, None, n_p, n_r)
+
+
 def encode_pairs(
     tokenizer: Any,
     prompts: Sequence[str],
@@ -393,14 +459,10 @@ def encode_pairs(
     Returns:
         :class:`Encoded` with one row per pair, in input order.
     """
-    return _assemble(
-        tokenizer,
-        _tokenize(tokenizer, prompts),
-        _tokenize(tokenizer, responses),
-        max_prompt_tokens=max_prompt_tokens,
-        max_response_tokens=max_response_tokens,
-        max_length=max_length,
-    )
+    kw = dict(max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens, max_length=max_length)
+    if uses_chat_template(tokenizer):
+        return _assemble_chat(tokenizer, list(prompts), _tokenize(tokenizer, responses), **kw)
+    return _assemble(tokenizer, _tokenize(tokenizer, prompts), _tokenize(tokenizer, responses), **kw)
 
 
 def encode_preferences(
@@ -418,9 +480,15 @@ def encode_preferences(
     n = len(prompts)
     if not (len(chosen) == len(rejected) == n):
         raise ValueError(f"{n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
-    p_ids = _tokenize(tokenizer, prompts)
     r_ids = _tokenize(tokenizer, [*chosen, *rejected])
     kw = dict(max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens, max_length=max_length)
+    if uses_chat_template(tokenizer):
+        prompts = list(prompts)
+        return (
+            _assemble_chat(tokenizer, prompts, r_ids[:n], **kw),
+            _assemble_chat(tokenizer, prompts, r_ids[n:], **kw),
+        )
+    p_ids = _tokenize(tokenizer, prompts)
     return (
         _assemble(tokenizer, p_ids, r_ids[:n], **kw),
         _assemble(tokenizer, p_ids, r_ids[n:], **kw),
