@@ -230,6 +230,7 @@ def _run_epoch(
         epoch=epoch,
         generator=cfg.paraphrase.model,
         refined_generator=refined_by,
+        margins=pairs.column(S.MARGIN).to_pylist() if S.MARGIN in pairs.column_names else None,
     )
     para["reserve_used"] = int(((b_fit > 0) & (reserve > 0)).sum())
     if sem.ref:

@@ -48,7 +48,7 @@ class DataConfig:
     format: Literal[
         "auto", "pairs", "hh-rlhf", "conversational", "pku-saferlhf", "ultrafeedback", "rewardbench", "generic"
     ] = "auto"
-    # Generic format: our field name -> column in the file (keys: prompt, chosen, rejected, subset).
+    # Generic format: our field name -> column in the file (keys: prompt, chosen, rejected, subset, margin).
     columns: dict[str, str] = field(default_factory=dict)
     # PKU-SafeRLHF native rows: follow the helpfulness ("better") or the safety ("safer") label.
     pku_label: Literal["better", "safer"] = "safer"
@@ -273,8 +273,13 @@ class TrainConfig:
     # Train the backbone without dropout (TRL's RewardTrainer default; LoRA
     # keeps lora_dropout). With dropout a MiniLM step on 2 CPU cores takes about 2x as long.
     disable_dropout: bool = True
-    # Add a per-pair margin term to the Bradley-Terry loss.
+    # Subtract each pair's label margin (the data's optional "margin" column, as in TRL and
+    # OpenRLHF; synthetic pairs inherit their source pair's) inside the Bradley-Terry sigmoid:
+    # -log σ(r+ − r− − m). Pairs without one use 0.
     margin_term: bool = False
+    # TRL's center_rewards_coefficient: add this times mean((r+ + r−)²) to the loss, which keeps
+    # rewards near zero (0: off; TRL suggests 0.01).
+    center_rewards: float = 0.0
     # Batches of similar length (less padding): shuffled order cut into windows of this many
     # batches, each sorted by length, batch order shuffled again. 1: plain random batches.
     length_group: int = 32
@@ -959,9 +964,9 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             "data.format=generic needs data.columns with prompt, chosen and rejected, e.g. "
             "--data.columns '{prompt: question, chosen: good, rejected: bad}'"
         )
-    unknown_cols = set(d.columns) - {"prompt", "chosen", "rejected", "subset"}
+    unknown_cols = set(d.columns) - {"prompt", "chosen", "rejected", "subset", "margin"}
     if unknown_cols:
-        p.append(f"data.columns has unknown keys {sorted(unknown_cols)}; use prompt, chosen, rejected, subset")
+        p.append(f"data.columns has unknown keys {sorted(unknown_cols)}; use prompt, chosen, rejected, subset, margin")
     if cfg.bank.paraphrases is not None and cfg.bank.paraphrases < 0:
         p.append(f"bank.paraphrases={cfg.bank.paraphrases} must be >= 0 (or null: from the budget)")
     if m.warmup_passes < 0:
@@ -1025,6 +1030,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     t = cfg.train
     if t.lr <= 0:
         p.append(f"train.lr={t.lr} must be > 0")
+    if t.center_rewards < 0:
+        p.append(f"train.center_rewards={t.center_rewards} must be >= 0 (0: off)")
     if t.batch_size < 1 or t.grad_accum < 1 or t.passes < 1:
         p.append("train.batch_size, train.grad_accum and train.passes must be >= 1")
     if t.num_workers < 0:

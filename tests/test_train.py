@@ -477,3 +477,48 @@ def test_train_state_loads_with_weights_only_and_rng_round_trips(tmp_path):
     torch.save({"rng": np.random.get_state()}, tmp_path / "old.pt")  # a pickled ndarray: refused
     with pytest.raises(ValueError, match="older mars_ray cannot be resumed"):
         load_train_state(tmp_path / "old.pt")
+
+
+def _fit_once(tiny_bert_dir, tmp_path, rows, name, **over):
+    from mars_ray.train import fit_reward_model
+
+    train = _write(tmp_path / f"{name}.parquet", rows)
+    return fit_reward_model(
+        _cfg(**over),
+        init_model=str(tiny_bert_dir),
+        train_path=train,
+        val_path=train,
+        run_dir=tmp_path / name,
+        name=name,
+    )
+
+
+def test_margin_term_uses_the_label_margins(tiny_bert_dir, tmp_path):
+    from mars_ray.core.schema import MARGIN
+
+    rows = _pairs(16, 5)
+    one_step = {"train.max_steps": 1, "train.passes": 1, "train.margin_term": True}
+    # no pair has a margin: a clear error, not a silent margin of 0
+    with pytest.raises(ValueError, match="no pair has a value in column 'margin'"):
+        _fit_once(tiny_bert_dir, tmp_path, rows, "none", **one_step)
+    # margin 3 on every pair raises the first step's loss from about log 2 to about -log σ(-3)
+    zero = _fit_once(tiny_bert_dir, tmp_path, [{**r, MARGIN: 0.0} for r in rows], "zero", **one_step)
+    three = _fit_once(tiny_bert_dir, tmp_path, [{**r, MARGIN: 3.0} for r in rows], "three", **one_step)
+    half = [{**r, MARGIN: 3.0 if i % 2 else None} for i, r in enumerate(rows)]  # missing counts as 0
+    mixed = _fit_once(tiny_bert_dir, tmp_path, half, "mixed", **one_step)
+    l0, l3, lm = (m["train_loss_history"][0] for m in (zero, three, mixed))
+    assert l0 == pytest.approx(math.log(2), abs=0.05)
+    assert l3 == pytest.approx(_nll(-3.0), abs=0.1)
+    assert l0 < lm < l3
+
+
+def test_center_rewards_keeps_rewards_near_zero(tiny_bert_dir, tmp_path):
+    rows = _pairs(64, 1)
+    plain = _fit_once(tiny_bert_dir, tmp_path, rows, "plain")
+    centered = _fit_once(tiny_bert_dir, tmp_path, rows, "centered", **{"train.center_rewards": 1.0})
+
+    def offset(m):
+        return abs(m["val_chosen_mean"] + m["val_rejected_mean"])
+
+    assert centered["val_accuracy"] >= 0.75, centered
+    assert offset(centered) < 0.5 * offset(plain), (offset(centered), offset(plain))

@@ -242,3 +242,50 @@ def test_decoder_backbone_trains_and_scores_conversational_pairs(tiny_llama_dir,
     rc = np.array([reward(r["prompt"], r["chosen"]) for r in val])
     rr = np.array([reward(r["prompt"], r["rejected"]) for r in val])
     assert pair_metrics(rc, rr)["margin_mean"] == pytest.approx(m["val_margin_mean"], abs=1e-4)
+
+
+# ------------------------------------------------------------------ the margin column
+
+
+def test_margin_column_is_read_validated_and_inherited(tmp_path):
+    import numpy as np
+
+    from mars_ray.core import schema as S
+    from mars_ray.core.pairs import draw_synthetic_pairs
+
+    rows = [
+        {"prompt": "q1", "chosen": "good one", "rejected": "bad one", "margin": 2.5},
+        {"prompt": "q2", "chosen": "good two", "rejected": "bad two"},
+        {"chosen": [Q1, A1], "rejected": [Q1, {"role": "assistant", "content": "Green."}], "margin": 1},
+        {"prompt": "q4", "chosen": "good", "rejected": "bad", "margin": "strong"},
+        {"prompt": "q5", "chosen": "good", "rejected": "bad", "margin": float("inf")},
+    ]
+    res = load(write_jsonl(tmp_path / "m.jsonl", rows), **{"data.format": "pairs"})
+    got = by_line(res)
+    assert got[1][S.MARGIN] == 2.5 and got[2][S.MARGIN] is None and got[3][S.MARGIN] == 1.0
+    reasons = {q["line"]: (q["field"], q["reason"]) for q in res.quarantine}
+    assert reasons[4] == ("margin", "expected a number, got 'strong'")
+    assert reasons[5][0] == "margin" and "finite" in reasons[5][1]
+    assert res.report["read"] == res.report["kept"] + res.report["quarantined"] == 5
+    # synthetic pairs carry their source pair's margin (lineage)
+    t = res.table
+    syn = draw_synthetic_pairs(
+        pair_ids=t.column(S.PAIR_ID).to_pylist(),
+        prompts=t.column(S.PROMPT).to_pylist(),
+        subsets=t.column(S.SUBSET).to_pylist(),
+        chosen=t.column(S.CHOSEN).to_pylist(),
+        rejected=t.column(S.REJECTED).to_pylist(),
+        kept_chosen=[["para c"]] * t.num_rows,
+        kept_rejected=[["para r"]] * t.num_rows,
+        budgets=np.full(t.num_rows, 2),
+        refined=np.zeros(t.num_rows, bool),
+        q=np.full(t.num_rows, 1 / t.num_rows),
+        seed=0,
+        epoch=1,
+        generator="g",
+        refined_generator="g",
+        margins=t.column(S.MARGIN).to_pylist(),
+    )
+    by_source = {r[S.PAIR_ID]: r[S.MARGIN] for r in t.to_pylist()}
+    assert len(syn) == 2 * t.num_rows
+    assert all(r[S.MARGIN] == by_source[r[S.SOURCE_PAIR_ID]] for r in syn)

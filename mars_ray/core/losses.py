@@ -52,6 +52,16 @@ def bt_loss(r_chosen: Any, r_rejected: Any, weights: Any = None, margin: Any = N
     return (w * losses).sum() / losses.numel()
 
 
+def center_penalty(r_chosen: Any, r_rejected: Any):
+    """``mean((r+ + r−)²)``: TRL's reward-centering term (times ``train.center_rewards``), which
+    pulls the rewards of both responses toward zero without changing their difference."""
+    import torch
+
+    rc = torch.as_tensor(r_chosen).reshape(-1)
+    rr = torch.as_tensor(r_rejected, dtype=rc.dtype, device=rc.device).reshape(-1)
+    return ((rc + rr).float() ** 2).mean()
+
+
 def normalise_weights(weights: Any) -> np.ndarray:
     """Per-pair loss weights of a whole training set scaled to mean 1 (float64), so the weighted
     loss has the scale of the unweighted one and a pair's weight does not depend on its batch.

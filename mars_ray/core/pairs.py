@@ -100,6 +100,7 @@ def draw_synthetic_pairs(
     epoch: int,
     generator: str,
     refined_generator: str,
+    margins: Sequence[float | None] | None = None,
 ) -> list[dict]:
     """PAIR_SCHEMA rows: ``budgets[i]`` draws from pair i's pool (its, possibly refined, responses
     and their kept paraphrases), each pair with its own :func:`pool_rng` stream."""
@@ -123,6 +124,7 @@ def draw_synthetic_pairs(
             weight=float(q[i]),
             refined=bool(refined[i]),
             subset=subsets[i],
+            margin=margins[i] if margins is not None else None,
         )
     return rows
 
@@ -153,6 +155,7 @@ def synthetic_rows(
     refined: bool,
     subset: str | None = None,
     split: str = "train",
+    margin: float | None = None,
 ) -> list[dict]:
     """PAIR_SCHEMA rows for the draws, each carrying its lineage."""
     rows: list[dict] = []
@@ -176,6 +179,7 @@ def synthetic_rows(
                 S.OPERATION: operation_name(d, refined),
                 S.GENERATOR: generator,
                 S.WEIGHT: float(weight),
+                S.MARGIN: margin,
             }
         )
     return rows

@@ -29,6 +29,9 @@ EPOCH = "epoch"
 OPERATION = "operation"
 GENERATOR = "generator"
 WEIGHT = "weight"
+# The label margin of a pair (TRL / OpenRLHF "margin": how strongly chosen beats rejected), read
+# from the data when it has one; a synthetic pair inherits its source pair's. train.margin_term uses it.
+MARGIN = "margin"
 
 ORIGIN_HUMAN = "human"
 ORIGIN_SYNTHETIC = "synthetic"
@@ -52,6 +55,7 @@ PAIR_SCHEMA = pa.schema(
         pa.field(OPERATION, pa.string(), nullable=False),
         pa.field(GENERATOR, pa.string()),
         pa.field(WEIGHT, pa.float64()),
+        pa.field(MARGIN, pa.float64()),
     ]
 )
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
@@ -84,6 +88,7 @@ def human_row(
     source_line: int | None = None,
     flags: list[str] | None = None,
     meta: str | None = None,
+    margin: float | None = None,
 ) -> dict:
     """A row of :data:`PAIR_SCHEMA` for an original (human-labelled) pair; split is set later."""
     pid = pair_id(prompt, chosen, rejected)
@@ -104,4 +109,5 @@ def human_row(
         OPERATION: OPERATION_ORIGINAL,
         GENERATOR: None,
         WEIGHT: None,
+        MARGIN: margin,
     }

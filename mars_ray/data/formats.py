@@ -23,6 +23,24 @@ class ParsedPair:
     subset: Any = None
     flags: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    margin: float | None = None
+
+
+def label_margin(row: Mapping[str, Any], column: str = "margin") -> float | None:
+    """The row's optional label margin (TRL / OpenRLHF ``margin``): a finite number or absent."""
+    import math
+
+    value = row.get(column)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # CSV cells arrive as text
+        except (TypeError, ValueError):
+            raise RowError(column, f"expected a number, got {value!r}") from None
+    if not math.isfinite(float(value)):
+        raise RowError(column, f"expected a finite number, got {value!r}")
+    return float(value)
 
 
 def _require(row: Mapping[str, Any], name: str, column: str | None = None) -> Any:
@@ -66,7 +84,7 @@ def parse_hh(row: Mapping[str, Any], **_: Any) -> ParsedPair:
     chosen = _text(row, "chosen")
     rejected = _text(row, "rejected")
     prompt, c, r = split_implicit(chosen, rejected)
-    return ParsedPair(prompt, c, r, meta=_meta(row))
+    return ParsedPair(prompt, c, r, meta=_meta(row), margin=label_margin(row))
 
 
 def _meta(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,7 +96,14 @@ def parse_pairs(row: Mapping[str, Any], **_: Any) -> ParsedPair:
     its conversational layouts (message lists), which :func:`parse_conversational` reads."""
     if any(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
         return parse_conversational(row)
-    return ParsedPair(row.get("prompt"), row.get("chosen"), row.get("rejected"), _subset(row), meta=_meta(row))
+    return ParsedPair(
+        row.get("prompt"),
+        row.get("chosen"),
+        row.get("rejected"),
+        _subset(row),
+        meta=_meta(row),
+        margin=label_margin(row),
+    )
 
 
 def parse_rewardbench(row: Mapping[str, Any], **_: Any) -> ParsedPair:
@@ -133,7 +158,7 @@ def parse_conversational(row: Mapping[str, Any], **_: Any) -> ParsedPair:
         for name, ctx in contexts:
             if ctx and messages_to_prompt(ctx).strip() != prompt.strip():
                 raise RowError(name, "its conversation before the last assistant turn differs from 'prompt'")
-    return ParsedPair(prompt, chosen, rejected, _subset(row), meta=_meta(row))
+    return ParsedPair(prompt, chosen, rejected, _subset(row), meta=_meta(row), margin=label_margin(row))
 
 
 def parse_ultrafeedback(row: Mapping[str, Any], **_: Any) -> ParsedPair:
@@ -164,6 +189,7 @@ def make_generic(columns: Mapping[str, str]) -> Callable[..., ParsedPair]:
             row[columns["chosen"]],
             row[columns["rejected"]],
             _subset(row, sub_col) if sub_col else None,
+            margin=label_margin(row, columns["margin"]) if "margin" in columns else None,
         )
 
     return parse_generic

@@ -190,6 +190,7 @@ def _to_row(rec: Record, parser, cfg: DataConfig, label: str) -> tuple[dict | No
         source_line=rec.line,
         flags=flags,
         meta=meta_json(parsed.meta),
+        margin=parsed.margin,
     )
     return row, None
 

@@ -189,10 +189,16 @@ def _read_pairs(path: str, extra: list[str]) -> dict[str, list]:
     return pq.read_table(path, columns=cols).to_pydict()
 
 
-def _column_floats(data: dict[str, list], column: str | None, what: str, path: str) -> np.ndarray | None:
+def _column_floats(
+    data: dict[str, list], column: str | None, what: str, path: str, missing: float | None = None
+) -> np.ndarray | None:
     if not column:
         return None
     vals = data[column]
+    if missing is not None:
+        if all(v is None for v in vals):
+            raise ValueError(f"{path}: no pair has a value in column {column!r} ({what}); the data carries no margins")
+        vals = [missing if v is None else v for v in vals]
     if any(v is None for v in vals):
         raise ValueError(f"{path}: column {column!r} ({what}) has missing values; fill them (e.g. 1.0)")
     arr = np.asarray(vals, dtype=np.float64)
@@ -227,7 +233,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import torch
 
-    from mars_ray.core.losses import bt_loss, normalise_weights, pair_metrics
+    from mars_ray.core.losses import bt_loss, center_penalty, normalise_weights, pair_metrics
     from mars_ray.models.reward import disable_dropout, encode_preferences, load_reward_model, pad_batch, score_pairs
 
     cfg = Config.from_dict(config["config"])
@@ -269,7 +275,8 @@ def train_loop_per_worker(config: dict) -> dict:
         model.load_state_dict(state["trainable"], strict=False)
 
     # ---- data
-    extra = [config.get("weights_column"), config.get("margin_column") if t.margin_term else None]
+    # train.margin_term reads the pairs' label margins (the schema's margin column unless told otherwise)
+    extra = [config.get("weights_column"), (config.get("margin_column") or S.MARGIN) if t.margin_term else None]
     train = _read_pairs(config["train_path"], [c for c in extra if c])
     val = _read_pairs(config["val_path"], []) if config.get("val_path") else None
     test = _read_pairs(config["test_path"], []) if config.get("test_path") else None
@@ -283,7 +290,7 @@ def train_loop_per_worker(config: dict) -> dict:
             weights = normalise_weights(weights)
         except ValueError as e:
             raise ValueError(f"{config['train_path']}: column {config['weights_column']!r}: {e}") from None
-    margins = _column_floats(train, extra[1], "margins", config["train_path"])
+    margins = _column_floats(train, extra[1], "label margins, train.margin_term", config["train_path"], missing=0.0)
     lim = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens)
     enc_c, enc_r = encode_preferences(tokenizer, train[S.PROMPT], train[S.CHOSEN], train[S.REJECTED], **lim)
     has_types = enc_c.token_type_ids is not None
@@ -384,6 +391,8 @@ def train_loop_per_worker(config: dict) -> dict:
             w = torch.from_numpy(weights[idx]).to(device) if weights is not None else None
             m = torch.from_numpy(margins[idx]).to(device) if margins is not None else None
             loss = bt_loss(rewards[:b], rewards[b:], weights=w, margin=m)
+            if t.center_rewards:
+                loss = loss + t.center_rewards * center_penalty(rewards[:b], rewards[b:])
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step)
             if engine is not None:
