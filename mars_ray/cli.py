@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -140,6 +141,24 @@ def cmd_models_resolve(args, extra) -> int:
     for ref in args.refs:
         r = resolve_model(ref, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline)
         print(f"{ref}\t{r.kind}\t{r.path}")
+    return EXIT_OK
+
+
+def cmd_push(args, extra) -> int:
+    """Upload a saved model folder (its card and statistics included) to the Hugging Face hub."""
+    from mars_ray.model_card import push
+    from mars_ray.serve.protocol import resolve_target
+
+    if extra:
+        raise UsageError(f"mars-ray push takes no config overrides (got {' '.join(extra)})")
+    folder = resolve_target(args.model).load
+    token = os.environ.get(args.token_env) if args.token_env else None
+    try:
+        url = push(folder, args.repo, private=args.private, token=token)
+    except ConnectionError as e:
+        print(f"mars-ray: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"pushed {folder} -> {url}")
     return EXIT_OK
 
 
@@ -542,6 +561,15 @@ def _parser() -> argparse.ArgumentParser:
         "folder, a hub id or builtin:minilm (default: model.reward)",
     )
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("push", help="upload a trained model folder (model card, statistics) to the Hugging Face hub")
+    s.add_argument("--model", metavar="RUN_DIR|MODEL_DIR", required=True, help="a training run directory or its model/")
+    s.add_argument("--repo", metavar="ORG/NAME", required=True, help="the hub repository (created if missing)")
+    s.add_argument("--private", action="store_true", help="create the repository private")
+    s.add_argument(
+        "--token-env", default="HF_TOKEN", help="environment variable holding the hub token (default HF_TOKEN)"
+    )
+    s.set_defaults(func=cmd_push)
 
     modelsp = sub.add_parser("models", help="resolve model references (hub id, path, builtin:NAME)")
     models_sub = modelsp.add_subparsers(dest="action", required=True)

@@ -367,8 +367,9 @@ class ServeConfig:
     max_text_chars: int = 20000
     max_batch_items: int = 256
     max_request_bytes: int = 16 * 1024 * 1024
-    # Rewards as (r - mean) / std with mean/std of the rewards recorded in the run directory
-    # (metrics.jsonl: val_*, else test_* chosen/rejected statistics), or norm_mean / norm_std.
+    # Rewards as (r - mean) / std: norm_mean / norm_std when set, else the model's own statistics
+    # (config.json mean/std: the human training pairs' rewards, written by mars-ray train), else
+    # those recorded in the run directory (metrics.jsonl: val_*, else test_*).
     normalize: bool = False
     norm_mean: float | None = None
     norm_std: float | None = None

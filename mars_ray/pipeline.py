@@ -604,7 +604,7 @@ def run_mars(
             rows.append(man["metrics"])
             prev_model = man["model_dir"]
             prev_scores = man.get("scores_path")
-            current = pq.read_table(ep / "train.parquet").select(S.PAIR_SCHEMA.names)
+            current = S.conform(pq.read_table(ep / "train.parquet"))
             log(f"[epoch {t}/{T}] done earlier: val_accuracy {_fmt(man['metrics'].get('val_accuracy'))} (resumed)")
             if on_epoch is not None:
                 on_epoch(man["metrics"])
@@ -637,7 +637,8 @@ def run_mars(
                 _fault=_fault,
                 test_path=test_path,
                 test_before=want_base and base is None and t == 1 and warm is None,
-                score_path=run_dir / "data" / "train.parquet" if score_in_training and t < T else None,
+                # the last epoch's scores are the final model's reward statistics (config.json mean/std)
+                score_path=run_dir / "data" / "train.parquet" if (score_in_training and t < T) or t == T else None,
             )
             st.done(_fit_result(fit) + f", test accuracy {_fmt(fit.get('test_accuracy'))}")
         if want_base and base is None:
@@ -704,6 +705,9 @@ def run_mars(
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(prev_model, tmp)
+    describe_model(
+        cfg, run_dir, tmp, originals=originals, current=current, rows=rows, base=base, scores_path=prev_scores
+    )
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -732,6 +736,58 @@ def run_mars(
     except Exception as e:  # a report must never cost a finished run
         log(f"report not written: {type(e).__name__}: {e}")
     return summary
+
+
+def describe_model(
+    cfg: Config,
+    run_dir: Path,
+    model_dir: Path,
+    *,
+    originals: pa.Table,
+    current: pa.Table,
+    rows: list[dict[str, Any]],
+    base: dict[str, Any] | None,
+    scores_path: str | None,
+) -> None:
+    """Make the saved model self-describing: the reward mean/std of the human training pairs in
+    ``config.json`` (scored by the last training run, else here) and a model card."""
+    from transformers import AutoTokenizer
+
+    from mars_ray import model_card as MC
+    from mars_ray.models.reward import uses_chat_template
+
+    scores = pq.read_table(scores_path) if scores_path and Path(scores_path).exists() else None
+    if scores is None or scores.num_rows != originals.num_rows:
+        from mars_ray.stages.score import score_margins
+
+        scores = score_margins(originals, model_ref=str(model_dir), cfg=cfg)
+        source = "scored after training"
+    else:
+        source = "scored by the last training run"
+    stats = MC.reward_statistics(scores.column("reward_chosen").to_numpy(), scores.column("reward_rejected").to_numpy())
+    MC.store_reward_statistics(model_dir, stats, f"human training pairs, {source}")
+    report_path = run_dir / "data" / "data_report.json"
+    data_report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else {}
+    synthetic = current.filter(pc.equal(current.column(S.ORIGIN), S.ORIGIN_SYNTHETIC))
+    operations: dict[str, int] = {}
+    for op in synthetic.column(S.OPERATION).to_pylist():
+        operations[op] = operations.get(op, 0) + 1
+    text = MC.render_card(
+        base_model=cfg.model.reward,
+        strategy=cfg.mars.strategy,
+        epochs=cfg.mars.epochs,
+        budget=cfg.mars.budget,
+        data_files=data_report.get("files") or [cfg.data.path],
+        data_report=data_report,
+        operations=operations,
+        human_pairs=current.num_rows - synthetic.num_rows,
+        final=rows[-1] if rows else {},
+        base=base,
+        stats=stats,
+        config_hash=cfg.hash(),
+        chat_template=uses_chat_template(AutoTokenizer.from_pretrained(str(model_dir))),
+    )
+    MC.write_card(model_dir, text, (run_dir / "config.yaml").read_text(encoding="utf-8"))
 
 
 def _say_new_head(cfg: Config, log: Callable[[str], None]) -> None:

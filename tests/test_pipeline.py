@@ -92,6 +92,43 @@ def _comparable(rows):
 STRATEGIES = ["none", "uniform", "mars", "mars-nosem", "west-of-n", "adaboost"]
 
 
+def _check_self_describing(run_dir: Path, strategy: str, model, train_pairs) -> None:
+    """model/ carries its card, its config and its training pairs' reward statistics, read with
+    plain transformers; serve normalises with those statistics."""
+    from transformers import AutoTokenizer
+
+    from mars_ray.config import ServeConfig
+    from mars_ray.models.reward import score_pairs
+    from mars_ray.serve import protocol as P
+
+    mdir = run_dir / "model"
+    card = (mdir / "README.md").read_text(encoding="utf-8")
+    front = card.split("---")[1]
+    assert "library_name: transformers" in front and all(
+        f"- {t}" in front for t in ("reward-model", "mars", "mars-ray")
+    )
+    assert f"`{strategy}` strategy" in card and "## Held-out metrics" in card and "mars_ray_config.yaml" in card
+    assert (mdir / "mars_ray_config.yaml").read_text() == (run_dir / "config.yaml").read_text()
+    cfg = model.config
+    assert cfg.mars_ray_reward_stats["n_pairs"] == train_pairs.num_rows and cfg.std > 0
+    t = train_pairs.to_pydict()
+    tok = AutoTokenizer.from_pretrained(mdir)
+    rc, rr = score_pairs(
+        model.eval(),
+        tok,
+        t["prompt"],
+        t["chosen"],
+        t["rejected"],
+        batch_size=16,
+        max_prompt_tokens=512,
+        max_response_tokens=192,
+    )
+    allr = np.concatenate([rc, rr])
+    assert cfg.mean == pytest.approx(allr.mean(), abs=1e-4) and cfg.std == pytest.approx(allr.std(), abs=1e-4)
+    norm = P.make_normalizer(ServeConfig(normalize=True), str(run_dir), str(mdir))
+    assert (norm.mean, norm.std) == (cfg.mean, cfg.std) and "config.json" in norm.source
+
+
 @pytest.mark.ray
 def test_every_strategy_two_epochs(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
     """2 epochs of each strategy, same data/seed/budget; what differs is what each adds. (Stages
@@ -125,6 +162,7 @@ def test_every_strategy_two_epochs(ray_local, tmp_path, tiny_bert_dir, tiny_llam
         assert (d / "metrics.csv").read_text().splitlines()[0].startswith("epoch,strategy,train_pairs")
         m = AutoModelForSequenceClassification.from_pretrained(d / "model")  # plain HF folder
         assert m.config.num_labels == 1
+        _check_self_describing(d, strategy, m, originals[strategy])
         t1, t2 = (pq.read_table(d / "epochs" / f"00{e}" / "train.parquet") for e in (1, 2))
         syn = [pq.read_table(d / "epochs" / f"00{e}" / "synthetic.parquet") for e in (1, 2)]
         # D^t = D^{t-1} ∪ D_syn, originals never dropped

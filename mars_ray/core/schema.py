@@ -60,6 +60,18 @@ PAIR_SCHEMA = pa.schema(
 )
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
 
+
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` in PAIR_SCHEMA's columns and order, nullable columns it lacks (files written
+    before a column existed, e.g. ``margin``) filled with nulls; other columns dropped."""
+    for f in PAIR_SCHEMA:
+        if f.name not in table.column_names:
+            if not f.nullable:
+                raise ValueError(f"pair table lacks the required column {f.name!r}")
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+
+
 # Every quarantine record has these keys (plus "raw": the row as read, so nothing is lost).
 QUARANTINE_FIELDS = ("file", "line", "field", "reason")
 

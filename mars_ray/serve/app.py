@@ -382,7 +382,7 @@ def build_app(cfg: Any, model: str | None = None):
     if problems:
         raise ValueError("invalid serve configuration:\n  - " + "\n  - ".join(problems))
     target = P.resolve_target(model or cfg.model.reward)
-    normalizer = P.make_normalizer(s, target.run_dir)
+    normalizer = P.make_normalizer(s, target.run_dir, target.load)
     raw_token = P.read_token(s.auth_token_env)
     P.check_exposure(s.host, raw_token, bool(s.allow_unauthenticated))
     token = P.Secret(raw_token)

@@ -476,11 +476,19 @@ def reward_stats(run_dir: str | None) -> tuple[float, float, str]:
     )
 
 
-def make_normalizer(serve_cfg: Any, run_dir: str | None) -> Normalizer:
-    """The normaliser the config asks for (explicit norm_mean/std win over the run's statistics)."""
+def make_normalizer(serve_cfg: Any, run_dir: str | None, model_dir: str | None = None) -> Normalizer:
+    """The normaliser the config asks for: explicit norm_mean/std, else the model's own statistics
+    (``mean``/``std`` in its ``config.json``, as mars-ray train and OpenRLHF write them), else the
+    run's recorded validation/test statistics."""
     if not serve_cfg.normalize:
         return Normalizer()
     if serve_cfg.norm_mean is not None and serve_cfg.norm_std is not None:
         return Normalizer(float(serve_cfg.norm_mean), float(serve_cfg.norm_std), "serve.norm_mean/norm_std")
+    if model_dir is not None and Path(model_dir).is_dir():
+        from mars_ray.model_card import read_reward_statistics
+
+        own = read_reward_statistics(model_dir)
+        if own is not None:
+            return Normalizer(own[0], own[1], f"{Path(model_dir) / 'config.json'} mean/std")
     mean, std, source = reward_stats(run_dir)
     return Normalizer(mean, std, source)
