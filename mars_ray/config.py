@@ -44,9 +44,18 @@ class DataConfig:
     # Reader: auto-detected from the fields when "auto". TRL's four preference layouts all read:
     # "pairs" (explicit prompt string), "hh-rlhf" (implicit prompt: two full texts, split after the
     # last shared "\n\nAssistant:" or, for plain texts, at the last shared word), "conversational"
-    # (message lists, with or without a "prompt" list).
+    # (message lists, with or without a "prompt" list). "rewardbench2" (lists of completions per
+    # prompt, best-of-N) is read by `mars-ray eval` only.
     format: Literal[
-        "auto", "pairs", "hh-rlhf", "conversational", "pku-saferlhf", "ultrafeedback", "rewardbench", "generic"
+        "auto",
+        "pairs",
+        "hh-rlhf",
+        "conversational",
+        "pku-saferlhf",
+        "ultrafeedback",
+        "rewardbench",
+        "rewardbench2",
+        "generic",
     ] = "auto"
     # Generic format: our field name -> column in the file (keys: prompt, chosen, rejected, subset, margin).
     columns: dict[str, str] = field(default_factory=dict)

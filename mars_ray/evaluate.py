@@ -2,7 +2,10 @@
 
 Writes ``DIR/eval.json`` (accuracy, SNR, n, reward statistics, accuracy by length, RewardBench
 subsets and sections where the data has a ``subset`` column, the curvature diagnostic),
-``DIR/eval.md`` + ``DIR/eval.html`` (a readable report) and PNG plots.
+``DIR/eval.md`` + ``DIR/eval.html`` (a readable report) and PNG plots. On RewardBench data it also
+writes ``DIR/rewardbench_results.json``, the per-subset results file RewardBench itself writes, so
+its leaderboard tools read our numbers. RewardBench 2 files (N completions per prompt) are scored
+the way RewardBench 2 scores them: best-of-N accuracy per subset, the Ties formula for Ties.
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ from mars_ray.config import Config
 from mars_ray.core import schema as S
 from mars_ray.core.jsonable import json_default
 from mars_ray.core.losses import pair_metrics
-from mars_ray.core.metrics import curvature_bins, length_buckets, rewardbench_sections, subset_accuracy
+from mars_ray.core.metrics import (
+    SUBSET_SECTION,
+    curvature_bins,
+    length_buckets,
+    rewardbench2_scores,
+    rewardbench_results,
+    rewardbench_sections,
+    subset_accuracy,
+)
+
+RESULTS_FILE = "rewardbench_results.json"
 
 
 def model_path(ref: str) -> str:
@@ -42,6 +55,8 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data_cfg = dataclasses.replace(cfg.data, val_fraction=0.0, test_fraction=0.0)  # every usable pair
+    if _is_best_of_n(data_cfg):
+        return evaluate_best_of_n(cfg, model_ref, log=log)
     loaded = read_preferences(data_cfg, seed=cfg.seed)
     table = loaded.table
     excluded = 0
@@ -112,6 +127,9 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
             sections_complete=rb["complete"],
             unknown_subsets=rb["unknown_subsets"],
         )
+        if any(s in SUBSET_SECTION for s in per):
+            rb_file = rewardbench_results(per, model=model_ref, chat_template=_chat_template_name(tok))
+            _write_json(out_dir / RESULTS_FILE, rb_file)
     else:
         result["sections"] = {}
     bins = min(cfg.eval.curvature_bins, n)
@@ -122,7 +140,7 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
     np.savez_compressed(
         out_dir / "scores.npz", pair_id=np.array(table.column(S.PAIR_ID).to_pylist()), r_chosen=rc, r_rejected=rr
     )
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2, default=json_default) + "\n")
+    _write_json(out_dir / "eval.json", result)
     from mars_ray.report import eval_report
 
     eval_report(result, margins, out_dir)
@@ -134,6 +152,176 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
             else ""
         )
         + f"; {out_dir}/eval.json"
+    )
+    return result
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _chat_template_name(tokenizer: Any) -> str | None:
+    """RewardBench's ``chat_template`` field: "tokenizer" when the tokenizer's template formats the
+    conversation, else null (a plain text pair)."""
+    from mars_ray.models.reward import uses_chat_template
+
+    return "tokenizer" if uses_chat_template(tokenizer) else None
+
+
+def _is_best_of_n(data_cfg: Any) -> bool:
+    """Whether the data is RewardBench 2's layout (``data.format rewardbench2`` or detected)."""
+    if data_cfg.format == "rewardbench2":
+        return True
+    if data_cfg.format != "auto" or data_cfg.path.startswith("builtin:"):
+        return False
+    from mars_ray.data.files import iter_records
+    from mars_ray.data.formats import detect_format
+    from mars_ray.data.load import resolve_data_files
+
+    for path in resolve_data_files(data_cfg):
+        for rec in iter_records(path):
+            if rec.row is not None and detect_format(rec.row) is not None:
+                return detect_format(rec.row) == "rewardbench2"
+    return False
+
+
+def _best_of_n_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A validated RewardBench 2 row, or RowError naming the field."""
+    from mars_ray.core.validation import RowError, text_problem
+
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        raise RowError("prompt", "missing" if prompt is None else f"expected a string, got {type(prompt).__name__}")
+    comps: dict[str, list[str]] = {}
+    for name in ("chosen", "rejected"):
+        v = row.get(name)
+        if not isinstance(v, list) or not v:
+            raise RowError(name, "expected a non-empty list of completions")
+        for i, x in enumerate(v):
+            why = text_problem(x)
+            if why:
+                raise RowError(f"{name}[{i}]", why)
+        comps[name] = v
+    subset = row.get("subset")
+    if not isinstance(subset, str) or not subset:
+        raise RowError("subset", "missing (RewardBench 2 rows name their subset)")
+    rid = row.get("id")
+    if rid is None:
+        raise RowError("id", "missing")
+    n_correct = row.get("num_correct", len(comps["chosen"]))
+    if isinstance(n_correct, bool) or not isinstance(n_correct, int) or n_correct != len(comps["chosen"]):
+        raise RowError("num_correct", f"{n_correct!r} does not match the {len(comps['chosen'])} chosen completions")
+    total = row.get("total_completions")
+    if total is not None and total != len(comps["chosen"]) + len(comps["rejected"]):
+        raise RowError(
+            "total_completions", f"{total!r} but the row has {len(comps['chosen']) + len(comps['rejected'])}"
+        )
+    return {
+        "id": str(rid),
+        "subset": subset,
+        "prompt": prompt,
+        "completions": comps["chosen"] + comps["rejected"],
+        "num_correct": n_correct,
+    }
+
+
+def evaluate_best_of_n(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score a RewardBench 2 file: every completion of every row, then per subset the best-of-N
+    accuracy (a row counts 1 when its chosen completion outscores the others, 1/k for a k-way tie at
+    the top) or, for Ties, RewardBench 2's Ties score. Rows that are not usable are quarantined
+    with their file, line, field and reason; ``rows_read == rows + quarantined``."""
+    from mars_ray.core.validation import RowError
+    from mars_ray.data.files import iter_records
+    from mars_ray.data.load import resolve_data_files
+    from mars_ray.models.reward import load_reward_model, score_texts
+
+    if cfg.eval.exclude_pairs:
+        raise ValueError("eval.exclude_pairs applies to preference pairs; a RewardBench 2 file has none")
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.output.dir)
+    rows: list[dict[str, Any]] = []
+    quarantine: list[dict[str, Any]] = []
+    read = 0
+    for path in resolve_data_files(cfg.data):
+        for rec in iter_records(path):
+            read += 1
+            try:
+                if rec.error is not None:
+                    raise rec.error
+                rows.append({**_best_of_n_row(rec.row), "line": rec.line, "file": str(path)})
+            except RowError as e:
+                quarantine.append(
+                    {"file": str(path), "line": rec.line, "field": e.field, "reason": e.reason, "raw": rec.raw}
+                )
+    if cfg.data.max_pairs is not None and len(rows) > cfg.data.max_pairs:
+        rng = np.random.default_rng(cfg.data.seed if cfg.data.seed is not None else cfg.seed)
+        keep = np.sort(rng.choice(len(rows), size=cfg.data.max_pairs, replace=False))
+        rows = [rows[i] for i in keep]
+    if not rows:
+        raise ValueError(f"{cfg.data.path}: no usable RewardBench 2 rows (read {read}, {len(quarantine)} quarantined)")
+    log(f"eval: {len(rows)} best-of-N rows from {cfg.data.path} ({len(quarantine)} quarantined)")
+    ref = model_path(model_ref)
+    model, tok = load_reward_model(
+        ref, seed=cfg.seed, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline
+    )
+    model.eval()
+    prompts = [r["prompt"] for r in rows for _ in r["completions"]]
+    texts = [c for r in rows for c in r["completions"]]
+    t1 = time.perf_counter()
+    scores = score_texts(
+        model,
+        tok,
+        prompts,
+        texts,
+        batch_size=cfg.eval.batch_size,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+    )
+    score_s = time.perf_counter() - t1
+    k = 0
+    for r in rows:
+        r["scores"] = [float(x) for x in scores[k : k + len(r["completions"])]]
+        k += len(r["completions"])
+    rb2 = rewardbench2_scores(rows)
+    result: dict[str, Any] = {
+        "model": model_ref,
+        "model_path": ref,
+        "data": cfg.data.path,
+        "format": "rewardbench2",
+        "n": len(rows),
+        "completions": len(texts),
+        "rows_read": read,
+        "quarantined": len(quarantine),
+        "subsets": rb2["subsets"],
+        "rewardbench2_average": rb2["average"],
+        "accuracy": rb2["average"],
+        "sections": {},
+        "seconds": {"score": round(score_s, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "best_of_n_scores.jsonl").open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("file", "line", "id", "subset", "num_correct", "scores")}) + "\n")
+    if quarantine:
+        from mars_ray.data.load import write_quarantine
+
+        write_quarantine(quarantine, out_dir / "quarantine.jsonl")
+    _write_json(
+        out_dir / RESULTS_FILE,
+        rewardbench_results(rb2["subsets"], model=model_ref, chat_template=_chat_template_name(tok)),
+    )
+    _write_json(out_dir / "eval.json", result)
+    lines = ["# RewardBench 2", "", f"Model `{model_ref}`, {len(rows)} rows, {len(texts)} completions.", ""]
+    lines += ["| subset | rows | score |", "|---|---|---|"]
+    lines += [f"| {s} | {v['n']} | {v['score']:.4f} |" for s, v in rb2["subsets"].items()]
+    lines += ["", f"Average over the subsets: {rb2['average']:.4f}", ""]
+    (out_dir / "eval.md").write_text("\n".join(lines), encoding="utf-8")
+    log(
+        "eval: RewardBench 2 "
+        + ", ".join(f"{s} {v['score']:.3f}" for s, v in rb2["subsets"].items())
+        + f"; average {rb2['average']:.4f}; {out_dir}/eval.json"
     )
     return result
 

@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 
 from mars_ray.core.metrics import (
+    HEP,
     SECTIONS,
+    best_of_n_result,
     curvature_bins,
     length_buckets,
     paired_comparison,
+    rewardbench2_scores,
     rewardbench_sections,
     sigmoid,
     subset_accuracy,
+    ties_score,
 )
 
 
@@ -25,10 +29,10 @@ def test_subset_accuracy_counts_strict_wins_per_subset():
         subset_accuracy([True, True, False], ["a", "b"])
 
 
-def test_sections_are_example_weighted_and_reasoning_is_half_math_half_hep():
+def test_sections_weigh_subsets_by_rewardbench_counts_and_math_like_all_code():
     per = {
         "alpacaeval-easy": {"accuracy": 1.0, "n": 100},
-        "mt-bench-med": {"accuracy": 0.5, "n": 300},
+        "mt-bench-med": {"accuracy": 0.5, "n": 300},  # the data's n does not matter: RewardBench's 40 does
         "llmbar-natural": {"accuracy": 0.6, "n": 100},
         "donotanswer": {"accuracy": 0.2, "n": 10},
         "xstest-should-respond": {"accuracy": 0.8, "n": 30},
@@ -39,14 +43,17 @@ def test_sections_are_example_weighted_and_reasoning_is_half_math_half_hep():
     }
     r = rewardbench_sections(per)
     s = r["sections"]
-    assert s["Chat"] == pytest.approx((1.0 * 100 + 0.5 * 300) / 400)  # 0.625, not the plain mean 0.75
+    assert s["Chat"] == pytest.approx((1.0 * 100 + 0.5 * 40) / 140)
     assert s["Chat Hard"] == pytest.approx(0.6)
-    assert s["Safety"] == pytest.approx((0.2 * 10 + 0.8 * 30) / 40)  # 0.65
-    assert s["Reasoning"] == pytest.approx(0.5 * 0.9 + 0.5 * (0.5 + 0.7) / 2)  # hep-* unweighted: 0.75
-    assert r["average"] == pytest.approx(np.mean([0.625, 0.6, 0.65, 0.75]))
+    assert s["Safety"] == pytest.approx((0.2 * 136 + 0.8 * 154) / (136 + 154))
+    assert s["Reasoning"] == pytest.approx((0.9 * 984 + 0.5 * 164 + 0.7 * 164) / (984 + 2 * 164))
+    assert r["average"] == pytest.approx(np.mean(list(s.values())))
     assert r["covered"] == ["Chat", "Chat Hard", "Safety", "Reasoning"]
     assert r["complete"] == {"Chat": False, "Chat Hard": False, "Safety": False, "Reasoning": False}
     assert r["unknown_subsets"] == ["my-own-subset"]
+    # the complete Reasoning section: math-prm half, the six hep-* subsets the other half
+    full = {"math-prm": {"accuracy": 0.9, "n": 447}, **{h: {"accuracy": 0.3, "n": 164} for h in HEP}}
+    assert rewardbench_sections(full)["sections"]["Reasoning"] == pytest.approx(0.5 * 0.9 + 0.5 * 0.3)
 
 
 def test_sections_cover_only_what_the_data_has():
@@ -54,10 +61,57 @@ def test_sections_cover_only_what_the_data_has():
     r = rewardbench_sections(per)
     assert r["covered"] == ["Chat Hard"] and r["complete"] == {"Chat Hard": True}
     assert r["average"] == pytest.approx(0.5)
-    # Reasoning with only hep subsets: the hep mean alone.
     r = rewardbench_sections({"hep-go": {"accuracy": 0.2, "n": 3}, "hep-rust": {"accuracy": 0.6, "n": 50}})
-    assert r["sections"]["Reasoning"] == pytest.approx(0.4)
+    assert r["sections"]["Reasoning"] == pytest.approx(0.4)  # equal counts: the plain mean
     assert math.isnan(rewardbench_sections({})["average"])
+
+
+def test_best_of_n_counts_ties_at_the_top_as_fractions():
+    assert best_of_n_result([2.0, 1.0, 0.5, 1.9]) == 1.0
+    assert best_of_n_result([2.0, 2.0, 0.5, 1.9]) == 0.5
+    assert best_of_n_result([2.0, 2.0, 2.0, 2.0]) == 0.25
+    assert best_of_n_result([1.0, 3.0, 0.5, 0.0]) == 0.0
+    with pytest.raises(ValueError):
+        best_of_n_result([1.0])
+
+
+def test_ties_score_by_hand():
+    rows = [
+        # prompt 1: tied (3 correct, 2 wrong), all correct above the wrong ones; reference too
+        ("tied:1", 3, [5.0, 4.0, 4.5, 1.0, 2.0]),
+        ("ref:1", 1, [3.0, 2.5, 1.0]),
+        # prompt 2: tied ranks a wrong answer above a correct one; reference right
+        ("tied:2", 2, [1.0, 3.0, 2.0, 0.0]),
+        ("ref:2", 1, [4.0, 0.0]),
+    ]
+    t = ties_score(rows)
+    # per prompt: tied (accurate, spread, gap), ref (accurate, gap)
+    # 1: spread 1.0, gap 4.0 - 2.0 = 2.0 (accurate); ref gap 0.5; hard = min(0.5, 2.0) = 0.5
+    # 2: spread 2.0, gap 1.0 - 2.0 = -1.0 (not accurate); ref gap 4.0; hard = min(4.0, -1.0) = -1.0
+    assert t["tied_accuracy"] == 0.5 and t["ref_accuracy"] == 1.0
+    assert t["correctness_preferred"] == 0.5  # 2.0 > 1.0 yes; -1.0 > 2.0 no
+    assert t["correctness_preferred_hard"] == 0.0  # 0.5 > 1.0 no; -1.0 > 2.0 no
+    margin = (math.tanh(0.5 / 1.0 - 1) + math.tanh(-1.0 / 2.0 - 1)) / 2
+    assert t["margin_score"] == pytest.approx(margin)
+    assert t["score"] == pytest.approx(0.3 * 0.5 + 0.3 * 1.0 + 0.2 * 0.5 + 0.2 * 0.0 + 0.01 * margin)
+    with pytest.raises(ValueError, match="ref:<prompt id>"):
+        ties_score([("x", 1, [1.0, 0.0])])
+
+
+def test_rewardbench2_scores_subsets_and_average():
+    rows = [
+        {"subset": "Focus", "id": "a", "num_correct": 1, "scores": [2.0, 1.0, 0.0, 1.5]},
+        {"subset": "Focus", "id": "b", "num_correct": 1, "scores": [1.0, 2.0, 0.0, 1.5]},
+        {"subset": "Math", "id": "c", "num_correct": 1, "scores": [3.0, 3.0, 0.0, 1.0]},
+        {"subset": "Ties", "id": "tied:7", "num_correct": 2, "scores": [2.0, 2.5, 0.0]},
+        {"subset": "Ties", "id": "ref:7", "num_correct": 1, "scores": [2.0, 0.0]},
+    ]
+    r = rewardbench2_scores(rows)
+    assert r["subsets"]["Focus"]["score"] == 0.5 and r["subsets"]["Math"]["score"] == 0.5
+    assert r["subsets"]["Ties"]["score"] == pytest.approx(
+        ties_score([("tied:7", 2, [2.0, 2.5, 0.0]), ("ref:7", 1, [2.0, 0.0])])["score"]
+    )
+    assert r["average"] == pytest.approx(np.mean([0.5, 0.5, r["subsets"]["Ties"]["score"]]))
 
 
 def test_length_buckets():

@@ -177,6 +177,27 @@ def parse_ultrafeedback(row: Mapping[str, Any], **_: Any) -> ParsedPair:
     return ParsedPair(parsed.prompt, parsed.chosen, parsed.rejected, flags=flags, meta=meta)
 
 
+def parse_rewardbench2(row: Mapping[str, Any], **_: Any) -> ParsedPair:
+    """RewardBench 2 rows hold N completions per prompt, not a pair: they are evaluated with
+    ``mars-ray eval`` (best-of-N and Ties scoring), never trained on."""
+    raise RowError(
+        "chosen",
+        "a RewardBench 2 best-of-N row (lists of completions), not a preference pair: score it with mars-ray eval",
+    )
+
+
+def is_best_of_n_row(row: Mapping[str, Any]) -> bool:
+    """RewardBench 2's layout: ``chosen`` and ``rejected`` are lists of completion strings."""
+    c, r = row.get("chosen"), row.get("rejected")
+    return (
+        isinstance(c, list)
+        and isinstance(r, list)
+        and bool(c)
+        and all(isinstance(x, str) for x in c)
+        and all(isinstance(x, str) for x in r)
+    )
+
+
 def make_generic(columns: Mapping[str, str]) -> Callable[..., ParsedPair]:
     def parse_generic(row: Mapping[str, Any], **_: Any) -> ParsedPair:
         for name in ("prompt", "chosen", "rejected"):
@@ -201,6 +222,7 @@ PARSERS: dict[str, Callable[..., ParsedPair]] = {
     "pku-saferlhf": parse_pku,
     "ultrafeedback": parse_ultrafeedback,
     "conversational": parse_conversational,
+    "rewardbench2": parse_rewardbench2,
     "rewardbench": parse_rewardbench,
 }
 
@@ -211,6 +233,8 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
     if {"response_0", "response_1"} <= keys:
         return "pku-saferlhf"
     if {"chosen", "rejected"} <= keys:
+        if is_best_of_n_row(row):
+            return "rewardbench2"
         scored = "score_chosen" in keys or (
             isinstance(row.get("metadata"), Mapping) and "score_chosen" in row["metadata"]
         )
