@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
+from mars_ray.core.atomic import write_json
 
 MANIFESTS = "bank"  # folder of build manifests inside the cache directory
 
@@ -115,7 +116,7 @@ def build_bank(
     d = cache_root(cfg.model.cache_dir) / MANIFESTS
     d.mkdir(parents=True, exist_ok=True)
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.hash()}.json"
-    (d / name).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(d / name, manifest)
     log(
         f"[bank] done in {manifest['seconds']:.0f}s: "
         + json.dumps({k: manifest.get(k) for k in ("paraphrase", "rewrite")})

@@ -177,12 +177,15 @@ def cmd_augment(args, extra) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out)
     res = run_epoch(cfg, train, reward_ref=cfg.model.reward, epoch=cfg.augment.epoch)
-    pq.write_table(res.synthetic, out / "synthetic.parquet")
-    pq.write_table(res.per_pair, out / "allocation.parquet")
+    from mars_ray.core import atomic
+
+    for table, name in ((res.synthetic, "synthetic.parquet"), (res.per_pair, "allocation.parquet")):
+        with atomic.atomic_path(out / name) as tmp:
+            pq.write_table(table, tmp)
     res.summary["data"] = {k: data.report[k] for k in ("read", "kept", "quarantined", "selected")}
-    (out / "augment_summary.json").write_text(json.dumps(res.summary, indent=2, default=float) + "\n", encoding="utf-8")
+    atomic.write_json(out / "augment_summary.json", res.summary, default=float)
     md = summary_markdown(res.summary)
-    (out / "augment_summary.md").write_text(md, encoding="utf-8")
+    atomic.write_text(out / "augment_summary.md", md)
     print(md, end="")
     print(f"wrote {out / 'synthetic.parquet'} ({res.synthetic.num_rows} synthetic pairs)")
     return EXIT_OK
@@ -354,7 +357,9 @@ def _tune_config(args, extra) -> Config:
             f"{out} holds an experiment already: --resume {out} continues it, or choose another --output.dir"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment_config.yaml").write_text(cfg.to_yaml())
+    from mars_ray.core.atomic import write_text
+
+    write_text(out / "experiment_config.yaml", cfg.to_yaml())
     return cfg
 
 

@@ -11,7 +11,6 @@ the way RewardBench 2 scores them: best-of-N accuracy per subset, the Ties formu
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from mars_ray.config import Config
 from mars_ray.core import schema as S
-from mars_ray.core.jsonable import json_default
+from mars_ray.core.atomic import atomic_path, write_json, write_jsonl, write_text
 from mars_ray.core.losses import pair_metrics
 from mars_ray.core.metrics import (
     SUBSET_SECTION,
@@ -137,9 +136,8 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
         margins, feats[:n].astype(np.float64) - feats[n:].astype(np.float64), bins=bins
     )
     result["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-    np.savez_compressed(
-        out_dir / "scores.npz", pair_id=np.array(table.column(S.PAIR_ID).to_pylist()), r_chosen=rc, r_rejected=rr
-    )
+    with atomic_path(out_dir / "scores.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, pair_id=np.array(table.column(S.PAIR_ID).to_pylist()), r_chosen=rc, r_rejected=rr)
     _write_json(out_dir / "eval.json", result)
     from mars_ray.report import eval_report
 
@@ -157,9 +155,7 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, obj)
 
 
 def _chat_template_name(tokenizer: Any) -> str | None:
@@ -301,9 +297,8 @@ def evaluate_best_of_n(cfg: Config, model_ref: str, *, log: Callable[[str], None
         "seconds": {"score": round(score_s, 3), "total": round(time.perf_counter() - t0, 3)},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "best_of_n_scores.jsonl").open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("file", "line", "id", "subset", "num_correct", "scores")}) + "\n")
+    keys = ("file", "line", "id", "subset", "num_correct", "scores")
+    write_jsonl(out_dir / "best_of_n_scores.jsonl", ({k: r[k] for k in keys} for r in rows))
     if quarantine:
         from mars_ray.data.load import write_quarantine
 
@@ -317,7 +312,7 @@ def evaluate_best_of_n(cfg: Config, model_ref: str, *, log: Callable[[str], None
     lines += ["| subset | rows | score |", "|---|---|---|"]
     lines += [f"| {s} | {v['n']} | {v['score']:.4f} |" for s, v in rb2["subsets"].items()]
     lines += ["", f"Average over the subsets: {rb2['average']:.4f}", ""]
-    (out_dir / "eval.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text(out_dir / "eval.md", "\n".join(lines))
     log(
         "eval: RewardBench 2 "
         + ", ".join(f"{s} {v['score']:.3f}" for s, v in rb2["subsets"].items())

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mars_ray.config import Config
+from mars_ray.core.atomic import write_json, write_text
 
 TRIAL_DIR = "trials"
 EXPERIMENT = "tune"
@@ -275,7 +276,7 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
     )
     result = summarise_compare(trial_rows(root), cfg)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    (root / "compare.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_json(root / "compare.json", result, default=float)
     from mars_ray.report import compare_report
 
     compare_report(result, trial_rows(root), root)
@@ -501,7 +502,7 @@ def sweep(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = pr
     best_cfg.output.dir = str(root / "best_run")
     best_cfg.output.overwrite = False
     best_path = root / "best_config.yaml"
-    best_path.write_text(best_cfg.to_yaml())
+    write_text(best_path, best_cfg.to_yaml())
     result = {
         "metric": cfg.tune.metric,
         "mode": cfg.tune.mode,
@@ -510,7 +511,7 @@ def sweep(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = pr
         "best": best,
         "best_config": str(best_path),
     }
-    (root / "sweep.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(root / "sweep.json", result, default=str)
     from mars_ray.report import sweep_report
 
     sweep_report(result, root)

@@ -5,13 +5,24 @@ sense in other tools without mars_ray.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mars_ray.core.atomic import write_text
+from mars_ray.models.reward_stats import read_reward_statistics, reward_statistics, store_reward_statistics
+
+__all__ = [
+    "push",
+    "read_reward_statistics",
+    "render_card",
+    "reward_statistics",
+    "store_reward_statistics",
+    "write_card",
+]
 
 CARD_FILE = "README.md"
 CONFIG_COPY = "mars_ray_config.yaml"  # the run's resolved config, beside the weights
@@ -21,46 +32,6 @@ BUILTIN_HUB_IDS = {
     "builtin:minilm": "sentence-transformers/all-MiniLM-L6-v2",
     "builtin:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def reward_statistics(chosen: Sequence[float], rejected: Sequence[float]) -> dict[str, float]:
-    """Mean and std of every reward (chosen and rejected together), as OpenRLHF pools them."""
-    r = np.concatenate([np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)])
-    if r.size == 0 or not np.all(np.isfinite(r)):
-        raise ValueError("reward statistics need at least one finite reward")
-    return {"mean": float(r.mean()), "std": float(r.std()), "n_pairs": int(r.size // 2)}
-
-
-def store_reward_statistics(model_dir: str | os.PathLike, stats: Mapping[str, float], source: str) -> None:
-    """Write ``mean`` and ``std`` (OpenRLHF's keys) and where they come from into ``config.json``."""
-    path = Path(model_dir) / "config.json"
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    cfg["mean"] = float(stats["mean"])
-    cfg["std"] = float(stats["std"])
-    cfg["mars_ray_reward_stats"] = {"n_pairs": int(stats["n_pairs"]), "source": source}
-    _atomic_write(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def read_reward_statistics(model_dir: str | os.PathLike) -> tuple[float, float] | None:
-    """``(mean, std)`` from a model folder's ``config.json``, or None when it has none."""
-    path = Path(model_dir) / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    mean, std = cfg.get("mean"), cfg.get("std")
-    if isinstance(mean, (int, float)) and isinstance(std, (int, float)) and std > 0:
-        return float(mean), float(std)
-    return None
 
 
 def base_model_id(ref: str) -> str:
@@ -186,9 +157,9 @@ def render_card(
 
 def write_card(model_dir: str | os.PathLike, text: str, config_yaml: str | None = None) -> Path:
     out = Path(model_dir)
-    _atomic_write(out / CARD_FILE, text)
+    write_text(out / CARD_FILE, text)
     if config_yaml is not None:
-        _atomic_write(out / CONFIG_COPY, config_yaml)
+        write_text(out / CONFIG_COPY, config_yaml)
     return out / CARD_FILE
 
 

@@ -53,8 +53,8 @@ import pyarrow.parquet as pq
 
 from mars_ray import console
 from mars_ray.config import CONFIG_FILENAME, Config
+from mars_ray.core import atomic
 from mars_ray.core import schema as S
-from mars_ray.core.jsonable import json_default
 from mars_ray.train.loop import SCORES_FILE
 
 METRICS_JSONL, METRICS_CSV, SUMMARY_FILE, MANIFEST = "metrics.jsonl", "metrics.csv", "summary.json", "manifest.json"
@@ -99,15 +99,12 @@ def epoch_dir(run_dir: Path, epoch: int) -> Path:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> Config:
@@ -211,7 +208,7 @@ def _augment(
             margins=scores,
         )
         _write_parquet(res.per_pair, ep / "allocation.parquet")
-        (ep / "augment_summary.md").write_text(summary_markdown(res.summary), encoding="utf-8")
+        atomic.write_text(ep / "augment_summary.md", summary_markdown(res.summary))
         return res.synthetic, res.summary, None
     if strategy == "west-of-n":
         return (*_west_of_n(cfg, originals, prev_model, epoch, log), None)
@@ -500,23 +497,16 @@ def _finite(x: Any) -> Any:
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """metrics.jsonl (every key) and metrics.csv (CSV_COLUMNS), rewritten from the epoch rows."""
-    tmp = run_dir / (METRICS_JSONL + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: _finite(v) for k, v in r.items()}, ensure_ascii=False, default=json_default) + "\n")
-    os.replace(tmp, run_dir / METRICS_JSONL)
-    tmp = run_dir / (METRICS_CSV + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
+    atomic.write_jsonl(run_dir / METRICS_JSONL, ({k: _finite(v) for k, v in r.items()} for r in rows))
+    with atomic.atomic_path(run_dir / METRICS_CSV) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
-    os.replace(tmp, run_dir / METRICS_CSV)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_JSONL
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return atomic.read_jsonl(Path(run_dir) / METRICS_JSONL)
 
 
 def _fmt(v: Any) -> str:
@@ -708,9 +698,7 @@ def run_mars(
     describe_model(
         cfg, run_dir, tmp, originals=originals, current=current, rows=rows, base=base, scores_path=prev_scores
     )
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    atomic.replace_dir(tmp, final)  # model/ is complete at every moment (the old one until the swap)
     summary = {
         "run_dir": str(run_dir),
         "strategy": cfg.mars.strategy,

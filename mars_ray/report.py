@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from mars_ray.core.atomic import atomic_path, write_text
+
 
 def _plt():
     import matplotlib
@@ -24,7 +26,8 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     _plt().close(fig)
     return path
 
@@ -148,7 +151,7 @@ def write_markdown_and_html(
     """``stem.md`` (images linked by file name) and ``stem.html`` (images embedded)."""
     md = list(lines) + [""] + [f"![{p.stem}]({p.name})" for p in images]
     md_path = out_dir / f"{stem}.md"
-    md_path.write_text("\n".join(md) + "\n")
+    write_text(md_path, "\n".join(md) + "\n")
     body: list[str] = []
     table: list[str] = []
 
@@ -193,7 +196,7 @@ def write_markdown_and_html(
         "</style></head><body>" + "\n".join(body) + "</body></html>\n"
     )
     html_path = out_dir / f"{stem}.html"
-    html_path.write_text(page)
+    write_text(html_path, page)
     return md_path, html_path
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -247,12 +246,9 @@ def _report(read, table, quarantine, formats, files, cfg: DataConfig, seconds: f
 
 def write_quarantine(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write quarantine records as JSON Lines (one per bad row)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for q in records:
-            f.write(json.dumps(q, ensure_ascii=False) + "\n")
-    return path
+    from mars_ray.core.atomic import write_jsonl
+
+    return write_jsonl(path, records)
 
 
 def to_ray_dataset(table: pa.Table):

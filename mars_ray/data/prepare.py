@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from mars_ray.config import Config
+from mars_ray.core.atomic import write_json
 from mars_ray.data.load import length_stats, read_preferences, write_quarantine
 
 PAIRS_FILE = "pairs.parquet"
@@ -51,7 +52,7 @@ def prepare(cfg: Config, *, with_lengths: bool = True) -> dict[str, Any]:
     write_quarantine(result.quarantine, out / QUARANTINE_FILE)
     report["output"] = str(out)
     report["config_hash"] = cfg.hash()
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / REPORT_FILE, report)
     cfg.save(out)
     return report
 

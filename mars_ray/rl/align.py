@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mars_ray.config import Config
+from mars_ray.core import atomic
 
 PROMPTS_FILE = "prompts.jsonl"
 METRICS_FILE = "metrics.jsonl"
@@ -120,16 +121,12 @@ def prompt_rows(
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_jsonl(path, rows)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: Path, on_torn: Any = None) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a torn last line (a crash mid-append) is dropped, not fatal."""
+    return atomic.read_jsonl(path, on_torn=on_torn)
 
 
 # ------------------------------------------------------------------------------ the worker
@@ -267,8 +264,7 @@ def align_loop_per_worker(config: dict) -> None:
                 **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))},
                 **times.last,
             }
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            atomic.append_line(metrics_path, row)
 
     trainer = TrainerCls(
         model=model,
@@ -326,7 +322,7 @@ def align_loop_per_worker(config: dict) -> None:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(policy, ignore_errors=True)
         os.replace(tmp, policy)
-        (out / "worker_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        atomic.write_json(out / "worker_info.json", info)
     ray.train.report({"done": 1.0, "global_step": float(trainer.state.global_step)})
 
 
@@ -452,7 +448,7 @@ def align(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
             cfg, split="train", limit=r.num_prompts, tokenizer=tok, max_tokens=r.max_prompt_tokens
         )
         write_jsonl(out / PROMPTS_FILE, rows)
-        (out / "prompt_info.json").write_text(json.dumps(prompt_info, indent=2) + "\n")
+        atomic.write_json(out / "prompt_info.json", prompt_info)
     log(
         f"align: {r.algorithm} on {policy.model_id} with {len(rows)} prompts from {prompt_info['data']} "
         f"({prompt_info['split']} split), {r.steps} steps x {r.prompts_per_step} prompt(s) x {r.num_generations} "
@@ -516,7 +512,7 @@ def align(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     summary = _summarise(
         cfg, out, policy.model_id, prompt_info, where, before, after, fit_s, time.perf_counter() - t_start
     )
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    atomic.write_json(out / SUMMARY_FILE, summary, default=float)
     f = summary["final"]
     log(
         f"align: {summary['steps']} steps, reward {f.get('reward')}, kl {f.get('kl')}; per step: rollout "
@@ -531,7 +527,8 @@ def _summarise(
 ) -> dict[str, Any]:
     import numpy as np
 
-    rows = read_jsonl(out / METRICS_FILE) if (out / METRICS_FILE).exists() else []
+    torn: list[str] = []  # a crash mid-append leaves a torn last line: dropped and recorded
+    rows = read_jsonl(out / METRICS_FILE, on_torn=torn.append) if (out / METRICS_FILE).exists() else []
     by_step: dict[int, dict[str, Any]] = {}
     for row in rows:  # a resumed run logs the steps after its checkpoint again: keep the last
         by_step[int(row["step"])] = row
@@ -548,6 +545,7 @@ def _summarise(
     final = steps[-1] if steps else {}
     keys = ("reward", "reward_std", "kl", "loss", "completions/mean_length", "entropy", "clip_ratio/region_mean")
     return {
+        "metrics_torn_lines": torn,
         "policy_base": policy_id,
         "algorithm": cfg.rl.algorithm,
         "steps": len(steps),

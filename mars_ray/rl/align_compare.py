@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mars_ray.config import Config
+from mars_ray.core.atomic import write_json, write_text
 
 
 def reward_model_names(refs: list[str]) -> list[str]:
@@ -105,8 +106,8 @@ def align_compare(cfg: Config, *, log: Callable[[str], None] = print) -> dict[st
         "judge_mode": cfg.rl.judge_mode,
         "seed": cfg.seed,
     }
-    (root / "align_compare.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    (root / "align_compare.md").write_text(compare_markdown(result))
+    write_json(root / "align_compare.json", result, default=float)
+    write_text(root / "align_compare.md", compare_markdown(result))
     log((root / "align_compare.md").read_text())
     return result
 

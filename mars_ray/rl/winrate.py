@@ -18,13 +18,13 @@ The judge prompt is ``mars_ray/prompts/judge.txt``. Writes ``responses.jsonl``, 
 from __future__ import annotations
 
 import gc
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mars_ray.config import Config
+from mars_ray.core.atomic import write_json, write_text
 from mars_ray.core.judging import combine_orders, logit_verdict, parse_verdict, position_bias, winrate_summary
 
 
@@ -279,8 +279,8 @@ def winrate(
             for i in range(len(rows))
         ],
     )
-    (out / "winrate.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    (out / "winrate.md").write_text(winrate_markdown(summary))
+    write_json(out / "winrate.json", summary, default=float)
+    write_text(out / "winrate.md", winrate_markdown(summary))
     log(
         f"winrate: {names[0]} vs {names[1]}: {summary['win']} wins, {summary['tie']} ties, {summary['loss']} losses"
         f" ({summary['invalid']} invalid); win-rate {summary['win_rate']:.3f} "

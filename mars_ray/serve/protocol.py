@@ -485,7 +485,7 @@ def make_normalizer(serve_cfg: Any, run_dir: str | None, model_dir: str | None =
     if serve_cfg.norm_mean is not None and serve_cfg.norm_std is not None:
         return Normalizer(float(serve_cfg.norm_mean), float(serve_cfg.norm_std), "serve.norm_mean/norm_std")
     if model_dir is not None and Path(model_dir).is_dir():
-        from mars_ray.model_card import read_reward_statistics
+        from mars_ray.models.reward_stats import read_reward_statistics
 
         own = read_reward_statistics(model_dir)
         if own is not None:

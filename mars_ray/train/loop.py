@@ -573,7 +573,10 @@ def _report(
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table(scores), d / SCORES_FILE)
+        from mars_ray.core.atomic import atomic_path
+
+        with atomic_path(d / SCORES_FILE) as tmp:
+            pq.write_table(pa.table(scores), tmp)
     torch.save(
         {
             "trainable": trainable,
