@@ -306,6 +306,10 @@ class TrainConfig:
     threads: int | None = None
     # Worker-group restarts from the last checkpoint when a worker dies (Ray Train FailureConfig).
     max_failures: int = 2
+    # Also checkpoint every this many optimizer steps inside a pass (null: at the end of each pass
+    # only). A restart then continues the same batch order from the checkpoint's position instead
+    # of redoing the pass; at the cluster budget a pass is tens of thousands of pairs.
+    checkpoint_steps: int | None = None
 
 
 @dataclass
@@ -1040,6 +1044,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     t = cfg.train
     if t.lr <= 0:
         p.append(f"train.lr={t.lr} must be > 0")
+    if t.checkpoint_steps is not None and t.checkpoint_steps < 1:
+        p.append(f"train.checkpoint_steps={t.checkpoint_steps} must be >= 1 (or null: at the end of each pass)")
     if t.center_rewards < 0:
         p.append(f"train.center_rewards={t.center_rewards} must be >= 0 (0: off)")
     if t.batch_size < 1 or t.grad_accum < 1 or t.passes < 1:

@@ -345,6 +345,45 @@ def test_worker_fault_mid_epoch_recovers_from_checkpoint(ray_local, tmp_path, ti
 
 
 @pytest.mark.ray
+def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir
+):
+    """train.checkpoint_steps 2: rank 0 fails before step 5 of a 10-step pass; the restart resumes
+    from the step-4 checkpoint at its place in the same batch order (not from the start of the
+    pass) and ends where an unfaulted run ends. Resuming that run on other data is refused."""
+    import pyarrow as pa
+
+    from mars_ray.data import read_preferences
+    from mars_ray.train.loop import fit_reward_model
+
+    over = {"train.passes": "1", "train.num_workers": "1", "data.max_pairs": "40", "train.checkpoint_steps": "2"}
+    cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "midpass", **over)
+    t = read_preferences(cfg.data, seed=0).table
+    pq.write_table(t, tmp_path / "train.parquet")
+    steps = -(-t.num_rows // cfg.train.batch_size)
+    assert steps == 10
+    kw = dict(
+        init_model=str(tiny_bert_dir),
+        train_path=tmp_path / "train.parquet",
+        val_path=tmp_path / "train.parquet",
+        run_dir=tmp_path / "ray_train",
+    )
+    clean = fit_reward_model(cfg, name="clean", **kw)
+    marker = tmp_path / "fault.marker"
+    faulted = fit_reward_model(cfg, name="faulted", max_failures=1, _fault={"marker": str(marker), "at_step": 5}, **kw)
+    assert marker.exists(), "the fault was never injected"
+    assert "resumed_from_step" not in clean and faulted["resumed_from_step"] == 4
+    assert faulted["steps"] == clean["steps"] == steps
+    assert faulted["train_loss_history"] == pytest.approx(clean["train_loss_history"], rel=1e-4, abs=1e-5)
+    assert faulted["val_margin_mean"] == pytest.approx(clean["val_margin_mean"], rel=1e-3, abs=1e-5)
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.concat_tables([t.slice(1), t.slice(0, 1)]), other)  # the same pairs, another order
+    with pytest.raises(Exception, match="trained on other data"):
+        fit_reward_model(cfg, name="faulted", **{**kw, "train_path": other})
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_embedded_default_end_to_end(ray_local, tmp_path, capsys):

@@ -207,6 +207,22 @@ def _column_floats(
     return arr
 
 
+def data_hash(train: dict[str, list], *arrays: np.ndarray | None) -> str:
+    """sha256 of the training pairs in order (prompt, chosen, rejected) and their loss weights /
+    label margins: a checkpoint records it, and resuming on other data is refused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for cols in zip(train[S.PROMPT], train[S.CHOSEN], train[S.REJECTED]):
+        for text in cols:
+            b = str(text).encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    for a in arrays:
+        h.update(b"-" if a is None else np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
     """Rank's share of ``order``; every rank gets ceil(n/world) items (wrapping around)."""
     n = len(order)
@@ -291,6 +307,13 @@ def train_loop_per_worker(config: dict) -> dict:
         except ValueError as e:
             raise ValueError(f"{config['train_path']}: column {config['weights_column']!r}: {e}") from None
     margins = _column_floats(train, extra[1], "label margins, train.margin_term", config["train_path"], missing=0.0)
+    digest = data_hash(train, weights, margins)
+    if state is not None and state.get("data_hash") not in (None, digest):
+        raise ValueError(
+            f"{config['train_path']}: the checkpoint to resume from was trained on other data (data hash "
+            f"{state['data_hash']}, this data {digest}); refusing to resume. Restore the data it was trained "
+            f"on, or delete that run's checkpoints (ray_train/{config.get('name') or '<name>'}) to start over"
+        )
     lim = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens)
     enc_c, enc_r = encode_preferences(tokenizer, train[S.PROMPT], train[S.CHOSEN], train[S.REJECTED], **lim)
     has_types = enc_c.token_type_ids is not None
@@ -337,6 +360,10 @@ def train_loop_per_worker(config: dict) -> dict:
 
     passes_done = int(state["passes_done"]) if state else 0
     step = int(state["step"]) if state else 0
+    resumed_from = step if state is not None else None
+    # micro-batches of pass `passes_done` already trained (a checkpoint inside a pass)
+    position = int(state.get("pass_position", 0)) if state else 0
+    ckpt_every = int(t.checkpoint_steps) if t.checkpoint_steps else 0
     losses: list[float] = list(state.get("losses", [])) if state else []
     step_times: list[float] = []
     train_tokens = 0
@@ -357,6 +384,7 @@ def train_loop_per_worker(config: dict) -> dict:
             rank,
             config.get("local", False),
             dsc.stage if dsc.enabled else None,
+            data_digest=digest,
         )
         return metrics
     evaluate = (bt_loss, pair_metrics, score_pairs)
@@ -374,7 +402,10 @@ def train_loop_per_worker(config: dict) -> dict:
         mine = _shard(rng.permutation(n_train), rank, world)
         micro = length_grouped_batches(mine, pair_len, t.batch_size, rng, group=t.length_group)
         acc_loss, n_acc, t0 = 0.0, 0, time.perf_counter()
+        skip = position if p == passes_done else 0  # the same batch order, from the checkpoint's place
         for k, idx in enumerate(micro):
+            if k < skip:
+                continue
             if step >= total_steps:
                 break
             _maybe_fail(config.get("fault"), step, rank)
@@ -412,6 +443,25 @@ def train_loop_per_worker(config: dict) -> dict:
                 step_times.append(time.perf_counter() - t0)
                 step += 1
                 acc_loss, n_acc, t0 = 0.0, 0, time.perf_counter()
+                if ckpt_every and step % ckpt_every == 0 and k + 1 < len(micro) and step < total_steps:
+                    mid = _pass_metrics(losses, step_times, train_tokens, step, p, epoch, world, distributed)
+                    d = _report(
+                        mid,
+                        ckpt_model,
+                        tokenizer,
+                        optimizer if engine is None else None,
+                        losses,
+                        p,
+                        step,
+                        rank,
+                        config.get("local", False),
+                        dsc.stage if dsc.enabled else None,
+                        data_digest=digest,
+                        pass_position=k + 1,
+                    )
+                    if config.get("local") and prev_local is not None:
+                        shutil.rmtree(prev_local, ignore_errors=True)
+                    prev_local = d
         passes_done = p + 1
         last = passes_done >= t.passes or step >= total_steps
         metrics = _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed)
@@ -422,6 +472,8 @@ def train_loop_per_worker(config: dict) -> dict:
                 _validate(ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="test")
             )
         metrics.update(before)
+        if resumed_from is not None:
+            metrics["resumed_from_step"] = resumed_from
         scores = None
         if last and to_score is not None:
             rc, rr = _score_sharded(ckpt_model, tokenizer, to_score, lim, cfg, rank, world, distributed, score_pairs)
@@ -438,6 +490,7 @@ def train_loop_per_worker(config: dict) -> dict:
             config.get("local", False),
             dsc.stage if dsc.enabled else None,
             scores=scores,
+            data_digest=digest,
         )
         if config.get("local") and prev_local is not None:
             shutil.rmtree(prev_local, ignore_errors=True)  # superseded in-process checkpoint
@@ -545,7 +598,19 @@ def _score_sharded(model, tokenizer, val, lim, cfg, rank, world, distributed, sc
 
 
 def _report(
-    metrics, model, tokenizer, optimizer, losses, passes_done, step, rank, local, ds_stage, scores=None
+    metrics,
+    model,
+    tokenizer,
+    optimizer,
+    losses,
+    passes_done,
+    step,
+    rank,
+    local,
+    ds_stage,
+    scores=None,
+    data_digest: str | None = None,
+    pass_position: int = 0,
 ) -> Path | None:
     """Rank 0 writes and reports the checkpoint (others report metrics only); returns the local
     directory when it still exists (in-process runs), else None. ``scores`` (columns) goes into the
@@ -584,6 +649,8 @@ def _report(
             "rng": _rng_state(),
             "passes_done": passes_done,
             "step": step,
+            "pass_position": int(pass_position),  # micro-batches of pass `passes_done` done (mid-pass)
+            "data_hash": data_digest,
             # the history averaged over workers (what was reported), identical on every rank;
             # plain Python values (no numpy scalars), so the file loads with weights_only
             "losses": plain_values(list(metrics.get("train_loss_history", losses))),
@@ -671,6 +738,7 @@ def fit_reward_model(
         "epoch": int(epoch),
         "local": local,
         "fault": _fault,
+        "name": name,
         "threads": threads,
     }
     trainer = TorchTrainer(
