@@ -497,7 +497,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary.get("bank"):
         b = summary["bank"]
         lines.append(
-            f"- generation bank: {b['hits']} hits, {b['misses']} misses ({b['generated']} generated, {b['failed']} failed)"
+            f"- generation bank: {b['hits']} hits, {b['misses']} misses ({b['generated']} generated, {b['failed']} failed"
+            + (f", {b['corrupt']} corrupt entries regenerated" if b.get("corrupt") else "")
+            + ")"
         )
     diag = summary.get("diagnostics")
     if diag:

@@ -159,4 +159,6 @@ def bank_counts(generation: dict[str, int]) -> dict[str, int]:
         "misses": req - hits,
         "generated": sum(int(generation.get(f"{o}_generated", 0)) for o in ops),
         "failed": sum(int(generation.get(f"{o}_failed", 0)) for o in ops),
+        # cached outputs that failed their checksum: dropped and generated again
+        "corrupt": sum(int(generation.get(f"{o}_corrupt", 0)) for o in ops),
     }

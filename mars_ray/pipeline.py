@@ -307,7 +307,7 @@ def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, lo
     syn = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
     gen = {
         c.removeprefix("gen_"): int(np.sum(out.column(c).to_numpy()))
-        for c in ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
+        for c in ("gen_requested", "gen_hits", "gen_generated", "gen_failed", "gen_corrupt")
         if c in out.column_names
     }
     check_failure_rate(

@@ -65,6 +65,7 @@ def write_jsonl(path: Path, rows) -> Path:
 # under -n 2 on 2 cores: pipeline ~250 s, align ~250 s, cluster jobs ~110 s, experiments ~115 s.
 LONGEST_MODULES = (
     "test_pipeline.py",
+    "test_train_faults.py",
     "test_align.py",
     "test_experiments.py",
     "test_clusters_jobs.py",

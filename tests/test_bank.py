@@ -32,7 +32,7 @@ def test_bank_counts_and_default_size():
 
     gen = {"paraphrase_requested": 10, "paraphrase_hits": 7, "paraphrase_generated": 3, "paraphrase_failed": 0}
     gen |= {"rewrite_requested": 4, "rewrite_hits": 0, "rewrite_generated": 3, "rewrite_failed": 1}
-    assert bank_counts(gen) == {"requested": 14, "hits": 7, "misses": 7, "generated": 6, "failed": 1}
+    assert bank_counts(gen) == {"requested": 14, "hits": 7, "misses": 7, "generated": 6, "failed": 1, "corrupt": 0}
     cfg = Config.load(overrides={"mars.budget": "500"})
     assert paraphrases_per_text(cfg, 100) == 4  # B = 5N: uniform gives each pair 5, at most 3 per side
     cfg.bank.paraphrases = 7

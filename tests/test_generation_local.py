@@ -7,6 +7,7 @@ Tests marked ``slow`` load the real builtin:smollm2.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -573,3 +574,29 @@ def test_a_sampled_slot_does_not_depend_on_its_batch_or_n(llama_parts, t5_parts)
         "tiny-llama", GenParams(max_new_tokens=6, temperature=1.0, seed=11), model=model, tokenizer=tok, ragged=False
     )
     assert plain.generate([SHORT, LONG], 3)[1] == plain.generate([LONG], 3)[0]
+
+
+def test_a_corrupted_cache_entry_is_detected_regenerated_and_counted(llama_parts, tmp_path):
+    """Chaos: one cached text altered on disk (its checksum no longer matches). The next call
+    treats it as missing, deletes it, generates it again (the same text: greedy decoding) and
+    counts it; the other entries are still hits. A cache from before checksums is trusted."""
+    import sqlite3
+
+    inner = chat_gen(llama_parts, batch_size=4)
+    cache = GenerationCache(tmp_path / "gen.sqlite")
+    first = CachedGenerator(inner, cache).generate(REQUESTS[:3], 1)
+    con = sqlite3.connect(tmp_path / "gen.sqlite")
+    (key,) = con.execute("SELECT key FROM gen ORDER BY key LIMIT 1").fetchone()
+    with con:
+        con.execute("UPDATE gen SET text = text || ' [bit rot]' WHERE key = ?", (key,))
+    again = CachedGenerator(inner, GenerationCache(tmp_path / "gen.sqlite"))
+    out = again.generate(REQUESTS[:3], 1)
+    print(f"\n[chaos] corrupted cache entry: 1 altered, {again.stats.corrupt} detected, "
+          f"{again.stats.generated} regenerated, {again.stats.hits} hits")  # fmt: skip
+    assert out == first and again.stats.corrupt == 1 and again.stats.generated == 1 and again.stats.hits == 2
+    assert "[bit rot]" not in json.dumps(out) and len(cache) == 3
+    # rows written before checksums existed (NULL digest) are served as they are
+    with con:
+        con.execute("UPDATE gen SET digest = NULL")
+    legacy = CachedGenerator(inner, GenerationCache(tmp_path / "gen.sqlite"))
+    assert legacy.generate(REQUESTS[:3], 1) == first and legacy.stats.hits == 3 and legacy.stats.corrupt == 0

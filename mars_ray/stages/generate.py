@@ -29,7 +29,7 @@ from mars_ray.generation.prompts import load_prompt, render
 from mars_ray.stages.common import as_list, set_threads
 from mars_ray.stages.embed import Encoder
 
-STAT_COLUMNS = ("gen_requested", "gen_hits", "gen_generated", "gen_failed")
+STAT_COLUMNS = ("gen_requested", "gen_hits", "gen_generated", "gen_failed", "gen_corrupt")
 
 
 def build_generator(
