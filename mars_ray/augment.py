@@ -93,6 +93,11 @@ def run_epoch(
     Raises:
         ValueError: a strategy that does not augment through this pipeline.
     """
+    from mars_ray.generation.cache import choose_backend
+    from mars_ray.models.resolve import cache_root
+
+    # How model.cache_dir keeps its generation cache, decided here before any actor opens it.
+    choose_backend(cache_root(cfg.model.cache_dir), cfg.model.cache_backend)
     token = _EPOCH_LABEL.set(label or f"[epoch {epoch}]")
     try:
         return _run_epoch(cfg, pairs, reward_ref=reward_ref, epoch=epoch, log=log, margins=margins)

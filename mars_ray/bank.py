@@ -70,6 +70,9 @@ def build_bank(
 
         table = read_preferences(cfg.data, seed=cfg.seed).table
         pairs = table.filter(pc.equal(table.column(S.SPLIT), "train"))
+    from mars_ray.generation.cache import choose_backend
+
+    choose_backend(cache_root(cfg.model.cache_dir), cfg.model.cache_backend)  # before any actor opens it
     init_ray(cfg.resources)
     k = paraphrases_per_text(cfg, run_pairs or pairs.num_rows)
     texts = sorted(set(pairs.column(S.CHOSEN).to_pylist()) | set(pairs.column(S.REJECTED).to_pylist()))
@@ -128,12 +131,21 @@ def inspect_bank(cache_dir: str | None) -> dict[str, Any]:
     """What a cache directory's bank holds: entries per generator and the build manifests."""
     import sqlite3
 
+    from mars_ray.generation.cache import BACKEND_FILE, SHARDS_DIR, SQLITE_FILE, ShardedCache
     from mars_ray.models.resolve import cache_root
 
     root = cache_root(cache_dir)
-    db = root / "generations.sqlite"
+    db = root / SQLITE_FILE
     out: dict[str, Any] = {"cache": str(root), "entries": 0, "by_generator": {}, "builds": []}
-    if db.exists():
+    marker = root / BACKEND_FILE
+    out["backend"] = marker.read_text(encoding="utf-8").strip() if marker.exists() else "sqlite"
+    if out["backend"] == "shards":
+        shards = ShardedCache(root / SHARDS_DIR)
+        out["by_generator"] = dict(sorted(shards.by_model().items(), key=lambda kv: -kv[1]))
+        out["entries"] = int(sum(out["by_generator"].values()))
+        out["bytes"] = sum(f.stat().st_size for f in (root / SHARDS_DIR).glob("shard-*.jsonl"))
+        out["shards"] = len(list((root / SHARDS_DIR).glob("shard-*.jsonl")))
+    elif db.exists():
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
             rows = con.execute("SELECT model, COUNT(*) FROM gen GROUP BY model ORDER BY 2 DESC").fetchall()

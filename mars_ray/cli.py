@@ -297,7 +297,10 @@ def cmd_bank(args, extra) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
-    print(f"generation bank {info['cache']}: {info['entries']} outputs ({info.get('bytes', 0) / 1e6:.1f} MB)")
+    print(
+        f"generation bank {info['cache']} ({info.get('backend', 'sqlite')}): {info['entries']} outputs "
+        f"({info.get('bytes', 0) / 1e6:.1f} MB)"
+    )
     for gen, n in info["by_generator"].items():
         print(f"  {n:8d}  {gen}")
     for b in info["builds"][-5:]:

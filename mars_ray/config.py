@@ -93,6 +93,11 @@ class ModelConfig:
     encoder: str = "builtin:minilm"
     # Where converted built-in models and generation caches live; null: $MARS_RAY_CACHE or ~/.cache/mars_ray.
     cache_dir: str | None = None
+    # How the generation cache in cache_dir is kept: "sqlite" (one file; local disks), "shards"
+    # (one append-only file per writing process, merged on read: safe on NFS/EFS/Lustre shared by
+    # several nodes), "auto" (shards on a network file system, else sqlite). The first run decides
+    # and records it in cache_dir/cache_backend; sqlite on a network file system is refused.
+    cache_backend: Literal["auto", "sqlite", "shards"] = "auto"
     # Compute dtype: "auto" is bfloat16 on GPU and float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Never touch the hub (also implied by HF_HUB_OFFLINE=1); null: from the environment.

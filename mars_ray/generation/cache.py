@@ -112,6 +112,181 @@ class GenerationCache:
         GenerationCache.__init__(self, state["path"])
 
 
+# File systems on which SQLite's WAL mode (shared memory on one host) and its locks are unsafe:
+# several nodes writing one cache there could corrupt it.
+NETWORK_FS = {
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "glusterfs", "ceph", "9p", "afs", "gpfs",
+    "beegfs", "orangefs", "efs", "panfs", "wekafs",
+}  # fmt: skip
+BACKEND_FILE = "cache_backend"  # "sqlite" or "shards": how this cache directory is kept
+SHARDS_DIR = "generations"
+SQLITE_FILE = "generations.sqlite"
+
+
+def filesystem_type(path: str | os.PathLike) -> str | None:
+    """The type of the file system holding ``path`` (from /proc/mounts; None where unknown)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    p = os.path.realpath(path)
+    best, fstype = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+            best, fstype = mnt, parts[2]
+    return fstype
+
+
+def is_network_fs(fstype: str | None) -> bool:
+    return fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse."))
+
+
+class ShardedCache:
+    """The same key -> text store as :class:`GenerationCache`, safe on shared storage (NFS, EFS,
+    Lustre, FUSE mounts) where SQLite's locks and WAL are not.
+
+    Every writing process appends to its own shard file (``generations/shard-<host>-<pid>-<id>.jsonl``,
+    one fsynced line per entry: key, text, checksum, model), so no two processes ever write one file
+    and no lock is needed; a reader merges every shard by key, reading each from where it stopped.
+    A line not yet complete (a write in progress, a crash mid-write) is not read; a complete line
+    whose text fails its checksum is skipped and counted in ``corrupt`` (the caller regenerates it).
+    Two writers of one key hold the same text (the keys fix model, settings, request and slot);
+    should they differ (batch-dependent bf16 decoding), the first one read wins.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.corrupt = 0
+        self._index: dict[str, tuple[str, str]] = {}  # key -> (text, model)
+        self._offsets: dict[str, int] = {}
+        self._own: Path | None = None
+        self._own_pid = -1
+        self._lock = threading.Lock()
+
+    def _shard_path(self) -> Path:
+        if self._own is None or self._own_pid != os.getpid():
+            import socket
+            import uuid
+
+            host = socket.gethostname().split(".")[0] or "host"
+            self._own = self.dir / f"shard-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+            self._own_pid = os.getpid()
+        return self._own
+
+    def _refresh(self) -> None:
+        for f in sorted(self.dir.glob("shard-*.jsonl")):
+            start = self._offsets.get(f.name, 0)
+            try:
+                with open(f, "rb") as fh:
+                    fh.seek(start)
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1  # complete lines only: the rest is a write in progress
+            for raw in data[:end].splitlines():
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                    key, text = row["k"], row["t"]
+                except (ValueError, KeyError, TypeError):
+                    self.corrupt += 1
+                    continue
+                if not isinstance(text, str) or row.get("d") != text_digest(text):
+                    self.corrupt += 1
+                    continue
+                self._index.setdefault(key, (text, str(row.get("m") or "")))
+            self._offsets[f.name] = start + end
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        with self._lock:
+            if any(k not in self._index for k in keys):
+                self._refresh()
+            return {k: self._index[k][0] for k in keys if k in self._index}
+
+    def put_many(self, items: Sequence[tuple[str, str]], model: str = "") -> None:
+        if not items:
+            return
+        blob = "".join(
+            json.dumps({"k": k, "t": t, "d": text_digest(t), "m": model}, ensure_ascii=False) + "\n" for k, t in items
+        ).encode("utf-8", "surrogatepass")
+        with self._lock:
+            fd = os.open(self._shard_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for k, t in items:
+                self._index.setdefault(k, (t, model))
+
+    def by_model(self) -> dict[str, int]:
+        with self._lock:
+            self._refresh()
+            out: dict[str, int] = {}
+            for _, m in self._index.values():
+                out[m or "?"] = out.get(m or "?", 0) + 1
+            return out
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._refresh()
+            return len(self._index)
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for Ray actors: each process its own shard
+        return {"dir": str(self.dir)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        ShardedCache.__init__(self, state["dir"])
+
+
+def choose_backend(root: str | os.PathLike, requested: str | None = None) -> str:
+    """How the cache directory ``root`` is kept: what its ``cache_backend`` file says (every
+    process of a run agrees); else ``requested`` ("sqlite" / "shards"; None or "auto": shards on a
+    network file system, SQLite elsewhere), written there by the first process.
+
+    Raises:
+        ValueError: SQLite asked for on a network file system (its WAL needs one host's shared
+            memory), or a backend other than the one the directory already uses.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / BACKEND_FILE
+    fstype = filesystem_type(root)
+    if requested in (None, "", "auto"):
+        requested = None
+    if requested == "sqlite" and is_network_fs(fstype):
+        raise ValueError(
+            f"model.cache_backend sqlite refused: {root} is on a network file system ({fstype}), where SQLite's "
+            "WAL and locks can corrupt a cache several nodes write; use model.cache_backend shards (or auto)"
+        )
+    if marker.exists():
+        have = marker.read_text(encoding="utf-8").strip()
+        if requested is not None and requested != have:
+            raise ValueError(
+                f"{root} keeps its generation cache as {have!r} ({marker}); model.cache_backend {requested!r} "
+                "would split it: use the same backend or another model.cache_dir"
+            )
+        return have
+    want = requested or ("shards" if is_network_fs(fstype) else "sqlite")
+    if want == "sqlite" and (root / SHARDS_DIR).is_dir() and any((root / SHARDS_DIR).glob("shard-*.jsonl")):
+        want = "shards"
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:  # another process decided first
+        return marker.read_text(encoding="utf-8").strip() or want
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(want + "\n")
+    return want
+
+
 class LazyGenerator:
     """A :class:`TextGenerator` whose back end is built on the first :meth:`generate` call.
 
@@ -183,7 +358,7 @@ class CachedGenerator:
     """A :class:`TextGenerator` behind a :class:`GenerationCache` (only successes are cached)."""
 
     inner: TextGenerator
-    cache: GenerationCache | None
+    cache: GenerationCache | ShardedCache | None
     stats: CacheStats = field(default_factory=CacheStats)
 
     @property
@@ -276,7 +451,12 @@ class CachedGenerator:
                     self.stats.generated += 1
 
 
-def default_cache(cache_dir: str | None = None) -> GenerationCache:
+def default_cache(cache_dir: str | None = None, backend: str | None = None) -> GenerationCache | ShardedCache:
+    """The generation cache in ``cache_dir``: SQLite on a local disk, shard files on shared storage
+    (:func:`choose_backend`; ``backend`` is ``model.cache_backend``)."""
     from mars_ray.models.resolve import cache_root
 
-    return GenerationCache(cache_root(cache_dir) / "generations.sqlite")
+    root = cache_root(cache_dir)
+    if choose_backend(root, backend) == "shards":
+        return ShardedCache(root / SHARDS_DIR)
+    return GenerationCache(root / SQLITE_FILE)

@@ -58,7 +58,7 @@ def generate_responses(cfg: Config, ref: str, prompts: list[list[dict[str, str]]
         dtype=dtype,
     )
     inner.model_id = f"{inner.model_id}@{str(dtype).removeprefix('torch.')}"  # the dtype changes outputs: cache key
-    gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir))
+    gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir, cfg.model.cache_backend))
     outs = [o[0].strip() if o and o[0] is not None else None for o in gen.generate(prompts, 1)]
     stats = {"model": inner.model_id, **gen.stats.as_dict(), "seconds": round(time.perf_counter() - t0, 2)}
     del inner, gen
@@ -143,7 +143,7 @@ class TextJudge:
             max_retries=r.judge_max_retries,
         )
         self.inner = inner
-        self.gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir))
+        self.gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir, cfg.model.cache_backend))
         self.model_id = f"{r.judge_backend}:{r.judge_model}"
 
     def judge(self, requests: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
