@@ -9,8 +9,12 @@ training pairs), MiniLM reward model, SmolLM2 sampling N = 4 responses per pair,
 epochs, each variant on an empty generation cache of its own. Printed per epoch: the peak RSS of
 the process during that epoch (sampled every 0.1 s).
 
+``--strategy uniform --topup-rounds 2``: paraphrase top-up rounds instead (each round builds the
+paraphrase actor with its own sampling temperature, and each epoch scores with r^{t-1}); a budget
+of ``--budget`` synthetic pairs per epoch.
+
 Run alone on the machine: ``python benchmarks/bench_stage_memory.py [--epochs 6] [--pairs 24]``
-(about 5 minutes on 2 cores).
+(about 5 minutes on 2 cores); ``--strategy uniform --topup-rounds 2 --budget 72`` for top-ups.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ def _variant(args) -> None:
             "data.max_pairs": str(int(args.pairs / 0.8) + 1),
             "data.val_fraction": "0.1",
             "data.test_fraction": "0.1",
-            "mars.strategy": "west-of-n",
+            "mars.strategy": args.strategy,
+            "paraphrase.topup_rounds": str(args.topup_rounds),
             "mars.epochs": str(args.epochs),
             "mars.budget": str(args.budget),
             "mars.warmup_passes": "0",
@@ -76,7 +81,11 @@ def _variant(args) -> None:
     t0 = time.perf_counter()
     run_mars(cfg, log=lambda m: None if not args.verbose else console.say(m), on_epoch=on_epoch)
     stop.set()
-    print(json.dumps({"keep": args.keep, "peak_gib": per_epoch, "s": time.perf_counter() - t0}))
+    rounds = []
+    for e in range(1, args.epochs + 1):
+        summ = json.loads((Path(out) / "epochs" / f"{e:03d}" / "augment_summary.json").read_text())
+        rounds.append(len((summ.get("paraphrase") or {}).get("topup_rounds", [])))
+    print(json.dumps({"keep": args.keep, "peak_gib": per_epoch, "s": time.perf_counter() - t0, "topups": rounds}))
 
 
 def main() -> int:
@@ -84,6 +93,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--pairs", type=int, default=24)
     ap.add_argument("--budget", type=int, default=4)
+    ap.add_argument("--strategy", choices=["west-of-n", "uniform", "mars-nosem"], default="west-of-n")
+    ap.add_argument("--topup-rounds", type=int, default=2)
     ap.add_argument("--keep", type=int, default=None, help="run one variant in this process")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -93,15 +104,18 @@ def main() -> int:
     rows = []
     for keep in (2, 1000):
         cmd = [sys.executable, __file__, "--keep", str(keep), "--epochs", str(args.epochs)]
-        cmd += ["--pairs", str(args.pairs), "--budget", str(args.budget)]
+        cmd += ["--pairs", str(args.pairs), "--budget", str(args.budget), "--strategy", args.strategy]
+        cmd += ["--topup-rounds", str(args.topup_rounds)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    print(f"West-of-N, {args.epochs} epochs in process, {args.pairs} pairs, budget {args.budget}")
+    what = "West-of-N" if args.strategy == "west-of-n" else f"{args.strategy}, {args.topup_rounds} top-up rounds"
+    print(f"{what}, {args.epochs} epochs in process, {args.pairs} pairs, budget {args.budget}")
     print("| in_process_keep | " + " | ".join(f"epoch {i + 1}" for i in range(args.epochs)) + " | wall |")
     print("|---|" + "---|" * (args.epochs + 1))
     for r in rows:
         cells = " | ".join(f"{g:.2f} GiB" for g in r["peak_gib"])
         print(f"| {r['keep']} | {cells} | {r['s']:.0f} s |")
+    print("top-up rounds run per epoch:", rows[0].get("topups"))
     return 0
 
 

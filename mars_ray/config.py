@@ -585,6 +585,9 @@ class ResourcesConfig:
     num_cpus: int | None = None
     # Ray Data actor pools (scoring, embedding, generation).
     actors: int = 1
+    # Where models load: "auto" (the GPU Ray assigned to the actor or worker, else the CPU), "cpu",
+    # "cuda" or "cuda:N" (mars_ray.runtime.pick_device; exported to Ray workers as MARS_RAY_DEVICE).
+    device: str = "auto"
     # Run the data stages in the driver process, one actor object per stage reused across epochs,
     # instead of Ray Data actor pools (tiny data and debugging: no actor start-up).
     in_process: bool = False

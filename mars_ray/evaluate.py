@@ -31,6 +31,7 @@ from mars_ray.core.metrics import (
     rewardbench_sections,
     subset_accuracy,
 )
+from mars_ray.runtime import pick_device
 
 RESULTS_FILE = "rewardbench_results.json"
 
@@ -71,7 +72,12 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
         raise ValueError(f"{cfg.data.path}: no usable pairs to evaluate")
     ref = model_path(model_ref)
     model, tok = load_reward_model(
-        ref, seed=cfg.seed, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline
+        ref,
+        seed=cfg.seed,
+        dtype=cfg.model.dtype,
+        device=pick_device(cfg.resources.device),
+        cache_dir=cfg.model.cache_dir,
+        offline=cfg.model.offline,
     )
     model.eval()
     prompts, chosen, rejected = (table.column(c).to_pylist() for c in (S.PROMPT, S.CHOSEN, S.REJECTED))
@@ -260,7 +266,12 @@ def evaluate_best_of_n(cfg: Config, model_ref: str, *, log: Callable[[str], None
     log(f"eval: {len(rows)} best-of-N rows from {cfg.data.path} ({len(quarantine)} quarantined)")
     ref = model_path(model_ref)
     model, tok = load_reward_model(
-        ref, seed=cfg.seed, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline
+        ref,
+        seed=cfg.seed,
+        dtype=cfg.model.dtype,
+        device=pick_device(cfg.resources.device),
+        cache_dir=cfg.model.cache_dir,
+        offline=cfg.model.offline,
     )
     model.eval()
     prompts = [r["prompt"] for r in rows for _ in r["completions"]]

@@ -36,7 +36,7 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 def worker_env() -> dict[str, str]:
     from mars_ray import console
 
-    env = {k: os.environ[k] for k in (*_FORWARDED_ENV, console.VERBOSE_ENV) if k in os.environ}
+    env = {k: os.environ[k] for k in (*_FORWARDED_ENV, console.VERBOSE_ENV, DEVICE_ENV) if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     for k, v in {**console.library_env(), **console.worker_log_env()}.items():
         env.setdefault(k, v)
@@ -49,6 +49,10 @@ def init_ray(cfg: ResourcesConfig, **kwargs: Any):
     Re-entrant: does nothing if Ray is already initialised (tests and nested commands).
     """
     import ray
+
+    device = str(getattr(cfg, "device", "auto") or "auto")
+    if device != "auto":
+        os.environ[DEVICE_ENV] = device  # this process, and every Ray worker through worker_env()
 
     from mars_ray import console
 
@@ -102,3 +106,48 @@ def auto_cpus(explicit: float | None, parallel: int) -> float:
 
     total = float(ray.cluster_resources().get("CPU", 1.0)) if ray.is_initialized() else float(os.cpu_count() or 1)
     return float(max(1, min(8, int(total // max(1, parallel)))))
+
+
+# --------------------------------------------------------------------------------------------
+# The device policy
+# --------------------------------------------------------------------------------------------
+#
+# One device policy for every model mars_ray loads.
+#
+# A model goes on the accelerator Ray assigned to the actor or worker that loads it, else on the
+# CPU: inside Ray, ``ray.get_gpu_ids()`` says what this process reserved (Ray sets
+# ``CUDA_VISIBLE_DEVICES`` to it, so the reserved GPU is ``cuda`` / ``cuda:0`` here); a process that
+# reserved none stays on the CPU even when the machine has GPUs (another actor holds them). Outside
+# Ray (``mars-ray eval`` run alone, a test) the visible GPU is used when there is one.
+# ``resources.device`` (exported to every Ray worker as ``MARS_RAY_DEVICE``) overrides the choice:
+# ``cpu``, ``cuda``, ``cuda:N``. The compute dtype per device is :func:`mars_ray.models.reward.resolve_dtype`'s
+# (bf16 on a GPU that supports it, float32 on the CPU for ``auto``).
+
+DEVICE_ENV = "MARS_RAY_DEVICE"
+
+
+def pick_device(override: str | None = None) -> str:
+    """The device to load a model on (the policy in the comment above).
+
+    Raises:
+        ValueError: a CUDA device asked for where CUDA is not available.
+    """
+    import torch
+
+    want = (override or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if want not in ("", "auto"):
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"resources.device={want!r} but CUDA is not available in this process")
+        if want != "cpu" and not want.startswith("cuda"):
+            raise ValueError(f"resources.device={want!r}: use auto, cpu, cuda or cuda:N")
+        return want
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return "cuda" if ray.get_gpu_ids() else "cpu"
+    except Exception:  # Ray not importable or not connected: the plain rule below
+        pass
+    return "cuda"

@@ -661,7 +661,9 @@ def load_tokenizer(ref_or_resolved: RefLike, **kw: Any) -> Any:
     return AutoTokenizer.from_pretrained(location, **{**extra, **kw})
 
 
-def load_causal_lm(ref_or_resolved: RefLike, *, dtype: Any = None, **kw: Any) -> tuple[Any, Any]:
+def load_causal_lm(
+    ref_or_resolved: RefLike, *, dtype: Any = None, device: str | None = None, **kw: Any
+) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, ready for batched generation.
 
     The tokenizer gets ``pad_token = eos_token`` when it has none and ``padding_side = "left"``;
@@ -672,6 +674,8 @@ def load_causal_lm(ref_or_resolved: RefLike, *, dtype: Any = None, **kw: Any) ->
         ref_or_resolved: e.g. ``"builtin:smollm2"``, a local directory, a hub id, or a ResolvedModel.
         dtype: torch dtype (or ``"auto"``/a dtype name) for the weights; ``None`` keeps the
             transformers default (the checkpoint's dtype; float32 for builtin:smollm2).
+        device: where to put the model (:func:`mars_ray.runtime.pick_device`); None leaves
+            it where transformers loaded it (the CPU).
         **kw: Passed to ``AutoModelForCausalLM.from_pretrained``.
 
     Returns:
@@ -700,6 +704,8 @@ def load_causal_lm(ref_or_resolved: RefLike, *, dtype: Any = None, **kw: Any) ->
         gen = getattr(model, "generation_config", None)
         if gen is not None and gen.pad_token_id is None:
             gen.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tokenizer
 

@@ -210,7 +210,12 @@ def align_loop_per_worker(config: dict) -> None:
     from mars_ray.models.resolve import load_causal_lm
 
     ds = Dataset.from_list(read_jsonl(Path(config["prompts_path"])))
-    model, tokenizer = load_causal_lm(config["policy_path"])
+    from mars_ray.runtime import pick_device
+
+    # the worker's GPU when rl.use_gpu (Ray Train reserved it; TRL keeps the model there), else the CPU
+    model, tokenizer = load_causal_lm(
+        config["policy_path"], device=pick_device() if bool(r.use_gpu) and torch.cuda.is_available() else "cpu"
+    )
     model.train()
     reward = config["reward"]
     ConfigCls, TrainerCls = _trl_classes(r.algorithm)

@@ -46,9 +46,11 @@ def generate_responses(cfg: Config, ref: str, prompts: list[list[dict[str, str]]
     from mars_ray.generation import CachedGenerator, GenParams, default_cache
     from mars_ray.generation.local import LocalChatGenerator
     from mars_ray.models.reward import generation_dtype
+    from mars_ray.runtime import pick_device
 
     t0 = time.perf_counter()
-    dtype = generation_dtype("auto")
+    device = pick_device(cfg.resources.device)
+    dtype = generation_dtype("auto", device)
     inner = LocalChatGenerator(
         policy_path(ref),
         GenParams(max_new_tokens=cfg.rl.eval_max_new_tokens, temperature=0.0),
@@ -56,6 +58,7 @@ def generate_responses(cfg: Config, ref: str, prompts: list[list[dict[str, str]]
         cache_dir=cfg.model.cache_dir,
         offline=cfg.model.offline,
         dtype=dtype,
+        device=device,
     )
     inner.model_id = f"{inner.model_id}@{str(dtype).removeprefix('torch.')}"  # the dtype changes outputs: cache key
     gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir, cfg.model.cache_backend))
@@ -77,12 +80,17 @@ class LogitJudge:
         tie_margin: float,
         cache_dir: str | None = None,
         offline: bool | None = None,
+        device: str | None = None,
     ) -> None:
         from mars_ray.models.resolve import load_causal_lm, resolve_model
         from mars_ray.models.reward import generation_dtype
+        from mars_ray.runtime import pick_device
 
         resolved = resolve_model(model_ref, cache_dir=cache_dir, offline=offline)
-        self.model, self.tokenizer = load_causal_lm(resolved, dtype=generation_dtype("auto"))
+        self.device = pick_device(device)
+        self.model, self.tokenizer = load_causal_lm(
+            resolved, dtype=generation_dtype("auto", self.device), device=self.device
+        )
         self.model_id = resolved.model_id
         self.batch_size = int(batch_size)
         self.tie_margin = float(tie_margin)
@@ -107,7 +115,7 @@ class LogitJudge:
                 idx = order[s : s + self.batch_size]
                 enc = self.tokenizer(
                     [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
-                )
+                ).to(self.device)
                 logits = self.model(**enc).logits[:, -1, :].float()  # left padding: the last position is real
                 logp = torch.log_softmax(logits, dim=-1)
                 for row, i in enumerate(idx):
@@ -127,8 +135,10 @@ class TextJudge:
     def __init__(self, cfg: Config) -> None:
         from mars_ray.generation import CachedGenerator, GenParams, default_cache
         from mars_ray.generation.local import make_generator
+        from mars_ray.runtime import pick_device
 
         r = cfg.rl
+        local = {"device": pick_device(cfg.resources.device)} if r.judge_backend != "openai" else {}
         inner = make_generator(
             r.judge_backend,
             r.judge_model,
@@ -141,6 +151,7 @@ class TextJudge:
             concurrency=r.judge_concurrency,
             timeout_s=r.judge_timeout_s,
             max_retries=r.judge_max_retries,
+            **local,
         )
         self.inner = inner
         self.gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir, cfg.model.cache_backend))
@@ -165,6 +176,7 @@ def make_judge(cfg: Config):
             tie_margin=r.tie_margin,
             cache_dir=cfg.model.cache_dir,
             offline=cfg.model.offline,
+            device=cfg.resources.device,
         )
     return TextJudge(cfg)
 

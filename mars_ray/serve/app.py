@@ -77,7 +77,10 @@ class RewardServer:
         from mars_ray.models.reward import load_reward_model
 
         torch.set_num_threads(int(spec["threads"]))
-        device = "cuda" if float(spec["num_gpus"]) > 0 and torch.cuda.is_available() else "cpu"
+        from mars_ray.runtime import pick_device
+
+        # the GPU this replica reserved (serve.num_gpus), else the CPU
+        device = pick_device() if float(spec["num_gpus"]) > 0 else "cpu"
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_reward_model(
             spec["load"],

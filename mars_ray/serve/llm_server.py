@@ -636,7 +636,12 @@ def _build_generator(args: argparse.Namespace) -> TextGenerator:
     params = GenParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    return make_generator(args.backend, args.model, params, batch_size=args.batch_size)
+    local: dict[str, Any] = {}
+    if args.backend != "openai":
+        from mars_ray.runtime import pick_device
+
+        local["device"] = pick_device()  # the GPU this process may use, else the CPU
+    return make_generator(args.backend, args.model, params, batch_size=args.batch_size, **local)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

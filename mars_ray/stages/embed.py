@@ -21,13 +21,15 @@ class Encoder:
         *,
         batch_size: int = 64,
         num_threads: int | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         cache_dir: str | None = None,
     ):
         from mars_ray.models import load_sentence_encoder
+        from mars_ray.runtime import pick_device
 
         set_threads(num_threads)
-        self.model = load_sentence_encoder(model_ref, device=device)
+        self.device = pick_device(device)
+        self.model = load_sentence_encoder(model_ref, device=self.device)
         self.batch_size = batch_size
 
     def embed(self, texts: list[str]) -> np.ndarray:

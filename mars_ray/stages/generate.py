@@ -55,9 +55,12 @@ def build_generator(
         }
     else:
         from mars_ray.models.reward import generation_dtype
+        from mars_ray.runtime import pick_device
 
-        dtype = generation_dtype(section.get("dtype", "auto"))
+        device = pick_device()  # the GPU this actor reserved, else the CPU
+        dtype = generation_dtype(section.get("dtype", "auto"), device)
         openai_kwargs["dtype"] = dtype
+        openai_kwargs["device"] = device
     model_id = str(section["model"]).strip()
     if dtype is not None and str(dtype) != "torch.float32":
         # Other weights, other outputs: the dtype is part of the generator's id (lineage, cache keys).

@@ -67,8 +67,9 @@ class ScoreActor:
         # Ray gives num_cpus=1 actors OMP_NUM_THREADS=1; set torch's pool explicitly.
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        from mars_ray.runtime import pick_device
+
+        device = pick_device(device)
         self.model, self.tokenizer = load_reward_model(
             model_ref, seed=seed, dtype=dtype, device=device, cache_dir=cache_dir, offline=offline
         )

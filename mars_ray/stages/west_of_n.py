@@ -46,8 +46,10 @@ class WestOfNActor(_StatsMixin):
         self.n = int(n)
         self.gen = build_generator(dict(generator, gen_seed=gen_seed), batch_size=batch_size, cache_dir=cache_dir)
         self.system = load_prompt("respond").system
+        from mars_ray.runtime import pick_device
+
         self.model, self.tokenizer = load_reward_model(
-            reward_ref, seed=seed, dtype=dtype, cache_dir=cache_dir, offline=offline
+            reward_ref, seed=seed, dtype=dtype, device=pick_device(), cache_dir=cache_dir, offline=offline
         )
         self.lim = dict(max_prompt_tokens=int(max_prompt_tokens), max_response_tokens=int(max_response_tokens))
         self.batch_size = int(batch_size)

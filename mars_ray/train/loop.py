@@ -269,6 +269,7 @@ def train_loop_per_worker(config: dict) -> dict:
         config["init_model"],
         seed=cfg.seed,
         dtype="float32" if dsc.enabled else cfg.model.dtype,
+        device=device,  # the worker's GPU (Ray Train reserved it: train.use_gpu), else the CPU
         cache_dir=cfg.model.cache_dir,
         offline=cfg.model.offline,
     )
