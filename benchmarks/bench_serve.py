@@ -87,6 +87,7 @@ def server(max_batch: int, threads: int, ongoing: int | None = None) -> None:
             "serve.threads": str(threads),
             "serve.app_name": "bench",
             "resources.num_cpus": "2",
+            "serve.num_gpus": os.environ.get("BENCH_SERVE_GPUS", "0"),  # --gpus (the replica's GPU)
             **({"serve.max_ongoing_requests": str(ongoing)} if ongoing else {}),
         }
     )
@@ -265,6 +266,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the replica")
     ap.add_argument("--data", choices=("hh", "demo"), default="hh")
     ap.add_argument("--pairs", type=int, default=2000)
+    ap.add_argument("--gpus", type=float, default=0.0, help="GPUs of the replica (benchmarks/gpu_smoke.py: 1)")
     # internal modes
     ap.add_argument("--server", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--ongoing", type=int, help=argparse.SUPPRESS)
@@ -273,6 +275,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=60.0, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.gpus:
+        os.environ["BENCH_SERVE_GPUS"] = str(a.gpus)  # inherited by the server process
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -336,7 +336,13 @@ class _Semantic:
         with _stage(
             f"refine low-distance pairs ({why})", self.times, self.log, total=int(todo.size), unit="pairs"
         ) as st:
-            out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
+            out = map_with_actors(
+                sub,
+                RefineActor,
+                kwargs,
+                resources=cfg.resources,
+                batch_size=cfg.rewrite.batch(cfg.resources.gpus_per_actor),
+            )
             _check_failures(cfg, f"refine ({why})", out, f"{cfg.rewrite.backend}:{cfg.rewrite.model}")
             by_id = {r["pair_id"]: r for r in out.to_pylist()}
             st.done(f"{sum(str(r['refine_status']).startswith('rewrote') for r in by_id.values())} rewritten")
@@ -387,7 +393,11 @@ def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, l
     label = f"paraphrase top-up {topup}" if topup else "paraphrase"
     with _stage(label, times, log, total=len(texts), unit="texts") as st:
         out = map_with_actors(
-            req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size
+            req,
+            ParaphraseActor,
+            kwargs,
+            resources=cfg.resources,
+            batch_size=cfg.paraphrase.batch(cfg.resources.gpus_per_actor),
         )
         _check_failures(cfg, label, out, f"{cfg.paraphrase.backend}:{cfg.paraphrase.model}")
         reasons: Counter = Counter()

@@ -95,7 +95,11 @@ def build_bank(
         )
         kwargs = paraphrase_actor_kwargs(cfg)
         out = map_with_actors(
-            req, ParaphraseActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size
+            req,
+            ParaphraseActor,
+            kwargs,
+            resources=cfg.resources,
+            batch_size=cfg.paraphrase.batch(cfg.resources.gpus_per_actor),
         )
         kept = [len(json.loads(x)) for x in out.column("kept").to_pylist()]
         manifest["paraphrase"] = {
@@ -112,7 +116,13 @@ def build_bank(
             sub = pairs.take(pa.array(idx)).select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED])
             sub = sub.append_column("distance", pa.array(np.asarray(dist, dtype=np.float64)[idx]))
             kwargs = refine_actor_kwargs(cfg)  # no scorer: which attempt is kept is decided in the epoch
-            out = map_with_actors(sub, RefineActor, kwargs, resources=cfg.resources, batch_size=cfg.rewrite.batch_size)
+            out = map_with_actors(
+                sub,
+                RefineActor,
+                kwargs,
+                resources=cfg.resources,
+                batch_size=cfg.rewrite.batch(cfg.resources.gpus_per_actor),
+            )
             manifest["rewrite"] = {**counts(out), "pairs": int(idx.size)}
     manifest["seconds"] = round(time.perf_counter() - t0, 1)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")

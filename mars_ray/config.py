@@ -173,6 +173,12 @@ class SemanticConfig:
     batch_size: int = 64
 
 
+# Generation rows per batch on a GPU actor with batch_size "auto": a decoding step on a GPU costs
+# about the same for 1 row as for a few hundred with a <= 8B model (it is bound by reading the
+# weights), so large batches amortise it; lower it for long outputs on a small GPU.
+GENERATION_BATCH_AUTO = 128
+
+
 @dataclass
 class EndpointConfig:
     """Settings of a text generator, shared by the rewrite and paraphrase sections."""
@@ -198,7 +204,16 @@ class EndpointConfig:
     gen_seed: int = 0
     # Requests per Ray Data batch and per local generate call. On a CPU a decoding step reads all
     # the weights whatever the rows, so 32 rows cost ~1.5x the time of 4 (SmolLM2, 2 cores).
-    batch_size: int = 32
+    # "auto" follows the device: GENERATION_BATCH_AUTO rows on GPU actors (resources.gpus_per_actor
+    # > 0), 32 on CPU actors.
+    batch_size: int | Literal["auto"] = 32
+
+    def batch(self, gpus_per_actor: float) -> int:
+        """``batch_size`` as a number for actors with ``gpus_per_actor`` GPUs each."""
+        if self.batch_size == "auto":
+            return GENERATION_BATCH_AUTO if float(gpus_per_actor) > 0 else 32
+        return int(self.batch_size)
+
     # Weights of a local generator: auto = bfloat16 where the hardware has native bf16 matmuls (a
     # CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX: ~1.8x faster generation here), else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -121,3 +121,13 @@ def test_exponent_floats_parse_on_the_command_line_and_in_yaml(tmp_path):
     c = Config.load(tmp_path / "c.yaml")
     assert c.train.lr == 2e-5 and c.mars.tau == 10.0
     assert Config.load(overrides={"mars.budget": "12"}).mars.budget == 12  # ints stay ints
+
+
+def test_generation_batch_size_auto_follows_the_actors_device():
+    from mars_ray.config import GENERATION_BATCH_AUTO
+
+    cfg = Config.load(overrides={"paraphrase.batch_size": "auto", "rewrite.batch_size": "16"})
+    assert cfg.paraphrase.batch(0) == 32 and cfg.paraphrase.batch(1.0) == GENERATION_BATCH_AUTO
+    assert cfg.rewrite.batch(1.0) == 16  # a number is kept as it is
+    with pytest.raises(ValueError, match="batch_size"):
+        Config.load(overrides={"paraphrase.batch_size": "big"})

@@ -95,7 +95,7 @@ def paraphrase_actor_kwargs(cfg: Config) -> dict[str, Any]:
     return dict(
         paraphrase=dataclasses.asdict(cfg.paraphrase),
         encoder_ref=cfg.model.encoder,
-        batch_size=cfg.paraphrase.batch_size,
+        batch_size=cfg.paraphrase.batch(cfg.resources.gpus_per_actor),
         encoder_batch_size=cfg.semantic.batch_size,
         num_threads=actor_threads(cfg.resources),
         cache_dir=cfg.model.cache_dir,
@@ -109,7 +109,7 @@ def refine_actor_kwargs(cfg: Config, scorer: dict[str, Any] | None = None) -> di
     return dict(
         rewrite=dataclasses.asdict(cfg.rewrite),
         encoder_ref=cfg.model.encoder,
-        batch_size=cfg.rewrite.batch_size,
+        batch_size=cfg.rewrite.batch(cfg.resources.gpus_per_actor),
         encoder_batch_size=cfg.semantic.batch_size,
         num_threads=actor_threads(cfg.resources),
         cache_dir=cfg.model.cache_dir,

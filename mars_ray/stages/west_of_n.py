@@ -121,7 +121,7 @@ def west_of_n_groups(prompts: pa.Table, cfg: Config, *, reward_ref: str, groups:
         dtype=cfg.model.dtype,
         max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_response_tokens=cfg.data.max_response_tokens,
-        batch_size=cfg.paraphrase.batch_size,
+        batch_size=cfg.paraphrase.batch(cfg.resources.gpus_per_actor),
         num_threads=actor_threads(cfg.resources),
         cache_dir=cfg.model.cache_dir,
         offline=cfg.model.offline,
@@ -133,4 +133,10 @@ def west_of_n_groups(prompts: pa.Table, cfg: Config, *, reward_ref: str, groups:
                 for c in RESULT_COLUMNS
             }
         )
-    return map_with_actors(table, WestOfNActor, kwargs, resources=cfg.resources, batch_size=cfg.paraphrase.batch_size)
+    return map_with_actors(
+        table,
+        WestOfNActor,
+        kwargs,
+        resources=cfg.resources,
+        batch_size=cfg.paraphrase.batch(cfg.resources.gpus_per_actor),
+    )
