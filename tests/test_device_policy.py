@@ -86,7 +86,8 @@ def test_the_policy_here_and_its_override(monkeypatch):
 
 @pytest.mark.gpu
 def test_stages_put_their_models_on_the_reserved_gpu(tiny_bert_dir, tiny_llama_dir):
-    """Where CUDA exists: the scoring actor, the encoder and a local generator load on the GPU."""
+    """Where CUDA exists: the scoring actor, a local generator, the sentence encoder and the
+    West-of-N actor's reward model load on the GPU."""
     import torch
 
     if not torch.cuda.is_available():
@@ -108,3 +109,27 @@ def test_stages_put_their_models_on_the_reserved_gpu(tiny_bert_dir, tiny_llama_d
     gen = make_generator("local", str(tiny_llama_dir), GenParams(max_new_tokens=4), device=D.pick_device())
     assert next(gen.model.parameters()).device.type == "cuda"
     assert gen.generate(["hi"], 1)[0][0] is not None
+    from mars_ray.stages.embed import Encoder
+
+    enc = Encoder(str(tiny_bert_dir))
+    assert enc.device.startswith("cuda") and enc.distances(["a b"], ["a c"]).shape == (1,)
+    from mars_ray.config import Config
+    from mars_ray.stages.west_of_n import WestOfNActor
+
+    cfg = Config.load(overrides={"paraphrase.model": str(tiny_llama_dir), "paraphrase.max_new_tokens": "4"})
+    import dataclasses
+
+    won = WestOfNActor(
+        dataclasses.asdict(cfg.paraphrase),
+        n=2,
+        reward_ref=str(tiny_bert_dir),
+        seed=0,
+        gen_seed=0,
+        dtype="auto",
+        max_prompt_tokens=32,
+        max_response_tokens=16,
+        batch_size=4,
+        num_threads=None,
+        cache_dir=None,
+    )
+    assert next(won.model.parameters()).device.type == "cuda"
