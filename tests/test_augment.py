@@ -429,7 +429,8 @@ def test_failure_rate_gate():
 @pytest.mark.ray
 def test_an_endpoint_that_always_fails_fails_the_epoch(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, demo_pairs):
     """Every paraphrase request answered 500: the epoch raises (it used to return 0 synthetic pairs
-    under the name of the strategy); a 401 fails it at the first refusal."""
+    under the name of the strategy); a 401 fails it at the first refusal; a whole run against the
+    failing endpoint fails with nothing recorded as done."""
     from mars_ray.augment import run_epoch
     from mars_ray.generation import GenParams
     from mars_ray.generation.local import LocalChatGenerator
@@ -455,6 +456,27 @@ def test_an_endpoint_that_always_fails_fails_the_epoch(ray_local, tmp_path, tiny
             cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
             with pytest.raises(Exception, match=match):
                 run_epoch(cfg, pairs, reward_ref=cfg.model.reward, epoch=1, log=lambda m: None)
+        # A whole run against the failing endpoint: it fails, and nothing is recorded as done (no
+        # epoch manifest, no metrics row, no summary, no model/), so --resume redoes the epoch.
+        from mars_ray.pipeline import run_mars
+
+        run = tmp_path / "run"
+        over.update(
+            {
+                "paraphrase.base_url": down.url,
+                "output.dir": str(run),
+                "mars.epochs": "1",
+                "data.val_fraction": "0.2",
+                "train.num_workers": "0",
+                "train.passes": "1",
+            }
+        )
+        cfg = tiny_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, **over)
+        with pytest.raises(Exception, match="generations failed"):
+            run_mars(cfg, log=lambda m: None)
+        done = [p.name for p in run.rglob("*") if p.name in ("manifest.json", "summary.json", "metrics.jsonl", "model")]
+        print(f"\n[chaos] endpoint answering 500 for a whole run: failed loudly; recorded as done: {done or 'nothing'}")
+        assert done == []
     finally:
         down.stop()
         locked.stop()
