@@ -49,7 +49,7 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
     """Score every usable pair of ``cfg.data`` with ``model_ref``; write the outputs to
     ``cfg.output.dir``; return the eval.json content."""
     from mars_ray.data import read_preferences
-    from mars_ray.models.reward import Encoded, encode_preferences, load_reward_model, score_with_features
+    from mars_ray.models.reward import Encoded, encode_preferences, score_with_features
 
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,15 +71,7 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
     if n == 0:
         raise ValueError(f"{cfg.data.path}: no usable pairs to evaluate")
     ref = model_path(model_ref)
-    model, tok = load_reward_model(
-        ref,
-        seed=cfg.seed,
-        dtype=cfg.model.dtype,
-        device=pick_device(cfg.resources.device),
-        cache_dir=cfg.model.cache_dir,
-        offline=cfg.model.offline,
-    )
-    model.eval()
+    model, tok = _load_model(cfg, ref)
     prompts, chosen, rejected = (table.column(c).to_pylist() for c in (S.PROMPT, S.CHOSEN, S.REJECTED))
     enc_c, enc_r = encode_preferences(
         tok,
@@ -160,6 +152,21 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
     return result
 
 
+def _load_model(cfg: Config, ref: str) -> tuple[Any, Any]:
+    """The reward model to evaluate, in eval mode, on the device the policy picks."""
+    from mars_ray.models.reward import load_reward_model
+
+    model, tok = load_reward_model(
+        ref,
+        seed=cfg.seed,
+        dtype=cfg.model.dtype,
+        device=pick_device(cfg.resources.device),
+        cache_dir=cfg.model.cache_dir,
+        offline=cfg.model.offline,
+    )
+    return model.eval(), tok
+
+
 def _write_json(path: Path, obj: Any) -> None:
     write_json(path, obj)
 
@@ -237,7 +244,7 @@ def evaluate_best_of_n(cfg: Config, model_ref: str, *, log: Callable[[str], None
     from mars_ray.core.validation import RowError
     from mars_ray.data.files import iter_records
     from mars_ray.data.load import resolve_data_files
-    from mars_ray.models.reward import load_reward_model, score_texts
+    from mars_ray.models.reward import score_texts
 
     if cfg.eval.exclude_pairs:
         raise ValueError("eval.exclude_pairs applies to preference pairs; a RewardBench 2 file has none")
@@ -265,15 +272,7 @@ def evaluate_best_of_n(cfg: Config, model_ref: str, *, log: Callable[[str], None
         raise ValueError(f"{cfg.data.path}: no usable RewardBench 2 rows (read {read}, {len(quarantine)} quarantined)")
     log(f"eval: {len(rows)} best-of-N rows from {cfg.data.path} ({len(quarantine)} quarantined)")
     ref = model_path(model_ref)
-    model, tok = load_reward_model(
-        ref,
-        seed=cfg.seed,
-        dtype=cfg.model.dtype,
-        device=pick_device(cfg.resources.device),
-        cache_dir=cfg.model.cache_dir,
-        offline=cfg.model.offline,
-    )
-    model.eval()
+    model, tok = _load_model(cfg, ref)
     prompts = [r["prompt"] for r in rows for _ in r["completions"]]
     texts = [c for r in rows for c in r["completions"]]
     t1 = time.perf_counter()

@@ -384,24 +384,37 @@ def train_loop_per_worker(config: dict) -> dict:
     train_tokens = 0
     metrics: dict[str, Any] = {}
     ckpt_model = engine.module if engine is not None else model  # the module under DDP / DeepSpeed
+    local = bool(config.get("local", False))
+    prev_local: Path | None = None
 
-    if state is not None and (passes_done >= t.passes or step >= total_steps):
-        # Restarted after the last checkpoint was written: report it again and stop.
-        metrics = dict(state.get("metrics") or {})
-        _report(
-            metrics,
+    def checkpoint(report_metrics: dict, passes: int, *, position: int = 0, scores: dict | None = None) -> None:
+        """Report ``report_metrics`` with a checkpoint at the current step (``position``: micro-batches
+        of pass ``passes`` done, inside a pass); an in-process run drops the one it supersedes."""
+        nonlocal prev_local
+        d = _report(
+            report_metrics,
             ckpt_model,
             tokenizer,
             optimizer if engine is None else None,
             losses,
-            passes_done,
+            passes,
             step,
             rank,
-            config.get("local", False),
+            local,
             dsc.stage if dsc.enabled else None,
+            scores=scores,
             data_digest=digest,
+            pass_position=position,
             engine=engine,
         )
+        if local and prev_local is not None:
+            shutil.rmtree(prev_local, ignore_errors=True)  # superseded in-process checkpoint
+        prev_local = d
+
+    if state is not None and (passes_done >= t.passes or step >= total_steps):
+        # Restarted after the last checkpoint was written: report it again and stop.
+        metrics = dict(state.get("metrics") or {})
+        checkpoint(metrics, passes_done)
         return metrics
     evaluate = (bt_loss, pair_metrics, score_pairs)
     # The model as loaded, on the test pairs: the "before" of a run (a fresh start only).
@@ -410,7 +423,6 @@ def train_loop_per_worker(config: dict) -> dict:
         if test is not None and config.get("test_before") and state is None
         else {}
     )
-    prev_local: Path | None = None
     for p in range(passes_done, t.passes):
         if step >= total_steps:
             break
@@ -466,24 +478,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 acc_loss, n_acc, t0 = 0.0, 0, time.perf_counter()
                 if ckpt_every and step % ckpt_every == 0 and k + 1 < len(micro) and step < total_steps:
                     mid = _pass_metrics(losses, step_times, train_tokens, step, p, epoch, world, distributed)
-                    d = _report(
-                        mid,
-                        ckpt_model,
-                        tokenizer,
-                        optimizer if engine is None else None,
-                        losses,
-                        p,
-                        step,
-                        rank,
-                        config.get("local", False),
-                        dsc.stage if dsc.enabled else None,
-                        data_digest=digest,
-                        pass_position=k + 1,
-                        engine=engine,
-                    )
-                    if config.get("local") and prev_local is not None:
-                        shutil.rmtree(prev_local, ignore_errors=True)
-                    prev_local = d
+                    checkpoint(mid, p, position=k + 1)
         passes_done = p + 1
         last = passes_done >= t.passes or step >= total_steps
         metrics = _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed)
@@ -502,24 +497,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if last and to_score is not None:
             rc, rr = _score_sharded(ckpt_model, tokenizer, to_score, lim, cfg, rank, world, distributed, score_pairs)
             scores = {S.PAIR_ID: to_score[S.PAIR_ID], "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr}
-        d = _report(
-            metrics,
-            ckpt_model,
-            tokenizer,
-            optimizer if engine is None else None,
-            losses,
-            passes_done,
-            step,
-            rank,
-            config.get("local", False),
-            dsc.stage if dsc.enabled else None,
-            scores=scores,
-            data_digest=digest,
-            engine=engine,
-        )
-        if config.get("local") and prev_local is not None:
-            shutil.rmtree(prev_local, ignore_errors=True)  # superseded in-process checkpoint
-        prev_local = d
+        checkpoint(metrics, passes_done, scores=scores)
         if last:
             break
     return metrics
