@@ -154,9 +154,12 @@ def run_trials(
     init_ray(cfg.resources)
     trainable = tune.with_resources(mars_trial, {"cpu": cfg.tune.trial_cpus})
     exp = root / EXPERIMENT
+    if restore and not tune.Tuner.can_restore(str(exp)):
+        # Interrupted before Tune wrote its first state (e.g. during the bank build): nothing ran
+        # yet, so starting the trials from the saved experiment config is the resume.
+        log(f"{exp}: no Tune state yet (interrupted before the first trial); starting the trials")
+        restore = False
     if restore:
-        if not tune.Tuner.can_restore(str(exp)):
-            raise ValueError(f"{exp}: no Tune experiment to restore (run without --resume first)")
         log(f"restoring the Tune experiment in {exp}")
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()

@@ -103,6 +103,25 @@ def test_compare_two_strategies_two_seeds(ray_local, tmp_path, tiny_bert_dir, ti
     assert main(["compare", *args, "--compare.strategies", "[none]"]) == 2
 
 
+def test_compare_resume_before_the_first_trial_starts_the_trials(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """Killed after the experiment config was saved but before Tune wrote any state (during the
+    generation bank, say): --resume has nothing to restore and runs the saved experiment."""
+    from mars_ray.config import Config
+
+    args = _tiny_overrides(tmp_path, tiny_bert_dir, tiny_llama_dir, "early")
+    out = tmp_path / "early"
+    cfg = Config.load(Path(args[1]))
+    cfg.compare.strategies = ["none"]
+    cfg.compare.seeds = [3]
+    out.mkdir()
+    (out / "experiment_config.yaml").write_text(cfg.to_yaml())  # what compare writes first
+    assert not (out / "tune").exists()
+    assert main(["compare", "--resume", str(out)]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert res["trials"] == 1 and res["table"]["none"]["seeds"] == [3]
+    assert (out / "trials" / "strategy=none_seed=3" / "model" / "config.json").exists()
+
+
 def test_sweep_restores_after_a_killed_driver_and_exports_the_best_config(
     ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir
 ):
