@@ -660,6 +660,8 @@ def run_mars(
             "train_s": round(train_s, 2),
             "eval_s": round(eval_s, 2),
         }
+        if fit.get("resumed_from_step") is not None:  # this epoch's training continued a checkpoint
+            row["resumed_from_step"] = fit["resumed_from_step"]
         rows.append(row)
         if want_base and base is not None:  # kept for a resumed run
             _write_json(base_path, base)

@@ -106,3 +106,16 @@ def test_an_interrupted_writer_leaves_the_old_file(tmp_path):
         raise RuntimeError("killed")
     assert target.read_text() == "old\n" and sorted(x.name for x in tmp_path.iterdir()) == ["report.md"]
     assert resource.RLIMIT_FSIZE  # the limit the full-disk test uses exists here
+
+
+def test_move_dir_replaces_the_target_whole(tmp_path):
+    from mars_ray.core.atomic import move_dir
+
+    src, target = tmp_path / "src", tmp_path / "out" / "ckpt"
+    (src / "model").mkdir(parents=True)
+    (src / "model" / "w.bin").write_bytes(b"new")
+    target.mkdir(parents=True)
+    (target / "old.bin").write_bytes(b"old")
+    assert move_dir(src, target) == target
+    assert not src.exists() and (target / "model" / "w.bin").read_bytes() == b"new"
+    assert not (target / "old.bin").exists() and sorted(p.name for p in target.parent.iterdir()) == ["ckpt"]

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -261,48 +257,6 @@ def test_run_dir_in_use_is_refused(ray_local, tmp_path, tiny_bert_dir, tiny_llam
     (Path(cfg.output.dir) / "something").write_text("x")
     with pytest.raises(RunDirError, match="--resume"):
         run_mars(cfg, log=lambda m: None)
-
-
-@pytest.mark.ray
-def test_killed_driver_resumes_to_the_same_metrics(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
-    """Uninterrupted run in-process; the same run as a `mars-ray train` process killed after epoch 1,
-    then `mars-ray train --resume`: the metrics must be equal. Sized down: training in the driver
-    (train.num_workers 0; Ray Train's own restarts are the next test's subject)."""
-    from mars_ray.cli import main
-    from mars_ray.pipeline import read_metrics, run_mars
-
-    over = {"mars.strategy": "uniform", "train.num_workers": "0", "resources.in_process": "true"}
-    ref = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "ref", **over)
-    run_mars(ref, log=lambda m: None)
-
-    killed = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "killed", **over)
-    killed.save(tmp_path)  # config.yaml for the child
-    cmd = [sys.executable, "-m", "mars_ray.cli", "train", "--config", str(tmp_path / "config.yaml")]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    manifest = Path(killed.output.dir) / "epochs" / "001" / "manifest.json"
-    deadline = time.time() + 600
-    try:
-        while not manifest.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "epoch 1 did not finish in 10 minutes"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (Path(killed.output.dir) / "epochs" / "002" / "manifest.json").exists(), "killed too late"
-    assert len(read_metrics(killed.output.dir)) == 1
-
-    assert main(["train", "--resume", killed.output.dir]) == 0
-    got, want = _comparable(read_metrics(killed.output.dir)), _comparable(read_metrics(ref.output.dir))
-    assert [sorted(r) for r in got] == [sorted(r) for r in want]
-    for g, w in zip(got, want):
-        assert {k: v for k, v in g.items() if k != "strategy"} == pytest.approx(
-            {k: v for k, v in w.items() if k != "strategy"}, rel=1e-5, abs=1e-7
-        )
-    a = pq.read_table(Path(ref.output.dir) / "epochs" / "002" / "train.parquet")
-    b = pq.read_table(Path(killed.output.dir) / "epochs" / "002" / "train.parquet")
-    assert a.column(S.PAIR_ID).to_pylist() == b.column(S.PAIR_ID).to_pylist()
 
 
 @pytest.mark.ray

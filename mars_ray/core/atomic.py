@@ -6,6 +6,8 @@
 - :func:`append_line`: one complete JSON line per call, flushed and fsynced (append-only logs).
 - :func:`read_jsonl`: a reader of such logs that tolerates a torn LAST line (a crash mid-append)
   and reports it; a bad line anywhere else is an error naming the file and line.
+- :func:`move_dir`: move a directory (across file systems too) so the target is whole or absent,
+  and a failed copy (a full disk) raises naming the file it could not write.
 - :func:`replace_dir`: put a complete new directory in place of an old one with no moment in which
   the path is missing (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, the gap between
   them is said in the docstring).
@@ -168,3 +170,39 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     os.replace(new_p, target_p)
     _fsync_dir(target_p.parent)
     shutil.rmtree(old)
+
+
+def move_dir(src: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the directory ``src`` to ``target`` (replacing it): a rename on one file system; across
+    file systems a file-by-file copy into a temporary sibling of ``target``, swapped in whole by
+    :func:`replace_dir`, then ``src`` is removed. A copy that fails (ENOSPC, EFBIG, ...) removes the
+    temporary, leaves ``target`` and ``src`` as they were, and raises OSError naming the file."""
+    src_p, target_p = Path(src), Path(target)
+    target_p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target_p.with_name(f".{target_p.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        os.rename(src_p, tmp)  # same file system: nothing to copy
+    except OSError:
+        try:
+            for d, _, files in os.walk(src_p):
+                rel = Path(d).relative_to(src_p)
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+                for f in files:
+                    dest = tmp / rel / f
+                    try:
+                        shutil.copy2(Path(d) / f, dest)
+                    except OSError as e:
+                        if e.errno is None:
+                            raise
+                        where = target_p / rel / f
+                        raise OSError(
+                            e.errno, f"{e.strerror} (writing {where}; {target_p} is kept as it was)", str(where)
+                        ) from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(src_p, ignore_errors=True)
+    replace_dir(tmp, target_p)
+    return target_p

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from mars_ray.core import chaos
 
 
 def set_threads(num_threads: int | None) -> None:
@@ -113,6 +116,9 @@ def map_with_actors(
     # one actor, whatever the pool size); the batches are the same slices as in-process.
     blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)] or [table]
     ds = ray.data.from_arrow(blocks)
+    extra: dict[str, Any] = {}
+    if os.environ.get(chaos.ENV):  # fault-injection rules reach the pool's actors on any cluster
+        extra["runtime_env"] = {"env_vars": {chaos.ENV: os.environ[chaos.ENV]}}
     out = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=kwargs,
@@ -121,6 +127,7 @@ def map_with_actors(
         compute=ray.data.ActorPoolStrategy(size=resources.actors),
         num_cpus=actor_cpus(resources),
         num_gpus=resources.gpus_per_actor,
+        **extra,
     )
     return collect_blocks(out)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from mars_ray.config import Config
+from mars_ray.core import chaos
 from mars_ray.core.filters import (
     clean_generation,
     introduced_harm,
@@ -276,6 +277,7 @@ class RefineActor(_StatsMixin):
             max_chosen=self.cfg["max_attempts_chosen"],
             schedule=refine_schedule(self.cfg),
         )
+        chaos.point("refine.batch")  # generated and cached, not yet returned
         return {
             "pair_id": batch["pair_id"],
             "refined_chosen": np.array([o.chosen for o in res], dtype=object),
@@ -382,6 +384,7 @@ class ParaphraseActor(_StatsMixin):
                 self._take(idx, texts, ns, raw, kept, reasons)
                 for i in idx:
                     next_slot[i] = first + k
+        chaos.point("paraphrase.batch")  # generated, cached and gated, not yet returned
         return {
             "key": batch["key"],
             "kept": np.array([json.dumps(k, ensure_ascii=False) for k in kept], dtype=object),

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from mars_ray.config import Config
+from mars_ray.core import chaos
 from mars_ray.core import schema as S
 from mars_ray.core.jsonable import plain as plain_values
 from mars_ray.core.lengths import length_grouped_batches
@@ -407,6 +408,8 @@ def train_loop_per_worker(config: dict) -> dict:
             pass_position=position,
             engine=engine,
         )
+        if rank == 0:
+            chaos.point(f"train.checkpoint.epoch{epoch}")
         if local and prev_local is not None:
             shutil.rmtree(prev_local, ignore_errors=True)  # superseded in-process checkpoint
         prev_local = d
@@ -436,7 +439,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 continue
             if step >= total_steps:
                 break
-            _maybe_fail(config.get("fault"), step, rank)
+            _maybe_fail(config.get("fault"), step, rank, epoch)
             ids = [enc_c.input_ids[i] for i in idx] + [enc_r.input_ids[i] for i in idx]
             tts = (
                 ([enc_c.token_type_ids[i] for i in idx] + [enc_r.token_type_ids[i] for i in idx]) if has_types else None
@@ -503,9 +506,12 @@ def train_loop_per_worker(config: dict) -> dict:
     return metrics
 
 
-def _maybe_fail(fault: dict | None, step: int, rank: int) -> None:
-    """Injected worker failure for recovery tests (see ``fit_reward_model(_fault=...)``)."""
+def _maybe_fail(fault: dict | None, step: int, rank: int, epoch: int) -> None:
+    """Injected worker failure for recovery tests (see ``fit_reward_model(_fault=...)``); an
+    ``"epoch"`` key limits it to that MARS epoch's training run."""
     if not fault or rank != 0 or step != int(fault["at_step"]):
+        return
+    if fault.get("epoch") is not None and int(fault["epoch"]) != epoch:
         return
     marker = Path(fault["marker"])
     if marker.exists():
@@ -779,12 +785,9 @@ def fit_reward_model(
         raise RuntimeError(f"training run {name!r} reported no checkpoint")
     ckpt_dir = Path(result.checkpoint.path)
     if local:  # move the in-process checkpoint next to the Ray runs
-        dest = run_dir / name / "checkpoint_local"
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(ckpt_dir), dest)
-        ckpt_dir = dest
+        from mars_ray.core.atomic import move_dir
+
+        ckpt_dir = move_dir(ckpt_dir, run_dir / name / "checkpoint_local")
     metrics = dict(result.metrics or {})
     metrics["checkpoint_dir"] = str(ckpt_dir)
     metrics["model_dir"] = str(ckpt_dir / MODEL_SUBDIR)
