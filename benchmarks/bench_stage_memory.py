@@ -14,7 +14,9 @@ paraphrase actor with its own sampling temperature, and each epoch scores with r
 of ``--budget`` synthetic pairs per epoch.
 
 Run alone on the machine: ``python benchmarks/bench_stage_memory.py [--epochs 6] [--pairs 24]``
-(about 5 minutes on 2 cores); ``--strategy uniform --topup-rounds 2 --budget 72`` for top-ups.
+(about 5 minutes on 2 cores); ``--strategy uniform --topup-rounds 2 --budget 72`` for top-ups. The
+demo texts pass the paraphrase gate so often that no top-up round runs; ``--data`` a real file
+(HH-RLHF: about a quarter of SmolLM2's paraphrases pass) leaves pools short, so they do.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def _variant(args) -> None:
     cfg = Config.load(
         overrides={
             "data.max_pairs": str(int(args.pairs / 0.8) + 1),
+            **({"data.path": args.data} if args.data else {}),
             "data.val_fraction": "0.1",
             "data.test_fraction": "0.1",
             "mars.strategy": args.strategy,
@@ -96,6 +99,7 @@ def main() -> int:
     ap.add_argument("--strategy", choices=["west-of-n", "uniform", "mars-nosem"], default="west-of-n")
     ap.add_argument("--topup-rounds", type=int, default=2)
     ap.add_argument("--keep", type=int, default=None, help="run one variant in this process")
+    ap.add_argument("--data", default=None, help="a preference file instead of the built-in demo data")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     if args.keep is not None:
@@ -105,11 +109,13 @@ def main() -> int:
     for keep in (2, 1000):
         cmd = [sys.executable, __file__, "--keep", str(keep), "--epochs", str(args.epochs)]
         cmd += ["--pairs", str(args.pairs), "--budget", str(args.budget), "--strategy", args.strategy]
-        cmd += ["--topup-rounds", str(args.topup_rounds)]
+        cmd += ["--topup-rounds", str(args.topup_rounds)] + (["--data", args.data] if args.data else [])
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     what = "West-of-N" if args.strategy == "west-of-n" else f"{args.strategy}, {args.topup_rounds} top-up rounds"
-    print(f"{what}, {args.epochs} epochs in process, {args.pairs} pairs, budget {args.budget}")
+    print(
+        f"{what}, {args.epochs} epochs in process, {args.pairs} pairs of {args.data or 'builtin:demo'}, budget {args.budget}"
+    )
     print("| in_process_keep | " + " | ".join(f"epoch {i + 1}" for i in range(args.epochs)) + " | wall |")
     print("|---|" + "---|" * (args.epochs + 1))
     for r in rows:
