@@ -7,12 +7,14 @@ metrics, and every input pair used or quarantined."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -34,9 +36,11 @@ def _child_env(rules: str | None) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], rules: str | None, *, until: Path | None = None, timeout: float = 600) -> tuple[int, str]:
+def _run(
+    cmd: list[str], rules: str | None, *, until: Callable[[], bool] | None = None, timeout: float = 600
+) -> tuple[int, str]:
     """Run ``mars-ray`` ``cmd`` in its own session; with ``until``, kill its whole process group
-    (driver, Ray, workers) as soon as that marker appears. Returns (exit code, output)."""
+    (driver, Ray, workers) as soon as ``until()`` holds. Returns (exit code, output)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mars_ray.cli", *cmd],
         env=_child_env(rules),
@@ -47,7 +51,7 @@ def _run(cmd: list[str], rules: str | None, *, until: Path | None = None, timeou
     deadline = time.time() + timeout
     try:
         while proc.poll() is None:
-            if until is not None and until.exists():
+            if until is not None and until():
                 break
             assert time.time() < deadline, f"{cmd} still running after {timeout} s"
             time.sleep(0.1)
@@ -149,7 +153,16 @@ def test_driver_killed_mid_augmentation_and_mid_pass(ray_local, tmp_path, tiny_b
     assert rc == -signal.SIGKILL and m1.exists(), log[-3000:]
     assert (out / "epochs" / "001" / "manifest.json").exists(), "killed before epoch 2"
     assert not (out / "epochs" / "002" / "augment_summary.json").exists(), "killed after epoch 2's augmentation"
-    rc, log = _run(["train", "--resume", str(out)], rules, until=m2)
+
+    def registered_step() -> int | None:  # the step of the checkpoint Ray Train has registered
+        snap = out / "ray_train" / "epoch_002" / "checkpoint_manager_snapshot.json"
+        try:
+            return json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"]["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    # paused right after reporting step 2's checkpoint; killed once Ray Train has registered it
+    rc, log = _run(["train", "--resume", str(out)], rules, until=lambda: m2.exists() and registered_step() == 2)
     assert m2.exists(), log[-3000:]
     assert not (out / "epochs" / "002" / "manifest.json").exists() and len(read_metrics(out)) == 1
     rc, log = _run(["train", "--resume", str(out)], None)
