@@ -79,6 +79,24 @@ def test_rules_parse_and_refuse_nonsense(tmp_path):
             chaos.parse(bad)
 
 
+def test_a_rule_fires_once_at_its_visit(tmp_path, monkeypatch):
+    marker = tmp_path / "m"
+    monkeypatch.setenv(chaos.ENV, f"unit.point@3:pause={marker}")
+    monkeypatch.setenv(f"{chaos.ENV}_PAUSE_S", "0.01")
+    monkeypatch.setattr(chaos, "_hits", chaos.Counter())
+    chaos.point("unit.point")
+    chaos.point("other.point")
+    chaos.point("unit.point")
+    assert not marker.exists()
+    chaos.point("unit.point")  # the 3rd visit: claims the marker, pauses 0.01 s
+    assert f"unit.point@3 pid {os.getpid()}" in marker.read_text()
+    marker.write_text("claimed")
+    monkeypatch.setattr(chaos, "_hits", chaos.Counter())  # a restarted process: counts from 0 again
+    for _ in range(4):
+        chaos.point("unit.point")
+    assert marker.read_text() == "claimed"  # a claimed rule never fires again
+
+
 def test_ray_data_actor_killed_mid_augmentation(ray_local, tmp_path, monkeypatch, tiny_bert_dir, tiny_llama_dir):
     """A paraphrase actor SIGKILLed after generating its second batch, before returning it: Ray Data
     restarts the actor and retries the batch; the epoch completes with exactly the synthetic pairs
