@@ -155,6 +155,8 @@ def run_trials(
     trainable = tune.with_resources(mars_trial, {"cpu": cfg.tune.trial_cpus})
     exp = root / EXPERIMENT
     if restore and not tune.Tuner.can_restore(str(exp)):
+        if any((root / TRIAL_DIR).glob("*")):
+            raise ValueError(f"{exp}: trials ran here but Tune's state is missing; nothing to restore from")
         # Interrupted before Tune wrote its first state (e.g. during the bank build): nothing ran
         # yet, so starting the trials from the saved experiment config is the resume.
         log(f"{exp}: no Tune state yet (interrupted before the first trial); starting the trials")

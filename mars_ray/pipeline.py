@@ -660,7 +660,7 @@ def run_mars(
             "train_s": round(train_s, 2),
             "eval_s": round(eval_s, 2),
         }
-        if fit.get("resumed_from_step") is not None:  # this epoch's training continued a checkpoint
+        if fit.get("resumed_from_step") is not None:  # this training run continued a checkpoint inside it
             row["resumed_from_step"] = fit["resumed_from_step"]
         rows.append(row)
         if want_base and base is not None:  # kept for a resumed run

@@ -119,3 +119,60 @@ def test_move_dir_replaces_the_target_whole(tmp_path):
     assert move_dir(src, target) == target
     assert not src.exists() and (target / "model" / "w.bin").read_bytes() == b"new"
     assert not (target / "old.bin").exists() and sorted(p.name for p in target.parent.iterdir()) == ["ckpt"]
+
+
+def test_move_dir_across_file_systems_on_a_full_disk_keeps_both_sides(tmp_path, monkeypatch):
+    """EXDEV makes move_dir copy; ENOSPC on the second file: OSError naming the target's file, the
+    old target intact, the source intact, no temporary left. Other rename errors are not copies."""
+    import errno
+    import os
+    import shutil
+
+    import pytest
+
+    from mars_ray.core import atomic
+
+    src, target = tmp_path / "src", tmp_path / "out" / "ckpt"
+    (src / "m").mkdir(parents=True)
+    for name in ("a.bin", "b.bin"):
+        (src / "m" / name).write_bytes(name.encode())
+    target.mkdir(parents=True)
+    (target / "old.bin").write_bytes(b"old")
+    real_rename, real_copy = os.rename, shutil.copy2
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    copies = []
+
+    def copy_then_full(a, b):
+        copies.append(b)
+        if len(copies) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(a, b)
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    monkeypatch.setattr(shutil, "copy2", copy_then_full)
+    with pytest.raises(OSError) as err:
+        atomic.move_dir(src, target)
+    assert err.value.errno == errno.ENOSPC and str(target / "m") in str(err.value)
+    assert sorted(p.name for p in target.iterdir()) == ["old.bin"]
+    assert sorted(p.name for p in (src / "m").iterdir()) == ["a.bin", "b.bin"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["ckpt"]  # no temporary left
+
+    monkeypatch.setattr(shutil, "copy2", real_copy)
+    assert atomic.move_dir(src, target) == target  # the copy path, with space
+    assert not src.exists() and (target / "m" / "b.bin").read_bytes() == b"b.bin"
+
+    def denied(a, b):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", denied)
+    (tmp_path / "src2").mkdir()
+    with pytest.raises(PermissionError):
+        atomic.move_dir(tmp_path / "src2", target)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert (target / "m" / "b.bin").exists()  # untouched
+    with pytest.raises(FileNotFoundError):
+        atomic.move_dir(tmp_path / "missing", target)
+    assert (target / "m" / "b.bin").exists()

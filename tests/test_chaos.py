@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,28 +40,30 @@ def _child_env(rules: str | None) -> dict[str, str]:
 def _run(
     cmd: list[str], rules: str | None, *, until: Callable[[], bool] | None = None, timeout: float = 600
 ) -> tuple[int, str]:
-    """Run ``mars-ray`` ``cmd`` in its own session; with ``until``, kill its whole process group
-    (driver, Ray, workers) as soon as ``until()`` holds. Returns (exit code, output)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mars_ray.cli", *cmd],
-        env=_child_env(rules),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.time() + timeout
-    try:
-        while proc.poll() is None:
-            if until is not None and until():
-                break
-            assert time.time() < deadline, f"{cmd} still running after {timeout} s"
-            time.sleep(0.1)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # what is left: a self-killed driver's Ray, or all of it
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    return proc.returncode, out
+    """Run ``mars-ray`` ``cmd`` in its own session (its output to a file, so a full pipe never blocks
+    it); with ``until``, kill its whole process group (driver, Ray, workers) as soon as ``until()``
+    holds. Returns (exit code, the output's tail)."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mars_ray.cli", *cmd],
+            env=_child_env(rules),
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + timeout
+        try:
+            while proc.poll() is None:
+                if until is not None and until():
+                    break
+                assert time.time() < deadline, f"{cmd} still running after {timeout} s"
+                time.sleep(0.1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # what is left: a self-killed driver's Ray, or all of it
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        return proc.returncode, log.read().decode(errors="replace")[-6000:]
 
 
 def _pairs(path: Path) -> list[tuple[str, str, str]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import shutil
@@ -167,42 +168,66 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     if old.exists():
         shutil.rmtree(old)
     os.replace(target_p, old)
-    os.replace(new_p, target_p)
+    try:
+        os.replace(new_p, target_p)
+    except BaseException:
+        os.replace(old, target_p)  # put the old content back: the target is never left missing
+        raise
     _fsync_dir(target_p.parent)
     shutil.rmtree(old)
 
 
 def move_dir(src: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Move the directory ``src`` to ``target`` (replacing it): a rename on one file system; across
-    file systems a file-by-file copy into a temporary sibling of ``target``, swapped in whole by
-    :func:`replace_dir`, then ``src`` is removed. A copy that fails (ENOSPC, EFBIG, ...) removes the
-    temporary, leaves ``target`` and ``src`` as they were, and raises OSError naming the file."""
+    file systems (EXDEV) a file-by-file copy into a temporary sibling of ``target``, fsynced,
+    swapped in whole by :func:`replace_dir`, and only then ``src`` is removed. A copy that fails
+    (ENOSPC, EFBIG, ...) removes the temporary, leaves ``target`` and ``src`` as they were, and
+    raises OSError naming the file. Any other rename error is raised as is."""
     src_p, target_p = Path(src), Path(target)
+    if not src_p.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no directory to move", str(src_p))
     target_p.parent.mkdir(parents=True, exist_ok=True)
     tmp = target_p.with_name(f".{target_p.name}.{os.getpid()}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         os.rename(src_p, tmp)  # same file system: nothing to copy
-    except OSError:
-        try:
-            for d, _, files in os.walk(src_p):
-                rel = Path(d).relative_to(src_p)
-                (tmp / rel).mkdir(parents=True, exist_ok=True)
-                for f in files:
-                    dest = tmp / rel / f
-                    try:
-                        shutil.copy2(Path(d) / f, dest)
-                    except OSError as e:
-                        if e.errno is None:
-                            raise
-                        where = target_p / rel / f
-                        raise OSError(
-                            e.errno, f"{e.strerror} (writing {where}; {target_p} is kept as it was)", str(where)
-                        ) from e
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+        copied = False
+    except OSError as e:
+        if e.errno != errno.EXDEV:
             raise
-        shutil.rmtree(src_p, ignore_errors=True)
+        _copy_tree(src_p, tmp, target_p)
+        copied = True
     replace_dir(tmp, target_p)
+    if copied:
+        shutil.rmtree(src_p, ignore_errors=True)
     return target_p
+
+
+def _copy_tree(src: Path, tmp: Path, target: Path) -> None:
+    """Copy ``src`` into ``tmp`` (which will become ``target``), every file and directory fsynced;
+    on any error ``tmp`` is removed and an OSError names the file of ``target`` not written."""
+
+    def fail(e: OSError) -> None:
+        raise e
+
+    try:
+        for d, _, files in os.walk(src, onerror=fail):
+            rel = Path(d).relative_to(src)
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                try:
+                    shutil.copy2(Path(d) / f, tmp / rel / f)
+                    with open(tmp / rel / f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+                except OSError as e:
+                    if e.errno is None:
+                        raise
+                    where = target / rel / f
+                    raise OSError(
+                        e.errno, f"{e.strerror} (writing {where}; {target} is kept as it was)", str(where)
+                    ) from e
+            _fsync_dir(tmp / rel)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -13,7 +13,9 @@ acts:
 Points: ``paraphrase.batch`` / ``refine.batch`` (a generation actor has generated, cached and gated
 a batch and is about to return it), ``train.checkpoint.epoch<t>`` (rank 0 of MARS epoch t's
 training run has reported a checkpoint; ``epoch0`` is the warm-up).
-Unset, :func:`point` is one dictionary lookup.
+Unset, :func:`point` is one dictionary lookup. Marker paths should be absolute (each process
+resolves a relative one against its own working directory). The driver's rules reach Ray Data
+stage actors (their ``runtime_env``) and Ray Train workers (the loop's config) on any cluster.
 """
 
 from __future__ import annotations
@@ -25,7 +27,19 @@ import time
 from collections import Counter
 
 ENV = "MARS_RAY_CHAOS"
+PAUSE_ENV = f"{ENV}_PAUSE_S"
 _hits: Counter[str] = Counter()
+
+
+def settings() -> dict[str, str]:
+    """This process's chaos variables (empty when none is set), to hand to other processes."""
+    return {k: os.environ[k] for k in (ENV, PAUSE_ENV) if os.environ.get(k)}
+
+
+def adopt(env: dict[str, str] | None) -> None:
+    """Take over the rules :func:`settings` gave (in a worker started without them)."""
+    for k, v in (env or {}).items():
+        os.environ.setdefault(k, v)
 
 
 def parse(spec: str) -> list[tuple[str, int, str, str]]:
@@ -60,6 +74,6 @@ def point(name: str) -> None:
         sys.stderr.flush()
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        deadline = time.monotonic() + float(os.environ.get(f"{ENV}_PAUSE_S", "600"))
+        deadline = time.monotonic() + float(os.environ.get(PAUSE_ENV, "600"))
         while time.monotonic() < deadline:
             time.sleep(0.1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Any
 
@@ -117,8 +116,8 @@ def map_with_actors(
     blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)] or [table]
     ds = ray.data.from_arrow(blocks)
     extra: dict[str, Any] = {}
-    if os.environ.get(chaos.ENV):  # fault-injection rules reach the pool's actors on any cluster
-        extra["runtime_env"] = {"env_vars": {chaos.ENV: os.environ[chaos.ENV]}}
+    if chaos.settings():  # fault-injection rules reach the pool's actors on any cluster
+        extra["runtime_env"] = {"env_vars": chaos.settings()}
     out = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=kwargs,

@@ -252,6 +252,8 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import torch
 
+    chaos.adopt(config.get("chaos"))  # the driver's fault-injection rules, on any cluster
+
     from mars_ray.core.losses import bt_loss, center_penalty, normalise_weights, pair_metrics
     from mars_ray.models.reward import disable_dropout, encode_preferences, load_reward_model, pad_batch, score_pairs
 
@@ -721,7 +723,8 @@ def fit_reward_model(
     same ``run_dir`` / ``name`` resumes from the latest checkpoint (Ray Train's behaviour).
     ``max_failures``: worker-group restarts (from the last checkpoint) before giving up.
     ``_fault`` (recovery tests only): ``{"marker": path, "at_step": k}`` makes rank 0 raise once,
-    before optimizer step ``k``, if ``marker`` does not exist yet (it is created first).
+    before optimizer step ``k``, if ``marker`` does not exist yet (it is created first); with
+    ``"epoch": t`` only in MARS epoch t's training run.
 
     Raises:
         ValueError: invalid configuration (checked before anything starts).
@@ -758,6 +761,7 @@ def fit_reward_model(
         "epoch": int(epoch),
         "local": local,
         "fault": _fault,
+        "chaos": chaos.settings(),
         "name": name,
         "threads": threads,
     }
@@ -787,7 +791,11 @@ def fit_reward_model(
     if local:  # move the in-process checkpoint next to the Ray runs
         from mars_ray.core.atomic import move_dir
 
-        ckpt_dir = move_dir(ckpt_dir, run_dir / name / "checkpoint_local")
+        try:
+            ckpt_dir = move_dir(ckpt_dir, run_dir / name / "checkpoint_local")
+        except OSError:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # a temporary checkpoint no one resumes from
+            raise
     metrics = dict(result.metrics or {})
     metrics["checkpoint_dir"] = str(ckpt_dir)
     metrics["model_dir"] = str(ckpt_dir / MODEL_SUBDIR)

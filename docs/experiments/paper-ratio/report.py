@@ -24,13 +24,18 @@ import numpy as np
 from mars_ray.core.metrics import pair_bootstrap, paired_comparison
 
 
-def _trials(run: Path, label: str | None) -> dict[tuple[str, int], Path]:
+def _trials(run: Path, label: str | None, heldout: str) -> dict[tuple[str, int], Path]:
+    """Finished trials (held-out evaluation written) of one compare directory, by (arm, seed)."""
     out = {}
+    strategies = set()
     for d in sorted((run / "trials").glob("strategy=*_seed=*")):
-        if not (d / "summary.json").exists():
-            continue  # unfinished
         strategy, seed = d.name.removeprefix("strategy=").rsplit("_seed=", 1)
+        strategies.add(strategy)
+        if not list(d.glob(f"heldout/*_{heldout}/scores.npz")):
+            continue  # unfinished
         out[(label or strategy, int(seed))] = d
+    if label and len(strategies) > 1:
+        raise SystemExit(f"{run}=label: it holds {len(strategies)} strategies; a label names a one-strategy run")
     return out
 
 
@@ -58,7 +63,7 @@ def main() -> int:
     trials: dict[tuple[str, int], Path] = {}
     for spec in args.run:
         path, _, label = spec.partition("=")
-        for key, d in _trials(Path(path), label or None).items():
+        for key, d in _trials(Path(path), label or None, args.heldout).items():
             if key in trials:
                 raise SystemExit(f"arm {key[0]} seed {key[1]} appears in two runs ({trials[key]}, {d})")
             trials[key] = d
@@ -77,7 +82,7 @@ def main() -> int:
             seconds[arm].append(json.loads((d / "summary.json").read_text())["seconds"])
 
     print(f"### Held-out `{args.heldout}` (each trial's final model)\n")
-    print("| arm | seeds | accuracy, mean ± sd | SNR, mean ± sd | pairs | minutes per trial (median) |")
+    print("| arm | seeds | accuracy, mean ± sd | SNR, mean ± sd | pairs | minutes per trial (median, training run) |")
     print("|---|---|---|---|---|---|")
     for arm in sorted(arms):
         a, s = np.array(list(acc[arm].values())), np.array([v for v in snr[arm].values() if v is not None])
@@ -89,9 +94,11 @@ def main() -> int:
         )
 
     print("\n### Paired differences (by seed; positive = the first arm ahead)\n")
+    print("t-test and t-interval: each trial's accuracy on the whole file, paired by seed; bootstrap: the")
+    print("pairs every trial of both arms scored, resampled (5,000 replicates) with the seeds averaged.\n")
     print("| difference | seeds | mean | sd | t | p (two-sided) | 95% t-interval | pair bootstrap 95% |")
     print("|---|---|---|---|---|---|---|---|")
-    refs = [r for r in (args.baseline, "none") if r in arms]
+    refs = list(dict.fromkeys(r for r in (args.baseline, "none") if r in arms))
     for ref in refs:
         for arm in sorted(arms):
             if arm == ref or (ref == args.baseline and arm == "none"):  # none is compared as the reference
@@ -140,7 +147,10 @@ def main() -> int:
             print(f"| {arm} | {int(ep)} | " + " | ".join(cells) + " |")
 
     total = sum(sum(v) for v in seconds.values())
-    print(f"\nCompute: {len(trials)} trials, {total / 3600:.1f} h of trial time on this machine.")
+    print(
+        f"\nCompute: {len(trials)} trials, {total / 3600:.1f} h of trial time on this machine (a resumed trial"
+        " counts its last process only; held-out evaluation not included)."
+    )
     return 0
 
 
