@@ -15,8 +15,10 @@ of ``--budget`` synthetic pairs per epoch.
 
 Run alone on the machine: ``python benchmarks/bench_stage_memory.py [--epochs 6] [--pairs 24]``
 (about 5 minutes on 2 cores); ``--strategy uniform --topup-rounds 2 --budget 72`` for top-ups. The
-demo texts pass the paraphrase gate so often that no top-up round runs; ``--data`` a real file
-(HH-RLHF: about a quarter of SmolLM2's paraphrases pass) leaves pools short, so they do.
+demo texts pass the paraphrase gate so often, and the paraphrase stage's own resampling
+(``paraphrase.retry_rounds``) refills what the gate drops, that no top-up round runs; with a real
+file (``--data``, HH-RLHF: about a quarter of SmolLM2's paraphrases pass) and ``--retry-rounds 0``
+the pools fall short, so they do.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def _variant(args) -> None:
             "data.test_fraction": "0.1",
             "mars.strategy": args.strategy,
             "paraphrase.topup_rounds": str(args.topup_rounds),
+            **({"paraphrase.retry_rounds": str(args.retry_rounds)} if args.retry_rounds is not None else {}),
             "mars.epochs": str(args.epochs),
             "mars.budget": str(args.budget),
             "mars.warmup_passes": "0",
@@ -99,6 +102,9 @@ def main() -> int:
     ap.add_argument("--strategy", choices=["west-of-n", "uniform", "mars-nosem"], default="west-of-n")
     ap.add_argument("--topup-rounds", type=int, default=2)
     ap.add_argument("--keep", type=int, default=None, help="run one variant in this process")
+    ap.add_argument(
+        "--retry-rounds", type=int, default=None, help="paraphrase.retry_rounds (0: gate rejections leave pools short)"
+    )
     ap.add_argument("--data", default=None, help="a preference file instead of the built-in demo data")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -110,6 +116,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--keep", str(keep), "--epochs", str(args.epochs)]
         cmd += ["--pairs", str(args.pairs), "--budget", str(args.budget), "--strategy", args.strategy]
         cmd += ["--topup-rounds", str(args.topup_rounds)] + (["--data", args.data] if args.data else [])
+        cmd += ["--retry-rounds", str(args.retry_rounds)] if args.retry_rounds is not None else []
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     what = "West-of-N" if args.strategy == "west-of-n" else f"{args.strategy}, {args.topup_rounds} top-up rounds"
