@@ -151,3 +151,22 @@ def pick_device(override: str | None = None) -> str:
     except Exception:  # Ray not importable or not connected: the plain rule below
         pass
     return "cuda"
+
+
+def release_memory() -> None:
+    """Collect garbage, then hand the heap's free pages back to the OS (glibc ``malloc_trim``):
+    freed model weights otherwise stay in this process's RSS, and the next model is allocated
+    beside them. Called where an in-process run drops a model (a stage actor, a training run)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return
+    trim(0)

@@ -41,8 +41,9 @@ def local_actor(actor_cls: type, kwargs: dict[str, Any], *, keep: int = 2) -> An
     epochs and stages with the same constructor arguments skip the model load. At most ``keep``
     actors stay (``resources.in_process_keep``): the least recently used ones, and the models they
     hold, are dropped before a new one is built."""
-    import gc
     import json
+
+    from mars_ray.runtime import release_memory
 
     key = actor_cls.__qualname__ + json.dumps(kwargs, sort_keys=True, default=str)
     if key in _LOCAL_ACTORS:
@@ -53,26 +54,9 @@ def local_actor(actor_cls: type, kwargs: dict[str, Any], *, keep: int = 2) -> An
         _LOCAL_ACTORS.popitem(last=False)
         dropped += 1
     if dropped:
-        gc.collect()  # the dropped models' tensors, before the new actor loads its own
-        _return_freed_memory()
+        release_memory()  # the dropped models' tensors, before the new actor loads its own
     _LOCAL_ACTORS[key] = actor_cls(**kwargs)
     return _LOCAL_ACTORS[key]
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``): freed model weights
-    otherwise stay in this process's RSS, and the next model is allocated beside them."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-        return
-    trim(0)
 
 
 def clear_local_actors() -> int:

@@ -801,4 +801,9 @@ def fit_reward_model(
     metrics["model_dir"] = str(ckpt_dir / MODEL_SUBDIR)
     if score_path and (ckpt_dir / SCORES_FILE).exists():
         metrics["scores_path"] = str(ckpt_dir / SCORES_FILE)
+    if local:
+        from mars_ray.runtime import release_memory
+
+        del trainer, result
+        release_memory()  # the model and optimizer this process trained are garbage now
     return metrics
