@@ -186,12 +186,14 @@ def test_driver_killed_mid_augmentation_and_mid_pass(ray_local, tmp_path, tiny_b
     rc, log = _run(["train", "--resume", str(out)], rules, until=lambda: m2.exists() and registered_step() == 2)
     assert m2.exists(), log[-3000:]
     assert not (out / "epochs" / "002" / "manifest.json").exists() and len(read_metrics(out)) == 1
-    rc, log = _run(["train", "--resume", str(out)], None)
-    assert rc == 0, log[-3000:]
+    # The last resume in this process (on this test's local Ray): nothing kills it.
+    from mars_ray.pipeline import load_run_config
+
+    run_mars(load_run_config(out), resume=True, log=lambda m: None)
 
     got, want = read_metrics(out), read_metrics(ref.output.dir)
     resumed = got[-1].pop("resumed_from_step", None)
-    assert resumed == 2, (resumed, log[-2000:])
+    assert resumed == 2, resumed
     assert [sorted(r) for r in _comparable(got)] == [sorted(r) for r in _comparable(want)]
     for g, w in zip(_comparable(got), _comparable(want)):
         assert {k: v for k, v in g.items() if k != "strategy"} == pytest.approx(
