@@ -59,19 +59,22 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-# Modules with the longest tests, started first: under `pytest -n 2 --dist loadscope` (make test)
-# each module runs whole on one worker, in collection order, so the long ones must not be left
-# for the end, where one worker would run them while the other waits. Measured module times
-# under -n 2 on 2 cores: pipeline ~250 s, align ~250 s, cluster jobs ~110 s, experiments ~115 s.
+# Modules with the longest tests, started first, longest first: under `pytest -n 2 --dist
+# loadscope` (make test) each module runs whole on one worker, in collection order, so the long ones
+# must not be left for the end, where one worker would run them while the other waits. Module
+# times under -n 2 on 2 cores (2026-12-05): align ~270 s, cluster jobs ~200 s, pipeline ~200 s,
+# experiments ~170 s, train faults ~160 s, train ~150 s, augment ~150 s, chaos ~130 s, serve ~100 s.
 LONGEST_MODULES = (
-    "test_pipeline.py",
-    "test_train_faults.py",
     "test_align.py",
-    "test_experiments.py",
     "test_clusters_jobs.py",
-    "test_augment.py",
+    "test_pipeline.py",
+    "test_experiments.py",
+    "test_train_faults.py",
     "test_train.py",
+    "test_augment.py",
+    "test_chaos.py",
     "test_serve.py",
+    "test_bank.py",
 )
 
 

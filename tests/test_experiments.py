@@ -58,20 +58,26 @@ def test_compare_two_strategies_two_seeds(ray_local, tmp_path, tiny_bert_dir, ti
     )
     args = _tiny_overrides(tmp_path, tiny_bert_dir, tiny_llama_dir, "cmp", **{"mars.budget": "6"})
     out = tmp_path / "cmp"
-    rc = main(
-        [
-            "compare",
-            *args,
-            "--compare.strategies",
-            "[none, uniform]",
-            "--compare.seeds",
-            "[0, 1]",
-            "--compare.max_concurrent",
-            "2",
-            "--compare.eval_paths",
-            f"[{heldout}]",
-        ]
-    )
+    cli_args = [
+        "compare",
+        *args,
+        "--compare.strategies",
+        "[none, uniform]",
+        "--compare.seeds",
+        "[0, 1]",
+        "--compare.max_concurrent",
+        "2",
+        "--compare.eval_paths",
+        f"[{heldout}]",
+    ]
+    # As if killed after saving its config, before Tune wrote any state (during the generation
+    # bank, say): `--resume` has nothing to restore and starts the saved experiment.
+    from mars_ray.cli import _parser, _tune_config
+
+    ns, extra = _parser().parse_known_args(cli_args)
+    _tune_config(ns, extra)
+    assert (out / "experiment_config.yaml").exists() and not (out / "tune").exists()
+    rc = main(["compare", "--resume", str(out)])
     assert rc == 0
     res = json.loads((out / "compare.json").read_text())
     assert res["trials"] == 4 and sorted(res["strategies"]) == ["none", "uniform"]
@@ -101,25 +107,6 @@ def test_compare_two_strategies_two_seeds(ray_local, tmp_path, tiny_bert_dir, ti
         assert (out / f).stat().st_size > 0, f
     # An experiment directory is not silently reused.
     assert main(["compare", *args, "--compare.strategies", "[none]"]) == 2
-
-
-def test_compare_resume_before_the_first_trial_starts_the_trials(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
-    """Killed after the experiment config was saved but before Tune wrote any state (during the
-    generation bank, say): --resume has nothing to restore and runs the saved experiment."""
-    from mars_ray.config import Config
-
-    args = _tiny_overrides(tmp_path, tiny_bert_dir, tiny_llama_dir, "early")
-    out = tmp_path / "early"
-    cfg = Config.load(Path(args[1]))
-    cfg.compare.strategies = ["none"]
-    cfg.compare.seeds = [3]
-    out.mkdir()
-    (out / "experiment_config.yaml").write_text(cfg.to_yaml())  # what compare writes first
-    assert not (out / "tune").exists()
-    assert main(["compare", "--resume", str(out)]) == 0
-    res = json.loads((out / "compare.json").read_text())
-    assert res["trials"] == 1 and res["table"]["none"]["seeds"] == [3]
-    assert (out / "trials" / "strategy=none_seed=3" / "model" / "config.json").exists()
 
 
 def test_sweep_restores_after_a_killed_driver_and_exports_the_best_config(
