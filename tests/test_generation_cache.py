@@ -87,3 +87,25 @@ def test_the_backend_follows_the_file_system_and_sticks(tmp_path, monkeypatch):
     assert C.choose_backend(shared) == "shards"
     assert isinstance(C.default_cache(str(shared)), C.ShardedCache)
     assert C.is_network_fs("fuse.gcsfuse") and not C.is_network_fs("ext4")
+
+
+def test_encoder_embeds_each_text_once_and_keeps_embeddings_across_instances(tmp_path, tiny_bert_dir):
+    """The gate's encoder: a text repeated in a call is encoded once; a second encoder on the same
+    cache directory (another epoch, strategy or trial) encodes only what is new; the vectors equal
+    fresh ones to float32 rounding; generation entries are not touched."""
+    import numpy as np
+
+    from mars_ray.generation.cache import default_cache
+    from mars_ray.stages.embed import Encoder
+
+    texts = ["the sky is blue", "grass is green", "the sky is blue", "water is wet"]
+    first = Encoder(str(tiny_bert_dir), cache_dir=str(tmp_path), cache=True)
+    a = first.embed(texts)
+    assert first.stats == {"hits": 0, "encoded": 3} and np.array_equal(a[0], a[2])
+    second = Encoder(str(tiny_bert_dir), cache_dir=str(tmp_path), cache=True)
+    b = second.embed(["water is wet", "a new sentence", "grass is green"])
+    assert second.stats == {"hits": 2, "encoded": 1}
+    fresh = Encoder(str(tiny_bert_dir)).embed(["water is wet", "a new sentence", "grass is green"])
+    np.testing.assert_allclose(b, fresh, atol=1e-5)
+    np.testing.assert_array_equal(b[0], a[3])  # the stored vector itself
+    assert len(default_cache(str(tmp_path))) == 0  # embeddings have their own store

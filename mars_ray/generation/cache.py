@@ -121,6 +121,8 @@ NETWORK_FS = {
 BACKEND_FILE = "cache_backend"  # "sqlite" or "shards": how this cache directory is kept
 SHARDS_DIR = "generations"
 SQLITE_FILE = "generations.sqlite"
+EMBED_SHARDS_DIR = "embeddings"
+EMBED_SQLITE_FILE = "embeddings.sqlite"
 
 
 def filesystem_type(path: str | os.PathLike) -> str | None:
@@ -460,3 +462,14 @@ def default_cache(cache_dir: str | None = None, backend: str | None = None) -> G
     if choose_backend(root, backend) == "shards":
         return ShardedCache(root / SHARDS_DIR)
     return GenerationCache(root / SQLITE_FILE)
+
+
+def embedding_cache(cache_dir: str | None = None, backend: str | None = None) -> GenerationCache | ShardedCache:
+    """The sentence-embedding store beside the generation cache (same back end, its own file):
+    the quality gate embeds the same sources and candidates in every epoch, strategy and trial."""
+    from mars_ray.models.resolve import cache_root
+
+    root = cache_root(cache_dir)
+    if choose_backend(root, backend) == "shards":
+        return ShardedCache(root / EMBED_SHARDS_DIR)
+    return GenerationCache(root / EMBED_SQLITE_FILE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,13 @@ from mars_ray.stages.common import actor_threads, as_list, map_with_actors, set_
 
 
 class Encoder:
-    """A sentence-transformer loaded once; ``distances`` and ``similarity`` in batches."""
+    """A sentence-transformer loaded once; ``distances`` and ``similarity`` in batches.
+
+    ``embed`` encodes each distinct text once per call. With ``cache`` (``model.cache_dir``'s
+    embedding store, :func:`mars_ray.generation.cache.embedding_cache`) embeddings are kept by
+    (encoder, text): the gate's sources and candidates are embedded once for every epoch,
+    strategy and trial, as the generation bank keeps their generations. A cached vector equals a
+    fresh one to float32 rounding (batch composition moves the last bits)."""
 
     def __init__(
         self,
@@ -23,6 +31,7 @@ class Encoder:
         num_threads: int | None = None,
         device: str | None = None,
         cache_dir: str | None = None,
+        cache: bool = False,
     ):
         from mars_ray.models import load_sentence_encoder
         from mars_ray.runtime import pick_device
@@ -31,13 +40,54 @@ class Encoder:
         self.device = pick_device(device)
         self.model = load_sentence_encoder(model_ref, device=self.device)
         self.batch_size = batch_size
+        self.model_ref = str(model_ref)
+        self.store = None
+        if cache:
+            from mars_ray.generation.cache import embedding_cache
+
+            self.store = embedding_cache(cache_dir)
+        self.stats = {"hits": 0, "encoded": 0}
+
+    def _key(self, text: str) -> str:
+        blob = f"embed\0{self.model_ref}\0{text}".encode("utf-8", "surrogatepass")
+        return hashlib.sha256(blob).hexdigest()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 1), dtype=np.float32)
-        return self.model.encode(
-            texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
-        )
+        uniq = list(dict.fromkeys(texts))
+        vecs: dict[str, np.ndarray] = {}
+        keys = {t: self._key(t) for t in uniq} if self.store is not None else {}
+        if self.store is not None:
+            got = self.store.get_many(list(keys.values()))
+            for t, k in keys.items():
+                if k in got:
+                    v = np.frombuffer(base64.b64decode(got[k]), dtype=np.float32)
+                    if v.size:
+                        vecs[t] = v
+        missing = [t for t in uniq if t not in vecs]
+        if missing:
+            enc = self.model.encode(
+                missing,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            ).astype(np.float32)
+            for t, e in zip(missing, enc):
+                vecs[t] = e
+            if self.store is not None:
+                self.store.put_many(
+                    [(keys[t], base64.b64encode(vecs[t].tobytes()).decode("ascii")) for t in missing],
+                    model=f"embed:{self.model_ref}",
+                )
+        self.stats["hits"] += len(uniq) - len(missing)
+        self.stats["encoded"] += len(missing)
+        dims = {v.size for v in vecs.values()}
+        if len(dims) != 1:  # a stored vector of another size (another encoder under this ref): re-encode all
+            self.store = None
+            return self.embed(texts)
+        return np.stack([vecs[t] for t in texts])
 
     def distances(self, a: list[str], b: list[str]) -> np.ndarray:
         """1 - cos(a_i, b_i), one encode call for both sides."""

@@ -180,7 +180,7 @@ class RefineActor(_StatsMixin):
         set_threads(num_threads)
         self.cfg = rewrite
         self.gen = build_generator(rewrite, batch_size=batch_size, cache_dir=cache_dir)
-        self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
+        self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size, cache_dir=cache_dir, cache=True)
         # The label check's reward model (ScoreActor kwargs: the current r^{t-1}); None: no check.
         self.scorer = None
         if scorer is not None:
@@ -332,7 +332,7 @@ class ParaphraseActor(_StatsMixin):
             if self.deterministic
             else self.gen
         )
-        self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size)
+        self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size, cache_dir=cache_dir, cache=True)
 
     def output_cap(self, text: str) -> int:
         """The gate rejects paraphrases longer than ``max_length_ratio`` times the source, so
