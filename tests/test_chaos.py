@@ -66,9 +66,8 @@ def _run(
         return proc.returncode, log.read().decode(errors="replace")[-6000:]
 
 
-def _pairs(path: Path) -> list[tuple[str, str, str]]:
-    t = pq.read_table(path).to_pydict()
-    return sorted(zip(t[S.PAIR_ID], t[S.CHOSEN], t[S.REJECTED]))
+def _pairs_of(t) -> list[tuple[str, str, str]]:
+    return sorted(zip(*(t.column(c).to_pylist() for c in (S.PAIR_ID, S.CHOSEN, S.REJECTED))))
 
 
 def test_rules_parse_and_refuse_nonsense(tmp_path):
@@ -124,10 +123,7 @@ def test_ray_data_actor_killed_mid_augmentation(ray_local, tmp_path, monkeypatch
     killed_pid = int(marker.read_text().split("pid")[1])
     assert killed_pid != os.getpid()  # an actor process died, not this one
 
-    def rows(t):
-        return sorted(zip(*(t.column(c).to_pylist() for c in (S.PAIR_ID, S.CHOSEN, S.REJECTED))))
-
-    got, want = rows(res.synthetic), rows(ref.synthetic)
+    got, want = _pairs_of(res.synthetic), _pairs_of(ref.synthetic)
     assert got == want, "the faulted epoch's synthetic pairs differ from the unfaulted run's"
     assert len({g[0] for g in got}) == len(got)  # no pair twice
     assert res.summary["synthetic"] + res.summary["budget_unspent"] == cfg.mars.budget
@@ -209,10 +205,6 @@ def test_driver_killed_mid_augmentation_and_mid_pass(ray_local, tmp_path, tiny_b
         f"after step 2 of its pass); resumed twice: epoch 2 restarted at step {resumed}; {n_syn} synthetic pairs and "
         f"{len(got)} epochs of metrics equal to the unfaulted run's (rel 1e-4); lost 0"
     )
-
-
-def _pairs_of(t) -> list[tuple[str, str, str]]:
-    return sorted(zip(*(t.column(c).to_pylist() for c in (S.PAIR_ID, S.CHOSEN, S.REJECTED))))
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
