@@ -1,4 +1,4 @@
-"""Ray Train faults: a worker that dies mid-pass (DDP and DeepSpeed ZeRO-2/3 on 2 CPU workers)
+"""Ray Train faults: a worker that dies mid-pass (DDP, and DeepSpeed ZeRO-3 on 2 CPU workers)
 resumes from the checkpoint inside the pass with its optimizer state, and a checkpoint is never
 resumed on other data. (Its own module, so the test processes share these long tests out.)"""
 
@@ -9,7 +9,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from test_pipeline import loop_cfg
-from test_train import _cfg, _pairs, _write
+from test_train import _cfg, _pairs, _score, _write
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
@@ -45,7 +45,9 @@ def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
         val_path=tmp_path / "train.parquet",
         run_dir=tmp_path / "ray_train",
     )
-    clean = fit_reward_model(cfg, name="clean", **kw)
+    # The reference trains in this process (no worker group to start): the same loop, the same numbers.
+    local = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "midpass", **over | {"train.num_workers": "0"})
+    clean = fit_reward_model(local, name="clean", **kw)
     marker = tmp_path / "fault.marker"
     faulted = fit_reward_model(cfg, name="faulted", max_failures=1, _fault={"marker": str(marker), "at_step": 5}, **kw)
     assert marker.exists(), "the fault was never injected"
@@ -69,19 +71,21 @@ def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
 @pytest.mark.parametrize(
     ("stage", "batch", "accum", "every", "fail_at", "steps", "resumed"),
     [
-        # 32 pairs per rank in micro-batches of 5: 7 micro-batches, DeepSpeed steps after 2, 4, 6
-        # (the 7th accumulates without a step): 3 steps, not the 4 a per-pass count would give
-        (2, 5, 2, 1, 2, 3, 2),
-        (3, 4, 1, 3, 5, 8, 3),
+        # ZeRO-3 (parameters, gradients and optimizer state partitioned; ZeRO-2 saves and restores
+        # through the same engine calls, a subset of this). 32 pairs per rank in micro-batches of 5:
+        # 7 micro-batches, DeepSpeed steps after 2, 4, 6 (the 7th accumulates without a step): 3
+        # steps, not the 4 a per-pass count would give; rank 0 fails after the step-2 checkpoint.
+        (3, 5, 2, 1, 2, 3, 2),
     ],
 )
 def test_deepspeed_two_workers_resume_mid_pass_with_their_optimizer_state(
     ray_local, tiny_bert_dir, data_files, tmp_path, stage, batch, accum, every, fail_at, steps, resumed
 ):
-    """ZeRO-2/3 on 2 CPU workers (gloo): rank 0 fails mid-pass; the worker group restarts from the
-    last checkpoint inside the pass, each rank loading its own optimizer (and ZeRO-3 parameter)
-    partition, and the losses after the restart equal an uninterrupted run's (Adam moments
-    restored: with a fresh optimizer they differ). The step count is DeepSpeed's own."""
+    """ZeRO-3 on 2 CPU workers (gloo): rank 0 fails mid-pass; the worker group restarts from the
+    last checkpoint inside the pass, each rank loading its own optimizer and parameter partitions,
+    and the losses after the restart equal an uninterrupted run's (Adam moments restored: with a
+    fresh optimizer they differ). The step count is DeepSpeed's own. The saved model (gathered from
+    the partitions) loads as a plain HF folder and scores as the trained engine did."""
     pytest.importorskip("deepspeed")
     from mars_ray.train import fit_reward_model
 
@@ -108,3 +112,9 @@ def test_deepspeed_two_workers_resume_mid_pass_with_their_optimizer_state(
     # tolerance: the same float32 arithmetic on the same batches in the same order (gloo sums)
     assert faulted["train_loss_history"] == pytest.approx(clean["train_loss_history"], rel=1e-5, abs=1e-6)
     assert faulted["val_margin_mean"] == pytest.approx(clean["val_margin_mean"], rel=1e-4, abs=1e-6)
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(faulted["model_dir"]).eval()
+    rc, rr = _score(model, AutoTokenizer.from_pretrained(faulted["model_dir"]), data_files[1])
+    assert np.mean(rc > rr) == pytest.approx(faulted["val_accuracy"])
