@@ -171,13 +171,6 @@ def test_align_resumes_after_the_driver_is_killed(ray_local, tmp_path, tiny_bert
     assert s["worker"]["resumed_from"] and s["worker"]["global_step"] == 3
     assert s["steps"] == 3 and s["reward_source"].startswith("HTTP")
     assert sorted({json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()}) == [1, 2, 3]
-    # Stopped after its last step (where a slow machine's kill can land): a resume from the final
-    # checkpoint takes no further step (transformers alone would take one more, at lr 0).
-    (out / "align_summary.json").unlink()
-    assert main(["align", "--resume", str(out)]) == 0
-    s = json.loads((out / "align_summary.json").read_text())
-    assert s["worker"]["resumed_from"] and s["worker"]["global_step"] == 3 and s["steps"] == 3
-    assert max(json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_winrate_with_a_local_logits_judge(aligned, tmp_path, tiny_llama_dir):
