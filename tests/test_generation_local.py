@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -527,36 +526,6 @@ def test_smollm2_paraphrases(smollm2):
         assert COMMON_EN & set(words), para  # English
         assert para.strip().lower() != src.lower()
     print(f"  stats {g.stats()}")
-
-
-@pytest.mark.slow
-def test_smollm2_batched_vs_single_throughput(smollm2):
-    from mars_ray.generation.prompts import render
-
-    model, tok = smollm2
-    prompts = [render("paraphrase", text=t) for t in PARA_TEXTS + [t.upper() for t in PARA_TEXTS]]
-    p = GenParams(max_new_tokens=48)
-    LocalChatGenerator("builtin:smollm2", GenParams(max_new_tokens=4), model=model, tokenizer=tok).generate(
-        prompts[:2], 1
-    )  # warm-up
-    batched = LocalChatGenerator("builtin:smollm2", p, model=model, tokenizer=tok, batch_size=8)
-    single = LocalChatGenerator("builtin:smollm2", p, model=model, tokenizer=tok, batch_size=1)
-    t0 = time.perf_counter()
-    out_b = batched.generate(prompts, 1)
-    wall_b = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out_s = single.generate(prompts, 1)
-    wall_s = time.perf_counter() - t0
-    tps_b, tps_s = batched.stats()["tokens_per_s"], single.stats()["tokens_per_s"]
-    print(
-        f"\n  batched (8 x 48): {batched.generated_tokens} tokens in {wall_b:.1f} s = {tps_b:.1f} tok/s; "
-        f"one at a time: {single.generated_tokens} tokens in {wall_s:.1f} s = {tps_s:.1f} tok/s; "
-        f"speed-up {tps_b / tps_s:.1f}x; torch threads {torch.get_num_threads()}"
-    )
-    same = sum(a == b for a, b in zip(out_b, out_s))
-    print(f"  greedy outputs identical batched vs single: {same}/{len(prompts)}")
-    assert all(t for row in out_b for t in row)
-    assert tps_b > tps_s
 
 
 def test_a_sampled_slot_does_not_depend_on_its_batch_or_n(llama_parts, t5_parts):
