@@ -62,18 +62,20 @@ def write_jsonl(path: Path, rows) -> Path:
 # Modules with the longest tests, started first, longest first: under `pytest -n 2 --dist
 # loadscope` (make test) each module runs whole on one worker, in collection order, so the long ones
 # must not be left for the end, where one worker would run them while the other waits. Module
-# times under -n 2 on 2 cores (2026-12-05): align ~270 s, cluster jobs ~200 s, pipeline ~200 s,
-# experiments ~170 s, train faults ~160 s, train ~150 s, augment ~150 s, chaos ~130 s, serve ~100 s.
+# times under -n 2 on 2 cores (2026-12-05, suite 750 s): align ~230 s, experiments ~175 s,
+# pipeline ~160 s, augment ~140 s, cluster jobs ~125 s, chaos ~125 s, train faults ~120 s,
+# train ~110 s, serve ~70 s, ray entry ~35 s, bank ~30 s.
 LONGEST_MODULES = (
     "test_align.py",
-    "test_clusters_jobs.py",
-    "test_pipeline.py",
     "test_experiments.py",
+    "test_pipeline.py",
+    "test_augment.py",
+    "test_clusters_jobs.py",
+    "test_chaos.py",
     "test_train_faults.py",
     "test_train.py",
-    "test_augment.py",
-    "test_chaos.py",
     "test_serve.py",
+    "test_ray_entry.py",
     "test_bank.py",
 )
 
