@@ -42,7 +42,7 @@ run: install
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25 \
-	  -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	  -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: install
 	# ruff (lint + format check) on the package, tests and benchmarks; mypy on the pure layers (pyproject.toml)
@@ -55,7 +55,7 @@ format: install
 	$(BIN)/ruff format mars_ray tests benchmarks
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not ray and not slow" -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not ray and not slow" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: install
 	# Each prints a table of ratios against a baseline measured in the same run, with peak memory.

@@ -60,8 +60,10 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 # Modules with the longest tests, started first, longest first: under `pytest -n 2 --dist
-# loadscope` (make test) each module runs whole on one worker, in collection order, so the long ones
-# must not be left for the end, where one worker would run them while the other waits. Module
+# loadscope --no-loadscope-reorder` (make test) each module runs whole on one worker, in collection
+# order, so the long ones must not be left for the end, where one worker would run them while the
+# other waits. (Without --no-loadscope-reorder, xdist puts the modules with the most tests first,
+# whatever their time: the experiments module, 5 tests and ~175 s, ran last.) Module
 # times under -n 2 on 2 cores (2026-12-05, suite 750 s): align ~230 s, experiments ~175 s,
 # pipeline ~160 s, augment ~140 s, cluster jobs ~125 s, chaos ~125 s, train faults ~120 s,
 # train ~110 s, serve ~70 s, ray entry ~35 s, bank ~30 s.
