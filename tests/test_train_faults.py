@@ -71,8 +71,9 @@ def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
 @pytest.mark.parametrize(
     ("stage", "batch", "accum", "every", "fail_at", "steps", "resumed"),
     [
-        # ZeRO-3 (parameters, gradients and optimizer state partitioned; ZeRO-2 saves and restores
-        # through the same engine calls, a subset of this). 32 pairs per rank in micro-batches of 5:
+        # ZeRO-3 (parameters, gradients and optimizer state partitioned). The loop saves and
+        # restores ZeRO-2 through the same engine calls; its one stage-specific branch is ZeRO-3's
+        # gather before the model is saved, checked below. 32 pairs per rank in micro-batches of 5:
         # 7 micro-batches, DeepSpeed steps after 2, 4, 6 (the 7th accumulates without a step): 3
         # steps, not the 4 a per-pass count would give; rank 0 fails after the step-2 checkpoint.
         (3, 5, 2, 1, 2, 3, 2),
