@@ -269,10 +269,8 @@ def test_smollm2_complete_cache_is_trusted(tmp_path, fake_gguf, monkeypatch):
     (final / "config.json").write_text("{}")
     (final / "model.safetensors").write_bytes(b"x")
     (final / R._MARKER_NAME).write_text(json.dumps({"complete": True}))
-    monkeypatch.setattr(R, "_convert_smollm2", _no_convert)
-    t0 = time.perf_counter()
+    monkeypatch.setattr(R, "_convert_smollm2", _no_convert)  # trusted: used as it is, never converted
     r = resolve_model("builtin:smollm2", cache_dir=str(tmp_path))
-    assert time.perf_counter() - t0 < 0.5
     assert r == ResolvedModel(ref="builtin:smollm2", path=str(final), kind="builtin", model_id="builtin:smollm2")
 
 
