@@ -109,3 +109,9 @@ def test_encoder_embeds_each_text_once_and_keeps_embeddings_across_instances(tmp
     np.testing.assert_allclose(b, fresh, atol=1e-5)
     np.testing.assert_array_equal(b[0], a[3])  # the stored vector itself
     assert len(default_cache(str(tmp_path))) == 0  # embeddings have their own store
+    # a stored vector of another size (another encoder once kept under this ref) is not used
+    import base64
+
+    second.store.put_many([(second._key("odd size"), base64.b64encode(np.zeros(3, np.float32).tobytes()).decode())])
+    odd = second.embed(["odd size"])
+    assert odd.shape == (1, second.dim) and second.stats["encoded"] == 2

@@ -393,7 +393,7 @@ def smollm2_cache(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smollm2_conversion_and_generation(smollm2_cache):
+def test_smollm2_conversion_and_generation(smollm2_cache, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -411,15 +411,8 @@ def test_smollm2_conversion_and_generation(smollm2_cache):
     )
 
     # second call: the cached folder, not converted again
-    def no_second_conversion(*a, **k):
-        raise AssertionError("converted again despite a complete cached folder")
-
-    convert = R._convert_smollm2
-    R._convert_smollm2 = no_second_conversion
-    try:
-        again = resolve_model("builtin:smollm2", cache_dir=str(cache))
-    finally:
-        R._convert_smollm2 = convert
+    monkeypatch.setattr(R, "_convert_smollm2", _no_convert)
+    again = resolve_model("builtin:smollm2", cache_dir=str(cache))
     assert again == r
 
     t0 = time.perf_counter()

@@ -88,6 +88,9 @@ def test_deepspeed_two_workers_resume_mid_pass_with_their_optimizer_state(
     fresh optimizer they differ). The step count is DeepSpeed's own. The saved model (gathered from
     the partitions) loads as a plain HF folder and scores as the trained engine did."""
     pytest.importorskip("deepspeed")
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from mars_ray.train import fit_reward_model
 
     over = {
@@ -113,9 +116,6 @@ def test_deepspeed_two_workers_resume_mid_pass_with_their_optimizer_state(
     # tolerance: the same float32 arithmetic on the same batches in the same order (gloo sums)
     assert faulted["train_loss_history"] == pytest.approx(clean["train_loss_history"], rel=1e-5, abs=1e-6)
     assert faulted["val_margin_mean"] == pytest.approx(clean["val_margin_mean"], rel=1e-4, abs=1e-6)
-    import numpy as np
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     model = AutoModelForSequenceClassification.from_pretrained(faulted["model_dir"]).eval()
     rc, rr = _score(model, AutoTokenizer.from_pretrained(faulted["model_dir"]), data_files[1])
     assert np.mean(rc > rr) == pytest.approx(faulted["val_accuracy"])

@@ -453,23 +453,24 @@ class CachedGenerator:
                     self.stats.generated += 1
 
 
-def default_cache(cache_dir: str | None = None, backend: str | None = None) -> GenerationCache | ShardedCache:
-    """The generation cache in ``cache_dir``: SQLite on a local disk, shard files on shared storage
-    (:func:`choose_backend`; ``backend`` is ``model.cache_backend``)."""
+def _store_in(
+    cache_dir: str | None, backend: str | None, sqlite_file: str, shards_dir: str
+) -> GenerationCache | ShardedCache:
     from mars_ray.models.resolve import cache_root
 
     root = cache_root(cache_dir)
     if choose_backend(root, backend) == "shards":
-        return ShardedCache(root / SHARDS_DIR)
-    return GenerationCache(root / SQLITE_FILE)
+        return ShardedCache(root / shards_dir)
+    return GenerationCache(root / sqlite_file)
+
+
+def default_cache(cache_dir: str | None = None, backend: str | None = None) -> GenerationCache | ShardedCache:
+    """The generation cache in ``cache_dir``: SQLite on a local disk, shard files on shared storage
+    (:func:`choose_backend`; ``backend`` is ``model.cache_backend``)."""
+    return _store_in(cache_dir, backend, SQLITE_FILE, SHARDS_DIR)
 
 
 def embedding_cache(cache_dir: str | None = None, backend: str | None = None) -> GenerationCache | ShardedCache:
     """The sentence-embedding store beside the generation cache (same back end, its own file):
     the quality gate embeds the same sources and candidates in every epoch, strategy and trial."""
-    from mars_ray.models.resolve import cache_root
-
-    root = cache_root(cache_dir)
-    if choose_backend(root, backend) == "shards":
-        return ShardedCache(root / EMBED_SHARDS_DIR)
-    return GenerationCache(root / EMBED_SQLITE_FILE)
+    return _store_in(cache_dir, backend, EMBED_SQLITE_FILE, EMBED_SHARDS_DIR)

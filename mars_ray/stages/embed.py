@@ -41,8 +41,10 @@ class Encoder:
         self.model = load_sentence_encoder(model_ref, device=self.device)
         self.batch_size = batch_size
         self.model_ref = str(model_ref)
+        # A stored vector is used only at this size; an encoder that does not report it is not cached.
+        self.dim = self.model.get_sentence_embedding_dimension()
         self.store = None
-        if cache:
+        if cache and self.dim:
             from mars_ray.generation.cache import embedding_cache
 
             self.store = embedding_cache(cache_dir)
@@ -63,7 +65,7 @@ class Encoder:
             for t, k in keys.items():
                 if k in got:
                     v = np.frombuffer(base64.b64decode(got[k]), dtype=np.float32)
-                    if v.size:
+                    if v.size == self.dim:  # another size: another encoder under this ref, re-encoded
                         vecs[t] = v
         missing = [t for t in uniq if t not in vecs]
         if missing:
@@ -83,10 +85,6 @@ class Encoder:
                 )
         self.stats["hits"] += len(uniq) - len(missing)
         self.stats["encoded"] += len(missing)
-        dims = {v.size for v in vecs.values()}
-        if len(dims) != 1:  # a stored vector of another size (another encoder under this ref): re-encode all
-            self.store = None
-            return self.embed(texts)
         return np.stack([vecs[t] for t in texts])
 
     def distances(self, a: list[str], b: list[str]) -> np.ndarray:
