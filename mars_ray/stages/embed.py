@@ -42,7 +42,9 @@ class Encoder:
         self.batch_size = batch_size
         self.model_ref = str(model_ref)
         # A stored vector is used only at this size; an encoder that does not report it is not cached.
-        self.dim = self.model.get_sentence_embedding_dimension()
+        # (sentence-transformers 5.x names it get_sentence_embedding_dimension; 6.x renamed it.)
+        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = dim_of()
         self.store = None
         if cache and self.dim:
             from mars_ray.generation.cache import embedding_cache

@@ -53,6 +53,41 @@ def _fmt(x: float, nd: int = 4) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
 
 
+def _cross(arms: dict[str, dict[int, Path]], refs: list[str]) -> None:
+    """The cross-dataset held-out sets (``crosseval.sh``: ``trials/*/heldout-x/<name>/eval.json``):
+    per arm mean ± sd of the accuracy, and each arm against each reference paired by seed."""
+    acc: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for arm, by_seed in arms.items():
+        for seed, d in by_seed.items():
+            for f in sorted(d.glob("heldout-x/*/eval.json")):
+                acc[f.parent.name][arm][seed] = json.loads(f.read_text())["accuracy"]
+    if not acc:
+        return
+    print("\n### Cross-dataset held-out sets (`crosseval.sh`; each trial's final model)\n")
+    print("| held-out set | arm | seeds | accuracy, mean ± sd |")
+    print("|---|---|---|---|")
+    for name in sorted(acc):
+        for arm in sorted(acc[name]):
+            a = np.array(list(acc[name][arm].values()))
+            sd = a.std(ddof=1) if len(a) > 1 else float("nan")
+            print(f"| {name} | {arm} | {len(a)} | {a.mean():.4f} ± {_fmt(float(sd))} |")
+    print("\n| held-out set | difference | seeds | mean | sd | p (two-sided) | 95% t-interval |")
+    print("|---|---|---|---|---|---|---|")
+    for name in sorted(acc):
+        for ref in refs:
+            for arm in sorted(acc[name]):
+                if arm == ref or ref not in acc[name] or (ref != "none" and arm == "none"):
+                    continue
+                seeds = sorted(set(acc[name][arm]) & set(acc[name][ref]))
+                if len(seeds) < 2:
+                    continue
+                pc = paired_comparison([acc[name][arm][s] for s in seeds], [acc[name][ref][s] for s in seeds])
+                print(
+                    f"| {name} | {arm} − {ref} | {pc['n']} | {pc['mean_diff']:+.4f} | {_fmt(pc['std_diff'])} | "
+                    f"{_fmt(pc['p_value'], 3)} | [{pc['ci_low']:+.4f}, {pc['ci_high']:+.4f}] |"
+                )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="append", required=True)
@@ -145,6 +180,8 @@ def main() -> int:
             cells = [_fmt(np.mean(vals[k]) if vals[k] else None, 3) for k in keys]
             cells += [_fmt(np.mean(vals[k]) if vals[k] else None, 0) for k in ("hits", "misses")]
             print(f"| {arm} | {int(ep)} | " + " | ".join(cells) + " |")
+
+    _cross(arms, refs)
 
     total = sum(sum(v) for v in seconds.values())
     print(
