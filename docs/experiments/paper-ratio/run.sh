@@ -21,7 +21,7 @@ candidate() {  # name, overrides...: one tuning candidate on the tuning file, se
     --compare.eval_paths "[runs/paper-ratio/data/${DS}_tune.jsonl]" "$@"
 }
 case ${2:?step} in
-  bank) python docs/experiments/paper-ratio/splits.py --dataset $DS
+  bank) .venv/bin/python docs/experiments/paper-ratio/splits.py --dataset $DS
         $MR bank build --config $CFG ;;
   tune1)
     candidate lora-1e-3 --compare.strategies '[uniform]' --train.lora true --train.lr 1.0e-3
