@@ -1,14 +1,15 @@
 """Issue 18's tables from the kept trial directories (the source of truth, not the compare reports).
 
     python docs/experiments/paper-ratio/report.py --run runs/paper-ratio/hh \
-        --run runs/paper-ratio/hh-secondary --heldout hh_heldout > runs/paper-ratio/hh-report.md
+        --run runs/paper-ratio/hh-secondary --heldout hh_heldout --pair mars:mars-nosem > runs/paper-ratio/hh-report.md
 
 ``--run DIR`` (repeatable): a `mars-ray compare` directory; ``DIR=label`` names its arm (when a
 directory holds one strategy, e.g. the tuning candidates). ``--heldout NAME``: the primary held-out
 file's evaluation (``trials/*/heldout/<i>_<NAME>/``). Printed (markdown): per arm mean ± sd over
 seeds of the held-out accuracy and SNR; the paired differences by seed (t-test, 95% t-interval) and
-the pair-level paired bootstrap, for every arm against ``--baseline`` and against ``none``; the
-per-epoch allocation diagnostics and generation-bank counts averaged over seeds; compute time.
+the pair-level paired bootstrap, for every arm against ``--baseline`` and against ``none`` and for
+each ``--pair A:B``; the per-epoch allocation diagnostics and generation-bank counts averaged over
+seeds; the cross-dataset held-out sets of ``crosseval.sh``; compute time.
 """
 
 from __future__ import annotations
@@ -53,7 +54,14 @@ def _fmt(x: float, nd: int = 4) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
 
 
-def _cross(arms: dict[str, dict[int, Path]], refs: list[str]) -> None:
+def _comparisons(arms: list[str], refs: list[str], extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(arm, reference) pairs to test: every arm against each reference (``none`` only as a
+    reference, never against the baseline), then the ``--pair`` comparisons."""
+    out = [(a, r) for r in refs for a in sorted(arms) if a != r and (r == "none" or a != "none")]
+    return out + [p for p in extra if p not in out]
+
+
+def _cross(arms: dict[str, dict[int, Path]], pairs: list[tuple[str, str]]) -> None:
     """The cross-dataset held-out sets (``crosseval.sh``: ``trials/*/heldout-x/<name>/eval.json``):
     per arm mean ± sd of the accuracy, and each arm against each reference paired by seed."""
     acc: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
@@ -74,18 +82,17 @@ def _cross(arms: dict[str, dict[int, Path]], refs: list[str]) -> None:
     print("\n| held-out set | difference | seeds | mean | sd | p (two-sided) | 95% t-interval |")
     print("|---|---|---|---|---|---|---|")
     for name in sorted(acc):
-        for ref in refs:
-            for arm in sorted(acc[name]):
-                if arm == ref or ref not in acc[name] or (ref != "none" and arm == "none"):
-                    continue
-                seeds = sorted(set(acc[name][arm]) & set(acc[name][ref]))
-                if len(seeds) < 2:
-                    continue
-                pc = paired_comparison([acc[name][arm][s] for s in seeds], [acc[name][ref][s] for s in seeds])
-                print(
-                    f"| {name} | {arm} − {ref} | {pc['n']} | {pc['mean_diff']:+.4f} | {_fmt(pc['std_diff'])} | "
-                    f"{_fmt(pc['p_value'], 3)} | [{pc['ci_low']:+.4f}, {pc['ci_high']:+.4f}] |"
-                )
+        for arm, ref in pairs:
+            if arm not in acc[name] or ref not in acc[name]:
+                continue
+            seeds = sorted(set(acc[name][arm]) & set(acc[name][ref]))
+            if len(seeds) < 2:
+                continue
+            pc = paired_comparison([acc[name][arm][s] for s in seeds], [acc[name][ref][s] for s in seeds])
+            print(
+                f"| {name} | {arm} − {ref} | {pc['n']} | {pc['mean_diff']:+.4f} | {_fmt(pc['std_diff'])} | "
+                f"{_fmt(pc['p_value'], 3)} | [{pc['ci_low']:+.4f}, {pc['ci_high']:+.4f}] |"
+            )
 
 
 def main() -> int:
@@ -93,6 +100,7 @@ def main() -> int:
     ap.add_argument("--run", action="append", required=True)
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--baseline", default="uniform")
+    ap.add_argument("--pair", action="append", default=[], metavar="A:B", help="also test arm A − arm B")
     args = ap.parse_args()
 
     trials: dict[tuple[str, int], Path] = {}
@@ -134,23 +142,25 @@ def main() -> int:
     print("| difference | seeds | mean | sd | t | p (two-sided) | 95% t-interval | pair bootstrap 95% |")
     print("|---|---|---|---|---|---|---|---|")
     refs = list(dict.fromkeys(r for r in (args.baseline, "none") if r in arms))
-    for ref in refs:
-        for arm in sorted(arms):
-            if arm == ref or (ref == args.baseline and arm == "none"):  # none is compared as the reference
-                continue
-            seeds = sorted(set(acc[arm]) & set(acc[ref]))
-            if len(seeds) < 2:
-                continue
-            pc = paired_comparison([acc[arm][s] for s in seeds], [acc[ref][s] for s in seeds])
-            ids = sorted(set.intersection(*(set(correct[x][s]) for x in (arm, ref) for s in seeds)))
-            ca = np.array([[correct[arm][s][i] for i in ids] for s in seeds])
-            cb = np.array([[correct[ref][s][i] for i in ids] for s in seeds])
-            pb = pair_bootstrap(ca, cb)
-            print(
-                f"| {arm} − {ref} | {pc['n']} | {pc['mean_diff']:+.4f} | {_fmt(pc['std_diff'])} | {_fmt(pc['t'], 2)} | "
-                f"{_fmt(pc['p_value'], 3)} | [{pc['ci_low']:+.4f}, {pc['ci_high']:+.4f}] | "
-                f"[{pb['ci_low']:+.4f}, {pb['ci_high']:+.4f}] ({pb['n_pairs']} pairs) |"
-            )
+    extra = [(a, b) for a, _, b in (p.partition(":") for p in args.pair)]
+    for a, b in extra:
+        if a not in arms or b not in arms:
+            raise SystemExit(f"--pair {a}:{b}: arms present are {sorted(arms)}")
+    pairs = _comparisons(list(arms), refs, extra)
+    for arm, ref in pairs:
+        seeds = sorted(set(acc[arm]) & set(acc[ref]))
+        if len(seeds) < 2:
+            continue
+        pc = paired_comparison([acc[arm][s] for s in seeds], [acc[ref][s] for s in seeds])
+        ids = sorted(set.intersection(*(set(correct[x][s]) for x in (arm, ref) for s in seeds)))
+        ca = np.array([[correct[arm][s][i] for i in ids] for s in seeds])
+        cb = np.array([[correct[ref][s][i] for i in ids] for s in seeds])
+        pb = pair_bootstrap(ca, cb)
+        print(
+            f"| {arm} − {ref} | {pc['n']} | {pc['mean_diff']:+.4f} | {_fmt(pc['std_diff'])} | {_fmt(pc['t'], 2)} | "
+            f"{_fmt(pc['p_value'], 3)} | [{pc['ci_low']:+.4f}, {pc['ci_high']:+.4f}] | "
+            f"[{pb['ci_low']:+.4f}, {pb['ci_high']:+.4f}] ({pb['n_pairs']} pairs) |"
+        )
 
     print("\n### Allocation diagnostics and the generation bank, per epoch (mean over seeds)\n")
     keys = ("ess_ratio", "budget_share_misranked", "max_budget", "margin_std", "gate_pass_rate")
@@ -181,7 +191,7 @@ def main() -> int:
             cells += [_fmt(np.mean(vals[k]) if vals[k] else None, 0) for k in ("hits", "misses")]
             print(f"| {arm} | {int(ep)} | " + " | ".join(cells) + " |")
 
-    _cross(arms, refs)
+    _cross(arms, pairs)
 
     total = sum(sum(v) for v in seconds.values())
     print(
