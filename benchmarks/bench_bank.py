@@ -139,12 +139,10 @@ def _roll_back(cache: Path, warmups: Path, pending: Path) -> None:
 
 
 def _train_seconds(run_dir: Path) -> tuple[float, float]:
-    aug = tr = 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        aug += float(row.get("augment_s") or 0)
-        tr += float(row.get("train_s") or 0)
-    return aug, tr
+    from mars_ray.pipeline import read_metrics
+
+    rows = read_metrics(run_dir)
+    return sum(float(r.get("augment_s") or 0) for r in rows), sum(float(r.get("train_s") or 0) for r in rows)
 
 
 def child(args) -> None:
