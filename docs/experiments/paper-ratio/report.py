@@ -165,9 +165,10 @@ def main() -> int:
     print("\n### Allocation diagnostics and the generation bank, per epoch (mean over seeds)\n")
     keys = ("ess_ratio", "budget_share_misranked", "max_budget", "margin_std", "gate_pass_rate")
     print(
-        "| arm | epoch | ESS/N | budget share on mis-ranked | max bᵢ | margin sd | gate pass rate | bank hits | misses |"
+        "| arm | epoch | ESS/N | budget share on mis-ranked | max bᵢ | margin sd | gate pass rate | bank hits | misses"
+        " | generated |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arm in sorted(arms):
         epochs = sorted({p.name for d in arms[arm].values() for p in (d / "epochs").glob("0*")})
         for ep in epochs:
@@ -182,13 +183,13 @@ def main() -> int:
                     if diag.get(k) is not None:
                         vals[k].append(float(diag[k]))
                 bank = summ.get("bank") or {}
-                for k in ("hits", "misses"):
+                for k in ("hits", "misses", "generated"):
                     if bank.get(k) is not None:
                         vals[k].append(float(bank[k]))
             if not vals:
                 continue
             cells = [_fmt(np.mean(vals[k]) if vals[k] else None, 3) for k in keys]
-            cells += [_fmt(np.mean(vals[k]) if vals[k] else None, 0) for k in ("hits", "misses")]
+            cells += [_fmt(np.mean(vals[k]) if vals[k] else None, 0) for k in ("hits", "misses", "generated")]
             print(f"| {arm} | {int(ep)} | " + " | ".join(cells) + " |")
 
     _cross(arms, pairs)
