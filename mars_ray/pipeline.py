@@ -24,7 +24,8 @@ Every strategy sees the same data subset, splits, seed and budget. The run direc
     data/                         pairs.parquet (all splits), train/val/test.parquet, quarantine, report
     epochs/NNN/                   synthetic.parquet, train.parquet (Dᵗ, lineage), allocation.parquet,
                                   augment_summary.json/.md, manifest.json (written last: epoch done)
-    ray_train/epoch_NNN/          Ray Train's checkpoints (model, optimizer, RNG states)
+    ray_train/epoch_NNN/          Ray Train's checkpoints (model, optimizer, RNG states); deleted
+                                  when the run finishes unless output.keep_checkpoints
     metrics.jsonl, metrics.csv    one row per epoch (epoch, val_accuracy, val_snr, test_*, ...)
     model/                        the final reward model: a plain Hugging Face folder (LoRA merged)
     summary.json
@@ -593,6 +594,8 @@ def run_mars(
             man = json.loads(man_path.read_text(encoding="utf-8"))
             rows.append(man["metrics"])
             prev_model = man["model_dir"]
+            if not Path(prev_model).exists() and (run_dir / MODEL_DIR / "config.json").exists():
+                prev_model = str(run_dir / MODEL_DIR)  # a finished run's checkpoints were deleted: its final model
             prev_scores = man.get("scores_path")
             current = S.conform(pq.read_table(ep / "train.parquet"))
             log(f"[epoch {t}/{T}] done earlier: val_accuracy {_fmt(man['metrics'].get('val_accuracy'))} (resumed)")
@@ -701,6 +704,7 @@ def run_mars(
         cfg, run_dir, tmp, originals=originals, current=current, rows=rows, base=base, scores_path=prev_scores
     )
     atomic.replace_dir(tmp, final)  # model/ is complete at every moment (the old one until the swap)
+    freed = 0 if cfg.output.keep_checkpoints else drop_checkpoints(run_dir / "ray_train")
     summary = {
         "run_dir": str(run_dir),
         "strategy": cfg.mars.strategy,
@@ -711,6 +715,7 @@ def run_mars(
         "config_hash": cfg.hash(),
         "warmup": warm,
         "base": base,
+        "checkpoints": "kept" if cfg.output.keep_checkpoints else f"deleted ({freed / 2**20:.0f} MiB)",
     }
     _write_json(
         run_dir / SUMMARY_FILE,
@@ -726,6 +731,17 @@ def run_mars(
     except Exception as e:  # a report must never cost a finished run
         log(f"report not written: {type(e).__name__}: {e}")
     return summary
+
+
+def drop_checkpoints(root: Path) -> int:
+    """Delete the checkpoint folders of every training run under ``root`` (``ray_train/``) once the
+    run's final model is in ``model/``; Ray Train's logs and metrics stay. Returns the bytes freed."""
+    freed = 0
+    for d in sorted(root.glob("*/checkpoint_*")) if root.exists() else []:
+        if d.is_dir():
+            freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            shutil.rmtree(d, ignore_errors=True)
+    return freed
 
 
 def describe_model(

@@ -205,6 +205,20 @@ def test_cache_keys_follow_each_requests_own_cap(llama_parts, tmp_path):
     assert inner.calls == calls + 2
 
 
+def test_a_text_asked_for_twice_in_one_call_counts_two_hits(llama_parts, tmp_path):
+    """Counters add up per slot asked for: requested = hits + generated + failed, also when one call
+    carries the same request twice (the bank report's misses are requested - hits)."""
+    inner = chat_gen(llama_parts, batch_size=8, max_new_tokens=6)
+    cached = CachedGenerator(inner, GenerationCache(tmp_path / "gen.sqlite"))
+    first = cached.generate([REQUESTS[0], REQUESTS[1]], 2)
+    cached.stats = type(cached.stats)()
+    calls = inner.calls
+    again = cached.generate([REQUESTS[0], REQUESTS[1], REQUESTS[0]], 2)
+    assert again == [first[0], first[1], first[0]] and inner.calls == calls
+    s = cached.stats
+    assert (s.requested, s.hits, s.generated, s.failed) == (6, 6, 0, 0)
+
+
 def test_left_padding_and_chat_template_reach_the_model(llama_parts, monkeypatch):
     # beam search goes through model.generate (greedy and sampling take ragged_decode, tested on its own)
     g = chat_gen(llama_parts, batch_size=4, num_beams=2)

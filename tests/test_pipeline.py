@@ -243,6 +243,32 @@ def test_warmup_r0_is_built_once_and_shared_by_every_strategy_of_a_seed(
 
 
 @pytest.mark.ray
+def test_finished_run_drops_its_checkpoints_unless_asked_and_still_resumes(
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir
+):
+    """A finished run's ray_train/ checkpoints (model, optimizer: the bulk of a run directory) are
+    deleted once model/ is written; a resume of the finished run then rebuilds from model/ and ends
+    with the same metrics; output.keep_checkpoints keeps them."""
+    from mars_ray.pipeline import read_metrics, run_mars
+
+    over = {"mars.strategy": "uniform", "mars.epochs": "2", "train.num_workers": "0", "resources.in_process": "true"}
+    cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "drop", **over)
+    run = Path(cfg.output.dir)
+    summary = run_mars(cfg, log=lambda m: None)
+    assert summary["checkpoints"].startswith("deleted") and summary["checkpoints"] != "deleted (0 MiB)"
+    assert (run / "ray_train").is_dir() and not list((run / "ray_train").glob("*/checkpoint_*"))
+    before = (read_metrics(run), (run / "model" / "model.safetensors").read_bytes())
+    again = run_mars(cfg, resume=True, log=lambda m: None)
+    assert (read_metrics(run), (run / "model" / "model.safetensors").read_bytes()) == before
+    assert again["final"] == summary["final"]
+
+    keep = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "keep", **over, **{"output.keep_checkpoints": "true"})
+    assert run_mars(keep, log=lambda m: None)["checkpoints"] == "kept"
+    kept = list((Path(keep.output.dir) / "ray_train").glob("*/checkpoint_*"))
+    assert {p.parent.name for p in kept} >= {"epoch_001", "epoch_002"}
+
+
+@pytest.mark.ray
 def test_run_dir_in_use_is_refused(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
     from mars_ray.pipeline import RunDirError, run_mars
 

@@ -402,7 +402,9 @@ class CachedGenerator:
         corrupt_before = self.cache.corrupt
         found = self.cache.get_many([k for ks in keys for k in ks])
         self.stats.corrupt += self.cache.corrupt - corrupt_before
-        self.stats.hits += len(found)
+        # per slot asked for, not per distinct key: the same text twice in one call (PKU repeats
+        # responses across pairs) is two hits, so requested = hits + generated + failed holds
+        self.stats.hits += sum(1 for ks in keys for k in ks if k in found)
         results: list[list[str | None]] = [[found.get(k) for k in ks] for ks in keys]
         # Deterministic: a request with any missing slot is generated again with the same n and only
         # the missing slots are filled (beam k of n is only defined within an n-beam search).
