@@ -704,7 +704,13 @@ def run_mars(
         cfg, run_dir, tmp, originals=originals, current=current, rows=rows, base=base, scores_path=prev_scores
     )
     atomic.replace_dir(tmp, final)  # model/ is complete at every moment (the old one until the swap)
-    freed = 0 if cfg.output.keep_checkpoints else drop_checkpoints(run_dir / "ray_train")
+    checkpoints = "kept"
+    if not cfg.output.keep_checkpoints:
+        freed, left = drop_checkpoints(run_dir / "ray_train")
+        checkpoints = f"deleted ({freed / 2**20:.0f} MiB)"
+        if left:
+            checkpoints += f"; could not delete {len(left)}: " + "; ".join(left)
+            log(f"warning: {checkpoints}")
     summary = {
         "run_dir": str(run_dir),
         "strategy": cfg.mars.strategy,
@@ -715,7 +721,7 @@ def run_mars(
         "config_hash": cfg.hash(),
         "warmup": warm,
         "base": base,
-        "checkpoints": "kept" if cfg.output.keep_checkpoints else f"deleted ({freed / 2**20:.0f} MiB)",
+        "checkpoints": checkpoints,
     }
     _write_json(
         run_dir / SUMMARY_FILE,
@@ -733,15 +739,22 @@ def run_mars(
     return summary
 
 
-def drop_checkpoints(root: Path) -> int:
+def drop_checkpoints(root: Path) -> tuple[int, list[str]]:
     """Delete the checkpoint folders of every training run under ``root`` (``ray_train/``) once the
-    run's final model is in ``model/``; Ray Train's logs and metrics stay. Returns the bytes freed."""
-    freed = 0
+    run's final model is in ``model/``; Ray Train's logs and metrics stay. Returns the bytes freed
+    and, for each folder that could not be deleted, its path and the error (reported, not raised:
+    the run's model is already complete)."""
+    freed, left = 0, []
     for d in sorted(root.glob("*/checkpoint_*")) if root.exists() else []:
         if d.is_dir():
-            freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-            shutil.rmtree(d, ignore_errors=True)
-    return freed
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            try:
+                shutil.rmtree(d)
+            except OSError as e:
+                left.append(f"{d}: {e}")
+            else:
+                freed += size
+    return freed, left
 
 
 def describe_model(
