@@ -817,11 +817,31 @@ def _say_new_head(cfg: Config, log: Callable[[str], None]) -> None:
         head = has_reward_head(cfg.model.reward, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline)
     except Exception:  # resolution problems are reported where the model is loaded
         return
-    if not head:
-        log(
-            f"[model] {cfg.model.reward} has no reward head: a new linear head (seed {cfg.seed}) is added, "
-            "so its scores are noise until training fits it"
+    for line in _new_head_notes(cfg, head):
+        log(line)
+
+
+def _new_head_notes(cfg: Config, head: bool) -> list[str]:
+    """What a run starting from a backbone without a reward head should tell its user: the head's
+    scores are noise, and with no warm-up pass epoch 1 makes its choices from that noise."""
+    if head:
+        return []
+    notes = [
+        f"[model] {cfg.model.reward} has no reward head: a new linear head (seed {cfg.seed}) is added, "
+        "so its scores are noise until training fits it"
+    ]
+    strategy = cfg.mars.strategy
+    if cfg.mars.warmup_passes == 0 and strategy not in ("uniform", "none"):
+        scaled = (
+            " (margin_scale std stretches that noise to unit spread, so the allocation diagnostics look informative)"
+            if cfg.mars.margin_scale == "std" and strategy in ("mars", "mars-nosem")
+            else ""
         )
+        notes.append(
+            f"[mars] warning: mars.warmup_passes 0: strategy {strategy} makes epoch 1's choices from the new "
+            f"head's margins{scaled}; mars.warmup_passes 1 trains the backbone on the human pairs first"
+        )
+    return notes
 
 
 def _base_from_fit(fit: dict[str, Any]) -> dict[str, Any] | None:

@@ -53,6 +53,34 @@ def test_dialogue_messages_from_transcripts_and_plain_prompts():
     assert dialogue_messages("How do I boil an egg?") == [{"role": "user", "content": "How do I boil an egg?"}]
 
 
+@pytest.mark.parametrize(
+    ("strategy", "warmup", "scale", "head", "warns", "mentions_scale"),
+    [
+        ("mars", 0, "std", False, True, True),
+        ("mars-nosem", 0, "raw", False, True, False),
+        ("adaboost", 0, "std", False, True, False),
+        ("mars", 1, "std", False, False, False),
+        ("uniform", 0, "std", False, False, False),
+        ("mars", 0, "std", True, False, False),
+    ],
+)
+def test_a_new_head_without_warmup_warns_that_epoch_one_allocates_by_noise(
+    strategy, warmup, scale, head, warns, mentions_scale
+):
+    from mars_ray.pipeline import _new_head_notes
+
+    cfg = Config.load(
+        overrides={"mars.strategy": strategy, "mars.warmup_passes": str(warmup), "mars.margin_scale": scale}
+    )
+    notes = _new_head_notes(cfg, head)
+    assert (notes == []) == head
+    warning = [n for n in notes if "warning" in n]
+    assert bool(warning) == warns
+    if warns:
+        assert strategy in warning[0] and "mars.warmup_passes 1" in warning[0]
+        assert ("margin_scale std" in warning[0]) == mentions_scale
+
+
 # --------------------------------------------------------------------------------------------
 # The loop on local Ray with tiny models
 # --------------------------------------------------------------------------------------------
