@@ -839,7 +839,7 @@ def _new_head_notes(cfg: Config, head: bool) -> list[str]:
         )
         notes.append(
             f"[mars] warning: mars.warmup_passes 0: strategy {strategy} makes epoch 1's choices from the new "
-            f"head's margins{scaled}; mars.warmup_passes 1 trains the backbone on the human pairs first"
+            f"head's scores{scaled}; mars.warmup_passes 1 trains the backbone on the human pairs first"
         )
     return notes
 
