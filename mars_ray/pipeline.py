@@ -747,8 +747,8 @@ def drop_checkpoints(root: Path) -> tuple[int, list[str]]:
     freed, left = 0, []
     for d in sorted(root.glob("*/checkpoint_*")) if root.exists() else []:
         if d.is_dir():
-            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
             try:
+                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
                 shutil.rmtree(d)
             except OSError as e:
                 left.append(f"{d}: {e}")
