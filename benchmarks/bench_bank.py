@@ -25,9 +25,14 @@ generation time here; ``bank_identity.py`` measures the property directly).
 Resumable: every finished segment is recorded under ``--work``; run the same command again after an
 interruption and it continues. A segment cut off mid-way is rerun from the state before it began
 (its run directory removed, the stores and warm-ups it had added rolled back), so every recorded
-time is one uninterrupted segment.
+time is one uninterrupted segment. ``--keep DIR`` also copies each record into ``DIR`` and reads
+them back from it, so a run can continue on a fresh checkout that lost ``--work``: what recorded
+segments had built and a later one reuses is rebuilt outside the timing (the bank, when its build is
+recorded but its store is gone; a seed's warm-up, when an earlier recorded trial of that seed built
+it: the resumed trial's own warm-up seconds are subtracted and kept in its record; a mars trial that
+builds r⁰ itself also keeps r⁰'s margins, so it skips one scoring stage, a few seconds here).
 
-Run: ``python benchmarks/bench_bank.py [--work runs/bench-bank] [--pairs 100] [--ratio 5]
+Run: ``python benchmarks/bench_bank.py [--work runs/bench-bank] [--keep DIR] [--pairs 100] [--ratio 5]
 [--epochs 2] [--seeds 0,1,2] [--strategies uniform,mars,mars-nosem] [--dtype auto]``; the
 defaults take hours on 2 CPU cores; ``--pairs 20 --epochs 1`` about half an hour.
 """
@@ -155,6 +160,12 @@ def child(args) -> None:
     work = Path(args.work).resolve() / _slug(args.variant)
     records = work / "records"
     records.mkdir(parents=True, exist_ok=True)
+    keep = Path(args.keep).resolve() / _slug(args.variant) if args.keep else None
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        for k in keep.glob("*.json"):
+            if not (records / k.name).exists():
+                shutil.copy2(k, records / k.name)
     shared = Path(args.work).resolve() / "shared" / "builtin"
     seeds = [int(s) for s in args.seeds.split(",")]
     strategies = args.strategies.split(",")
@@ -172,9 +183,11 @@ def child(args) -> None:
         rss = TreeRss(every=0.5).__enter__()
         t0 = time.perf_counter()
         info = body()
-        secs = time.perf_counter() - t0
+        secs = time.perf_counter() - t0 - float(info.get("untimed_s", 0))
         rss.__exit__(None, None, None)
         rec.write_text(json.dumps({"seconds": secs, "peak_rss_mb": rss.peak_mb, **info}))
+        if keep:
+            shutil.copy2(rec, keep / rec.name)
         pending.unlink()
         shutil.rmtree(pending.with_suffix(".d"), ignore_errors=True)
         print(f"  {args.variant}: {name}: {secs:.0f}s, {info.get('generated', 0)} generated", file=sys.stderr)
@@ -194,6 +207,9 @@ def child(args) -> None:
             return {"generated": sum(int(m.get(k, {}).get("generated", 0)) for k in ("paraphrase", "rewrite"))}
 
         segment("bank-build", cache, cache / "warmup", build)
+        if not (cache / "generations.sqlite").exists():  # recorded on an earlier checkout that kept no store
+            print("  bank: the build is recorded but its store is gone: rebuilding it, untimed", file=sys.stderr)
+            build()
     for strategy in strategies:
         for seed in seeds:
             if bank:
@@ -205,14 +221,24 @@ def child(args) -> None:
             run = work / "runs" / f"{strategy}-{seed}"
             cfg = _cfg(args, run, cache, strategy, seed)
 
-            def trial(run=run, cfg=cfg) -> dict:
+            def trial(run=run, cfg=cfg, seed=seed) -> dict:
                 shutil.rmtree(run, ignore_errors=True)
                 run_mars(cfg, log=lambda m: None)
                 aug, tr = _train_seconds(run)
-                return {"generated": _generated(run), "digest": _digest(run), "augment_s": aug, "train_s": tr}
+                warm = json.loads((run / "warmup.json").read_text()) if (run / "warmup.json").exists() else {}
+                built = bool(warm.get("built_by_this_run"))
+                info = {"generated": _generated(run), "digest": _digest(run), "augment_s": aug, "train_s": tr}
+                info |= {"seed": seed, "warmup_built": built, "warmup_s": float(warm.get("seconds", 0)) if built else 0}
+                if built and any(r.get("seed") == seed and r.get("warmup_built") for r in _records(records)):
+                    info["untimed_s"] = info["warmup_s"]  # a recorded trial already paid for this seed's r0
+                return info
 
             segment(f"{strategy}-{seed}", cache, warmups, trial)
     ray.shutdown()
+
+
+def _records(records: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]
 
 
 def _collect(work: Path, variant: str) -> dict:
@@ -230,6 +256,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", default=None)
     ap.add_argument("--work", default="runs/bench-bank", help="where runs, stores and records are kept (resumable)")
+    ap.add_argument(
+        "--keep", default=None, help="a second home for the records (e.g. a tracked folder); read back on start"
+    )
+    ap.add_argument("--variants", default="no bank,bank", help="which variants to run now, in this order")
     ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--ratio", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=2)
@@ -254,8 +284,20 @@ def main() -> None:
 
     resolve_model("builtin:smollm2", cache_dir=str(work / "shared"))
     passthrough = [f"--{k}={v}" for k, v in settings.items()]
-    for v in ("no bank", "bank"):  # each in a fresh process; its progress lines go to stderr
+    if args.keep:
+        passthrough.append(f"--keep={Path(args.keep).resolve()}")
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        kept = Path(args.keep) / "settings.json"
+        if kept.exists() and json.loads(kept.read_text()) != settings:
+            sys.exit(f"{kept} holds records of a run with other settings: use another --keep")
+        kept.write_text(json.dumps(settings))
+    for v in args.variants.split(","):  # each in a fresh process; its progress lines go to stderr
         subprocess.run([sys.executable, __file__, "--variant", v, f"--work={work}", *passthrough], check=True)
+    want = len(args.seeds.split(",")) * len(args.strategies.split(","))
+    done = {v: len(list((work / _slug(v) / "records").glob("*.json"))) for v in ("no bank", "bank")}
+    if done["no bank"] < want or done["bank"] < want + 1:
+        print(f"not complete yet (segments recorded: {done}); run again with --variants 'no bank,bank' to finish")
+        return
     a, b = _collect(work, "no bank"), _collect(work, "bank")
     same = sum(1 for k, r in a["trials"].items() if r["digest"] == b["trials"].get(k, {}).get("digest"))
     print(
