@@ -207,7 +207,8 @@ def child(args) -> None:
             return {"generated": sum(int(m.get(k, {}).get("generated", 0)) for k in ("paraphrase", "rewrite"))}
 
         segment("bank-build", cache, cache / "warmup", build)
-        if not (cache / "generations.sqlite").exists():  # recorded on an earlier checkout that kept no store
+        trials_left = any(not (records / f"{st}-{sd}.json").exists() for st in strategies for sd in seeds)
+        if trials_left and not (cache / "generations.sqlite").exists():  # recorded on a checkout that kept no store
             print("  bank: the build is recorded but its store is gone: rebuilding it, untimed", file=sys.stderr)
             build()
     for strategy in strategies:
@@ -229,7 +230,7 @@ def child(args) -> None:
                 built = bool(warm.get("built_by_this_run"))
                 info = {"generated": _generated(run), "digest": _digest(run), "augment_s": aug, "train_s": tr}
                 info |= {"seed": seed, "warmup_built": built, "warmup_s": float(warm.get("seconds", 0)) if built else 0}
-                if built and any(r.get("seed") == seed and r.get("warmup_built") for r in _records(records)):
+                if built and any(r.get("seed") == seed and r.get("warmup_built") for r in _records(records).values()):
                     info["untimed_s"] = info["warmup_s"]  # a recorded trial already paid for this seed's r0
                 return info
 
@@ -237,12 +238,13 @@ def child(args) -> None:
     ray.shutdown()
 
 
-def _records(records: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]
+def _records(records: Path) -> dict[str, dict]:
+    """The recorded segments under ``records``, by name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(records.glob("*.json"))}
 
 
 def _collect(work: Path, variant: str) -> dict:
-    recs = {p.stem: json.loads(p.read_text()) for p in sorted((work / _slug(variant) / "records").glob("*.json"))}
+    recs = _records(work / _slug(variant) / "records")
     return {
         "seconds": sum(r["seconds"] for r in recs.values()),
         "generated": sum(int(r.get("generated", 0)) for r in recs.values()),
@@ -294,7 +296,7 @@ def main() -> None:
     for v in args.variants.split(","):  # each in a fresh process; its progress lines go to stderr
         subprocess.run([sys.executable, __file__, "--variant", v, f"--work={work}", *passthrough], check=True)
     want = len(args.seeds.split(",")) * len(args.strategies.split(","))
-    done = {v: len(list((work / _slug(v) / "records").glob("*.json"))) for v in ("no bank", "bank")}
+    done = {v: len(_records(work / _slug(v) / "records")) for v in ("no bank", "bank")}
     if done["no bank"] < want or done["bank"] < want + 1:
         print(f"not complete yet (segments recorded: {done}); run again with --variants 'no bank,bank' to finish")
         return
