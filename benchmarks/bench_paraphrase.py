@@ -128,9 +128,8 @@ def child(args) -> None:
             )
             kw = dict(
                 paraphrase=dataclasses.asdict(p),
-                encoder_ref=cfg.model.encoder,
+                encoder={"model_ref": cfg.model.encoder, "batch_size": 64, "dtype": cfg.model.dtype},
                 batch_size=p.batch_size,
-                encoder_batch_size=64,
                 num_threads=2,
                 cache_dir=cfg.model.cache_dir,
             )

@@ -1,6 +1,7 @@
 """Reward-model training throughput: one Ray Train worker (mars_ray) vs TRL's RewardTrainer.
 
-Same model (builtin:minilm), same 1,000 real HH-RLHF helpful-base pairs offered to every variant,
+Same model (``--family minilm``: builtin:minilm, an encoder; ``--family smollm2``: builtin:smollm2,
+a decoder reward model read through its chat template), same 1,000 real HH-RLHF helpful-base pairs offered to every variant,
 same batch (8 pairs = 16 sequences per step), same maximum length (``--max-length``, default 512 =
 MiniLM's position table), same learning rate (mars_ray's ``train.lr``, constant, no warm-up), one
 pass, 2 torch threads. Each variant runs in its own fresh process; the table gives medians over
@@ -30,14 +31,21 @@ Variants:
   rejected sequence is longer than ``max_length``; it starts from the same initial model object as
   ours (mars_ray's ``load_reward_model``, same seeded score head).
 - ``trl_nockpt``: the same with ``gradient_checkpointing=False`` (TRL's fastest fp32 setting here).
+- ``trl_bf16``: TRL without gradient checkpointing and with ``bf16=True`` (transformers' CPU
+  autocast): TRL's fastest setting on a CPU with native bf16.
 - ``ours``: ``mars_ray.train.loop.fit_reward_model``, one Ray Train worker with 2 CPUs, full
-  fine-tune (``train.lora=false``), fp32, no validation set (held-out scoring is done afterwards,
-  the same way as for TRL). Pairs are never dropped: the prompt is cut from the left. Batches are
-  length-grouped (``train.length_group``) and dropout is off (``train.disable_dropout``), both
-  mars_ray's defaults; dropout off is TRL's default too.
-- ``ours_bf16``: the same with ``train.bf16_autocast=true``: fp32 master weights and AdamW state,
-  forward and backward matmuls in bf16 under ``torch.autocast`` (mixed precision, as on a GPU).
-- ``ours_lora``: LoRA (mars_ray's default, r=16 on query/value, head trained in full), fp32.
+  fine-tune (``train.lora=false``), ``train.precision fp32``, no validation set (held-out scoring
+  is done afterwards, the same way as for TRL). Pairs are never dropped: the prompt is cut from the
+  left. Batches are length-grouped (``train.length_group``) and dropout is off
+  (``train.disable_dropout``), both mars_ray's defaults; dropout off is TRL's default too.
+- ``ours_auto``: the same with ``train.precision auto``, the default: where bf16 is native, fp32
+  master weights and AdamW state with the forward and backward matmuls in bf16 under
+  ``torch.autocast`` and the reward head in fp32; fp32 elsewhere. Held-out scoring: ``model.dtype
+  auto`` (bf16 weights where native).
+- ``ours_lora``: LoRA (mars_ray's default, r=16 on the attention projections, head trained in
+  full), ``train.precision auto``.
+- ``ours_zero2``: full fine-tuning under DeepSpeed ZeRO-2 (one worker, torch AdamW, bf16 section on
+  where the precision policy picks bf16).
 - ``probe`` (not in the default list; its notes are printed, it is no table row): in-process
   timings of the pieces of one training step on real batches, random vs length-grouped batches,
   fp32 vs bf16 autocast, and the optimizer step alone.
@@ -66,7 +74,10 @@ Columns:
   prompt cut from the left when too long, so no held-out pair is dropped). ``acc mars-enc``: every
   model scored with ``mars_ray.models.reward.score_pairs`` (the same code for all). With 200
   held-out pairs the standard error of an accuracy is about 3.5 points.
-- ``peak RSS MB``: whole process tree (driver + Ray's processes), sampled every 0.1 s.
+- ``peak RSS MB``: whole process tree (driver + Ray's processes), summed RSS (a shared library is
+  counted once per process that maps it), sampled every 0.5 s; ``peak PSS MB``: the same tree's
+  proportional set size (shared pages split between the processes that share them: what the tree
+  costs the machine). ``--save`` rows also keep the largest processes at the RSS peak.
 """
 
 from __future__ import annotations
@@ -87,7 +98,8 @@ from _util import SHARED_DATA, peak_rss_mb, run_variant
 from bench_scoring import TreeRss
 
 HH = SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl"
-MODEL = "builtin:minilm"
+FAMILIES = {"minilm": "builtin:minilm", "smollm2": "builtin:smollm2"}
+MODEL = FAMILIES["minilm"]  # set from --family in main()
 BATCH = 8  # pairs per optimizer step (16 sequences)
 THREADS = 2
 SCORE_BATCH = 32
@@ -96,12 +108,14 @@ NAMES = {
     "peak": "GEMM peak (fp32, bf16)",
     "trl": "TRL RewardTrainer fp32",
     "trl_nockpt": "TRL fp32, no grad ckpt",
+    "trl_bf16": "TRL bf16, no grad ckpt",
     "ours": "ours Ray Train 1x2 fp32",
-    "ours_bf16": "ours Ray Train 1x2 bf16",
-    "ours_lora": "ours Ray Train 1x2 LoRA",
+    "ours_auto": "ours Ray Train 1x2 auto",
+    "ours_lora": "ours Ray Train 1x2 LoRA auto",
+    "ours_zero2": "ours DeepSpeed ZeRO-2 auto",
     "probe": "step anatomy probe",
 }
-DEFAULT = "trl,trl_nockpt,ours,ours_bf16,ours_lora"
+DEFAULT = "trl_nockpt,trl_bf16,ours,ours_auto,ours_lora"
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -164,10 +178,13 @@ def model_dir(max_length: int, tmp: Path) -> str:
 
 
 def flop_shape(model) -> dict:
-    """N (transformer-layer parameters), layers and hidden size of a (possibly peft-wrapped) BERT."""
+    """N (transformer-layer parameters), layers and hidden size of a (possibly peft-wrapped) BERT
+    (``encoder.layer.N``) or Llama-style decoder (``model.layers.N``)."""
     cfg = model.config
     n = sum(
-        p.numel() for name, p in model.named_parameters() if ".encoder.layer." in f".{name}" and "lora_" not in name
+        p.numel()
+        for name, p in model.named_parameters()
+        if (".encoder.layer." in f".{name}" or ".layers." in f".{name}") and "lora_" not in name
     )
     return {"n_layer_params": int(n), "layers": int(cfg.num_hidden_layers), "hidden": int(cfg.hidden_size)}
 
@@ -176,7 +193,7 @@ def model_flops(shape: dict, real_tokens: int, sum_sq_len: int, k: int) -> float
     return k * shape["n_layer_params"] * real_tokens + 2 * k * shape["layers"] * shape["hidden"] * sum_sq_len
 
 
-def heldout_accuracy(model_path: str, heldout, *, trl_format: bool, max_length: int) -> dict:
+def heldout_accuracy(model_path: str, heldout, *, trl_format: bool, max_length: int, dtype: str = "float32") -> dict:
     """Accuracy on the held-out pairs with mars_ray's score_pairs and, when ``trl_format``, with
     TRL's training format as well (``[CLS] prompt+response [SEP] [SEP]``, token types 0; when too
     long the prompt loses its beginning, [CLS] is kept)."""
@@ -185,7 +202,7 @@ def heldout_accuracy(model_path: str, heldout, *, trl_format: bool, max_length: 
 
     from mars_ray.models.reward import load_reward_model, score_pairs
 
-    model, tok = load_reward_model(model_path, dtype="float32")
+    model, tok = load_reward_model(model_path, dtype=dtype)
     p, c, r = columns(heldout)
     rc, rr = score_pairs(
         model,
@@ -202,7 +219,8 @@ def heldout_accuracy(model_path: str, heldout, *, trl_format: bool, max_length: 
     if not trl_format:
         out["acc"] = out["acc_mars_enc"]
         return out
-    texts = [a + b + "[SEP]" for a, b in zip(p + p, c + r)]
+    end = tok.sep_token or tok.eos_token  # what TRL appended in training (eos_token=...)
+    texts = [a + b + end for a, b in zip(p + p, c + r)]
     ids = tok(texts, verbose=False)["input_ids"]
     cut = sum(len(x) > max_length for x in ids)
     ids = [x if len(x) <= max_length else x[:1] + x[-(max_length - 1) :] for x in ids]
@@ -255,7 +273,7 @@ def gemm_peak() -> dict:
     return out
 
 
-def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool) -> dict:
+def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool, bf16: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -306,8 +324,8 @@ def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool) -> dict:
         warmup_steps=0,
         weight_decay=0.0,
         max_length=args.max_length,
-        eos_token=tok.sep_token,
-        bf16=False,
+        eos_token=tok.sep_token or tok.eos_token,
+        bf16=bf16,
         use_cpu=True,
         gradient_checkpointing=checkpointing,
         save_strategy="no",
@@ -339,7 +357,7 @@ def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool) -> dict:
         "real_tokens": stats["real"],
         "slots": stats["slots"],
         "flops": model_flops(shape, stats["real"], stats["sumsq"], 6),
-        "dtype": "fp32",
+        "dtype": "bf16" if bf16 else "fp32",
         **shape,
         "threads_seen": torch.get_num_threads(),
     }
@@ -381,7 +399,7 @@ def ours_padding(train, args, tmp: Path, seed: int) -> dict:
     }
 
 
-def run_ours(train, heldout, args, tmp: Path, *, lora: bool, dtype: str, amp: bool = False) -> dict:
+def run_ours(train, heldout, args, tmp: Path, *, lora: bool, precision: str, zero2: bool = False) -> dict:
     import pyarrow.parquet as pq
     import ray
 
@@ -389,7 +407,10 @@ def run_ours(train, heldout, args, tmp: Path, *, lora: bool, dtype: str, amp: bo
     from mars_ray.runtime import init_ray
     from mars_ray.train.loop import fit_reward_model, wrap_lora
 
-    cfg = base_cfg(**{"train.lora": lora, "model.dtype": dtype, "train.bf16_autocast": amp})
+    over = {"train.lora": lora, "train.precision": precision}
+    if zero2:
+        over.update({"deepspeed.enabled": True, "deepspeed.stage": 2})
+    cfg = base_cfg(**over)
     init = model_dir(args.max_length, tmp)
     pad = ours_padding(train, args, tmp, cfg.seed)
     m0, _ = load_reward_model(init, seed=cfg.seed, dtype="float32")
@@ -429,12 +450,22 @@ def run_ours(train, heldout, args, tmp: Path, *, lora: bool, dtype: str, amp: bo
         "prompts_cut": pad["prompts_cut"],
         "responses_cut": pad["responses_cut"],
         "flops": model_flops(shape, pad["real_tokens"], pad["sumsq"], k),
-        "dtype": "bf16" if (dtype == "bfloat16" or amp) else "fp32",
+        "dtype": m["precision"],
+        "precision_reason": m["precision_reason"],
         "train_loss_first": m.get("train_loss_first"),
         "train_loss_last": m.get("train_loss_last"),
         **shape,
     }
-    info.update(heldout_accuracy(m["model_dir"], heldout, trl_format=False, max_length=args.max_length))
+    # scored the way this precision serves it (model.dtype auto: bf16 weights where native)
+    info.update(
+        heldout_accuracy(
+            m["model_dir"],
+            heldout,
+            trl_format=False,
+            max_length=args.max_length,
+            dtype="float32" if precision == "fp32" else "auto",
+        )
+    )
     return info
 
 
@@ -528,9 +559,8 @@ def child(variant: str, reps: int, args) -> None:
         import ray.train.torch  # noqa: F401
     train, heldout = load_split(args.file, args.pairs, args.heldout)
     infos = []
-    with TreeRss(
-        every=0.5
-    ) as rss:  # a coarser sampling: scanning Ray's ~20 processes every 0.1 s costs a few % of a core
+    # a coarser sampling: scanning Ray's ~20 processes every 0.1 s costs a few % of a core
+    with TreeRss(every=0.5, pss=True) as rss:
         for _ in range(reps):
             tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
             try:
@@ -538,12 +568,16 @@ def child(variant: str, reps: int, args) -> None:
                     infos.append(run_trl(train, heldout, args, tmp, checkpointing=True))
                 elif variant == "trl_nockpt":
                     infos.append(run_trl(train, heldout, args, tmp, checkpointing=False))
+                elif variant == "trl_bf16":
+                    infos.append(run_trl(train, heldout, args, tmp, checkpointing=False, bf16=True))
                 elif variant == "ours":
-                    infos.append(run_ours(train, heldout, args, tmp, lora=False, dtype="float32"))
-                elif variant == "ours_bf16":
-                    infos.append(run_ours(train, heldout, args, tmp, lora=False, dtype="float32", amp=True))
+                    infos.append(run_ours(train, heldout, args, tmp, lora=False, precision="fp32"))
+                elif variant == "ours_auto":
+                    infos.append(run_ours(train, heldout, args, tmp, lora=False, precision="auto"))
                 elif variant == "ours_lora":
-                    infos.append(run_ours(train, heldout, args, tmp, lora=True, dtype="float32"))
+                    infos.append(run_ours(train, heldout, args, tmp, lora=True, precision="auto"))
+                elif variant == "ours_zero2":
+                    infos.append(run_ours(train, heldout, args, tmp, lora=False, precision="auto", zero2=True))
                 elif variant == "probe":
                     infos.append(run_probe(train, heldout, args, tmp))
                 else:
@@ -553,6 +587,8 @@ def child(variant: str, reps: int, args) -> None:
     res = {
         "runs": infos,
         "peak_rss_mb": rss.peak_mb or peak_rss_mb(),
+        "peak_pss_mb": rss.peak_pss / 2**20,
+        "peak_detail": [(name, round(b / 2**20)) for name, b in rss.peak_detail[:10]],
         "driver_rss_mb": peak_rss_mb(),
         "cpu_s_per_rep": rss.cpu_s / max(reps, 1),
         "load5": round(os.getloadavg()[1], 2),
@@ -579,17 +615,21 @@ def report(rows: list[dict], peak: dict, a) -> str:
     )
     train_rows = [r for r in rows if r["key"] not in ("peak", "probe")]
     if train_rows:
-        base = next((r for r in train_rows if r["key"] == "trl"), None)
+        # the baseline: TRL's fastest setting in this run (by training-step throughput)
+        trls = [r for r in train_rows if r["key"].startswith("trl")]
+        base = max(trls, key=lambda r: med(r, "trained") / med(r, "step_seconds"), default=None)
         b_step = med(base, "trained") / med(base, "step_seconds") if base else None
         b_e2e = med(base, "offered") / med(base, "e2e_seconds") if base else None
+        b_pss = base.get("peak_pss_mb") if base else None
         lines.append(
             f"{a.file.name}: {a.pairs} pairs offered, {a.heldout} held out, {MODEL}, batch {BATCH} pairs, "
             f"max length {a.max_length}, 1 pass; each variant in a fresh process (median of reps)"
         )
         hdr = (
-            f"{'variant':26s} {'reps':>4s} {'step s':>7s} {'step pairs/s':>12s} {'vs trl':>7s} {'e2e s':>7s} "
+            f"{'variant':28s} {'reps':>4s} {'step s':>7s} {'step pairs/s':>12s} {'vs trl':>7s} {'e2e s':>7s} "
             f"{'e2e pairs/s':>11s} {'vs trl':>7s} {'trained/offered':>15s} {'tok/s':>6s} {'pad %':>5s} "
-            f"{'MFU %':>5s} {'acc':>5s} {'acc mars-enc':>12s} {'peak RSS MB':>11s} {'load5':>5s}"
+            f"{'MFU %':>5s} {'acc':>5s} {'acc mars-enc':>12s} {'peak RSS MB':>11s} {'peak PSS MB':>11s} "
+            f"{'PSS vs trl':>10s} {'load5':>5s}"
         )
         lines.append(hdr)
         for r in train_rows:
@@ -598,23 +638,31 @@ def report(rows: list[dict], peak: dict, a) -> str:
             sp = trained / step_s
             ep = offered / e2e
             peak_d = pb if r["runs"][0]["dtype"] == "bf16" else pf
+            pss = r.get("peak_pss_mb") or float("nan")
+            rp = f"{pss / b_pss:9.2f}x" if b_pss else "       n/a"
             mfu = med(r, "flops") / step_s / peak_d
             pad = 1 - med(r, "real_tokens") / med(r, "slots")
             rs = f"{sp / b_step:6.2f}x" if b_step else "    n/a"
             re_ = f"{ep / b_e2e:6.2f}x" if b_e2e else "    n/a"
             lines.append(
-                f"{r['variant']:26s} {r['reps']:4d} {step_s:7.1f} {sp:12.2f} {rs} {e2e:7.1f} {ep:11.2f} {re_} "
+                f"{r['variant']:28s} {r['reps']:4d} {step_s:7.1f} {sp:12.2f} {rs} {e2e:7.1f} {ep:11.2f} {re_} "
                 f"{f'{trained:.0f}/{offered:.0f}':>15s} {med(r, 'real_tokens') / step_s:6.0f} {100 * pad:5.1f} "
                 f"{100 * mfu:5.1f} {med(r, 'acc'):5.3f} {med(r, 'acc_mars_enc'):12.3f} {r['peak_rss_mb']:11.0f} "
-                f"{r['load5']:5.1f}"
+                f"{pss:11.0f} {rp} {r['load5']:5.1f}"
             )
         lines.append(
+            f"vs trl: against {base['variant'] if base else 'TRL'} (TRL's fastest setting in this run). "
             "step: training steps only; e2e: from nothing to a trained model on disk (TRL: load, "
             "tokenise+filter, train, save; ours: ray.init, workers, load, tokenise, train, checkpoint). "
             "load5 > 2 means other work competed for the 2 cores."
         )
         for r in train_rows:
             x = r["runs"][0]
+            if x.get("precision_reason"):
+                lines.append(f"{r['variant']}: precision {x['dtype']} ({x['precision_reason']})")
+            if r.get("peak_detail"):
+                top = ", ".join(f"{n.rsplit('/', 1)[-1]} {mb}" for n, mb in r["peak_detail"][:8])
+                lines.append(f"{r['variant']}: largest processes at the RSS peak (MB): {top}")
             if "ray_init_s" in x:
                 lines.append(
                     f"{r['variant']}: ray.init {med(r, 'ray_init_s'):.1f} s, "
@@ -635,7 +683,7 @@ def report(rows: list[dict], peak: dict, a) -> str:
         x = train_rows[0]["runs"][0]
         lines.append(
             f"MFU: model FLOPs = k*N*T + 2k*L*d*sum(s^2), N = {x['n_layer_params'] / 1e6:.2f}M "
-            f"transformer-layer params (k=6 full, 4 LoRA), L = {x['layers']}, d = {x['hidden']}; "
+            f"transformer-layer params of {MODEL} (k=6 full, 4 LoRA), L = {x['layers']}, d = {x['hidden']}; "
             f"/ step seconds / GEMM peak of the dtype used."
         )
     for r in rows:
@@ -666,6 +714,7 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--max-length", type=int, default=512, help="total tokens per sequence, both trainers")
     ap.add_argument("--file", type=Path, default=HH)
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="minilm", help="the reward backbone")
     ap.add_argument("--only", default=DEFAULT, help="comma-separated subset of " + ",".join(NAMES))
     ap.add_argument("--save", type=Path, help="append each variant's result to this JSON-lines file")
     ap.add_argument(
@@ -674,6 +723,8 @@ def main() -> int:
         help="reuse the variants (and GEMM peak) already in --save for the same sizes; the last one wins",
     )
     a = ap.parse_args()
+    global MODEL
+    MODEL = FAMILIES[a.family]
     if not a.file.exists():
         print(f"skip: {a.file} is absent (../shared/data not beside the project)")
         return 0
@@ -693,12 +744,19 @@ def main() -> int:
         str(a.heldout),
         "--max-length",
         str(a.max_length),
+        "--family",
+        a.family,
     ]
     saved = {}
     if a.save and a.resume and a.save.exists():
         for line in a.save.read_text().splitlines():
             r = json.loads(line)
-            if (r.get("pairs"), r.get("heldout"), r.get("max_length")) == (a.pairs, a.heldout, a.max_length):
+            if (r.get("pairs"), r.get("heldout"), r.get("max_length"), r.get("family", "minilm")) == (
+                a.pairs,
+                a.heldout,
+                a.max_length,
+                a.family,
+            ):
                 saved[r["key"]] = r
     rows = []
     for v in ["peak", *[v for v in a.only.split(",") if v and v != "peak"]]:
@@ -708,7 +766,7 @@ def main() -> int:
             rows.append(saved[v])
             continue
         reps = 5 if v == "peak" else (1 if v == "probe" else a.reps)
-        if v == "ours_bf16" and rows and rows[0].get("peak_bf16_flops", 0) < rows[0].get("peak_fp32_flops", 0):
+        if v == "trl_bf16" and rows and rows[0].get("peak_bf16_flops", 0) < rows[0].get("peak_fp32_flops", 0):
             print(
                 f"  skipped {NAMES[v]}: this CPU's bf16 matmul ({rows[0]['peak_bf16_flops'] / 1e9:.1f} GFLOP/s) is slower "
                 f"than fp32 ({rows[0]['peak_fp32_flops'] / 1e9:.0f} GFLOP/s): no native bf16",
@@ -729,6 +787,7 @@ def main() -> int:
                 "pairs": a.pairs,
                 "heldout": a.heldout,
                 "max_length": a.max_length,
+                "family": a.family,
                 **r,
             }
         )

@@ -23,6 +23,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -98,7 +99,10 @@ class ModelConfig:
     # several nodes), "auto" (shards on a network file system, else sqlite). The first run decides
     # and records it in cache_dir/cache_backend; sqlite on a network file system is refused.
     cache_backend: Literal["auto", "sqlite", "shards"] = "auto"
-    # Compute dtype: "auto" is bfloat16 on GPU and float32 on CPU.
+    # Weights dtype of reward models loaded for inference (scoring, evaluation, serving) and of the
+    # semantic encoder: "auto" is bfloat16 where bf16 is native (a CUDA GPU of compute capability
+    # >= 8, or a CPU with AMX, AVX512-BF16 or Arm BF16), else float32. The reward head always
+    # computes in float32 (mars_ray/models/precision.py). Training follows train.precision.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Never touch the hub (also implied by HF_HUB_OFFLINE=1); null: from the environment.
     offline: bool | None = None
@@ -312,9 +316,12 @@ class TrainConfig:
     # Batches of similar length (less padding): shuffled order cut into windows of this many
     # batches, each sorted by length, batch order shuffled again. 1: plain random batches.
     length_group: int = 32
-    # bf16 autocast for forward passes (fp32 weights and optimizer); on CPUs with bf16 matrix
-    # units (AMX / AVX512-BF16) this is several times faster. DeepSpeed: use deepspeed.bf16.
-    bf16_autocast: bool = False
+    # "auto": mixed precision where bf16 is native (a CUDA GPU of compute capability >= 8, a CPU
+    # with AMX, AVX512-BF16 or Arm BF16): fp32 weights, gradients and optimizer state, forward and
+    # backward matrix multiplies in bf16 (torch.autocast; DeepSpeed: its bf16 section), the reward
+    # head and the loss in fp32; fp32 elsewhere. "fp32" and "bf16" force one. The run's metrics,
+    # summary and model card say which ran and why.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_workers: int = 1
     use_gpu: bool = False
     # CPUs (and torch threads) per training worker; null: reserve 1, use the cluster's CPUs /
@@ -336,7 +343,6 @@ class TrainConfig:
 class DeepSpeedConfig:
     enabled: bool = False
     stage: Literal[0, 1, 2, 3] = 2
-    bf16: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
     # Use torch's AdamW inside DeepSpeed (no fused-Adam compilation).
@@ -701,7 +707,7 @@ class Config:
             ValueError: an unknown key (with a "did you mean" hint) or a value of the wrong type.
         """
         cfg = cls()
-        for key, value in _flatten(data, source=source).items():
+        for key, value in _translate_legacy(_flatten(data, source=source), source).items():
             cfg.set(key, value, source=source)
         return cfg
 
@@ -725,6 +731,10 @@ class Config:
         Raises:
             ValueError: unknown key or a value that does not fit the field's type.
         """
+        if key in _LEGACY_KEYS:
+            if from_text:
+                value = _parse_text(value, bool)
+            key, value = "train.precision", _legacy_precision(key, _check_type(value, bool, f"{key} (from {source})"))
         owner, name, hint = _locate(self, key)
         if from_text:
             value = _parse_text(value, hint)
@@ -833,6 +843,33 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 _LEAF_DICT_KEYS = {"data.columns", "tune.space"}
+
+# Keys an older mars_ray knew (a run directory's config.yaml may hold them): both became
+# train.precision. Read as the precision they ran in (true: bf16, false: fp32), with a warning.
+_LEGACY_KEYS = ("train.bf16_autocast", "deepspeed.bf16")
+
+
+def _legacy_precision(key: str, value: bool) -> str:
+    precision = "bf16" if value else "fp32"
+    warnings.warn(
+        f"{key} was replaced by train.precision (auto|fp32|bf16); {key}={str(value).lower()} is read as "
+        f"train.precision={precision}. Write train.precision instead (auto picks bf16 where it is native)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return precision
+
+
+def _translate_legacy(flat: dict[str, Any], source: str) -> dict[str, Any]:
+    """A file's legacy precision keys as train.precision: what the old keys made the run use
+    (DeepSpeed runs followed deepspeed.bf16, the others train.bf16_autocast)."""
+    found = {k: flat.pop(k) for k in _LEGACY_KEYS if k in flat}
+    if not found or "train.precision" in flat:
+        return flat
+    key = "deepspeed.bf16" if flat.get("deepspeed.enabled") is True else "train.bf16_autocast"
+    value = found.get(key, False)
+    flat["train.precision"] = _legacy_precision(f"{key} (from {source})", _check_type(value, bool, key))
+    return flat
 
 
 def _flatten(data: dict[str, Any], *, source: str, prefix: str = "") -> dict[str, Any]:

@@ -130,6 +130,14 @@ def render_card(
     ]
     for op, n in sorted(operations.items(), key=lambda kv: -kv[1]):
         lines.append(f"| synthetic: {op} | {n} | {n / total:.1%} |")
+    if final.get("precision"):
+        lines += [
+            "",
+            "## Training",
+            "",
+            f"Precision: {final['precision']} ({final.get('precision_reason') or 'reason not recorded'}). The "
+            "weights are saved in fp32; the reward head computes in fp32 in every precision.",
+        ]
     lines += [
         "",
         "## Held-out metrics (the run's test split)",

@@ -80,6 +80,7 @@ CSV_COLUMNS = (
     "train_loss",
     "train_tokens_per_s",
     "steps",
+    "precision",
     "augment_s",
     "train_s",
     "eval_s",
@@ -657,7 +658,10 @@ def run_mars(
             "train_loss_first": fit.get("train_loss_first"),
             "train_loss_last": fit.get("train_loss_last"),
             "train_tokens_per_s": fit.get("train_tokens_per_s"),
+            "step_time_s": fit.get("step_time_s"),
             "steps": fit.get("steps"),
+            "precision": fit.get("precision"),
+            "precision_reason": fit.get("precision_reason"),
             "world_size": fit.get("world_size"),
             "augment_s": round(augment_s, 2),
             "train_s": round(train_s, 2),
@@ -890,6 +894,10 @@ def end_summary(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"  allocation     effective sample size {diag['ess_ratio']:.2f} x N (1 = uniform); the lowest-margin "
             f"10% of pairs held {diag['q_share_lowest_decile']:.0%} of the budget weight (epoch {diag['epoch']})"
+        )
+    if final.get("precision"):
+        lines.append(
+            f"  precision      {final['precision']} ({final.get('precision_reason') or 'reason not recorded'})"
         )
     if warm:
         lines[0] += f"; r0 warmed up {warm.get('passes')} pass(es)"

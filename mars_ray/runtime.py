@@ -23,6 +23,7 @@ _FORWARDED_ENV = (
     "HF_HUB_CACHE",
     "MARS_RAY_CACHE",
     "DS_ACCELERATOR",
+    "MARS_RAY_CPUINFO",  # the precision policy's CPU flags file (tests; odd platforms)
 )
 
 
@@ -120,8 +121,8 @@ def auto_cpus(explicit: float | None, parallel: int) -> float:
 # reserved none stays on the CPU even when the machine has GPUs (another actor holds them). Outside
 # Ray (``mars-ray eval`` run alone, a test) the visible GPU is used when there is one.
 # ``resources.device`` (exported to every Ray worker as ``MARS_RAY_DEVICE``) overrides the choice:
-# ``cpu``, ``cuda``, ``cuda:N``. The compute dtype per device is :func:`mars_ray.models.reward.resolve_dtype`'s
-# (bf16 on a GPU that supports it, float32 on the CPU for ``auto``).
+# ``cpu``, ``cuda``, ``cuda:N``. The compute precision per device is the precision policy's
+# (:mod:`mars_ray.models.precision`: bf16 where it is native, else fp32).
 
 DEVICE_ENV = "MARS_RAY_DEVICE"
 

@@ -17,7 +17,15 @@ from mars_ray.core.west_of_n import best_worst, dialogue_messages, group_counts
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 # Metrics that depend on wall time, not on what was computed.
-TIMING = {"augment_s", "train_s", "eval_s", "train_tokens_per_s", "val_tokens_per_s", "test_tokens_per_s"}
+TIMING = {
+    "augment_s",
+    "train_s",
+    "eval_s",
+    "train_tokens_per_s",
+    "val_tokens_per_s",
+    "test_tokens_per_s",
+    "step_time_s",
+}
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,14 +64,16 @@ def _cfg(**over) -> Config:
     return Config.load(overrides={**base, **over})
 
 
+# These check encoding and batching rules to 1e-5 (padding invariance, batch order), so they pin
+# fp32: in bf16 a batch's shape moves the last bits. The bf16 path is tests/test_precision.py's.
 @pytest.fixture(scope="module")
 def bert(tiny_bert_dir):
-    return load_reward_model(str(tiny_bert_dir), seed=0)
+    return load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
-    return load_reward_model(str(tiny_llama_dir), seed=0)
+    return load_reward_model(str(tiny_llama_dir), seed=0, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +166,12 @@ def test_same_seed_same_scores_different_seed_different_head(tiny_bert_dir, bert
     import torch
 
     m0, tok = bert
-    m0b, _ = load_reward_model(str(tiny_bert_dir), seed=0)
-    m1, _ = load_reward_model(str(tiny_bert_dir), seed=1)
+    m0b, _ = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
+    m1, _ = load_reward_model(str(tiny_bert_dir), seed=1, dtype="float32")
     assert torch.equal(m0.classifier.weight, m0b.classifier.weight)
+    # a fresh head is drawn in fp32 from the seed, whatever dtype the body is loaded in
+    m0h, _ = load_reward_model(str(tiny_bert_dir), seed=0, dtype="bfloat16")
+    assert m0h.classifier.weight.dtype == torch.float32 and torch.equal(m0.classifier.weight, m0h.classifier.weight)
     assert not torch.equal(m0.classifier.weight, m1.classifier.weight)
     # the backbone comes from the checkpoint, not from the seed
     assert torch.equal(m0.bert.embeddings.word_embeddings.weight, m1.bert.embeddings.word_embeddings.weight)

@@ -136,7 +136,7 @@ def test_build_ds_config():
     }
     assert c["bf16"]["enabled"] is False
     c3 = build_ds_config(
-        DeepSpeedConfig(stage=3, bf16=True, offload_params=True, offload_optimizer=True), t, world_size=1
+        DeepSpeedConfig(stage=3, offload_params=True, offload_optimizer=True), t, world_size=1, bf16=True
     )
     assert c3["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert c3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -210,8 +210,12 @@ def data_files(tmp_path_factory):
 
 
 def _cfg(**over) -> Config:
+    # fp32 training and scoring: these tests check the loop's logic to 1e-5 (saved model equals the
+    # loop's metrics, resume equals no resume); bf16 training is tests/test_precision.py's.
     base = {
         "seed": 0,
+        "train.precision": "fp32",
+        "model.dtype": "float32",
         "train.lr": 5e-2,  # tiny random BERT: a large lr learns the marker in 24 steps
         "train.batch_size": 8,
         "train.passes": 3,
@@ -244,7 +248,7 @@ def test_lora_merged_equals_unmerged_and_saved_dir_loads_plain(tiny_bert_dir, da
     from mars_ray.models.reward import load_reward_model
     from mars_ray.train.loop import _plain_model, lora_target_modules, wrap_lora
 
-    model, tok = load_reward_model(str(tiny_bert_dir), seed=0)
+    model, tok = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")  # merge exactness, not precision
     assert lora_target_modules(model) == ["query", "value"]
     peft_model = wrap_lora(model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(1)
@@ -274,7 +278,7 @@ def test_lora_on_llama_targets_q_v_and_merges(tiny_llama_dir):
     from mars_ray.models.reward import load_reward_model, score_texts
     from mars_ray.train.loop import _plain_model, lora_target_modules, wrap_lora
 
-    model, tok = load_reward_model(str(tiny_llama_dir), seed=0)
+    model, tok = load_reward_model(str(tiny_llama_dir), seed=0, dtype="float32")
     assert lora_target_modules(model) == ["q_proj", "v_proj"]
     peft_model = wrap_lora(model, r=4, alpha=8, dropout=0.0)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]

@@ -211,6 +211,7 @@ def test_decoder_backbone_trains_and_scores_conversational_pairs(tiny_llama_dir,
             "train.passes": 3,
             "train.lora": False,
             "train.num_workers": 0,
+            "train.precision": "fp32",  # the format check below compares margins to 1e-4
             "data.max_prompt_tokens": 96,
             "data.max_response_tokens": 16,
         }

@@ -40,6 +40,7 @@ import numpy as np
 
 from mars_ray.core.chat import prompt_messages
 from mars_ray.core.lengths import truncate_pair_tokens
+from mars_ray.models.precision import final_projection, fp32_head, inference_dtype, native_bf16
 
 __all__ = [
     "Encoded",
@@ -48,6 +49,7 @@ __all__ = [
     "encode_preferences",
     "length_chunks",
     "load_reward_model",
+    "native_bf16",
     "pad_batch",
     "resolve_dtype",
     "score_encoded",
@@ -65,43 +67,16 @@ _NO_LIMIT = 1_000_000
 # --------------------------------------------------------------------------------------------
 
 
-def native_bf16(device: str = "cpu") -> bool:
-    """Whether bfloat16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
-    import torch
-
-    if str(device).startswith("cuda"):
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def generation_dtype(dtype: Any, device: str = "cpu"):
-    """A generator's weights dtype: ``"auto"`` -> bfloat16 where it is native (:func:`native_bf16`),
-    else float32; names and torch dtypes as :func:`resolve_dtype`."""
-    import torch
-
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    return resolve_dtype(dtype, device)
+    """A generator's weights dtype: the precision policy's inference dtype
+    (:func:`mars_ray.models.precision.inference_dtype`: ``auto`` is bf16 where it is native)."""
+    return inference_dtype(dtype, device)
 
 
 def resolve_dtype(dtype: Any, device: str = "cpu"):
-    """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere; names and torch dtypes pass through."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    try:
-        out = getattr(torch, str(dtype))
-    except AttributeError:
-        out = None
-    if not isinstance(out, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    return out
+    """A reward model's weights dtype for inference: ``auto`` is bf16 where it is native, else
+    fp32 (:func:`mars_ray.models.precision.inference_dtype`); names and torch dtypes pass through."""
+    return inference_dtype(dtype, device)
 
 
 def load_reward_model(
@@ -139,7 +114,9 @@ def load_reward_model(
     torch_dtype = resolve_dtype(dtype, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = AutoModelForSequenceClassification.from_pretrained(resolved.path, num_labels=1, dtype=torch_dtype)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path, num_labels=1, dtype=torch_dtype, output_loading_info=True
+        )
     # Padding uses the tokenizer's pad id, so the model's last-non-pad pooling must agree with it.
     model.config.pad_token_id = tokenizer.pad_token_id
     if _text_config(model.config) is not model.config:
@@ -151,9 +128,57 @@ def load_reward_model(
             max_pos -= int(getattr(text_cfg, "pad_token_id", 1) or 1) + 1
         if int(tokenizer.model_max_length) > max_pos:
             tokenizer.model_max_length = max_pos
+    head = fp32_head(model)  # the reward in fp32 whatever the body computes in (models/precision.py)
+    name = next(n for n, m in model.named_modules() if m is head)
+    if any(k.startswith(name + ".") for k in info.get("missing_keys", ())):
+        _init_head(model, head, seed)  # a fresh head: the same for every dtype
+    elif torch_dtype != torch.float32:
+        _reload_fp32(head, name, resolved.path)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _init_head(model: Any, head: Any, seed: int) -> None:
+    """A new reward head, drawn in fp32 from ``seed`` alone (the initialisation transformers uses
+    for these heads: weights N(0, initializer_range), bias 0), so a fresh head is the same whatever
+    dtype the body was loaded in."""
+    import torch
+
+    std = float(getattr(_text_config(model.config), "initializer_range", None) or 0.02)
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g, dtype=torch.float32) * std)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def _reload_fp32(head: Any, name: str, folder: str) -> None:
+    """Read the head's saved weights again as fp32 (loading in bf16 rounded them), from the
+    folder's safetensors files (other formats keep the rounded copy)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    want = {f"{name}.{p}": t for p, t in head.named_parameters(recurse=False)}
+    root = Path(folder)
+    files = sorted(root.glob("*.safetensors"))
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({root / weight_map[k] for k in want if k in weight_map})
+    if not files:
+        return
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in set(want) & set(st.keys()):
+                saved = st.get_tensor(key)
+                if tuple(saved.shape) == tuple(want[key].shape):
+                    with torch.no_grad():
+                        want[key].copy_(saved.to(torch.float32))
 
 
 def disable_dropout(model: Any) -> int:
@@ -643,21 +668,6 @@ def score_pairs(
     return r[:n], r[n:]
 
 
-def _final_projection(model: Any) -> Any:
-    """The last ``nn.Linear`` with one output: the layer that turns the reward model's final
-    features into the reward (BERT/DeBERTa ``classifier``, RoBERTa ``classifier.out_proj``,
-    Llama-style ``score``)."""
-    import torch
-
-    last = None
-    for _, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod.out_features == 1:
-            last = mod
-    if last is None:
-        raise ValueError(f"{type(model).__name__}: no single-output linear head found")
-    return last
-
-
 def score_with_features(model: Any, tokenizer: Any, enc: Encoded, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Rewards and the final features φ (the input of the reward head, at the token the model
     pools: BERT-style heads see one vector per sequence, decoder heads the last real token), in
@@ -665,7 +675,7 @@ def score_with_features(model: Any, tokenizer: Any, enc: Encoded, *, batch_size:
     import torch
 
     n = len(enc)
-    head = _final_projection(model)
+    head = final_projection(model)
     feats = np.empty((n, head.in_features), dtype=np.float32)
     rewards = np.empty(n, dtype=np.float32)
     if n == 0:

@@ -28,19 +28,29 @@ class Encoder:
         model_ref: str,
         *,
         batch_size: int = 64,
+        dtype: str = "auto",
         num_threads: int | None = None,
         device: str | None = None,
         cache_dir: str | None = None,
         cache: bool = False,
     ):
         from mars_ray.models import load_sentence_encoder
+        from mars_ray.models.precision import inference_dtype
         from mars_ray.runtime import pick_device
 
         set_threads(num_threads)
         self.device = pick_device(device)
         self.model = load_sentence_encoder(model_ref, device=self.device)
+        # The precision policy (model.dtype): bf16 where native. MiniLM on 400 HH pairs: 1.85x
+        # faster, distances within 0.0054 of fp32 (correlation 0.99998), no pair crossed the mean.
+        self.dtype = inference_dtype(dtype, self.device)
+        self.model.to(self.dtype)
         self.batch_size = batch_size
         self.model_ref = str(model_ref)
+        # fp32 vectors keep the key they always had; another dtype's vectors are stored apart.
+        self._key_prefix = f"embed\0{self.model_ref}\0" + (
+            "" if str(self.dtype) == "torch.float32" else f"{str(self.dtype).removeprefix('torch.')}\0"
+        )
         # A stored vector is used only at this size; an encoder that does not report it is not cached.
         # (sentence-transformers 5.x names it get_sentence_embedding_dimension; 6.x renamed it.)
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -53,7 +63,7 @@ class Encoder:
         self.stats = {"hits": 0, "encoded": 0}
 
     def _key(self, text: str) -> str:
-        blob = f"embed\0{self.model_ref}\0{text}".encode("utf-8", "surrogatepass")
+        blob = f"{self._key_prefix}{text}".encode("utf-8", "surrogatepass")
         return hashlib.sha256(blob).hexdigest()
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -98,11 +108,16 @@ class Encoder:
         return 1.0 - self.distances(a, b)
 
 
+def encoder_settings(cfg: Config) -> dict[str, Any]:
+    """The sentence encoder as :class:`Encoder` keyword arguments (plain values, for actors)."""
+    return {"model_ref": cfg.model.encoder, "batch_size": cfg.semantic.batch_size, "dtype": cfg.model.dtype}
+
+
 class EmbedActor:
     """Ray Data actor: chosen/rejected -> semantic distance per pair."""
 
-    def __init__(self, model_ref: str, batch_size: int, num_threads: int | None = None):
-        self.encoder = Encoder(model_ref, batch_size=batch_size, num_threads=num_threads)
+    def __init__(self, encoder: dict[str, Any], num_threads: int | None = None):
+        self.encoder = Encoder(**encoder, num_threads=num_threads)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         d = self.encoder.distances(as_list(batch["chosen"]), as_list(batch["rejected"]))
@@ -111,11 +126,7 @@ class EmbedActor:
 
 def semantic_distances(table: pa.Table, cfg: Config) -> pa.Table:
     """(pair_id, distance) for every row of ``table``, computed on ``resources.actors`` actors."""
-    kwargs = {
-        "model_ref": cfg.model.encoder,
-        "batch_size": cfg.semantic.batch_size,
-        "num_threads": actor_threads(cfg.resources),
-    }
+    kwargs = {"encoder": encoder_settings(cfg), "num_threads": actor_threads(cfg.resources)}
     return map_with_actors(
         table.select(["pair_id", "chosen", "rejected"]),
         EmbedActor,

@@ -28,7 +28,7 @@ from mars_ray.core.refine import RefineItem, Role, refine_batch
 from mars_ray.generation import CachedGenerator, GenParams, LazyGenerator, default_cache
 from mars_ray.generation.prompts import load_prompt, render
 from mars_ray.stages.common import as_list, set_threads
-from mars_ray.stages.embed import Encoder
+from mars_ray.stages.embed import Encoder, encoder_settings
 
 STAT_COLUMNS = ("gen_requested", "gen_hits", "gen_generated", "gen_failed", "gen_corrupt")
 
@@ -95,9 +95,8 @@ def paraphrase_actor_kwargs(cfg: Config) -> dict[str, Any]:
 
     return dict(
         paraphrase=dataclasses.asdict(cfg.paraphrase),
-        encoder_ref=cfg.model.encoder,
+        encoder=encoder_settings(cfg),
         batch_size=cfg.paraphrase.batch(cfg.resources.gpus_per_actor),
-        encoder_batch_size=cfg.semantic.batch_size,
         num_threads=actor_threads(cfg.resources),
         cache_dir=cfg.model.cache_dir,
     )
@@ -109,9 +108,8 @@ def refine_actor_kwargs(cfg: Config, scorer: dict[str, Any] | None = None) -> di
 
     return dict(
         rewrite=dataclasses.asdict(cfg.rewrite),
-        encoder_ref=cfg.model.encoder,
+        encoder=encoder_settings(cfg),
         batch_size=cfg.rewrite.batch(cfg.resources.gpus_per_actor),
-        encoder_batch_size=cfg.semantic.batch_size,
         num_threads=actor_threads(cfg.resources),
         cache_dir=cfg.model.cache_dir,
         scorer=scorer,
@@ -169,10 +167,9 @@ class RefineActor(_StatsMixin):
     def __init__(
         self,
         rewrite: dict[str, Any],
-        encoder_ref: str,
+        encoder: dict[str, Any],
         *,
         batch_size: int,
-        encoder_batch_size: int,
         num_threads: int | None,
         cache_dir: str | None,
         scorer: dict[str, Any] | None = None,
@@ -180,7 +177,7 @@ class RefineActor(_StatsMixin):
         set_threads(num_threads)
         self.cfg = rewrite
         self.gen = build_generator(rewrite, batch_size=batch_size, cache_dir=cache_dir)
-        self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size, cache_dir=cache_dir, cache=True)
+        self.encoder = Encoder(**encoder, cache_dir=cache_dir, cache=True)
         # The label check's reward model (ScoreActor kwargs: the current r^{t-1}); None: no check.
         self.scorer = None
         if scorer is not None:
@@ -316,10 +313,9 @@ class ParaphraseActor(_StatsMixin):
     def __init__(
         self,
         paraphrase: dict[str, Any],
-        encoder_ref: str,
+        encoder: dict[str, Any],
         *,
         batch_size: int,
-        encoder_batch_size: int,
         num_threads: int | None,
         cache_dir: str | None,
     ):
@@ -332,7 +328,7 @@ class ParaphraseActor(_StatsMixin):
             if self.deterministic
             else self.gen
         )
-        self.encoder = Encoder(encoder_ref, batch_size=encoder_batch_size, cache_dir=cache_dir, cache=True)
+        self.encoder = Encoder(**encoder, cache_dir=cache_dir, cache=True)
 
     def output_cap(self, text: str) -> int:
         """The gate rejects paraphrases longer than ``max_length_ratio`` times the source, so

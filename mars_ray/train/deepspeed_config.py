@@ -10,8 +10,12 @@ from mars_ray.config import DeepSpeedConfig, TrainConfig
 __all__ = ["build_ds_config"]
 
 
-def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int) -> dict[str, Any]:
+def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int, bf16: bool = False) -> dict[str, Any]:
     """The ``config`` dict for ``deepspeed.initialize``.
+
+    ``bf16``: the run's resolved precision is bf16 (:func:`mars_ray.models.precision.resolve_precision`
+    of ``train.precision``): DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights
+    and optimizer state in its own optimizer wrapper).
 
     ``train.batch_size`` is the micro-batch of pairs per worker (each pair is two sequences);
     ``train_batch_size = batch_size * grad_accum * world_size``. The optimizer is AdamW
@@ -65,7 +69,7 @@ def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int)
                 "torch_adam": bool(ds.torch_adam),
             },
         },
-        "bf16": {"enabled": bool(ds.bf16)},
+        "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,

@@ -22,6 +22,7 @@ The last report also carries validation metrics (:func:`mars_ray.core.losses.pai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -125,12 +126,38 @@ def wrap_lora(model: Any, *, r: int, alpha: int, dropout: float) -> Any:
     return get_peft_model(model, cfg)
 
 
-def _plain_model(model: Any) -> Any:
-    """A copy of ``model`` as a plain transformers model (LoRA merged); ``model`` is untouched."""
+def _plain_model(model: Any, fp32_state: dict[str, Any] | None = None) -> Any:
+    """A copy of ``model`` as a plain transformers model (LoRA merged); ``model`` is untouched.
+    ``fp32_state``: master weights by parameter name (DeepSpeed bf16 keeps them in its optimizer,
+    the module holds bf16 copies): the copy is made fp32 and takes them before merging."""
+    import torch
+
     m = copy.deepcopy(model)
+    if fp32_state is not None:
+        m.float()
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name in fp32_state:
+                    p.copy_(fp32_state[name])
     if hasattr(m, "merge_and_unload"):
         m = m.merge_and_unload()
     return m
+
+
+def _master_weights(engine: Any, model: Any, rank: int) -> dict[str, Any] | None:
+    """The fp32 master copy of every trainable parameter of a DeepSpeed bf16 engine (collective:
+    every rank takes part, rank 0 gets the tensors); None when the engine is not in bf16."""
+    if engine is None or not engine.bfloat16_enabled():
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)
+            if rank == 0 and full is not None:
+                out[name] = full.detach().float().cpu()
+    return out if rank == 0 else None
 
 
 def _trainable_state(model: Any) -> dict[str, Any]:
@@ -255,6 +282,7 @@ def train_loop_per_worker(config: dict) -> dict:
     chaos.adopt(config.get("chaos"))  # the driver's fault-injection rules, on any cluster
 
     from mars_ray.core.losses import bt_loss, center_penalty, normalise_weights, pair_metrics
+    from mars_ray.models.precision import resolve_precision
     from mars_ray.models.reward import disable_dropout, encode_preferences, load_reward_model, pad_batch, score_pairs
 
     cfg = Config.from_dict(config["config"])
@@ -266,12 +294,13 @@ def train_loop_per_worker(config: dict) -> dict:
         torch.set_num_threads(int(config.get("threads") or t.threads or max(1, round(t.cpus_per_worker or 1))))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    # ---- model
+    # ---- model: fp32 weights (the master copy); bf16 is a compute precision (autocast or DeepSpeed)
     device = "cuda" if (t.use_gpu and torch.cuda.is_available()) else "cpu"
+    precision = resolve_precision(t.precision, device)
     model, tokenizer = load_reward_model(
         config["init_model"],
         seed=cfg.seed,
-        dtype="float32" if dsc.enabled else cfg.model.dtype,
+        dtype="float32",
         device=device,  # the worker's GPU (Ray Train reserved it: train.use_gpu), else the CPU
         cache_dir=cfg.model.cache_dir,
         offline=cfg.model.offline,
@@ -335,7 +364,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
         from mars_ray.train.deepspeed_config import build_ds_config
 
-        ds_config = build_ds_config(dsc, t, world_size=world)
+        ds_config = build_ds_config(dsc, t, world_size=world, bf16=precision.bf16)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
         fwd = engine
         if resume_ckpt is not None:
@@ -361,8 +390,9 @@ def train_loop_per_worker(config: dict) -> dict:
     if state is not None:
         _set_rng_state(state["rng"])
 
-    # bf16 autocast (fp32 master weights and optimizer state); DeepSpeed has its own bf16 switch.
-    amp = bool(t.bf16_autocast) and engine is None
+    # bf16 autocast around the forward passes (fp32 master weights and optimizer state); DeepSpeed
+    # runs bf16 itself (its engine holds bf16 weights and the fp32 master copy).
+    amp = precision.autocast if engine is None else contextlib.nullcontext
     per_rank = math.ceil(n_train / world)
     micro_per_pass = math.ceil(per_rank / t.batch_size)
     steps_per_pass = math.ceil(micro_per_pass / t.grad_accum)
@@ -423,11 +453,12 @@ def train_loop_per_worker(config: dict) -> dict:
         return metrics
     evaluate = (bt_loss, pair_metrics, score_pairs)
     # The model as loaded, on the test pairs: the "before" of a run (a fresh start only).
-    before = (
-        _validate(ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="base_test")
-        if test is not None and config.get("test_before") and state is None
-        else {}
-    )
+    before = {}
+    if test is not None and config.get("test_before") and state is None:
+        with amp():  # held-out scoring in the training precision, as inference is (bf16 where native)
+            before = _validate(
+                ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="base_test"
+            )
     for p in range(passes_done, t.passes):
         if step >= total_steps:
             break
@@ -449,7 +480,7 @@ def train_loop_per_worker(config: dict) -> dict:
             batch = pad_batch(ids, tts, tokenizer.pad_token_id)
             train_tokens += int(batch["attention_mask"].sum())
             batch = {key: v.to(device) for key, v in batch.items()}
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+            with amp():
                 rewards = fwd(**batch).logits[:, 0].float()
             b = len(idx)
             w = torch.from_numpy(weights[idx]).to(device) if weights is not None else None
@@ -487,12 +518,15 @@ def train_loop_per_worker(config: dict) -> dict:
         passes_done = p + 1
         last = passes_done >= t.passes or step >= total_steps
         metrics = _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed)
+        metrics.update(precision=precision.compute, precision_reason=precision.reason)
         if last and val is not None:
-            metrics.update(_validate(ckpt_model, tokenizer, val, lim, cfg, rank, world, distributed, *evaluate))
+            with amp():
+                metrics.update(_validate(ckpt_model, tokenizer, val, lim, cfg, rank, world, distributed, *evaluate))
         if last and test is not None:
-            metrics.update(
-                _validate(ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="test")
-            )
+            with amp():
+                metrics.update(
+                    _validate(ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="test")
+                )
         metrics.update(before)
         if engine is not None:
             metrics["deepspeed_global_steps"] = int(engine.global_steps)
@@ -500,7 +534,10 @@ def train_loop_per_worker(config: dict) -> dict:
             metrics["resumed_from_step"] = resumed_from
         scores = None
         if last and to_score is not None:
-            rc, rr = _score_sharded(ckpt_model, tokenizer, to_score, lim, cfg, rank, world, distributed, score_pairs)
+            with amp():
+                rc, rr = _score_sharded(
+                    ckpt_model, tokenizer, to_score, lim, cfg, rank, world, distributed, score_pairs
+                )
             scores = {S.PAIR_ID: to_score[S.PAIR_ID], "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr}
         checkpoint(metrics, passes_done, scores=scores)
         if last:
@@ -630,14 +667,15 @@ def _report(
     import ray.train
     import torch
 
+    master = _master_weights(engine, model, rank)  # DeepSpeed bf16: save the fp32 masters, not bf16 copies
     if ds_stage == 3:  # parameters are partitioned: gather them (collective) before saving
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            plain = _plain_model(model) if rank == 0 else None
+            plain = _plain_model(model, master) if rank == 0 else None
             trainable = _trainable_state(model) if rank == 0 else None
     else:
-        plain = _plain_model(model) if rank == 0 else None
+        plain = _plain_model(model, master) if rank == 0 else None
         trainable = _trainable_state(model) if rank == 0 else None
     d = Path(tempfile.mkdtemp(prefix="mars_ray_ckpt_"))
     if engine is not None:
