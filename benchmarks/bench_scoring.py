@@ -50,6 +50,7 @@ class TreeRss:
         self.pss, self.peak_pss = pss, 0
         self.every, self.peak, self._stop = every, 0, threading.Event()
         self.peak_detail: list[tuple[str, int]] = []  # (process, RSS) at the peak, largest first
+        self.peak_pss_detail: list[tuple[str, int]] = []  # (process, PSS) at the PSS peak
         self._cpu: dict[tuple[int, float], float] = {}
         self._cpu0 = 0.0
 
@@ -62,19 +63,24 @@ class TreeRss:
         while not self._stop.is_set():
             total = pss_total = 0
             detail: list[tuple[str, int]] = []
+            pss_detail: list[tuple[str, int]] = []
             for p in [me, *me.children(recursive=True)]:
                 try:
                     with p.oneshot():
                         rss = p.memory_info().rss
                         total += rss
+                        name = (p.cmdline() or [p.name()])[0][:40]
                         if self.pss:
-                            pss_total += p.memory_full_info().pss
+                            pss = p.memory_full_info().pss
+                            pss_total += pss
+                            pss_detail.append((name, pss))
                         c = p.cpu_times()
                         self._cpu[(p.pid, p.create_time())] = c.user + c.system
-                        detail.append(((p.cmdline() or [p.name()])[0][:40], rss))
+                        detail.append((name, rss))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-            self.peak_pss = max(self.peak_pss, pss_total)
+            if pss_total > self.peak_pss:
+                self.peak_pss, self.peak_pss_detail = pss_total, sorted(pss_detail, key=lambda d: -d[1])
             if total > self.peak:
                 self.peak, self.peak_detail = total, sorted(detail, key=lambda d: -d[1])
             self._stop.wait(self.every)

@@ -365,6 +365,33 @@ def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool, bf16: bool 
     return info
 
 
+def _tokenizer(folder: str):
+    """The tokenizer as :func:`mars_ray.models.reward.load_reward_model` sets it up (pad token,
+    length capped at the position table), without loading any weights."""
+    from mars_ray.models.resolve import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = json.loads((Path(resolve_model(folder).path) / "config.json").read_text())
+    max_pos = cfg.get("max_position_embeddings")
+    if isinstance(max_pos, int) and tok.model_max_length > max_pos:
+        tok.model_max_length = max_pos
+    return tok
+
+
+def _meta_model(folder: str):
+    """The model's modules on the meta device (shapes only, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from mars_ray.models.resolve import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(folder).path, num_labels=1)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
 def ours_padding(train, args, tmp: Path, seed: int) -> dict:
     """Token slots / real tokens / squared lengths of the loop's batches, recomputed from its
     deterministic shuffle and length grouping (MARS epoch 1, pass 0, one worker, the config's
@@ -372,9 +399,9 @@ def ours_padding(train, args, tmp: Path, seed: int) -> dict:
     import numpy as np
 
     from mars_ray.core.lengths import length_grouped_batches
-    from mars_ray.models.reward import encode_preferences, load_reward_model
+    from mars_ray.models.reward import encode_preferences
 
-    _, tok = load_reward_model(model_dir(args.max_length, tmp), seed=seed, dtype="float32")
+    tok = _tokenizer(model_dir(args.max_length, tmp))
     p, c, r = columns(train)
     ec, er = encode_preferences(tok, p, c, r, max_prompt_tokens=512, max_response_tokens=192)
     lc, lr = ec.lengths, er.lengths
@@ -403,21 +430,18 @@ def run_ours(train, heldout, args, tmp: Path, *, lora: bool, precision: str, zer
     import pyarrow.parquet as pq
     import ray
 
-    from mars_ray.models.reward import load_reward_model
     from mars_ray.runtime import init_ray
-    from mars_ray.train.loop import fit_reward_model, wrap_lora
+    from mars_ray.train.loop import fit_reward_model
 
     over = {"train.lora": lora, "train.precision": precision}
     if zero2:
         over.update({"deepspeed.enabled": True, "deepspeed.stage": 2})
     cfg = base_cfg(**over)
     init = model_dir(args.max_length, tmp)
+    # Neither needs the weights: the driver of a real run holds no model, so this one does not either
+    # (its memory is part of the measured tree).
     pad = ours_padding(train, args, tmp, cfg.seed)
-    m0, _ = load_reward_model(init, seed=cfg.seed, dtype="float32")
-    if lora:
-        m0 = wrap_lora(m0, r=cfg.train.lora_r, alpha=cfg.train.lora_alpha, dropout=cfg.train.lora_dropout)
-    shape = flop_shape(m0)
-    del m0
+    shape = flop_shape(_meta_model(init))  # LoRA's base layers are the same; its adapters are not counted
     train_path = tmp / "train.parquet"
     pq.write_table(train, train_path)
     t0 = time.perf_counter()
@@ -589,6 +613,7 @@ def child(variant: str, reps: int, args) -> None:
         "peak_rss_mb": rss.peak_mb or peak_rss_mb(),
         "peak_pss_mb": rss.peak_pss / 2**20,
         "peak_detail": [(name, round(b / 2**20)) for name, b in rss.peak_detail[:10]],
+        "peak_pss_detail": [(name, round(b / 2**20)) for name, b in rss.peak_pss_detail[:12]],
         "driver_rss_mb": peak_rss_mb(),
         "cpu_s_per_rep": rss.cpu_s / max(reps, 1),
         "load5": round(os.getloadavg()[1], 2),
@@ -660,9 +685,9 @@ def report(rows: list[dict], peak: dict, a) -> str:
             x = r["runs"][0]
             if x.get("precision_reason"):
                 lines.append(f"{r['variant']}: precision {x['dtype']} ({x['precision_reason']})")
-            if r.get("peak_detail"):
-                top = ", ".join(f"{n.rsplit('/', 1)[-1]} {mb}" for n, mb in r["peak_detail"][:8])
-                lines.append(f"{r['variant']}: largest processes at the RSS peak (MB): {top}")
+            if r.get("peak_pss_detail"):
+                top = ", ".join(f"{n.rsplit('/', 1)[-1]} {mb}" for n, mb in r["peak_pss_detail"][:12])
+                lines.append(f"{r['variant']}: processes at the PSS peak (MB): {top}")
             if "ray_init_s" in x:
                 lines.append(
                     f"{r['variant']}: ray.init {med(r, 'ray_init_s'):.1f} s, "

@@ -53,6 +53,7 @@ __all__ = [
     "pad_batch",
     "resolve_dtype",
     "score_encoded",
+    "score_encoded_pairs",
     "score_pairs",
     "score_texts",
     "uses_chat_template",
@@ -657,6 +658,14 @@ def score_pairs(
         max_response_tokens=max_response_tokens,
         max_length=max_length,
     )
+    return score_encoded_pairs(model, tokenizer, enc_c, enc_r, batch_size=batch_size)
+
+
+def score_encoded_pairs(
+    model: Any, tokenizer: Any, enc_c: Encoded, enc_r: Encoded, *, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(r_chosen, r_rejected)`` of pairs encoded by :func:`encode_preferences`, in one
+    length-sorted pass over all 2n sequences."""
     both = Encoded(
         enc_c.input_ids + enc_r.input_ids,
         (enc_c.token_type_ids + enc_r.token_type_ids) if enc_c.token_type_ids is not None else None,
@@ -664,7 +673,7 @@ def score_pairs(
         enc_c.response_truncated + enc_r.response_truncated,
     )
     r = score_encoded(model, tokenizer, both, batch_size=batch_size)
-    n = len(prompts)
+    n = len(enc_c)
     return r[:n], r[n:]
 
 

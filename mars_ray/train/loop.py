@@ -417,6 +417,19 @@ def train_loop_per_worker(config: dict) -> dict:
     train_tokens = 0
     metrics: dict[str, Any] = {}
     ckpt_model = engine.module if engine is not None else model  # the module under DDP / DeepSpeed
+    pending: list[Any] = []  # per-step losses still on the device
+
+    def read_losses() -> None:
+        """Move the pending per-step losses to ``losses`` in one host copy; the wait for the
+        device (a GPU runs behind the host) lands in the last step's time, so a pass's step times
+        still add up to its compute."""
+        if pending:
+            t_wait = time.perf_counter()
+            losses.extend(torch.stack(pending).double().cpu().tolist())
+            pending.clear()
+            if step_times:
+                step_times[-1] += time.perf_counter() - t_wait
+
     local = bool(config.get("local", False))
     prev_local: Path | None = None
 
@@ -465,7 +478,7 @@ def train_loop_per_worker(config: dict) -> dict:
         rng = np.random.default_rng([cfg.seed, epoch, p])
         mine = _shard(rng.permutation(n_train), rank, world)
         micro = length_grouped_batches(mine, pair_len, t.batch_size, rng, group=t.length_group)
-        acc_loss, n_acc, t0 = 0.0, 0, time.perf_counter()
+        acc_loss, n_acc, t0 = None, 0, time.perf_counter()
         skip = position if p == passes_done else 0  # the same batch order, from the checkpoint's place
         for k, idx in enumerate(micro):
             if k < skip:
@@ -500,7 +513,8 @@ def train_loop_per_worker(config: dict) -> dict:
             else:
                 (loss / t.grad_accum).backward()
                 took = (k + 1) % t.grad_accum == 0 or k + 1 == len(micro)
-            acc_loss += float(loss.detach())
+            # on the device: no host copy (and no wait for a GPU) per step; read at the pass end
+            acc_loss = loss.detach() if acc_loss is None else acc_loss + loss.detach()
             n_acc += 1
             boundary = took
             if boundary:
@@ -508,15 +522,17 @@ def train_loop_per_worker(config: dict) -> dict:
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                losses.append(acc_loss / n_acc)
+                pending.append(acc_loss / n_acc)
                 step_times.append(time.perf_counter() - t0)
                 step += 1
-                acc_loss, n_acc, t0 = 0.0, 0, time.perf_counter()
+                acc_loss, n_acc, t0 = None, 0, time.perf_counter()
                 if ckpt_every and step % ckpt_every == 0 and k + 1 < len(micro) and step < total_steps:
+                    read_losses()
                     mid = _pass_metrics(losses, step_times, train_tokens, step, p, epoch, world, distributed)
                     checkpoint(mid, p, position=k + 1)
         passes_done = p + 1
         last = passes_done >= t.passes or step >= total_steps
+        read_losses()
         metrics = _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed)
         metrics.update(precision=precision.compute, precision_reason=precision.reason)
         if last and val is not None:
@@ -606,33 +622,24 @@ def _score_sharded(model, tokenizer, val, lim, cfg, rank, world, distributed, sc
     ``(r_chosen, r_rejected)`` in input order (and the token count with ``with_tokens``)."""
     import torch
 
+    from mars_ray.models.reward import encode_preferences, score_encoded_pairs
+
     n = len(val[S.PROMPT])
     mine = _shard(np.arange(n), rank, world) if n else np.arange(0)
     was_training = model.training
     model.eval()
-    rc, rr = score_pairs(
-        model,
+    # tokenised once: the same encodings are scored and counted
+    ec, er = encode_preferences(
         tokenizer,
         [val[S.PROMPT][i] for i in mine],
         [val[S.CHOSEN][i] for i in mine],
         [val[S.REJECTED][i] for i in mine],
-        batch_size=2 * cfg.train.batch_size,
         **lim,
     )
+    rc, rr = score_encoded_pairs(model, tokenizer, ec, er, batch_size=2 * cfg.train.batch_size)
     if was_training:
         model.train()
-    tokens = 0
-    if with_tokens:
-        from mars_ray.models.reward import encode_preferences
-
-        ec, er = encode_preferences(
-            tokenizer,
-            [val[S.PROMPT][i] for i in mine],
-            [val[S.CHOSEN][i] for i in mine],
-            [val[S.REJECTED][i] for i in mine],
-            **lim,
-        )
-        tokens = int(ec.lengths.sum() + er.lengths.sum())
+    tokens = int(ec.lengths.sum() + er.lengths.sum())
     if distributed and world > 1:
         parts: list = [None] * world
         torch.distributed.all_gather_object(parts, (mine, rc, rr, tokens))
