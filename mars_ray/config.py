@@ -313,6 +313,15 @@ class TrainConfig:
     # TRL's center_rewards_coefficient: add this times mean((r+ + r−)²) to the loss, which keeps
     # rewards near zero (0: off; TRL suggests 0.01).
     center_rewards: float = 0.0
+    # Loss weight of a synthetic pair relative to a human pair (1: the same). Combined with any
+    # other per-pair weight (AdaBoost's), then scaled to mean 1 over the training set as every loss
+    # weight is, so down-weighting the synthetic pairs raises the human pairs' share of each step
+    # while the average step size stays.
+    synthetic_weight: float = 1.0
+    # Passes over D^t in each MARS epoch, one number per epoch (empty: train.passes every epoch);
+    # e.g. [6, 11] gives `none` as many optimiser steps as `uniform` at 5 synthetic pairs per human
+    # pair over two epochs.
+    passes_per_epoch: list[int] = field(default_factory=list)
     # Batches of similar length (less padding): shuffled order cut into windows of this many
     # batches, each sorted by length, batch order shuffled again. 1: plain random batches.
     length_group: int = 32
@@ -744,6 +753,18 @@ class Config:
         owner, name, _ = _locate(self, key)
         return getattr(owner, name)
 
+    def copy(self, overrides: dict[str, Any] | None = None, *, source: str = "copy") -> Config:
+        """An independent copy (nested sections and lists not shared), with dotted ``overrides``
+        set on it; not validated again (call :meth:`validate` if the overrides may break a rule).
+
+        Raises:
+            ValueError: an unknown key or a value of the wrong type in ``overrides``.
+        """
+        out = Config.from_dict(self.to_dict(), source=source)
+        for key, value in (overrides or {}).items():
+            out.set(key, value, source=source)
+        return out
+
     # ---------------------------------------------------------------- checks
     def validate(self) -> Config:
         """Check every field's type and the cross-field rules; return self.
@@ -1115,6 +1136,13 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"train.center_rewards={t.center_rewards} must be >= 0 (0: off)")
     if t.batch_size < 1 or t.grad_accum < 1 or t.passes < 1:
         p.append("train.batch_size, train.grad_accum and train.passes must be >= 1")
+    if not t.synthetic_weight > 0:
+        p.append(f"train.synthetic_weight={t.synthetic_weight} must be > 0 (1: synthetic pairs weigh as human ones)")
+    if t.passes_per_epoch and (len(t.passes_per_epoch) != m.epochs or min(t.passes_per_epoch) < 1):
+        p.append(
+            f"train.passes_per_epoch={t.passes_per_epoch} needs one number >= 1 per MARS epoch "
+            f"(mars.epochs={m.epochs}), or [] for train.passes every epoch"
+        )
     if t.num_workers < 0:
         p.append("train.num_workers must be >= 0 (0 runs the loop in the driver, for tests)")
     if cfg.deepspeed.enabled and t.num_workers < 1:

@@ -86,7 +86,7 @@ def heldout_config(cfg: Config, path: str, max_pairs: int | None) -> Config:
     pair of it or ``max_pairs`` of them, no column mapping or PKU label carried over."""
     import dataclasses
 
-    ecfg = Config.from_dict(cfg.to_dict(), source="trial")
+    ecfg = cfg.copy(source="trial")
     # One held-out subset for every trial (data.seed, else 0), so trials compare on the same pairs.
     ecfg.data = dataclasses.replace(
         type(cfg.data)(),
@@ -118,7 +118,7 @@ def _abs(value: str) -> str:
 def absolute_paths(cfg: Config) -> Config:
     """A copy of ``cfg`` whose local paths are absolute: a trial runs in another working directory
     (Ray Tune's trial directory), where a relative path would point elsewhere."""
-    out = Config.from_dict(cfg.to_dict(), source="experiment")
+    out = cfg.copy(source="experiment")
     for key in PATH_KEYS:
         v = out.get(key)
         if isinstance(v, str) and v and not v.startswith("builtin:"):

@@ -138,6 +138,11 @@ def render_card(
             f"Precision: {final['precision']} ({final.get('precision_reason') or 'reason not recorded'}). The "
             "weights are saved in fp32; the reward head computes in fp32 in every precision.",
         ]
+        if final.get("synthetic_weight") not in (None, 1.0):
+            lines.append(
+                f"Synthetic pairs had loss weight {final['synthetic_weight']:g} relative to human pairs "
+                "(`train.synthetic_weight`; the weights scaled to mean 1)."
+            )
     lines += [
         "",
         "## Held-out metrics (the run's test split)",

@@ -361,6 +361,24 @@ WARMUP_FILE = "warmup.json"
 BASE_FILE = "base_metrics.json"  # data/: the test metrics of model.reward before training
 
 
+def epoch_config(cfg: Config, epoch: int) -> Config:
+    """``cfg`` for MARS epoch ``epoch``'s training run: ``train.passes_per_epoch[epoch - 1]`` passes
+    when that list is set, else ``cfg`` itself."""
+    per = cfg.train.passes_per_epoch
+    return cfg.copy({"train.passes": int(per[epoch - 1])}, source=f"epoch {epoch}") if per else cfg
+
+
+def loss_weights(grown: pa.Table, weights: np.ndarray | None, synthetic_weight: float) -> np.ndarray | None:
+    """Per-pair loss weights of the grown training set: ``weights`` (AdaBoost's, or none) times
+    ``synthetic_weight`` on the synthetic pairs; None when every weight would be 1. The training
+    loop scales them to mean 1."""
+    if synthetic_weight == 1.0:
+        return weights
+    base = np.ones(grown.num_rows) if weights is None else np.asarray(weights, dtype=np.float64)
+    synthetic = pc.equal(grown.column(S.ORIGIN), S.ORIGIN_SYNTHETIC).to_numpy(zero_copy_only=False)
+    return np.where(synthetic, base * float(synthetic_weight), base)
+
+
 def warmup_key(cfg: Config, train_ids: list[str]) -> str:
     """What r^0 after warm-up depends on: the backbone, the training pairs, the training and
     DeepSpeed settings, the length limits, the seed and the passes; not the strategy, budget or tau,
@@ -370,7 +388,9 @@ def warmup_key(cfg: Config, train_ids: list[str]) -> str:
     ref = cfg.model.reward
     if Path(os.path.expanduser(ref)).exists():
         ref = str(Path(os.path.expanduser(ref)).resolve())
-    train = {k: v for k, v in cfg.to_dict()["train"].items() if k not in ("max_failures", "num_workers", "threads")}
+    # what the warm-up's training does not depend on (it trains on human pairs only, warmup_passes)
+    ignore = ("max_failures", "num_workers", "threads", "synthetic_weight", "passes_per_epoch")
+    train = {k: v for k, v in cfg.to_dict()["train"].items() if k not in ignore}
     blob = json.dumps(
         {
             "reward": ref,
@@ -419,8 +439,7 @@ def warmup_model(
         fcntl.flock(lock, fcntl.LOCK_EX)
         built = not (done / WARMUP_FILE).exists()
         if built:
-            wcfg = Config.from_dict(cfg.to_dict(), source="warm-up")
-            wcfg.train.passes = cfg.mars.warmup_passes
+            wcfg = cfg.copy({"train.passes": cfg.mars.warmup_passes}, source="warm-up")
             with console.stage(
                 f"[warm-up] r0: train {cfg.model.reward} {cfg.mars.warmup_passes} pass(es) on {len(ids)} human pairs"
             ) as st:
@@ -613,13 +632,14 @@ def run_mars(
         _write_parquet(syn, ep / "synthetic.parquet")
         _write_json(ep / "augment_summary.json", aug_summary)
         grown = pa.concat_tables([current, syn.cast(S.PAIR_SCHEMA)]) if syn.num_rows else current
+        weights = loss_weights(grown, weights, cfg.train.synthetic_weight)
         to_train = grown.append_column(LOSS_WEIGHT, pa.array(weights, pa.float64())) if weights is not None else grown
         _write_parquet(to_train, ep / "train.parquet")
 
         t0 = time.perf_counter()
         with console.stage(f"[epoch {t}/{T}] train on {grown.num_rows} pairs ({syn.num_rows} new)") as st:
             fit = fit_reward_model(
-                cfg,
+                epoch_config(cfg, t),
                 init_model=prev_model,
                 train_path=ep / "train.parquet",
                 val_path=val_path,
@@ -652,6 +672,9 @@ def run_mars(
             "synthetic_total": grown.num_rows - originals.num_rows,
             "budget": cfg.mars.budget,
             "budget_unspent": int(aug_summary.get("budget_unspent", 0) or 0),
+            "synthetic_share": (grown.num_rows - originals.num_rows) / max(grown.num_rows, 1),
+            "synthetic_weight": cfg.train.synthetic_weight,
+            "passes": epoch_config(cfg, t).train.passes,
             **{k: v for k, v in fit.items() if k.startswith("val_")},
             **test,
             "train_loss": fit.get("train_loss"),
@@ -873,6 +896,7 @@ def end_summary(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"done in {_duration(summary.get('seconds'))}: {summary['strategy']}, {summary['epochs']} epoch(s), "
         f"{final.get('original_pairs', '?')} human + {n_syn} synthetic training pairs"
+        + (f" (synthetic loss weight {final['synthetic_weight']:g})" if final.get("synthetic_weight", 1.0) != 1.0 else "")
     ]
 
     def before_after(metric: str) -> str:

@@ -365,3 +365,54 @@ def test_embedded_default_end_to_end(ray_local, tmp_path, capsys):
     assert "builtin:smollm2" in s["semantic"]["off"] and "refine" not in s
     assert s["paraphrase"]["requested"] >= 1
     assert "## Synthetic data audit" in (out / "report.md").read_text()
+
+
+@pytest.mark.ray
+def test_synthetic_weight_and_passes_per_epoch(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """train.synthetic_weight: synthetic pairs enter the loss at that weight relative to human ones
+    (the epoch's train.parquet holds the weights; metrics, summary and model card record it);
+    train.passes_per_epoch: each epoch's training run takes its own number of passes."""
+    from mars_ray.pipeline import LOSS_WEIGHT, end_summary, read_metrics, run_mars
+
+    over = {
+        "mars.strategy": "uniform",
+        "mars.epochs": "2",
+        "train.num_workers": "0",
+        "resources.in_process": "true",
+        "train.synthetic_weight": "0.25",
+        "train.passes_per_epoch": "[1, 2]",
+    }
+    cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "sw", **over)
+    summary = run_mars(cfg, log=lambda m: None)
+    run = Path(cfg.output.dir)
+    rows = read_metrics(run)
+    for t, row in enumerate(rows, start=1):
+        table = pq.read_table(run / "epochs" / f"{t:03d}" / "train.parquet")
+        w = table.column(LOSS_WEIGHT).to_numpy()
+        synthetic = np.array([o == "synthetic" for o in table.column("origin").to_pylist()])
+        assert synthetic.any() and (~synthetic).any()
+        assert set(w[synthetic]) == {0.25} and set(w[~synthetic]) == {1.0}
+        assert row["synthetic_weight"] == 0.25 and row["passes"] == t
+        assert row["synthetic_share"] == pytest.approx(synthetic.mean())
+        # steps: passes x ceil(pairs / batch) (one worker, no accumulation)
+        assert row["steps"] == t * -(-row["train_pairs"] // cfg.train.batch_size)
+    assert "synthetic loss weight 0.25" in end_summary(summary)[0]
+    assert "loss weight 0.25 relative to human pairs" in (run / "model" / "README.md").read_text()
+    # the same seed's warm-up (none here) and r0 do not depend on either setting
+    from mars_ray.pipeline import warmup_key
+
+    plain = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "plain", **{"mars.strategy": "uniform"})
+    assert warmup_key(cfg, ["a", "b"]) == warmup_key(plain.copy({"train.num_workers": 0}), ["a", "b"])
+
+
+def test_synthetic_weight_and_passes_per_epoch_are_checked():
+    from mars_ray.config import Config
+
+    with pytest.raises(ValueError, match="synthetic_weight=0.0 must be > 0"):
+        Config.load(overrides={"train.synthetic_weight": "0"})
+    with pytest.raises(ValueError, match=r"passes_per_epoch=\[6\] needs one number >= 1 per MARS epoch"):
+        Config.load(overrides={"mars.epochs": "2", "train.passes_per_epoch": "[6]"})
+    cfg = Config.load(overrides={"mars.epochs": "2", "train.passes_per_epoch": "[6, 11]"})
+    copy = cfg.copy({"train.passes": 3})
+    copy.train.passes_per_epoch.append(1)  # an independent copy: lists are not shared
+    assert cfg.train.passes_per_epoch == [6, 11] and cfg.train.passes == 1 and copy.train.passes == 3

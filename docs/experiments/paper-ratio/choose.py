@@ -3,11 +3,17 @@
     python docs/experiments/paper-ratio/choose.py --step 1 --tune runs/paper-ratio/tune-hh --file hh_tune
     python docs/experiments/paper-ratio/choose.py --step 2 --tune runs/paper-ratio/tune-hh --file hh_tune
 
-Step 1 (uniform arm; lr and LoRA vs full): the highest mean tuning accuracy over seeds 90 and 91.
+Step 1 (uniform arm; lr and LoRA vs full; also any step that picks by accuracy alone): the highest
+mean tuning accuracy over the tuning seeds.
 Step 2 (mars arm; warm-up and margin scale): the highest mean tuning accuracy among candidates whose
 ESS/N is below 0.9 in every epoch of both seeds; if none is, the lowest mean ESS/N. Ties (a
 difference below 0.002) go to the project default (step 1: lora-1e-3; step 2: mars-warmup1-std).
 Prints every candidate's numbers and the choice.
+
+The paper-scale experiment (issue 43) names its own candidates, default and tie margin:
+
+    python docs/experiments/paper-ratio/choose.py --step 1 --tune runs/paper-scale/tune --file hh_tune \
+        --candidates full-2e-5,full-5e-5,lora-1e-3 --default full-5e-5 --tie 0.005
 """
 
 from __future__ import annotations
@@ -38,8 +44,11 @@ def main() -> int:
     ap.add_argument("--step", type=int, choices=(1, 2), required=True)
     ap.add_argument("--tune", type=Path, required=True)
     ap.add_argument("--file", required=True, help="the tuning file's name, e.g. hh_tune")
+    ap.add_argument("--candidates", help="comma-separated candidate names (default: issue 18's for the step)")
+    ap.add_argument("--default", help="the candidate a tie goes to (default: issue 18's for the step)")
+    ap.add_argument("--tie", type=float, default=TIE, help="a lead below this is a tie")
     args = ap.parse_args()
-    names = STEP1 if args.step == 1 else STEP2
+    names = tuple(args.candidates.split(",")) if args.candidates else (STEP1 if args.step == 1 else STEP2)
     missing = [n for n in names if not (args.tune / n / "compare.json").exists()]
     if missing:
         raise SystemExit(f"not finished: {', '.join(missing)}")
@@ -55,9 +64,9 @@ def main() -> int:
             print(f"no candidate has ESS/N < 0.9 in every epoch: the lowest mean ESS/N, {best}")
             return 0
     best = max(pool, key=lambda n: pool[n]["acc"])
-    d = DEFAULT[args.step]
-    if best != d and d in pool and pool[best]["acc"] - pool[d]["acc"] < TIE:
-        print(f"{best} leads {d} by less than {TIE}: the default, {d}")
+    d = args.default or DEFAULT[args.step]
+    if best != d and d in pool and pool[best]["acc"] - pool[d]["acc"] < args.tie:
+        print(f"{best} leads {d} by less than {args.tie}: the default, {d}")
         best = d
     print(f"chosen: {best}")
     return 0
