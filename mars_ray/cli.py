@@ -221,6 +221,75 @@ def cmd_llm_server(args, extra) -> int:
     return server_main(list(extra))
 
 
+SERVE_CHILD_ENV = "MARS_RAY_SERVE_CHILD"
+# Longest a stopping server takes before it exits regardless (drain 8 s, then the app and Ray).
+SERVE_STOP_BUDGET_S = 12.0
+
+
+def _supervise_serve(argv: Sequence[str]) -> int:
+    """Run the server in a child process of its own session, and pass SIGINT and SIGTERM on to it.
+
+    ``ray.init`` puts the driver and every Ray process it starts in one process group, so a
+    SIGTERM to that group (``kill -- -PGID``, a supervisor stopping its job) killed Ray's own
+    processes under the server while it drained, and the stop took a minute. The child's session
+    holds the server and its Ray; this process is alone in the caller's group, turns any stop
+    signal into one SIGTERM for the child, and exits with its code. The child gets SIGTERM if this
+    process dies (Linux ``PR_SET_PDEATHSIG``).
+    """
+    import signal
+    import subprocess
+
+    env = dict(os.environ, **{SERVE_CHILD_ENV: str(os.getpid())})
+    child = subprocess.Popen([sys.executable, "-m", "mars_ray.cli", *argv], env=env, start_new_session=True)
+
+    def forward(signum, _frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:
+            child.kill()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent (the supervisor) dies."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(name, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != int(os.environ.get(SERVE_CHILD_ENV, "0") or 0):
+            os.kill(os.getpid(), signal.SIGTERM)  # the parent is already gone
+
+
+def _stop_within(budget_s: float, steps: Callable[[], None]) -> None:
+    """Run the shutdown ``steps``; past ``budget_s`` seconds exit the process anyway (Ray's own
+    processes may already be gone: their calls would wait for long timeouts)."""
+    import threading
+
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            steps()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    if not done.wait(budget_s):
+        print(f"stopping took over {budget_s:.0f} s (Ray's processes were stopped too?); exiting now", flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_OK)
+
+
 def cmd_serve(args, extra) -> int:
     """Serve a reward model on Ray Serve until Ctrl-C / SIGTERM, then delete the app cleanly."""
     import signal
@@ -241,6 +310,11 @@ def cmd_serve(args, extra) -> int:
     if problems:
         raise UsageError("; ".join(problems))
     model = model or cfg.model.reward
+    private_ray = not (os.environ.get("RAY_ADDRESS") or cfg.resources.ray_address)
+    if private_ray and os.name == "posix" and not os.environ.get(SERVE_CHILD_ENV) and getattr(args, "argv", None):
+        return _supervise_serve(args.argv)  # the server runs in a child of its own session
+    if os.environ.get(SERVE_CHILD_ENV):
+        _die_with_parent()
 
     import ray
 
@@ -268,21 +342,27 @@ def cmd_serve(args, extra) -> int:
         while not stop.wait(0.5):
             pass
     finally:
+        # Our handlers stay while stopping: a second signal (a supervisor forwarding one, a
+        # control-group kill) only sets the event again instead of aborting the drain.
+
+        def shutdown() -> None:
+            if started:
+                # HTTP requests get 503 + Retry-After while those in flight finish, then a moment for
+                # their answers to leave the proxy, then the app and Ray go.
+                try:
+                    d = serve_app.drain(cfg.serve.app_name, timeout_s=8.0)
+                    print(f"draining: {d['replicas']} of {d['running']} replica(s), {d['inflight']} request(s) left")
+                except Exception as exc:  # stopping anyway: say why the drain did not finish
+                    print(f"draining failed ({type(exc).__name__}: {exc}); stopping", flush=True)
+                time.sleep(0.5)
+                serve_app.stop(cfg.serve.app_name)
+            if ray.is_initialized():
+                ray.shutdown()
+
+        _stop_within(SERVE_STOP_BUDGET_S, shutdown)
         for sig, handler in previous.items():
             if handler is not None:  # None: a handler installed outside Python (cannot be restored)
                 signal.signal(sig, handler)
-        if started:
-            # HTTP requests get 503 + Retry-After while those in flight finish, then a moment for
-            # their answers to leave the proxy, then the app and Ray go.
-            try:
-                d = serve_app.drain(cfg.serve.app_name, timeout_s=8.0)
-                print(f"draining: {d['replicas']} of {d['running']} replica(s), {d['inflight']} request(s) left")
-            except Exception as exc:  # stopping anyway: say why the drain did not finish
-                print(f"draining failed ({type(exc).__name__}: {exc}); stopping", flush=True)
-            time.sleep(0.5)
-            serve_app.stop(cfg.serve.app_name)
-        if ray.is_initialized():
-            ray.shutdown()
     print("stopped", flush=True)
     return EXIT_OK
 
@@ -595,6 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as e:  # argparse already printed its message
         return int(e.code or 0)
+    args.argv = argv
     func: Callable[..., int] = args.func
     from mars_ray import console
 

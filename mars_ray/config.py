@@ -411,10 +411,12 @@ class ServeConfig:
     # Serving on an address other machines can reach (not loopback) without a token is refused
     # unless this is true (a trusted network, or TLS and auth in a proxy in front).
     allow_unauthenticated: bool = False
-    # Request limits: characters per text, items per request, bytes per request body.
-    max_text_chars: int = 20000
-    max_batch_items: int = 256
-    max_request_bytes: int = 16 * 1024 * 1024
+    # Caps against abuse, far above real rollouts (a text beyond the model's context is truncated
+    # by the training rule, a large request is scored in chunks): characters per text, items per
+    # request, bytes per request body. Over a cap: 413 with the cap's name.
+    max_text_chars: int = 1_000_000
+    max_batch_items: int = 16384
+    max_request_bytes: int = 256 * 1024 * 1024
     # Rewards as (r - mean) / std: norm_mean / norm_std when set, else the model's own statistics
     # (config.json mean/std: the human training pairs' rewards, written by mars-ray train), else
     # those recorded in the run directory (metrics.jsonl: val_*, else test_*).
@@ -499,6 +501,14 @@ class RLConfig:
     prompts_per_step: int = 1
     max_new_tokens: int = 32
     temperature: float = 1.0
+    # GRPO: rewards scaled by the std of their group ("group", TRL's default), of the whole batch
+    # ("batch"), or not at all ("none"); RLOO: advantages normalised over the batch (TRL's default off).
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    normalize_advantages: bool = False
+    # Rollouts with vLLM (TRL's use_vllm): "colocate" runs it in the training workers, "server" calls
+    # a `trl vllm-serve` process. GPU nodes with vLLM installed only.
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
     # Prompts are left-truncated to this many tokens before generation.
     max_prompt_tokens: int = 256
     # Training prompts: the first N distinct prompts of the data's train split (null: all of them).
@@ -561,6 +571,8 @@ class RLConfig:
             p.append(
                 f"rl.num_generations={self.num_generations} must be >= 2 (the group baseline needs two completions)"
             )
+        if self.use_vllm and not self.use_gpu:
+            p.append("rl.use_vllm needs rl.use_gpu true: vLLM generates on GPUs (set rl.use_vllm false on CPUs)")
         for name in (
             "prompts_per_step",
             "max_new_tokens",
@@ -1150,8 +1162,7 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         p.append("deepspeed.offload_params needs deepspeed.stage=3")
     p += cfg.rl.problems()
-    if not 1 <= cfg.serve.port <= 65535:
-        p.append(f"serve.port={cfg.serve.port} must be in 1..65535")
+    p += cfg.serve.problems()  # the port range among them
     if cfg.resources.actors < 1:
         p.append("resources.actors must be >= 1")
     if cfg.resources.in_process_keep < 1:

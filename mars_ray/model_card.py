@@ -59,6 +59,7 @@ def render_card(
     stats: Mapping[str, float] | None,
     config_hash: str,
     chat_template: bool,
+    decoder: bool = False,
 ) -> str:
     """The model card text: YAML front matter (what the hub indexes) and a readable body."""
     hub_base = base_model_id(base_model)
@@ -111,6 +112,7 @@ def render_card(
             f"mean {stats['mean']:.4f}, std {stats['std']:.4f}, stored in `config.json` as `mean` and `std` "
             "(OpenRLHF's keys); `mars-ray serve --serve.normalize true` uses them.",
         ]
+    lines += ["", *_loaders(decoder)]
     lines += [
         "",
         "## Training data",
@@ -216,3 +218,34 @@ def push(model_dir: str | os.PathLike, repo: str, *, private: bool = False, toke
             ) from None
         raise
     return str(getattr(info, "commit_url", info))
+
+
+def _loaders(decoder: bool) -> list[str]:
+    """Which frameworks load this folder as a reward model (each claim is tested:
+    tests/test_model_card.py loads a saved folder the way that framework does)."""
+    head = "`score` (one output, no bias)" if decoder else "`classifier` on the pooled first token"
+    lines = [
+        "## Loading it elsewhere",
+        "",
+        f"The weights are a plain `AutoModelForSequenceClassification` folder with one label; the head is {head}.",
+        "",
+        "- **TRL**: `RewardTrainer` and GRPO/RLOO's model reward functions load it as it is "
+        "(`AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`).",
+        "- **mars_ray**: `mars-ray serve --model PATH` (HTTP `/score`, OpenRLHF's `/get_reward`, vLLM-style "
+        "`/classify`), `mars-ray eval`.",
+    ]
+    if decoder:
+        lines += [
+            '- **OpenRLHF**: `get_llm_for_sequence_regression(path, "reward", value_head_prefix="score")`; '
+            "it reads the reward at the last token of the attention mask (transformers at the last non-pad token: "
+            "the same token unless the text ends with a pad-equal EOS).",
+            "- **verl**: through the server (`mars_ray.serve.verl_reward.compute_score` as its custom reward "
+            "function, or its vLLM reward-model path pointed at `/classify`).",
+        ]
+    else:
+        lines += [
+            "- **OpenRLHF and verl** do not load encoder (BERT-style) reward models as such: OpenRLHF reads the "
+            "score at the last token and needs an EOS token, which BERT tokenizers lack. Serve it (`mars-ray serve`) "
+            "and call `/get_reward` (OpenRLHF) or `compute_score` (verl) instead.",
+        ]
+    return lines

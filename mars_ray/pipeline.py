@@ -832,8 +832,17 @@ def describe_model(
         stats=stats,
         config_hash=cfg.hash(),
         chat_template=uses_chat_template(AutoTokenizer.from_pretrained(str(model_dir))),
+        decoder=_is_decoder(model_dir),
     )
     MC.write_card(model_dir, text, (run_dir / "config.yaml").read_text(encoding="utf-8"))
+
+
+def _is_decoder(model_dir: Path) -> bool:
+    """Whether the saved reward model is a decoder: transformers names a decoder's head ``score``
+    (read at the last token), an encoder's ``classifier``."""
+    from mars_ray.models.resolve import weight_keys
+
+    return "score.weight" in (weight_keys(Path(model_dir)) or set())
 
 
 def _say_new_head(cfg: Config, log: Callable[[str], None]) -> None:
@@ -896,7 +905,11 @@ def end_summary(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"done in {_duration(summary.get('seconds'))}: {summary['strategy']}, {summary['epochs']} epoch(s), "
         f"{final.get('original_pairs', '?')} human + {n_syn} synthetic training pairs"
-        + (f" (synthetic loss weight {final['synthetic_weight']:g})" if final.get("synthetic_weight", 1.0) != 1.0 else "")
+        + (
+            f" (synthetic loss weight {final['synthetic_weight']:g})"
+            if final.get("synthetic_weight", 1.0) != 1.0
+            else ""
+        )
     ]
 
     def before_after(metric: str) -> str:

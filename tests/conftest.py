@@ -118,3 +118,19 @@ def tiny_llama_dir(tmp_path_factory):
     from tiny_models import tiny_llama
 
     return tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_rm_dir(tmp_path_factory, tiny_bert_dir):
+    """The tiny BERT as a reward model (a seeded head saved with it): what a server loads."""
+    from tiny_models import tiny_reward_model
+
+    return tiny_reward_model(tiny_bert_dir, tmp_path_factory.mktemp("tiny_bert_rm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_rm_dir(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama as a decoder reward model (``score`` head, SmolLM2's chat template)."""
+    from tiny_models import tiny_reward_model
+
+    return tiny_reward_model(tiny_llama_dir, tmp_path_factory.mktemp("tiny_llama_rm"))

@@ -26,11 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tiny(tiny_bert_dir, tiny_llama_dir, out: Path, **over) -> list[str]:
+def _tiny(tiny_bert_rm_dir, tiny_llama_dir, out: Path, **over) -> list[str]:
     args = {
         "output.dir": str(out),
         "rl.policy": str(tiny_llama_dir),
-        "model.reward": str(tiny_bert_dir),
+        "model.reward": str(tiny_bert_rm_dir),
         "model.cache_dir": str(out.parent / "cache"),
         "rl.steps": "2",
         "rl.num_generations": "2",
@@ -53,7 +53,7 @@ def _lora_b(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def table2(ray_local, tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
+def table2(ray_local, tmp_path_factory, tiny_bert_rm_dir, tiny_llama_dir):
     """`mars-ray align-compare` over two reward models (training run directories: a model/ folder and
     the run's config.yaml), each deployed in turn on Ray Serve: two aligned policies, one win-rate."""
     import shutil
@@ -67,7 +67,7 @@ def table2(ray_local, tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
     for strategy, seed in (("mars", 0), ("uniform", 0)):
         run = root / f"rm-{strategy}"
         if strategy == "mars":
-            shutil.copytree(tiny_bert_dir, run / "model")
+            shutil.copytree(tiny_bert_rm_dir, run / "model")
         else:
             tiny_bert(run / "model", seed=1)  # another reward model: other rewards, other policy
         c = Config()
@@ -75,7 +75,7 @@ def table2(ray_local, tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
         c.save(run)
         runs.append(str(run))
     out = root / "out"
-    args = _tiny(tiny_bert_dir, tiny_llama_dir, out, **{"rl.reward_models": f"[{runs[0]}, {runs[1]}]"})
+    args = _tiny(tiny_bert_rm_dir, tiny_llama_dir, out, **{"rl.reward_models": f"[{runs[0]}, {runs[1]}]"})
     assert main(["align-compare", *args]) == 0
     return out
 
@@ -140,10 +140,10 @@ def test_align_updates_the_adapter_with_rewards_from_serve(aligned, tiny_llama_d
     assert main(["align", "--output.dir", str(aligned)]) == 1
 
 
-def test_align_resumes_after_the_driver_is_killed(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir):
+def test_align_resumes_after_the_driver_is_killed(ray_local, tmp_path, tiny_bert_rm_dir, tiny_llama_dir):
     out = tmp_path / "run"
     # sized down: 3 steps (was 4); the kill still lands after the first checkpoint
-    args = _tiny(tiny_bert_dir, tiny_llama_dir, out, **{"rl.steps": "3", "rl.reward_transport": "http"})
+    args = _tiny(tiny_bert_rm_dir, tiny_llama_dir, out, **{"rl.steps": "3", "rl.reward_transport": "http"})
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
@@ -336,3 +336,39 @@ def test_smollm2_lora_two_steps_against_served_minilm_then_judged(ray_local, tmp
     )
     w = json.loads((wr / "winrate.json").read_text())
     assert w["n"] == 2 and w["judge_calls"] == 4 and w["judge"] == "builtin:smollm2"
+
+
+@pytest.mark.parametrize(
+    ("over", "want"),
+    [
+        ({}, {"beta": 0.02, "epsilon": 0.2, "scale_rewards": "group", "use_vllm": False}),
+        ({"rl.kl_coef": 0.0, "rl.scale_rewards": "batch"}, {"beta": 0.0, "scale_rewards": "batch"}),
+        ({"rl.scale_rewards": "none", "rl.clip": 0.1}, {"scale_rewards": "none", "epsilon": 0.1}),
+        ({"rl.algorithm": "rloo", "rl.normalize_advantages": True}, {"normalize_advantages": True}),
+        ({"rl.algorithm": "rloo"}, {"normalize_advantages": False, "beta": 0.02}),
+    ],
+)
+def test_rl_options_reach_trl_configs(over, want, tmp_path):
+    """Every optimisation option of cfg.rl reaches TRL's own config class (GRPOConfig or
+    RLOOConfig, which validate them), with the values asked for."""
+    from mars_ray.config import Config
+    from mars_ray.rl.align import _trl_classes, trl_args
+
+    cfg = Config.load(overrides={**over, "rl.steps": 3, "rl.num_generations": 4, "rl.prompts_per_step": 2})
+    config_cls, _ = _trl_classes(cfg.rl.algorithm)
+    args = config_cls(**trl_args(cfg.rl, hf_dir=str(tmp_path), seed=5, use_gpu=False, bf16=False))
+    for key, value in want.items():
+        assert getattr(args, key) == value, key
+    assert (args.max_steps, args.num_generations, args.per_device_train_batch_size) == (3, 4, 8)
+    assert args.use_cpu and args.seed == 5 and args.learning_rate == cfg.rl.lr
+
+
+def test_vllm_rollouts_need_gpus_and_pass_their_mode():
+    from mars_ray.config import Config
+    from mars_ray.rl.align import trl_args
+
+    with pytest.raises(ValueError, match="rl.use_vllm needs rl.use_gpu"):
+        Config.load(overrides={"rl.use_vllm": True})
+    cfg = Config.load(overrides={"rl.use_vllm": True, "rl.use_gpu": True, "rl.vllm_mode": "server"})
+    args = trl_args(cfg.rl, hf_dir="x", seed=0, use_gpu=True, bf16=True)
+    assert args["use_vllm"] is True and args["vllm_mode"] == "server" and args["bf16"] and not args["use_cpu"]

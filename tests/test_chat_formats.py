@@ -130,7 +130,11 @@ def test_hh_transcripts_and_plain_text():
         {"role": "user", "content": USER2},
     ]
     plain = parse_rendered("Just a sentence with <b>html</b> and [brackets].")
-    assert (plain.family, plain.messages, plain.response) == ("plain", [], "Just a sentence with <b>html</b> and [brackets].")
+    assert (plain.family, plain.messages, plain.response) == (
+        "plain",
+        [],
+        "Just a sentence with <b>html</b> and [brackets].",
+    )
     # a prompt alone (no reply yet) is a conversation with an empty response
     only = parse_rendered("<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n")
     assert (only.family, only.messages, only.response) == ("chatml", [{"role": "user", "content": "Hi?"}], "")

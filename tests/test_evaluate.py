@@ -15,8 +15,10 @@ from mars_ray.models.reward import encode_pairs, load_reward_model, score_pairs,
 
 
 @pytest.mark.parametrize("which", ["bert", "llama"])
-def test_final_features_reproduce_the_reward(which, tiny_bert_dir, tiny_llama_dir):
-    model, tok = load_reward_model(str(tiny_bert_dir if which == "bert" else tiny_llama_dir), seed=3, dtype="float32")
+def test_final_features_reproduce_the_reward(which, tiny_bert_rm_dir, tiny_llama_rm_dir):
+    model, tok = load_reward_model(
+        str(tiny_bert_rm_dir if which == "bert" else tiny_llama_rm_dir), seed=3, dtype="float32"
+    )
     model.eval()
     enc = encode_pairs(
         tok,
@@ -71,7 +73,7 @@ def _write(path, rows):
     return path
 
 
-def test_eval_command_writes_metrics_sections_and_curvature(tmp_path, tiny_bert_dir):
+def test_eval_command_writes_metrics_sections_and_curvature(tmp_path, tiny_bert_rm_dir):
     rng = np.random.default_rng(0)
     subsets = ["llmbar-natural"] * 6 + ["mt-bench-easy"] * 4 + ["math-prm"] * 3 + ["hep-go"] * 3 + ["donotanswer"] * 4
     rows = [
@@ -90,7 +92,7 @@ def test_eval_command_writes_metrics_sections_and_curvature(tmp_path, tiny_bert_
         [
             "eval",
             "--model",
-            str(tiny_bert_dir),
+            str(tiny_bert_rm_dir),
             "--data.path",
             str(data),
             "--output.dir",
@@ -105,7 +107,7 @@ def test_eval_command_writes_metrics_sections_and_curvature(tmp_path, tiny_bert_
     res = json.loads((out / "eval.json").read_text())
     assert res["n"] == 20 and res["quarantined"] == 1
     # The same numbers straight from the model.
-    model, tok = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
+    model, tok = load_reward_model(str(tiny_bert_rm_dir), seed=0, dtype="float32")
     model.eval()
     good = rows[:20]
     rc_, rr_ = score_pairs(
@@ -134,17 +136,17 @@ def test_eval_command_writes_metrics_sections_and_curvature(tmp_path, tiny_bert_
     assert "data:image/png;base64," in (out / "eval.html").read_text()
     # RewardBench's own results file, and its section formula applied to it gives our sections
     rb = json.loads((out / "rewardbench_results.json").read_text())
-    assert (rb["model"], rb["model_type"], rb["chat_template"]) == (str(tiny_bert_dir), "Seq. Classifier", None)
+    assert (rb["model"], rb["model_type"], rb["chat_template"]) == (str(tiny_bert_rm_dir), "Seq. Classifier", None)
     accs = {k: v for k, v in rb.items() if k not in ("model", "model_type", "chat_template")}
     assert accs == {s: res["subsets"][s]["accuracy"] for s in res["subsets"]}
     assert _rewardbench_formula(accs) == pytest.approx(res["sections"])
 
 
-def test_eval_reads_a_run_directory_and_needs_a_model(tmp_path, tiny_bert_dir, capsys):
+def test_eval_reads_a_run_directory_and_needs_a_model(tmp_path, tiny_bert_rm_dir, capsys):
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(tiny_bert_dir, run / "model")
+    shutil.copytree(tiny_bert_rm_dir, run / "model")
     data = _write(
         tmp_path / "d.jsonl", [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
     )
@@ -155,7 +157,7 @@ def test_eval_reads_a_run_directory_and_needs_a_model(tmp_path, tiny_bert_dir, c
     assert "--model" in capsys.readouterr().err
 
 
-def test_eval_leaves_out_the_pairs_a_run_was_trained_on(tmp_path, tiny_bert_dir, capsys):
+def test_eval_leaves_out_the_pairs_a_run_was_trained_on(tmp_path, tiny_bert_rm_dir, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -173,7 +175,7 @@ def test_eval_leaves_out_the_pairs_a_run_was_trained_on(tmp_path, tiny_bert_dir,
             [
                 "eval",
                 "--model",
-                str(tiny_bert_dir),
+                str(tiny_bert_rm_dir),
                 "--data.path",
                 str(data),
                 "--output.dir",
@@ -191,7 +193,7 @@ def test_eval_leaves_out_the_pairs_a_run_was_trained_on(tmp_path, tiny_bert_dir,
             [
                 "eval",
                 "--model",
-                str(tiny_bert_dir),
+                str(tiny_bert_rm_dir),
                 "--data.path",
                 str(data),
                 "--output.dir",
@@ -250,7 +252,7 @@ def test_heldout_config_reads_the_other_file_as_itself():
     assert heldout_config(cfg, "/y/z.jsonl", None).data.max_pairs is None
 
 
-def test_eval_scores_a_rewardbench2_file_the_way_rewardbench2_does(tmp_path, tiny_bert_dir):
+def test_eval_scores_a_rewardbench2_file_the_way_rewardbench2_does(tmp_path, tiny_bert_rm_dir):
     """Best-of-4 rows (one chosen, three rejected) and a Ties subset (ref/tied prompts with
     several correct answers): per-subset scores from the completions' own rewards, RewardBench 2's
     results file, and bad rows quarantined, not lost."""
@@ -290,7 +292,7 @@ def test_eval_scores_a_rewardbench2_file_the_way_rewardbench2_does(tmp_path, tin
     )
     data = _write(tmp_path / "rb2.jsonl", rows)
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(tiny_bert_dir), "--data.path", str(data), "--output.dir", str(out),
+    assert main(["eval", "--model", str(tiny_bert_rm_dir), "--data.path", str(data), "--output.dir", str(out),
                  "--model.dtype", "float32"]) == 0  # fmt: skip
     res = json.loads((out / "eval.json").read_text())
     assert res["format"] == "rewardbench2" and res["rows_read"] == len(rows) == res["n"] + res["quarantined"]
@@ -298,7 +300,7 @@ def test_eval_scores_a_rewardbench2_file_the_way_rewardbench2_does(tmp_path, tin
     bad = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
     assert {(b["line"], b["field"]) for b in bad} == {(len(rows) - 1, "rejected[0]"), (len(rows), "num_correct")}
     # every completion's reward, straight from the model
-    model, tok = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
+    model, tok = load_reward_model(str(tiny_bert_rm_dir), seed=0, dtype="float32")
     model.eval()
     scored = {json.loads(x)["id"]: json.loads(x) for x in (out / "best_of_n_scores.jsonl").read_text().splitlines()}
     good = rows[:-2]

@@ -53,22 +53,22 @@ def _pairs(n: int):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+def run_dir(tmp_path_factory, tiny_bert_rm_dir) -> Path:
     """A training run directory: model/ (the tiny BERT) and metrics.jsonl with reward statistics."""
     run = tmp_path_factory.mktemp("serve_run")
-    shutil.copytree(tiny_bert_dir, run / "model")
+    shutil.copytree(tiny_bert_rm_dir, run / "model")
     rows = [{"epoch": 1, **dict.fromkeys(STATS, 5.0)}, {"epoch": 2, **STATS}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
 
 @pytest.fixture(scope="module")
-def direct(tiny_bert_dir):
+def direct(tiny_bert_rm_dir):
     """Reference rewards straight from mars_ray.models.reward (same model, seed and token limits)."""
     from mars_ray.models.reward import load_reward_model, score_texts
 
     cfg = Config()
-    model, tok = load_reward_model(str(tiny_bert_dir), seed=cfg.seed)
+    model, tok = load_reward_model(str(tiny_bert_rm_dir), seed=cfg.seed)
 
     def score(prompts, responses):
         return (
@@ -89,7 +89,7 @@ def direct(tiny_bert_dir):
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_bert_dir, run_dir):
+def served(ray_local, tiny_bert_rm_dir, run_dir):
     from ray import serve
 
     from mars_ray.serve import app as serve_app
@@ -117,7 +117,7 @@ def served(ray_local, tiny_bert_dir, run_dir):
         }
     )
     t0 = time.perf_counter()
-    handle, url = serve_app.start(cfg, str(tiny_bert_dir))
+    handle, url = serve_app.start(cfg, str(tiny_bert_rm_dir))
     handle_run, url_run = serve_app.start(cfg_run, str(run_dir))
     print(f"serve up in {time.perf_counter() - t0:.1f}s at {url} and {url_run}")
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -235,13 +235,13 @@ def test_openrlhf_get_reward_schema(served, direct):
     close(r.json()["rewards"], direct(["", ""], queries[:2]))
 
 
-def test_health_reports_model_and_config_hash(served, tiny_bert_dir):
+def test_health_reports_model_and_config_hash(served, tiny_bert_rm_dir):
     # without the token (or with a wrong one): only that the app is up
     for hdr in ({}, {"Authorization": "Bearer wrong"}):
         r = requests.get(served["url"] + "/health", headers=hdr, timeout=10)
         assert r.status_code == 200 and r.json() == {"status": "ok"}
     h = requests.get(served["url"] + "/health", headers=served["auth"], timeout=10).json()
-    assert h["status"] == "ok" and h["model_id"] == str(tiny_bert_dir)
+    assert h["status"] == "ok" and h["model_id"] == str(tiny_bert_rm_dir)
     assert h["config_hash"] == served["cfg"].hash() and h["normalized"] is False and h["auth"] is True
     assert TOKEN not in json.dumps(h)
 
@@ -417,8 +417,20 @@ def _sigterm_load(url: str, *, clients: int):
     return counts, lost, stop
 
 
-def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_dir, tmp_path):
-    """`mars-ray serve` in its own process (its own local Ray): prints the URL, serves, stops on SIGTERM."""
+STOP_WAYS = [
+    pytest.param("SIGTERM", "pid", id="sigterm-pid"),
+    pytest.param("SIGINT", "pid", id="sigint-pid", marks=pytest.mark.slow),
+    pytest.param("SIGTERM", "group", id="sigterm-group", marks=pytest.mark.slow),
+    pytest.param("SIGINT", "group", id="sigint-group", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("signame", "target"), STOP_WAYS)
+def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_rm_dir, tmp_path, signame, target):
+    """`mars-ray serve` in its own process (its own local Ray): prints the URL, serves, and stops
+    within 15 s however the stop signal comes: SIGTERM or SIGINT, to its PID or to its whole
+    process group (`kill -- -PGID`, what a supervisor sends a job), every request in flight answered
+    or refused with 503, none lost."""
     port = _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
@@ -428,7 +440,7 @@ def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_dir, tmp_pat
         "mars_ray.cli",
         "serve",
         "--model",
-        str(tiny_bert_dir),
+        str(tiny_bert_rm_dir),
         "--serve.port",
         str(port),
         "--resources.num_cpus",
@@ -452,7 +464,11 @@ def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_dir, tmp_pat
             counts, lost, stop = _sigterm_load(f"http://127.0.0.1:{port}/score", clients=12)
             time.sleep(2)
             t0 = time.time()
-            proc.send_signal(signal.SIGTERM)
+            sig = getattr(signal, signame)
+            if target == "group":
+                os.killpg(os.getpgid(proc.pid), sig)
+            else:
+                proc.send_signal(sig)
             assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
             exit_s = time.time() - t0
             time.sleep(1)
@@ -461,7 +477,7 @@ def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_dir, tmp_pat
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    print(f"\nSIGTERM under load: exit in {exit_s:.1f}s; {dict(counts)}")
+    print(f"\n{signame} to the {target} under load: exit in {exit_s:.1f}s; {dict(counts)}")
     assert "stopped" in log.read_text() and "draining: 1 of 1 replica(s)" in log.read_text()
     assert exit_s < 15, exit_s  # Kubernetes, systemd and Docker send SIGKILL after 10-30 s
     assert counts["answered"] > 0 and counts["refused_503"] > 0, dict(counts)

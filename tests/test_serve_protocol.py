@@ -75,24 +75,79 @@ def test_compare_validation():
     assert err(P.parse_compare, {"prompt": "p", "chosen": "c"}, LIM).field == "rejected"
 
 
+def _pairs_of(items):
+    return [(it.prompt, it.response, it.family, it.split) for it in items]
+
+
 def test_get_reward_schema_is_lenient_like_openrlhf():
     # labels and unknown fields are ignored; prompts may be absent or null
-    assert P.parse_get_reward({"query": ["q"], "labels": [None], "new_field": 1}, LIM) == (["q"], None)
-    assert P.parse_get_reward({"query": ["q"], "prompts": None}, LIM) == (["q"], None)
-    assert P.parse_get_reward({"query": ["pq"], "prompts": ["p"]}, LIM) == (["pq"], ["p"])
+    assert _pairs_of(P.parse_get_reward({"query": ["q"], "labels": [None], "new_field": 1}, LIM)) == [
+        ("", "q", "plain", False)
+    ]
+    assert _pairs_of(P.parse_get_reward({"query": ["q"], "prompts": None}, LIM)) == [("", "q", "plain", False)]
+    assert _pairs_of(P.parse_get_reward({"query": ["pq"], "prompts": ["p"]}, LIM)) == [("p", "q", "plain", True)]
     assert err(P.parse_get_reward, {"prompts": ["p"]}, LIM).field == "query"
     assert err(P.parse_get_reward, {"query": ["a", "b"], "prompts": ["a"]}, LIM).field == "prompts"
     assert err(P.parse_get_reward, {"query": ["a"], "prompts": [1]}, LIM).field == "prompts[0]"
+    # OpenRLHF 0.9.1-0.11.0 post empty lists to every URL after the first: answered, not refused
+    assert P.parse_get_reward({"query": [], "prompts": [], "labels": []}, LIM) == []
 
 
-def test_split_query_rule():
-    assert P.split_query("Q: hi A: hello", "Q: hi") == ("Q: hi", " A: hello", True)
-    assert P.split_query("whole text", None) == ("", "whole text", False)
-    assert P.split_query("whole text", "") == ("", "whole text", False)
-    assert P.split_query("templated Q: hi", "Q: hi") == ("", "templated Q: hi", False)
-    assert P.split_query("Q", "Q") == ("Q", "", True)
-    ps, rs, flags = P.split_queries(["ab", "cd"], ["a", "x"])
-    assert (ps, rs, flags) == (["a", ""], ["b", "cd"], [True, False])
+def test_query_items_plain_hh_and_templated():
+    assert _pairs_of([P.query_item("Q: hi A: hello", "Q: hi")]) == [("Q: hi", " A: hello", "plain", True)]
+    assert _pairs_of([P.query_item("whole text", None)]) == [("", "whole text", "plain", False)]
+    assert _pairs_of([P.query_item("whole text", "")]) == [("", "whole text", "plain", False)]
+    assert _pairs_of([P.query_item("Q", "Q")]) == [("Q", "", "plain", True)]
+    # an HH transcript keeps its own text up to the last Assistant turn (as HH prompts are stored)
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: more"
+    assert _pairs_of([P.query_item(hh)]) == [(hh[: hh.rindex(" more")], "more", "hh", True)]
+    # a chat template's text becomes the conversation as mars_ray stores prompts, whatever `prompts` says
+    q = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>"
+    assert _pairs_of([P.query_item(q, "a prompt that is not its prefix")]) == [("What is 2+2?", "4", "chatml", True)]
+    multi = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello"
+    assert P.query_item(multi).prompt == "\n\nSystem: Be brief.\n\nHuman: Hi?\n\nAssistant:"
+
+
+def test_get_reward_takes_messages():
+    conv = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"}]
+    assert _pairs_of(P.parse_get_reward({"messages": [conv]}, LIM)) == [("Hi?", "Hello", "messages", True)]
+    bad = err(P.parse_get_reward, {"messages": [[{"role": "user", "content": "Hi?"}]]}, LIM)
+    assert bad.field == "messages[0]" and "expected 'assistant'" in bad.message
+    assert err(P.parse_get_reward, {"messages": "x"}, LIM).field == "messages"
+    long = [{"role": "user", "content": "x" * 51}, {"role": "assistant", "content": "a"}]
+    assert err(P.parse_get_reward, {"messages": [long]}, LIM).status == 413
+
+
+def test_reward_logs_have_one_value_per_query_under_every_key():
+    items = [P.query_item("plain"), P.query_item("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na")]
+    logs = P.reward_logs(items, [False, True])
+    assert all(len(v) == 2 for v in logs.values())
+    assert (
+        logs["format_plain"] == [1.0, 0.0]
+        and logs["format_chatml"] == [0.0, 1.0]
+        and logs["format_gemma"] == [0.0, 0.0]
+    )
+    assert logs["query_split"] == [0.0, 1.0] and logs["truncated"] == [0.0, 1.0]
+
+
+def test_classify_request_like_vllm():
+    items, act, model = P.parse_classify({"model": "m", "input": "text"}, LIM)
+    assert _pairs_of(items) == [("", "text", "plain", False)] and act is True and model == "m"
+    items, act, _ = P.parse_classify({"input": ["a", "b"], "use_activation": False}, LIM)
+    assert len(items) == 2 and act is False
+    assert P.parse_classify({"input": "x", "activation": False}, LIM)[1] is False  # vLLM < 0.11.2's name
+    conv = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"}]
+    assert _pairs_of(P.parse_classify({"messages": conv}, LIM)[0]) == [("Hi?", "Hello", "messages", True)]
+    assert err(P.parse_classify, {"input": "x", "normalize": True}, LIM).status == 400
+    assert err(P.parse_classify, {"model": "m"}, LIM).field == "input"
+
+
+def test_default_caps_take_real_rollouts():
+    """A 30,000-character rollout and a 1,024-item batch pass the default caps (the model's own
+    limit truncates them, by the training rule)."""
+    lim = P.Limits()
+    assert len(P.check_text_list(["x" * 30_000] * 1024, "query", lim)) == 1024
+    assert lim.max_request_bytes > 1024 * 30_000
 
 
 def test_request_error_survives_pickling():

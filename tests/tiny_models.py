@@ -59,3 +59,16 @@ def tiny_llama(path: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_reward_model(backbone: Path, path: Path, seed: int = 0) -> Path:
+    """``backbone`` (a tiny model above) with a seeded reward head, saved as a reward model folder
+    (``...ForSequenceClassification``, one label): what serving and evaluation load."""
+    from mars_ray.models.reward import load_reward_model
+
+    if (path / "config.json").exists():
+        return path
+    model, tok = load_reward_model(str(backbone), seed=seed, dtype="float32", new_head=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

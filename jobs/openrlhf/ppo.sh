@@ -2,9 +2,10 @@
 # Value-based PPO at cluster scale with OpenRLHF, against the reward model mars_ray serves.
 #
 # 1. Serve the MARS reward model on the cluster (OpenRLHF posts without a bearer token, so this
-#    deployment has none: keep port 8000 inside the cluster's private network):
+#    deployment has none, which a server on 0.0.0.0 refuses unless told: keep port 8000 inside the
+#    cluster's private network):
 #
-#      ray job submit --address http://127.0.0.1:8265 --runtime-env jobs/runtime_env.yaml --working-dir . --no-wait -- mars-ray serve --config jobs/cluster/serve.yaml --serve.auth_token_env null --model /mnt/shared/mars_ray/runs/ultrafeedback-20k-qwen1.5b-mars
+#      ray job submit --address http://127.0.0.1:8265 --runtime-env jobs/runtime_env.yaml --working-dir . --no-wait -- mars-ray serve --config jobs/cluster/serve.yaml --serve.auth_token_env null --serve.allow_unauthenticated true --model /mnt/shared/mars_ray/runs/ultrafeedback-20k-qwen1.5b-mars
 #
 # 2. Run this script from the repository root with the head node's address in HEAD_IP (the
 #    address the GPU workers reach the Serve proxy on) and the dashboard on 127.0.0.1:8265.

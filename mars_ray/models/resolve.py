@@ -310,20 +310,44 @@ def resolve_model(ref: str, *, cache_dir: str | None = None, offline: bool | Non
     return ResolvedModel(ref=ref, path=ref, kind="hub", model_id=ref)
 
 
+# Where reward heads keep their weights: transformers' encoders, RoBERTa, decoders (TRL too).
+HEAD_KEYS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
+
+
 def has_reward_head(ref: str, *, cache_dir: str | None = None, offline: bool | None = None) -> bool:
-    """Whether ``ref`` is already a scalar reward model (a sequence-classification checkpoint with
-    one label), judged from its ``config.json`` without loading weights. A backbone (BERT, a chat
-    LM) gets a fresh score head when it is loaded as a reward model."""
+    """Whether ``ref`` already carries reward-head weights, read from its safetensors headers
+    (no weights loaded): ``classifier``/``score`` as transformers and TRL save them, or OpenRLHF's
+    head under its ``value_head_prefix`` (``config.json``). A folder without safetensors is judged
+    from its ``config.json`` (a one-label ``...ForSequenceClassification``). A backbone (BERT, a
+    chat LM) has none: training gives it a new head."""
     import json
 
     resolved = resolve_model(ref, cache_dir=cache_dir, offline=offline)
-    cfg_path = pathlib.Path(resolved.path) / "config.json"
-    if not cfg_path.is_file():
-        return False
-    conf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    folder = pathlib.Path(resolved.path)
+    cfg_path = folder / "config.json"
+    conf = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    keys = weight_keys(folder)
+    if keys is not None:
+        prefix = conf.get("value_head_prefix")
+        wanted = (f"{prefix}.weight",) if prefix else HEAD_KEYS
+        return any(k in keys for k in wanted)
     archs = conf.get("architectures") or []
     labels = conf.get("num_labels", len(conf.get("id2label") or {}) or None)
     return any(str(a).endswith("ForSequenceClassification") for a in archs) and labels in (1, None)
+
+
+def weight_keys(folder: pathlib.Path) -> set[str] | None:
+    """Tensor names in a folder's safetensors files (headers only), or None when it has none."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            keys.update(st.keys())
+    return keys
 
 
 def _cached_snapshot(repo_id: str, hub_cache: pathlib.Path) -> pathlib.Path | None:

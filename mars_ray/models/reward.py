@@ -32,6 +32,7 @@ to the whole prompt and response, and right padding cannot change it (causal att
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from mars_ray.models.precision import final_projection, fp32_head, inference_dty
 
 __all__ = [
     "Encoded",
+    "MissingRewardHead",
     "disable_dropout",
     "encode_pairs",
     "encode_preferences",
@@ -80,6 +82,10 @@ def resolve_dtype(dtype: Any, device: str = "cpu"):
     return inference_dtype(dtype, device)
 
 
+class MissingRewardHead(ValueError):
+    """A folder loaded as a reward model has no reward-head weights (it is a backbone)."""
+
+
 def load_reward_model(
     ref: str,
     *,
@@ -88,17 +94,24 @@ def load_reward_model(
     device: str = "cpu",
     cache_dir: str | None = None,
     offline: bool | None = None,
+    new_head: bool = False,
 ) -> tuple[Any, Any]:
     """Load ``ref`` as a scalar reward model (``num_labels=1``) and its tokenizer.
 
-    The fresh score head (and anything else the checkpoint lacks) is initialised from ``seed``
-    inside a forked RNG, so the same seed gives the same model and the caller's global RNG is
-    untouched. ``model.config.pad_token_id`` is set to the tokenizer's pad id (EOS when the
-    tokenizer has no pad token) and the tokenizer's ``model_max_length`` is capped at the model's
-    ``max_position_embeddings``, so :func:`encode_pairs` never exceeds the position table.
+    The reward head is read from the checkpoint: transformers' own (``classifier``, ``score``),
+    TRL's and PEFT's folders, and OpenRLHF's, whose head sits under its ``value_head_prefix``
+    (``config.json``; e.g. ``value_head.weight``) and is read as ``score``. A checkpoint without
+    head weights is a backbone: refused (:class:`MissingRewardHead`, naming the keys) unless
+    ``new_head`` asks for a new head on purpose (training from a backbone), which is then drawn
+    in fp32 from ``seed`` alone, so the same seed gives the same model in any dtype and the
+    caller's global RNG is untouched. ``model.config.pad_token_id`` is set to the tokenizer's pad
+    id (EOS when the tokenizer has no pad token) and the tokenizer's ``model_max_length`` is capped
+    at the model's ``max_position_embeddings``, so :func:`encode_pairs` never exceeds the position
+    table.
 
     Raises:
         ModelResolutionError: ``ref`` cannot be resolved (see :func:`mars_ray.models.resolve_model`).
+        MissingRewardHead: no reward-head weights and ``new_head`` is false.
         ValueError: the tokenizer has neither a pad nor an EOS token.
     """
     import torch
@@ -113,11 +126,17 @@ def load_reward_model(
             raise ValueError(f"{ref}: the tokenizer has neither a pad nor an EOS token; cannot batch")
         tokenizer.pad_token = tokenizer.eos_token
     torch_dtype = resolve_dtype(dtype, device)
+    extra: dict[str, Any] = {}
+    prefix = _value_head_prefix(resolved.path)
+    if prefix and prefix != "score":  # OpenRLHF: the head under its value_head_prefix, read as `score`
+        extra["key_mapping"] = {rf"^{re.escape(prefix)}\.": "score."}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            resolved.path, num_labels=1, dtype=torch_dtype, output_loading_info=True
+            resolved.path, num_labels=1, dtype=torch_dtype, output_loading_info=True, **extra
         )
+    if prefix is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        _pad_apart_from_eos(tokenizer)  # OpenRLHF reads the reward at the last token, EOS included
     # Padding uses the tokenizer's pad id, so the model's last-non-pad pooling must agree with it.
     model.config.pad_token_id = tokenizer.pad_token_id
     if _text_config(model.config) is not model.config:
@@ -131,13 +150,58 @@ def load_reward_model(
             tokenizer.model_max_length = max_pos
     head = fp32_head(model)  # the reward in fp32 whatever the body computes in (models/precision.py)
     name = next(n for n, m in model.named_modules() if m is head)
-    if any(k.startswith(name + ".") for k in info.get("missing_keys", ())):
-        _init_head(model, head, seed)  # a fresh head: the same for every dtype
+    missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(name + "."))
+    if missing and not new_head:
+        raise MissingRewardHead(
+            f"{ref}: no reward-head weights in the checkpoint (missing {', '.join(missing)}; "
+            f"{_head_note(info)}): it is a backbone or another kind of model, and its scores would come from a "
+            "random head. Serve or evaluate a trained reward model (mars-ray train writes RUN/model); an "
+            "OpenRLHF checkpoint names its head in config.json (value_head_prefix)"
+        )
+    if missing:
+        _init_head(model, head, seed)  # a new head on purpose: the same for every dtype
     elif torch_dtype != torch.float32:
         _reload_fp32(head, name, resolved.path)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _pad_apart_from_eos(tokenizer: Any) -> None:
+    """Pad with a special token other than EOS (and BOS), so transformers' last-non-pad pooling
+    reads the reward at the last real token even when it is EOS, where OpenRLHF reads it
+    (``RewardModel.forward``: the last position of the attention mask)."""
+    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    for tid in [tokenizer.unk_token_id, *getattr(tokenizer, "all_special_ids", [])]:
+        if tid is not None and tid not in taken:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(tid))
+            return
+    raise ValueError(
+        "an OpenRLHF reward model whose tokenizer pads with its EOS token and has no other special token: "
+        "cannot read the reward at the EOS token as OpenRLHF does; add a pad token to the tokenizer"
+    )
+
+
+def _value_head_prefix(folder: str) -> str | None:
+    """OpenRLHF's ``value_head_prefix`` from a folder's config.json (None when absent)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("value_head_prefix")
+    except (OSError, ValueError):
+        return None
+    return str(value) if value else None
+
+
+def _head_note(info: dict[str, Any]) -> str:
+    unexpected = [k for k in info.get("unexpected_keys", ()) if k.count(".") == 1]
+    return (
+        f"top-level weights it has but this model does not use: {', '.join(sorted(unexpected)[:4])}"
+        if unexpected
+        else "no other head-like weights either"
+    )
 
 
 def _init_head(model: Any, head: Any, seed: int) -> None:
@@ -228,6 +292,8 @@ class Encoded:
     token_type_ids: list[list[int]] | None
     prompt_truncated: int
     response_truncated: int
+    # per row: whether its prompt or its response was cut (None where rows were merged)
+    cut: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -385,6 +451,7 @@ def _assemble(
     prefix, middle, suffix = list(t.prefix), list(t.middle), list(t.suffix)
     ids_out: list[list[int]] = []
     types_out: list[list[int]] | None = [] if t.types is not None else None
+    cuts: list[bool] = []
     n_p = n_r = 0
     for p, r in zip(prompt_ids, response_ids):
         p_cap = max_prompt_tokens
@@ -393,6 +460,7 @@ def _assemble(
         cut = truncate_pair_tokens(p, r, p_cap, resp_cap)
         n_p += cut.prompt_truncated
         n_r += cut.response_truncated
+        cuts.append(bool(cut.prompt_truncated or cut.response_truncated))
         ids = prefix + cut.prompt_ids + middle + cut.response_ids + suffix
         eos_added = t.eos_id is not None and (not ids or ids[-1] != t.eos_id)
         if eos_added:
@@ -404,7 +472,7 @@ def _assemble(
             if eos_added:
                 tt.append(tb)
             types_out.append(tt)
-    return Encoded(ids_out, types_out, n_p, n_r)
+    return Encoded(ids_out, types_out, n_p, n_r, cuts)
 
 
 # Stands for the response while a chat template renders a conversation (letters only: templates
@@ -446,6 +514,7 @@ def _assemble_chat(
     tails = dict(zip(frames, _tokenize(tokenizer, [t for _, t in frames.values()])))
     limit = _max_length(tokenizer, max_length)
     ids_out: list[list[int]] = []
+    cuts: list[bool] = []
     n_p = n_r = 0
     for p, r in zip(prompts, response_ids):
         tail = tails[p]
@@ -459,8 +528,9 @@ def _assemble_chat(
         cut = truncate_pair_tokens(heads[p], r, p_cap, resp_cap)
         n_p += cut.prompt_truncated
         n_r += cut.response_truncated
+        cuts.append(bool(cut.prompt_truncated or cut.response_truncated))
         ids_out.append(list(cut.prompt_ids) + list(cut.response_ids) + list(tail))
-    return Encoded(ids_out, None, n_p, n_r)
+    return Encoded(ids_out, None, n_p, n_r, cuts)
 
 
 def encode_pairs(

@@ -192,6 +192,42 @@ class _StepTimes:
         return self.last
 
 
+def trl_args(r: Any, *, hf_dir: str, seed: int, use_gpu: bool, bf16: bool) -> dict[str, Any]:
+    """TRL's ``GRPOConfig`` / ``RLOOConfig`` keyword arguments from ``cfg.rl``: PPO's clip
+    (``epsilon``), the KL coefficient (``beta``), the group, the sampling, and the reward and
+    advantage scaling of each algorithm (GRPO ``scale_rewards``; RLOO ``normalize_advantages``),
+    vLLM rollouts when asked (``use_vllm``, ``vllm_mode``: GPU nodes with vLLM installed)."""
+    args: dict[str, Any] = dict(
+        output_dir=hf_dir,
+        learning_rate=r.lr,
+        beta=r.kl_coef,
+        epsilon=r.clip,
+        num_generations=r.num_generations,
+        max_completion_length=r.max_new_tokens,
+        temperature=r.temperature,
+        per_device_train_batch_size=r.prompts_per_step * r.num_generations,
+        max_steps=r.steps,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=r.save_steps,
+        save_total_limit=2,
+        use_cpu=not use_gpu,
+        bf16=bf16,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        use_vllm=bool(r.use_vllm),
+    )
+    if r.use_vllm:
+        args["vllm_mode"] = r.vllm_mode
+    if r.algorithm == "grpo":
+        args["scale_rewards"] = r.scale_rewards
+    else:
+        args["normalize_advantages"] = bool(r.normalize_advantages)
+    return args
+
+
 def align_loop_per_worker(config: dict) -> None:
     """Ray Train per-worker loop: one TRL GRPO/RLOO run; everything arrives in ``config``."""
     import ray.train
@@ -220,27 +256,11 @@ def align_loop_per_worker(config: dict) -> None:
     reward = config["reward"]
     ConfigCls, TrainerCls = _trl_classes(r.algorithm)
     use_gpu = bool(r.use_gpu) and torch.cuda.is_available()
+    from mars_ray.models.precision import native_bf16
+
     args = ConfigCls(
-        output_dir=config["hf_dir"],
-        learning_rate=r.lr,
-        beta=r.kl_coef,
-        epsilon=r.clip,
-        num_generations=r.num_generations,
-        max_completion_length=r.max_new_tokens,
-        temperature=r.temperature,
-        per_device_train_batch_size=r.prompts_per_step * r.num_generations,
-        max_steps=r.steps,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=r.save_steps,
-        save_total_limit=2,
-        use_cpu=not use_gpu,
-        bf16=use_gpu and torch.cuda.is_bf16_supported(),
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        **trl_args(r, hf_dir=config["hf_dir"], seed=cfg.seed, use_gpu=use_gpu, bf16=use_gpu and native_bf16("cuda")),
         disable_tqdm=rank != 0,
-        remove_unused_columns=False,
     )
     peft_config = None
     if r.lora:

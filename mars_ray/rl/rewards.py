@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mars_ray.core.chat import messages_to_prompt
 from mars_ray.core.judging import completion_text
 
 
@@ -91,5 +92,16 @@ class ServedReward:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         rm_prompts = kwargs.get("rm_prompt")
         if rm_prompts is None:
-            rm_prompts = [completion_text(p) for p in prompts]
+            rm_prompts = [stored_prompt(p) for p in prompts]
         return self.score([str(p) for p in rm_prompts], [completion_text(c) for c in completions])
+
+
+def stored_prompt(prompt: Any) -> str:
+    """A TRL prompt as the reward model's training data stores it: a string as it is, chat
+    messages as their transcript (:func:`mars_ray.core.chat.messages_to_prompt`), never their
+    contents run together."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return messages_to_prompt(list(prompt))
+    return completion_text(prompt)

@@ -16,9 +16,13 @@ torch threads, warms up with one forward pass, and then serves:
   Handle calls skip the bearer token (they come from inside the cluster) but get the same
   validation; a bad call raises :class:`~mars_ray.serve.protocol.RequestError` (a ValueError).
 
-OpenRLHF: point ``--remote_rm_url`` at ``http://HOST:PORT/get_reward``. OpenRLHF sends a whole
-rollout batch in one request, so raise ``serve.max_batch_items`` (default 256) to at least its
-rollout batch size times samples per prompt; longer requests are refused with 413, never truncated.
+OpenRLHF: point ``--remote_rm_url`` (``--reward.remote_url`` from 0.10.2) at
+``http://HOST:PORT/get_reward``. Each query is read back into its conversation and scored in the
+reward model's own format (:func:`mars_ray.serve.protocol.query_item`); texts beyond the model's
+context are truncated by the training rule (counted in ``extra_logs.truncated``), and a request of
+many items (OpenRLHF 0.9.0 and earlier post the whole rollout batch) is scored in chunks of
+``CHUNK_ITEMS`` that join the replica's batches like separate requests. verl: ``POST /classify``
+(vLLM's pooling API) or the ``compute_score`` adapter in :mod:`mars_ray.serve.verl`.
 
 Batching: every request (HTTP or handle) is one item of ``@serve.batch``; a batch holds up to
 ``serve.max_batch_size`` requests, waiting at most ``serve.batch_wait_timeout_s`` for the batch to
@@ -62,6 +66,9 @@ logger = logging.getLogger("ray.serve")
 # has stopped (`mars-ray serve` exits within about 7 s of SIGTERM), so a client that waits gets a
 # refused connection instead of a request cut off by a stopping proxy.
 DRAIN_RETRY_AFTER_S = 10
+# A request of more items is scored in chunks of this many, each its own item of @serve.batch, so
+# one large rollout batch neither monopolises a forward group nor holds all its texts' encodings at once.
+CHUNK_ITEMS = 256
 
 api = FastAPI(title="mars_ray reward model", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -139,20 +146,23 @@ class RewardServer:
         }
 
     # ------------------------------------------------------------------ model
-    def _forward(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from mars_ray.models.reward import score_texts
+    def _forward(self, prompts: list[str], responses: list[str]) -> list[tuple[float, bool, int]]:
+        """(reward, whether the token limits cut the pair, tokens read) per pair: the training-time
+        encoding (prompt keeps its end, response its start), length-sorted forward passes."""
+        from mars_ray.models.reward import encode_pairs, score_encoded
 
-        out = score_texts(
-            self.model,
+        enc = encode_pairs(
             self.tokenizer,
             prompts,
             responses,
-            batch_size=self.forward_batch_size,
             max_prompt_tokens=self.max_prompt_tokens,
             max_response_tokens=self.max_response_tokens,
-            max_tokens=self.forward_max_tokens,
         )
-        return [float(x) for x in out]
+        out = score_encoded(
+            self.model, self.tokenizer, enc, batch_size=self.forward_batch_size, max_tokens=self.forward_max_tokens
+        )
+        cut = enc.cut or [False] * len(out)
+        return [(float(x), bool(c), int(n)) for x, c, n in zip(out, cut, enc.lengths)]
 
     def _forward_items(self, items: list[tuple[list[str], list[str]]]) -> list[Any]:
         """Score a whole batch of requests in one length-sorted pass; on failure, request by request."""
@@ -183,14 +193,33 @@ class RewardServer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._forward_items, items)
 
-    async def _raw(self, prompts: list[str], responses: list[str]) -> list[float]:
+    async def _raw_cut(self, prompts: list[str], responses: list[str]) -> tuple[list[float], list[bool], int]:
+        """Rewards, truncation flags and tokens read; a request of more than ``CHUNK_ITEMS`` pairs
+        goes in chunks."""
         self.counters["requests"] += 1
         self.counters["pairs"] += len(prompts)
-        res = await self._score_batch((prompts, responses))
-        if isinstance(res, BaseException):
-            self.counters["failed"] += 1
-            raise res
-        return res
+        if not prompts:
+            return [], [], 0
+        chunks = [
+            (prompts[i : i + CHUNK_ITEMS], responses[i : i + CHUNK_ITEMS]) for i in range(0, len(prompts), CHUNK_ITEMS)
+        ]
+        parts = await asyncio.gather(*(self._score_batch(c) for c in chunks))
+        for res in parts:
+            if isinstance(res, BaseException):
+                self.counters["failed"] += 1
+                raise res
+        flat = [x for res in parts for x in res]
+        return [r for r, _, _ in flat], [c for _, c, _ in flat], sum(n for _, _, n in flat)
+
+    async def _raw(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return (await self._raw_cut(prompts, responses))[0]
+
+    async def _items(self, items: list[P.RewardItem]) -> tuple[list[float], list[bool], int]:
+        out = await self._raw_cut([it.prompt for it in items], [it.response for it in items])
+        for it in items:  # which input formats the server has been reading
+            key = f"format_{it.family}"
+            self.counters[key] = self.counters.get(key, 0) + 1
+        return out
 
     # ------------------------------------------------------------------ Python API (DeploymentHandle)
     async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -215,22 +244,45 @@ class RewardServer:
         }
 
     async def get_reward(
-        self, query: list[str], prompts: list[str] | None = None, labels: Any = None
+        self,
+        query: list[str] | None = None,
+        prompts: list[str] | None = None,
+        labels: Any = None,
+        messages: list[list[dict[str, str]]] | None = None,
     ) -> dict[str, Any]:
-        """OpenRLHF's remote reward model: ``{"rewards", "scores", "extra_logs"}`` (labels are ignored)."""
-        body: dict[str, Any] = {"query": query}
+        """OpenRLHF's remote reward model: ``{"rewards", "scores", "extra_logs"}`` (labels are
+        ignored); ``messages``: conversations instead of rendered queries."""
+        body: dict[str, Any] = {"messages": messages} if messages is not None else {"query": query}
         if prompts is not None:
             body["prompts"] = prompts
         return await self._get_reward_body(body)
 
     async def _get_reward_body(self, body: dict[str, Any]) -> dict[str, Any]:
-        queries, prompts = P.parse_get_reward(body, self.limits)
-        ps, rs, split = P.split_queries(queries, prompts)
-        rewards = self.norm.apply(await self._raw(ps, rs))
+        items = P.parse_get_reward(body, self.limits)
+        raw, cut, _ = await self._items(items)
+        rewards = self.norm.apply(raw)
+        return {"rewards": rewards, "scores": rewards, "extra_logs": P.reward_logs(items, cut)}
+
+    async def _classify_body(self, body: dict[str, Any], *, pooling: bool = False) -> dict[str, Any]:
+        """vLLM's ``/classify`` (or ``/pooling``) answer for a one-label reward model."""
+        items, activation, model = P.parse_classify(body, self.limits)
+        raw, _, tokens = await self._items(items)
+        rewards = self.norm.apply(raw)
+        values = [P.sigmoid(r) if activation else r for r in rewards]
+        name = model or self.info["model_id"]
+        created = int(time.time())
+        if pooling:
+            data = [{"index": i, "object": "pooling", "data": [v]} for i, v in enumerate(values)]
+        else:
+            data = [{"index": i, "label": "LABEL_0", "probs": [v], "num_classes": 1} for i, v in enumerate(values)]
+        prefix = "pool" if pooling else "classify"
         return {
-            "rewards": rewards,
-            "scores": rewards,
-            "extra_logs": {"query_split": [1.0 if f else 0.0 for f in split]},
+            "id": f"{prefix}-{os.urandom(8).hex()}",
+            "object": "list",
+            "created": created,
+            "model": name,
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
         }
 
     async def health(self) -> dict[str, Any]:
@@ -321,6 +373,14 @@ class RewardServer:
     async def http_get_reward(self, request: Request):
         return await self._http(request, self._get_reward_body)
 
+    @api.post("/classify")
+    async def http_classify(self, request: Request):
+        return await self._http(request, self._classify_body)
+
+    @api.post("/pooling")
+    async def http_pooling(self, request: Request):
+        return await self._http(request, lambda body: self._classify_body(body, pooling=True))
+
     @api.get("/health")
     async def http_health(self, request: Request):
         # Whether the app is up, for anyone (load balancers, probes); the model, run directory,
@@ -385,6 +445,16 @@ def build_app(cfg: Any, model: str | None = None):
     if problems:
         raise ValueError("invalid serve configuration:\n  - " + "\n  - ".join(problems))
     target = P.resolve_target(model or cfg.model.reward)
+    from mars_ray.models.resolve import has_reward_head
+
+    if not has_reward_head(target.load, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline):
+        from mars_ray.models.reward import MissingRewardHead
+
+        raise MissingRewardHead(
+            f"{target.load} has no reward-head weights (none of classifier.weight, classifier.out_proj.weight, "
+            "score.weight, or the value_head_prefix weight its config.json names): it is a backbone, and a "
+            "server would score with a random head. Serve a trained reward model (mars-ray train writes RUN/model)"
+        )
     normalizer = P.make_normalizer(s, target.run_dir, target.load)
     raw_token = P.read_token(s.auth_token_env)
     P.check_exposure(s.host, raw_token, bool(s.allow_unauthenticated))

@@ -1,4 +1,9 @@
-"""A small HTTP client for the reward server (``mars-ray serve``), with timeouts and retries.
+"""A small HTTP client for the reward server (``mars-ray serve``), with timeouts and retries, and
+a TRL reward function built on it.
+
+Light: this module needs ``requests`` (and ``mars_ray.config``'s PyYAML) only, never Ray, torch or
+DeepSpeed, so an RL job can import it from a mars_ray install without loading the training stack,
+or copy this one file into its own code.
 
 Retries are urllib3's :class:`~urllib3.util.retry.Retry` mounted on a ``requests`` session (no
 hand-written retry loop): connection errors, read timeouts and the statuses that mean "try again"
@@ -14,6 +19,16 @@ Usage::
         rewards = rm.score(prompts, responses)          # lists longer than chunk_size are split
         cmp = rm.compare(prompt, chosen, rejected)      # {"margin", "probability", ...}
         rewards = rm.get_reward(queries, prompts)       # the OpenRLHF endpoint
+        rewards = rm.score_messages(conversations)      # chat messages, scored in the model's format
+
+TRL (``GRPOTrainer`` / ``RLOOTrainer``)::
+
+    from mars_ray.serve.client import RewardFunction
+    trainer = GRPOTrainer(model=..., reward_funcs=[RewardFunction("http://127.0.0.1:8000")], ...)
+
+Conversational datasets send each prompt's messages plus the completion as one conversation
+(``/get_reward``'s ``messages``), so the reward model reads it in the format it was trained on;
+plain-text datasets send (prompt, completion) pairs to ``/score``.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-__all__ = ["RewardClient", "RewardClientError", "RewardServerError"]
+__all__ = ["RewardClient", "RewardClientError", "RewardFunction", "RewardServerError"]
 
 
 class RewardClientError(RuntimeError):
@@ -146,11 +161,24 @@ class RewardClient:
         return self._request("POST", "/compare", {"prompt": prompt, "chosen": chosen, "rejected": rejected})
 
     def get_reward(self, queries: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
-        """The OpenRLHF endpoint: rewards of whole ``prompt + response`` texts."""
+        """The OpenRLHF endpoint: rewards of whole ``prompt + response`` texts (chat-templated or
+        plain; the server reads them back into conversations)."""
         body: dict[str, Any] = {"query": list(queries)}
         if prompts is not None:
             body["prompts"] = list(prompts)
         return [float(x) for x in self._request("POST", "/get_reward", body)["rewards"]]
+
+    def score_messages(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[float]:
+        """Rewards of conversations, each ending with the assistant reply to score (``{"role",
+        "content"}`` messages), read in the reward model's own format."""
+        out: list[float] = []
+        for i in range(0, len(conversations), self.chunk_size):
+            chunk = [
+                [{"role": m["role"], "content": m["content"]} for m in c]
+                for c in conversations[i : i + self.chunk_size]
+            ]
+            out.extend(float(x) for x in self._request("POST", "/get_reward", {"messages": chunk})["rewards"])
+        return out
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/health")
@@ -164,3 +192,62 @@ class RewardClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _is_conversation(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _text(x: Any) -> str:
+    """A plain prompt or completion as text (a one-message list gives its content)."""
+    if isinstance(x, str):
+        return x
+    if _is_conversation(x):
+        return "".join(str(m["content"]) for m in x)
+    return str(x)
+
+
+class RewardFunction:
+    """A TRL reward function (``reward_funcs=[RewardFunction(url)]``) scoring completions with a
+    served reward model.
+
+    TRL calls it with ``prompts``, ``completions`` and every dataset column as keyword arguments and
+    takes one float per completion. Conversational data (message lists) is sent as conversations,
+    prompt messages then the completion's assistant message; plain text as (prompt, completion)
+    pairs. A server that cannot be reached after the client's retries raises: a run never goes on
+    with made-up rewards. Picklable (each process opens its own connection).
+
+    Args:
+        url: the reward server, e.g. ``http://127.0.0.1:8000``.
+        name: how TRL names this reward in its logs (TRL before 1.9 reads ``__name__``).
+        **client: :class:`RewardClient` options (``token_env``, ``timeout``, ``retries``, ...).
+    """
+
+    def __init__(self, url: str, *, name: str = "mars_ray_reward", **client: Any) -> None:
+        self.url = url
+        self.__name__ = name
+        self._options = client
+        self._client: RewardClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "name": self.__name__, "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], name=state["name"], **state["options"])
+
+    @property
+    def client(self) -> RewardClient:
+        if self._client is None:
+            self._client = RewardClient(self.url, **self._options)
+        return self._client
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if completions and _is_conversation(completions[0]):
+            convs = [
+                [*(p if _is_conversation(p) else [{"role": "user", "content": _text(p)}]), *c]
+                for p, c in zip(prompts, completions)
+            ]
+            return self.client.score_messages(convs)
+        return self.client.score([_text(p) for p in prompts], [_text(c) for c in completions])

@@ -12,7 +12,14 @@ text at most ``serve.max_text_chars`` characters):
   ``{"chosen_reward", "rejected_reward", "margin", "probability", "normalized"}``
 - ``POST /get_reward`` (OpenRLHF's remote reward-model schema): ``{"query": [str],
   "prompts": [str] | null, "labels": any}`` -> ``{"rewards": [float], "scores": [float], "extra_logs": {...}}``
-  (``scores`` repeats ``rewards``, as OpenRLHF's own server does)
+  (``scores`` repeats ``rewards``, as OpenRLHF's own server does); or ``{"messages": [[{"role",
+  "content"}, ...], ...]}``, one conversation per item ending with the assistant reply to score.
+  An empty list is answered with empty lists (OpenRLHF 0.9.1-0.11.0 send one to every extra URL).
+- ``POST /classify`` and ``POST /pooling`` (vLLM's pooling API, which verl's reward loop calls):
+  ``{"model"?, "input": str | [str]}`` or ``{"messages": [...]}`` -> ``{"id", "object": "list",
+  "created", "model", "data": [{"index", "label", "probs": [p], "num_classes": 1}], "usage"}``
+  (``/pooling``: ``data: [{"index", "object": "pooling", "data": [r]}]``); ``p`` is sigmoid(r)
+  unless ``"use_activation": false`` asks for the raw reward, as vLLM does for a one-label model.
 - ``GET /health`` -> ``{"status": "ok"}``; with the token (or without auth) also ``"model_id",
   "config_hash", "normalized", ...``
 
@@ -21,20 +28,30 @@ text at most ``serve.max_text_chars`` characters):
 ``serve.normalize`` the two rewards are normalised, the margin and probability are not (the
 Bradley-Terry probability is defined on the raw scale the model was trained on).
 
-``/get_reward`` (:func:`split_query`): OpenRLHF sends whole ``prompt + response`` texts as ``query``
-and, in recent versions, the prompts as ``prompts`` (and ``labels``, which a reward model does not
-use and which is ignored, as are unknown fields). A BERT-style pair model needs the prompt and
-the response apart, so each query is split: when ``prompts[i]`` is a non-empty string and
-``query[i]`` starts with it, the prompt is ``prompts[i]`` and the response is the rest of the
-query (verbatim, leading whitespace kept); otherwise (no prompts, an empty prompt, or a query that
-does not start with its prompt, e.g. after a chat template rewrote it) the whole query is scored as
-the response to an empty prompt. ``extra_logs.query_split`` says per query whether it was split (1.0)
-or scored whole (0.0); like every ``extra_logs`` entry it has one value per query.
+``/get_reward`` (:func:`query_item`): OpenRLHF sends whole texts as ``query``: the policy's chat
+template applied to the prompt, the generated response and, when generation stopped on its own,
+the end-of-turn token; recent versions also send the prompts as ``prompts`` (and ``labels``, which
+a reward model does not use and which is ignored, as are unknown fields). Each query is read back
+into the conversation it renders (:func:`mars_ray.core.chat_formats.parse_rendered`: ChatML, Llama
+3, Gemma, Mistral ``[INST]``, Phi, HH transcripts) and scored in the reward model's own format, as
+``/score`` scores that conversation (:func:`~mars_ray.core.chat.messages_to_prompt`, then the
+model's chat template or its text pair): a template is never wrapped in another. An HH transcript
+keeps its own text up to its last ``Assistant:`` turn as the prompt. A query in no known format is
+plain text: split at ``prompts[i]`` when it starts with it, else scored whole as the response to an
+empty prompt, and counted. Per query, ``extra_logs`` says which format was read (``format_<family>``,
+1.0 or 0.0), whether the query was split into a prompt and a response (``query_split``) and whether
+the model's token limits cut it (``truncated``: the prompt keeps its end and the response its start,
+the rule training uses); like every ``extra_logs`` entry it has one value per query.
+
+Long inputs are answered, not refused: a text beyond the model's context is truncated by the
+training rule, and a request of many items is scored in chunks. The limits that remain are caps
+against abuse, far above real rollouts: ``serve.max_text_chars`` characters per text,
+``serve.max_batch_items`` items and ``serve.max_request_bytes`` bytes per request.
 
 Errors are JSON ``{"error": message, "field": "responses[3]" | null}`` with a 4xx status: 400
-malformed JSON, 401 missing or wrong bearer token, 413 a body, a list or a text over its limit,
-422 a missing field, a wrong type, an empty list or lists of different lengths. Messages name the
-field (and index) and say what was expected.
+malformed JSON, 401 missing or wrong bearer token, 413 a body, a list or a text over its cap,
+422 a missing field, a wrong type, an empty ``/score`` list or lists of different lengths. Messages
+name the field (and index) and say what was expected.
 """
 
 from __future__ import annotations
@@ -49,22 +66,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mars_ray.core.chat import ASSISTANT, messages_to_prompt, split_last_assistant
+from mars_ray.core.chat_formats import FAMILIES, parse_rendered
+from mars_ray.core.validation import RowError
+
 __all__ = [
     "Limits",
     "Normalizer",
     "RequestError",
+    "RewardItem",
     "ServeTarget",
     "bearer_ok",
     "json_type",
+    "parse_classify",
     "parse_compare",
     "parse_get_reward",
     "parse_json_body",
     "parse_score",
+    "query_item",
     "resolve_target",
+    "reward_logs",
     "reward_stats",
     "sigmoid",
-    "split_queries",
-    "split_query",
 ]
 
 RUN_MODEL_DIR = "model"
@@ -95,9 +118,9 @@ def _rebuild_request_error(message: str, field: str | None, status: int) -> Requ
 class Limits:
     """Per-request limits (``serve.max_text_chars``, ``serve.max_batch_items``, ``serve.max_request_bytes``)."""
 
-    max_text_chars: int = 20000
-    max_batch_items: int = 256
-    max_request_bytes: int = 16 * 1024 * 1024
+    max_text_chars: int = 1_000_000
+    max_batch_items: int = 16384
+    max_request_bytes: int = 256 * 1024 * 1024
 
     @classmethod
     def from_config(cls, serve_cfg: Any) -> Limits:
@@ -181,11 +204,12 @@ def check_text(value: Any, field: str, limits: Limits) -> str:
     return value
 
 
-def check_text_list(value: Any, field: str, limits: Limits) -> list[str]:
-    """A non-empty list of at most ``max_batch_items`` strings, each within ``max_text_chars``."""
+def check_text_list(value: Any, field: str, limits: Limits, *, allow_empty: bool = False) -> list[str]:
+    """A list of at most ``max_batch_items`` strings, each within ``max_text_chars``; non-empty
+    unless ``allow_empty``."""
     if not isinstance(value, (list, tuple)):
         raise RequestError(f"{field}: expected an array of strings, got {json_type(value)}", field=field)
-    if len(value) == 0:
+    if len(value) == 0 and not allow_empty:
         raise RequestError(f"{field} is empty: send at least one item", field=field)
     if len(value) > limits.max_batch_items:
         raise RequestError(
@@ -223,50 +247,107 @@ def parse_compare(body: Mapping[str, Any], limits: Limits) -> tuple[str, str, st
     return prompt, chosen, rejected
 
 
-def parse_get_reward(body: Mapping[str, Any], limits: Limits) -> tuple[list[str], list[str] | None]:
-    """OpenRLHF's ``{"query": [...], "prompts": [...] | null, "labels": ...}`` -> ``(queries, prompts)``.
+@dataclass(frozen=True)
+class RewardItem:
+    """One thing to score: the reward model's (prompt, response), the format the input was in
+    (:data:`mars_ray.core.chat_formats.FAMILIES`, or ``messages``), and whether a prompt was split
+    off (False: the whole text is scored as a response to an empty prompt)."""
 
-    Unknown fields and ``labels`` are ignored (OpenRLHF adds fields over time); ``prompts`` may be
-    absent or null.
-    """
+    prompt: str
+    response: str
+    family: str
+    split: bool
+
+
+def query_item(query: str, prompt: str | None = None) -> RewardItem:
+    """A rendered ``prompt + response`` text (OpenRLHF's ``query``) as what the reward model
+    reads (see the module docstring)."""
+    parsed = parse_rendered(query)
+    if parsed.family == "hh":
+        cut = query.rfind(ASSISTANT)
+        if cut >= 0:  # the transcript's own text, as HH-RLHF prompts are stored
+            end = cut + len(ASSISTANT)
+            return RewardItem(query[:end], query[end:].lstrip(" "), "hh", True)
+    if parsed.family != "plain":
+        return RewardItem(messages_to_prompt(parsed.messages), parsed.response, parsed.family, True)
+    if prompt and query.startswith(prompt):
+        return RewardItem(prompt, query[len(prompt) :], "plain", True)
+    return RewardItem("", query, "plain", False)
+
+
+def conversation_item(messages: Any, field: str, limits: Limits) -> RewardItem:
+    """A conversation ending with the assistant reply to score, as a :class:`RewardItem`."""
+    try:
+        before, reply = split_last_assistant(messages, field)
+    except RowError as e:
+        raise RequestError(f"{field}: {e.reason}", field=field) from None
+    for i, m in enumerate(messages):
+        check_text(m["content"], f"{field}[{i}].content", limits)
+    return RewardItem(messages_to_prompt(before), reply, "messages", True)
+
+
+def parse_get_reward(body: Mapping[str, Any], limits: Limits) -> list[RewardItem]:
+    """OpenRLHF's ``{"query": [...], "prompts": [...] | null, "labels": ...}``, or
+    ``{"messages": [conversation, ...]}`` -> one :class:`RewardItem` per item (an empty list is
+    allowed). Unknown fields and ``labels`` are ignored (OpenRLHF adds fields over time)."""
+    if "messages" in body and "query" not in body:
+        convs = body["messages"]
+        if not isinstance(convs, (list, tuple)):
+            raise RequestError(
+                f"messages: expected an array of conversations, got {json_type(convs)}", field="messages"
+            )
+        if len(convs) > limits.max_batch_items:
+            check_text_list(list(convs), "messages", limits)  # raises the 413 with its message
+        return [conversation_item(c, f"messages[{i}]", limits) for i, c in enumerate(convs)]
     if "query" not in body:
-        raise RequestError("missing field 'query' (the full prompt + response texts)", field="query")
-    queries = check_text_list(body["query"], "query", limits)
+        raise RequestError(
+            "missing field 'query' (the full prompt + response texts) or 'messages' (conversations)", field="query"
+        )
+    queries = check_text_list(body["query"], "query", limits, allow_empty=True)
     prompts = body.get("prompts")
-    if prompts is None:
-        return queries, None
-    prompts = check_text_list(prompts, "prompts", limits)
-    _same_length(queries, "query", prompts, "prompts")
-    return queries, prompts
+    if prompts is not None:
+        prompts = check_text_list(prompts, "prompts", limits, allow_empty=True)
+        _same_length(queries, "query", prompts, "prompts")
+    return [query_item(q, prompts[i] if prompts is not None else None) for i, q in enumerate(queries)]
+
+
+def parse_classify(body: Mapping[str, Any], limits: Limits) -> tuple[list[RewardItem], bool, str | None]:
+    """vLLM's pooling request (``/classify``, ``/pooling``): ``{"model"?, "input": str | [str],
+    "use_activation"?}`` or ``{"messages": conversation}`` -> the items, whether to apply the
+    sigmoid (vLLM's default for a one-label model) and the model name asked for. Unknown fields are
+    ignored, as vLLM ignores them; ``normalize`` is refused as vLLM refuses it."""
+    if "normalize" in body:
+        raise RequestError(
+            "'normalize' is not a field of this API: use 'use_activation'", field="normalize", status=400
+        )
+    activation = body.get("use_activation")
+    if activation is None:
+        activation = body.get("activation", True)  # the name before vLLM 0.11.2
+    if not isinstance(activation, bool):
+        raise RequestError(
+            f"use_activation: expected true or false, got {json_type(activation)}", field="use_activation"
+        )
+    model = body.get("model")
+    if "messages" in body and "input" not in body:
+        return [conversation_item(body["messages"], "messages", limits)], activation, model
+    if "input" not in body:
+        raise RequestError("missing field 'input' (a text or a list of texts) or 'messages'", field="input")
+    texts = body["input"]
+    texts = [check_text(texts, "input", limits)] if isinstance(texts, str) else check_text_list(texts, "input", limits)
+    return [query_item(t) for t in texts], activation, model
+
+
+def reward_logs(items: Sequence[RewardItem], truncated: Sequence[bool]) -> dict[str, list[float]]:
+    """``extra_logs`` of ``/get_reward``: one value per query under every key."""
+    logs = {f"format_{f}": [1.0 if it.family == f else 0.0 for it in items] for f in (*FAMILIES, "messages")}
+    logs["query_split"] = [1.0 if it.split else 0.0 for it in items]
+    logs["truncated"] = [1.0 if t else 0.0 for t in truncated]
+    return logs
 
 
 def validate_pairs(prompts: Any, responses: Any, limits: Limits) -> tuple[list[str], list[str]]:
     """The same checks as ``POST /score`` for the DeploymentHandle API."""
     return parse_score({"prompts": prompts, "responses": responses}, limits)
-
-
-# ----------------------------------------------------------------------------------- /get_reward
-
-
-def split_query(query: str, prompt: str | None) -> tuple[str, str, bool]:
-    """``(prompt, response, split?)``: split at the prompt when the query starts with a non-empty one,
-    else the whole query is the response to an empty prompt (see the module docstring)."""
-    if prompt and query.startswith(prompt):
-        return prompt, query[len(prompt) :], True
-    return "", query, False
-
-
-def split_queries(queries: Sequence[str], prompts: Sequence[str] | None) -> tuple[list[str], list[str], list[bool]]:
-    """:func:`split_query` for every query; returns ``(prompts, responses, split flags)``."""
-    ps: list[str] = []
-    rs: list[str] = []
-    flags: list[bool] = []
-    for i, q in enumerate(queries):
-        p, r, ok = split_query(q, prompts[i] if prompts is not None else None)
-        ps.append(p)
-        rs.append(r)
-        flags.append(ok)
-    return ps, rs, flags
 
 
 # ----------------------------------------------------------------------------------- auth

@@ -59,6 +59,7 @@ class ScoreActor:
         cache_dir: str | None = None,
         offline: bool | None = None,
         device: str | None = None,
+        new_head: bool = False,
     ) -> None:
         import torch
 
@@ -71,7 +72,7 @@ class ScoreActor:
 
         device = pick_device(device)
         self.model, self.tokenizer = load_reward_model(
-            model_ref, seed=seed, dtype=dtype, device=device, cache_dir=cache_dir, offline=offline
+            model_ref, seed=seed, dtype=dtype, device=device, cache_dir=cache_dir, offline=offline, new_head=new_head
         )
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.max_response_tokens = int(max_response_tokens)
@@ -110,6 +111,9 @@ def actor_kwargs(model_ref: str, cfg: Config, *, num_threads: int | None) -> dic
         num_threads=num_threads,
         cache_dir=cfg.model.cache_dir,
         offline=cfg.model.offline,
+        # the run's own backbone (model.reward) may be scored with a new head (epoch 1 without a
+        # warm-up, the "before" metrics; the pipeline says so); any other model must carry its head
+        new_head=model_ref == cfg.model.reward,
     )
 
 

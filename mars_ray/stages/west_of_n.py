@@ -49,7 +49,13 @@ class WestOfNActor(_StatsMixin):
         from mars_ray.runtime import pick_device
 
         self.model, self.tokenizer = load_reward_model(
-            reward_ref, seed=seed, dtype=dtype, device=pick_device(), cache_dir=cache_dir, offline=offline
+            reward_ref,
+            seed=seed,
+            dtype=dtype,
+            device=pick_device(),
+            cache_dir=cache_dir,
+            offline=offline,
+            new_head=True,  # epoch 1 may rank by the configured backbone's new head (the pipeline warns)
         )
         self.lim = dict(max_prompt_tokens=int(max_prompt_tokens), max_response_tokens=int(max_response_tokens))
         self.batch_size = int(batch_size)

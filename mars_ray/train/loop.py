@@ -304,6 +304,7 @@ def train_loop_per_worker(config: dict) -> dict:
         device=device,  # the worker's GPU (Ray Train reserved it: train.use_gpu), else the CPU
         cache_dir=cfg.model.cache_dir,
         offline=cfg.model.offline,
+        new_head=True,  # training from a backbone starts its head on purpose (the pipeline says so)
     )
     if t.disable_dropout:
         disable_dropout(model)
