@@ -313,7 +313,7 @@ def run_trl(train, heldout, args, tmp: Path, *, checkpointing: bool, bf16: bool 
 
     out_dir = tmp / "trl_out"
     t0 = time.perf_counter()
-    model, tok = load_reward_model(model_dir(args.max_length, tmp), seed=cfg.seed, dtype="float32")
+    model, tok = load_reward_model(model_dir(args.max_length, tmp), seed=cfg.seed, dtype="float32", new_head=True)
     shape = flop_shape(model)
     rc = RewardConfig(
         output_dir=str(out_dir),
@@ -504,7 +504,7 @@ def run_probe(train, heldout, args, tmp: Path) -> dict:
 
     cfg = base_cfg()
     torch.set_num_threads(THREADS)
-    model, tok = load_reward_model(model_dir(args.max_length, tmp), seed=cfg.seed, dtype="float32")
+    model, tok = load_reward_model(model_dir(args.max_length, tmp), seed=cfg.seed, dtype="float32", new_head=True)
     model.train()
     p, c, r = columns(train)
     ec, er = encode_preferences(tok, p, c, r, max_prompt_tokens=512, max_response_tokens=192)

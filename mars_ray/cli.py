@@ -312,6 +312,9 @@ def cmd_serve(args, extra) -> int:
     model = model or cfg.model.reward
     private_ray = not (os.environ.get("RAY_ADDRESS") or cfg.resources.ray_address)
     if private_ray and os.name == "posix" and not os.environ.get(SERVE_CHILD_ENV) and getattr(args, "argv", None):
+        from mars_ray.serve.app import check_app
+
+        check_app(cfg, model)  # config, model, head, statistics and token: errors here, in this process
         return _supervise_serve(args.argv)  # the server runs in a child of its own session
     if os.environ.get(SERVE_CHILD_ENV):
         _die_with_parent()

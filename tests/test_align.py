@@ -58,7 +58,7 @@ def table2(ray_local, tmp_path_factory, tiny_bert_rm_dir, tiny_llama_dir):
     the run's config.yaml), each deployed in turn on Ray Serve: two aligned policies, one win-rate."""
     import shutil
 
-    from tiny_models import tiny_bert
+    from tiny_models import tiny_bert, tiny_reward_model
 
     from mars_ray.config import Config
 
@@ -69,7 +69,8 @@ def table2(ray_local, tmp_path_factory, tiny_bert_rm_dir, tiny_llama_dir):
         if strategy == "mars":
             shutil.copytree(tiny_bert_rm_dir, run / "model")
         else:
-            tiny_bert(run / "model", seed=1)  # another reward model: other rewards, other policy
+            # another reward model: other rewards, other policy
+            tiny_reward_model(tiny_bert(root / "bert1", seed=1), run / "model", seed=1)
         c = Config()
         c.mars.strategy, c.seed = strategy, seed
         c.save(run)
@@ -274,7 +275,14 @@ def test_smollm2_lora_two_steps_against_served_minilm_then_judged(ray_local, tmp
     """The issue's marked test: builtin:smollm2 + LoRA, 2 optimisation steps on CPU, rewards from a
     live Serve deployment of builtin:minilm; then the aligned policy against its base, judged by
     SmolLM2's next-token probabilities in both orders. Prints the time per step and per rollout.
-    Sized down for the suite's time (was 4 completions of 32 tokens for 8 prompts, 4 judged)."""
+    Sized down for the suite's time (was 4 completions of 32 tokens for 8 prompts, 4 judged).
+    The reward model is MiniLM with a seeded head saved as a reward model (a bare backbone is
+    refused: it would be served with a random head)."""
+    from tiny_models import tiny_reward_model
+
+    from mars_ray.models import minilm_path
+
+    rm = tiny_reward_model(Path(minilm_path()), tmp_path / "minilm_rm")
     out = tmp_path / "run"
     assert (
         main(
@@ -285,7 +293,7 @@ def test_smollm2_lora_two_steps_against_served_minilm_then_judged(ray_local, tmp
                 "--rl.policy",
                 "builtin:smollm2",
                 "--model.reward",
-                "builtin:minilm",
+                str(rm),
                 "--rl.steps",
                 "2",
                 "--rl.num_generations",

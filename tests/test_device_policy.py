@@ -104,6 +104,7 @@ def test_stages_put_their_models_on_the_reserved_gpu(tiny_bert_dir, tiny_llama_d
         max_response_tokens=16,
         batch_size=4,
         num_threads=None,
+        new_head=True,  # the backbone's new head: these check the stage, not the model
     )
     assert next(actor.model.parameters()).device.type == "cuda"
     gen = make_generator("local", str(tiny_llama_dir), GenParams(max_new_tokens=4), device=D.pick_device())

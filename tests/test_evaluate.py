@@ -4,6 +4,7 @@ the curvature diagnostic uses."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,11 +213,17 @@ def test_eval_minilm_on_llmbar_chat_hard(tmp_path):
     path = SHARED_DATA / "llmbar_rewardbench_chat_hard_419.jsonl"
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/data not beside the project)")
+    from tiny_models import tiny_reward_model
+
+    from mars_ray.models import minilm_path
+
+    # MiniLM with a seeded reward head, saved as a reward model (eval refuses a bare backbone)
+    rm = tiny_reward_model(Path(minilm_path()), tmp_path / "minilm_rm")
     out = tmp_path / "eval"
     # Sized down for the suite's time: 140 of the 419 pairs (data.max_pairs draws them at random;
     # every subset is still present).
     args = ["--data.path", str(path), "--data.max_pairs", "140", "--output.dir", str(out)]
-    assert main(["eval", "--model", "builtin:minilm", *args]) == 0
+    assert main(["eval", "--model", str(rm), *args]) == 0
     res = json.loads((out / "eval.json").read_text())
     # LLMBar is five of Chat Hard's six subsets (mt-bench-hard is not in it).
     assert res["n"] == 140 and res["sections_covered"] == ["Chat Hard"] and not res["sections_complete"]["Chat Hard"]

@@ -80,7 +80,7 @@ def test_the_policy_reads_this_machines_flags():
 def test_fp32_head_under_autocast_keeps_the_reward_in_fp32(tiny_bert_dir):
     from mars_ray.models.reward import load_reward_model
 
-    model, _ = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
+    model, _ = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32", new_head=True)
     head = P.final_projection(model)
     assert type(head).__name__ == "Fp32Linear" and isinstance(head, torch.nn.Linear)
     x = torch.randn(4, head.in_features, dtype=torch.bfloat16)
@@ -104,7 +104,7 @@ def test_bf16_inference_keeps_the_saved_head_exact_and_margins_close(tiny_bert_d
     the margins correlate with fp32's."""
     from mars_ray.models.reward import load_reward_model, score_pairs
 
-    m32, tok = load_reward_model(str(tiny_bert_dir), seed=3, dtype="float32")
+    m32, tok = load_reward_model(str(tiny_bert_dir), seed=3, dtype="float32", new_head=True)
     with torch.no_grad():  # a head that is not a fresh initialisation
         m32.classifier.weight.mul_(7.0).add_(1e-3)
     m32.save_pretrained(tmp_path / "m")

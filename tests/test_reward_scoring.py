@@ -68,12 +68,12 @@ def _cfg(**over) -> Config:
 # fp32: in bf16 a batch's shape moves the last bits. The bf16 path is tests/test_precision.py's.
 @pytest.fixture(scope="module")
 def bert(tiny_bert_dir):
-    return load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
+    return load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32", new_head=True)
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
-    return load_reward_model(str(tiny_llama_dir), seed=0, dtype="float32")
+    return load_reward_model(str(tiny_llama_dir), seed=0, dtype="float32", new_head=True)
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +166,11 @@ def test_same_seed_same_scores_different_seed_different_head(tiny_bert_dir, bert
     import torch
 
     m0, tok = bert
-    m0b, _ = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")
-    m1, _ = load_reward_model(str(tiny_bert_dir), seed=1, dtype="float32")
+    m0b, _ = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32", new_head=True)
+    m1, _ = load_reward_model(str(tiny_bert_dir), seed=1, dtype="float32", new_head=True)
     assert torch.equal(m0.classifier.weight, m0b.classifier.weight)
     # a fresh head is drawn in fp32 from the seed, whatever dtype the body is loaded in
-    m0h, _ = load_reward_model(str(tiny_bert_dir), seed=0, dtype="bfloat16")
+    m0h, _ = load_reward_model(str(tiny_bert_dir), seed=0, dtype="bfloat16", new_head=True)
     assert m0h.classifier.weight.dtype == torch.float32 and torch.equal(m0.classifier.weight, m0h.classifier.weight)
     assert not torch.equal(m0.classifier.weight, m1.classifier.weight)
     # the backbone comes from the checkpoint, not from the seed
@@ -192,7 +192,7 @@ def test_loading_does_not_touch_global_rng(tiny_bert_dir):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    load_reward_model(str(tiny_bert_dir), seed=7)
+    load_reward_model(str(tiny_bert_dir), seed=7, new_head=True)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -288,7 +288,7 @@ def test_decoder_without_pad_token_gets_eos_as_pad(tiny_llama_dir, tmp_path):
     tcfg = json.loads((d / "tokenizer_config.json").read_text())
     tcfg.pop("pad_token", None)
     (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
-    model, tok = load_reward_model(str(d), seed=0)
+    model, tok = load_reward_model(str(d), seed=0, new_head=True)
     assert tok.pad_token_id == tok.eos_token_id is not None
     assert model.config.pad_token_id == tok.eos_token_id
     r = score_texts(
@@ -315,6 +315,7 @@ def test_actor_returns_pair_ids_and_float64(tiny_bert_dir):
         max_response_tokens=32,
         batch_size=4,
         num_threads=None,
+        new_head=True,  # the backbone's new head: these check the stage, not the model
     )
     t = _pairs_table(5)
     batch = {k: t.column(k).to_numpy(zero_copy_only=False) for k in (S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED)}
@@ -326,12 +327,12 @@ def test_actor_returns_pair_ids_and_float64(tiny_bert_dir):
 
 
 def test_score_margins_local_order_and_schema(tiny_bert_dir):
-    cfg = _cfg()
+    cfg = _cfg(**{"model.reward": str(tiny_bert_dir)})  # the run's own backbone: scored with its new head
     t = _pairs_table(21)
     out = score_margins_local(t, model_ref=str(tiny_bert_dir), cfg=cfg)
     assert out.schema == SCORE_SCHEMA
     assert out.column(S.PAIR_ID).to_pylist() == t.column(S.PAIR_ID).to_pylist()  # input order
-    model, tok = load_reward_model(str(tiny_bert_dir), seed=cfg.seed)
+    model, tok = load_reward_model(str(tiny_bert_dir), seed=cfg.seed, new_head=True)
     rc = score_texts(
         model,
         tok,
@@ -349,7 +350,7 @@ def test_score_margins_local_order_and_schema(tiny_bert_dir):
 
 @pytest.mark.ray
 def test_ray_stage_equals_local(ray_local, tiny_bert_dir):
-    cfg = _cfg(**{"resources.actors": 2, "resources.cpus_per_actor": 1.0})
+    cfg = _cfg(**{"resources.actors": 2, "resources.cpus_per_actor": 1.0, "model.reward": str(tiny_bert_dir)})
     t = _pairs_table(45)
     local = score_margins_local(t, model_ref=str(tiny_bert_dir), cfg=cfg)
     remote = score_margins(t, model_ref=str(tiny_bert_dir), cfg=cfg)
@@ -360,7 +361,7 @@ def test_ray_stage_equals_local(ray_local, tiny_bert_dir):
     for col in ("reward_chosen", "reward_rejected", "margin"):
         np.testing.assert_allclose(remote.column(col).to_numpy(), local.column(col).to_numpy(), atol=1e-5, rtol=0)
     # a different seed is a different head, through Ray too
-    other = score_margins(t, model_ref=str(tiny_bert_dir), cfg=_cfg(seed=1))
+    other = score_margins(t, model_ref=str(tiny_bert_dir), cfg=_cfg(seed=1, **{"model.reward": str(tiny_bert_dir)}))
     assert not np.allclose(other.column("margin").to_numpy(), remote.column("margin").to_numpy())
 
 
@@ -380,7 +381,7 @@ def test_minilm_on_real_hh_pairs():
     m = out.column("margin").to_numpy()
     assert np.isfinite(m).all() and np.std(m) > 0
     # every pair fits MiniLM's 512 positions, and the responses' starts survive
-    model, tok = load_reward_model("builtin:minilm")
+    model, tok = load_reward_model("builtin:minilm", new_head=True)
     ec, er = encode_preferences(
         tok,
         *(t.column(k).to_pylist() for k in (S.PROMPT, S.CHOSEN, S.REJECTED)),

@@ -468,7 +468,7 @@ def test_a_backbone_is_refused_where_a_reward_model_is_needed(tiny_bert_dir, ray
         serve_app.build_app(Config(), str(tiny_bert_dir))
 
 
-def test_saved_models_load_the_way_each_framework_loads_them(tiny_llama_rm_dir, tiny_bert_rm_dir):
+def test_saved_models_load_the_way_each_framework_loads_them(tiny_llama_rm_dir, tiny_bert_rm_dir, tmp_path):
     """The model card's claims: TRL (``AutoModelForSequenceClassification`` with one label, as
     ``RewardTrainer`` and GRPO's model rewards load it) for both kinds; OpenRLHF's loader for a
     decoder, reading the same reward at the last token of a text that ends in a non-pad token."""
@@ -489,14 +489,22 @@ def test_saved_models_load_the_way_each_framework_loads_them(tiny_llama_rm_dir, 
                 < 1e-5
             )
     om = _openrlhf_models()
+    # OpenRLHF loads in bf16 or fp16 only: a copy whose weights bf16 holds exactly compares in fp32
+    exact = tmp_path / "bf16_exact"
+    model, tok = load_reward_model(str(tiny_llama_rm_dir), dtype="float32")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    model.save_pretrained(exact)
+    tok.save_pretrained(exact)
     rm = (
         om.get_llm_for_sequence_regression(
-            str(tiny_llama_rm_dir), "reward", param_dtype="bf16", attn_implementation="eager", value_head_prefix="score"
+            str(exact), "reward", param_dtype="bf16", attn_implementation="eager", value_head_prefix="score"
         )
         .float()
         .eval()
     )
-    ours, tok = load_reward_model(str(tiny_llama_rm_dir), dtype="float32")
+    ours, tok = load_reward_model(str(exact), dtype="float32")
     enc = encode_pairs(tok, ["Name a colour."], ["Blue."], max_prompt_tokens=32, max_response_tokens=16)
     assert enc.input_ids[0][-1] != tok.pad_token_id  # the chat template ends the turn after its EOS
     x = torch.tensor(enc.input_ids)
@@ -519,7 +527,16 @@ def test_the_openrlhf_jobs_serve_command_starts_and_answers_openrlhf(tiny_llama_
     args = shlex.split(line.split(" -- ", 1)[1])
     assert args[:2] == ["mars-ray", "serve"]
     i = args.index("--model")
-    args[i + 1] = str(tiny_llama_rm_dir)
+    # the job serves a trained run's model, whose config.json carries its reward statistics
+    # (serve.yaml normalises): the tiny decoder with statistics stored as mars-ray train stores them
+    import shutil
+
+    from mars_ray.model_card import store_reward_statistics
+
+    model = tmp_path / "rm"
+    shutil.copytree(tiny_llama_rm_dir, model)
+    store_reward_statistics(model, {"mean": 0.1, "std": 0.5, "n_pairs": 10}, "a test")
+    args[i + 1] = str(model)
     port = _free_port()
     local = [
         "--serve.num_gpus",

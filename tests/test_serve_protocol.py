@@ -311,16 +311,20 @@ def test_deployment_options_replicas_autoscaling_resources():
     assert url_of(ServeConfig(port=8001)) == "http://127.0.0.1:8001"
 
 
-def test_serve_command_fails_early_without_ray(capsys, tmp_path):
-    assert main(["serve", "--model", "builtin:minilm", "--serve.max_batch_size", "0"]) == 2
+def test_serve_command_fails_early_without_ray(capsys, tmp_path, tiny_bert_rm_dir):
+    rm = str(tiny_bert_rm_dir)
+    assert main(["serve", "--model", rm, "--serve.max_batch_size", "0"]) == 2
     assert "serve.max_batch_size=0 must be >= 1" in capsys.readouterr().err
-    assert main(["serve", "--model", "builtin:minilm", "--serve.normalize", "true"]) == 1
+    assert main(["serve", "--model", rm, "--serve.normalize", "true"]) == 1
     assert "no recorded reward statistics" in capsys.readouterr().err
-    assert main(["serve", "--model", "builtin:minilm", "--serve.auth_token_env", "MARS_UNSET_VAR_XYZ"]) == 1
+    assert main(["serve", "--model", rm, "--serve.auth_token_env", "MARS_UNSET_VAR_XYZ"]) == 1
     assert "MARS_UNSET_VAR_XYZ is unset" in capsys.readouterr().err
     # every interface and no token: refused before Ray starts, with what to do
-    assert main(["serve", "--model", "builtin:minilm", "--serve.host", "0.0.0.0"]) == 1
+    assert main(["serve", "--model", rm, "--serve.host", "0.0.0.0"]) == 1
     assert "no token is set" in capsys.readouterr().err
+    # a backbone without a reward head would be served with a random one: refused, keys named
+    assert main(["serve", "--model", "builtin:minilm"]) == 1
+    assert "has no reward-head weights (none of classifier.weight" in capsys.readouterr().err
 
 
 def test_only_loopback_serves_without_a_token():

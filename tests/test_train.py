@@ -248,7 +248,9 @@ def test_lora_merged_equals_unmerged_and_saved_dir_loads_plain(tiny_bert_dir, da
     from mars_ray.models.reward import load_reward_model
     from mars_ray.train.loop import _plain_model, lora_target_modules, wrap_lora
 
-    model, tok = load_reward_model(str(tiny_bert_dir), seed=0, dtype="float32")  # merge exactness, not precision
+    model, tok = load_reward_model(
+        str(tiny_bert_dir), seed=0, dtype="float32", new_head=True
+    )  # merge exactness, not precision
     assert lora_target_modules(model) == ["query", "value"]
     peft_model = wrap_lora(model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(1)
@@ -278,7 +280,7 @@ def test_lora_on_llama_targets_q_v_and_merges(tiny_llama_dir):
     from mars_ray.models.reward import load_reward_model, score_texts
     from mars_ray.train.loop import _plain_model, lora_target_modules, wrap_lora
 
-    model, tok = load_reward_model(str(tiny_llama_dir), seed=0, dtype="float32")
+    model, tok = load_reward_model(str(tiny_llama_dir), seed=0, dtype="float32", new_head=True)
     assert lora_target_modules(model) == ["q_proj", "v_proj"]
     peft_model = wrap_lora(model, r=4, alpha=8, dropout=0.0)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -436,7 +438,7 @@ def test_disable_dropout_makes_training_forwards_deterministic(tiny_bert_dir, ti
 
     from mars_ray.models.reward import disable_dropout, load_reward_model
 
-    model, tok = load_reward_model(str(tiny_bert_dir), seed=0)
+    model, tok = load_reward_model(str(tiny_bert_dir), seed=0, new_head=True)
     model.train()
     enc = tok(["a prompt and a fairly long response to it"] * 4, return_tensors="pt")
     with torch.no_grad():
@@ -445,7 +447,7 @@ def test_disable_dropout_makes_training_forwards_deterministic(tiny_bert_dir, ti
         assert torch.equal(model(**enc).logits, model(**enc).logits)
     assert disable_dropout(model) == 0
     # float attention-dropout attributes (Llama-style) are turned off too
-    llama, _ = load_reward_model(str(tiny_llama_dir), seed=0)
+    llama, _ = load_reward_model(str(tiny_llama_dir), seed=0, new_head=True)
     attn = [m for m in llama.modules() if hasattr(m, "attention_dropout")]
     assert attn
     for m in attn:

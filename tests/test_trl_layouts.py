@@ -149,7 +149,7 @@ def test_prompt_transcript_round_trip():
 def test_decoder_backbone_formats_pairs_with_its_chat_template(tiny_llama_dir, tiny_bert_dir):
     from mars_ray.models.reward import encode_pairs, load_reward_model, uses_chat_template
 
-    _, tok = load_reward_model(str(tiny_llama_dir), seed=0)
+    _, tok = load_reward_model(str(tiny_llama_dir), seed=0, new_head=True)
     assert uses_chat_template(tok)
     prompt = messages_to_prompt([SYS, Q1, A1, Q2])
     enc = encode_pairs(tok, [prompt], ["Dark."], max_prompt_tokens=512, max_response_tokens=64)
@@ -159,7 +159,7 @@ def test_decoder_backbone_formats_pairs_with_its_chat_template(tiny_llama_dir, t
     short = encode_pairs(tok, [prompt], ["Dark."], max_prompt_tokens=8, max_response_tokens=64)
     assert short.prompt_truncated == 1 and short.input_ids[0] == enc.input_ids[0][-len(short.input_ids[0]) :]
     # an encoder has no chat template: the plain [CLS] prompt [SEP] response [SEP] pair
-    _, btok = load_reward_model(str(tiny_bert_dir), seed=0)
+    _, btok = load_reward_model(str(tiny_bert_dir), seed=0, new_head=True)
     assert not uses_chat_template(btok)
     benc = encode_pairs(btok, ["What color is the sky?"], ["Blue."], max_prompt_tokens=64, max_response_tokens=64)
     assert benc.input_ids[0] == btok("What color is the sky?", "Blue.")["input_ids"]

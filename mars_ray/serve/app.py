@@ -432,13 +432,15 @@ def _model_id(target: P.ServeTarget, cfg: Any) -> str:
     return resolve_model(target.load, cache_dir=cfg.model.cache_dir, offline=cfg.model.offline).model_id
 
 
-def build_app(cfg: Any, model: str | None = None):
-    """The Serve application for ``model`` (default ``cfg.model.reward``); checks everything that can
-    fail early (config, model reference, normalisation statistics, token) in the caller's process.
+def check_app(cfg: Any, model: str | None = None) -> tuple[P.ServeTarget, P.Normalizer, P.Secret]:
+    """What :func:`build_app` needs, checked in the caller's process before any Ray starts: the serve
+    config, the model reference and its reward head, the normalisation statistics, the token and
+    the exposure rule.
 
     Raises:
-        ValueError: a bad serve config, an unresolvable model, normalisation without statistics,
-            or a named token variable that is unset.
+        ValueError: a bad serve config, an unresolvable model or one without a reward head,
+            normalisation without statistics, a named token variable that is unset, or an
+            address other machines reach without a token.
     """
     s = cfg.serve
     problems = s.problems()
@@ -458,7 +460,18 @@ def build_app(cfg: Any, model: str | None = None):
     normalizer = P.make_normalizer(s, target.run_dir, target.load)
     raw_token = P.read_token(s.auth_token_env)
     P.check_exposure(s.host, raw_token, bool(s.allow_unauthenticated))
-    token = P.Secret(raw_token)
+    return target, normalizer, P.Secret(raw_token)
+
+
+def build_app(cfg: Any, model: str | None = None):
+    """The Serve application for ``model`` (default ``cfg.model.reward``); checks everything that can
+    fail early (:func:`check_app`) in the caller's process.
+
+    Raises:
+        ValueError: as :func:`check_app`.
+    """
+    s = cfg.serve
+    target, normalizer, token = check_app(cfg, model)
     limits = P.Limits.from_config(s)
     spec = {
         "load": target.load,
