@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (see README):
 #   make run    install, then run the main job on the embedded default (local Ray, CPU, built-in models)
-#   make test   install, then run the test suite
+#   make test   install, then run the test suite's fast tier (everything but the `e2e` tests)
+#   make test-all  install, then run every test (CI: .ci/run)
 #
 # Set-up installs the CPU build of torch first on machines without CUDA (no nvidia-smi), so no
 # dependency pulls the multi-GB CUDA build. Override with TORCH=... and TORCH_INDEX=<wheel index URL>.
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 # scheduling, subprocesses), and the other process fills it. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 
-.PHONY: install run test test-fast lint format bench clean
+.PHONY: install run test test-all test-fast lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -45,9 +46,16 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	RAY_AUTH_MODE=disabled $(BIN)/mars-ray train --output.dir $(RUN_DIR) --output.overwrite true
 
+# `make test`: unit, fast Ray and one end-to-end run (the embedded default), within 15 minutes on 2
+# cores; `make test-all` adds the `e2e` tier: long end-to-end and fault tests at full fidelity.
+TEST_CMD = PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25 \
+	  -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25 \
-	  -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
+	$(TEST_CMD) -m "not e2e" $(PYTEST_ARGS)
+
+test-all: install
+	$(TEST_CMD) $(PYTEST_ARGS)
 
 lint: install
 	# ruff (lint + format check) on the package, tests and benchmarks; mypy on the pure layers (pyproject.toml)

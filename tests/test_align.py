@@ -86,6 +86,7 @@ def aligned(table2):
     return table2 / "policies" / "mars-seed0"
 
 
+@pytest.mark.e2e
 def test_align_compare_aligns_one_policy_per_reward_model_and_judges_them(table2):
     res = json.loads((table2 / "align_compare.json").read_text())
     assert list(res["policies"]) == ["mars-seed0", "uniform-seed0"]
@@ -104,6 +105,7 @@ def test_align_compare_aligns_one_policy_per_reward_model_and_judges_them(table2
     assert before == {n: (Path(p["dir"]) / "align_summary.json").stat().st_mtime for n, p in res["policies"].items()}
 
 
+@pytest.mark.e2e
 def test_align_updates_the_adapter_with_rewards_from_serve(aligned, tiny_llama_dir):
     import torch
     from transformers import AutoModelForCausalLM
@@ -141,6 +143,7 @@ def test_align_updates_the_adapter_with_rewards_from_serve(aligned, tiny_llama_d
     assert main(["align", "--output.dir", str(aligned)]) == 1
 
 
+@pytest.mark.e2e
 def test_align_resumes_after_the_driver_is_killed(ray_local, tmp_path, tiny_bert_rm_dir, tiny_llama_dir):
     out = tmp_path / "run"
     # sized down: 3 steps (was 4); the kill still lands after the first checkpoint
@@ -174,6 +177,7 @@ def test_align_resumes_after_the_driver_is_killed(ray_local, tmp_path, tiny_bert
     assert sorted({json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()}) == [1, 2, 3]
 
 
+@pytest.mark.e2e
 def test_winrate_with_a_local_logits_judge(aligned, tmp_path, tiny_llama_dir):
     out = tmp_path / "wr"
     args = [
@@ -215,6 +219,7 @@ def test_winrate_with_a_local_logits_judge(aligned, tmp_path, tiny_llama_dir):
     assert (s2["win"], s2["tie"], s2["loss"]) == (s["win"], s["tie"], s["loss"])
 
 
+@pytest.mark.e2e
 def test_winrate_through_a_real_openai_compatible_server(aligned, tmp_path, tiny_llama_dir):
     from mars_ray.generation import GenParams
     from mars_ray.generation.local import LocalChatGenerator

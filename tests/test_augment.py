@@ -278,14 +278,21 @@ def _flat(cfg: Config):
             yield k, "null" if v is None else (str(v).lower() if isinstance(v, bool) else v)
 
 
+# (pairs, budget, rewrite / paraphrase new tokens, beams, stages in this process): `make test` runs
+# the quick size in-process; `make test-all` the full one on Ray Data actor pools.
+REAL_EPOCH = [
+    pytest.param(48, 8, 40, 48, 1, True, id="quick-in-process"),
+    pytest.param(64, 16, 80, 80, 2, False, id="full-actor-pools", marks=pytest.mark.e2e),
+]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
-def test_real_epoch_on_real_pairs(ray_local, tmp_path):
-    """builtin:minilm scores and embeds, builtin:smollm2 rewrites and paraphrases: 48 real
-    PKU-SafeRLHF pairs, a budget of 8 (generation cost follows the budget, not the pair count).
-    Sized down for the suite's time (was 64 pairs, a budget of 16, 80 new tokens, 2 beams, Ray Data
-    actor pools): the stages run in this process (the actor-pool path is tested with tiny models)."""
+@pytest.mark.parametrize(("n", "budget", "rw_tokens", "pp_tokens", "beams", "in_process"), REAL_EPOCH)
+def test_real_epoch_on_real_pairs(ray_local, tmp_path, n, budget, rw_tokens, pp_tokens, beams, in_process):
+    """builtin:minilm scores and embeds, builtin:smollm2 rewrites and paraphrases real PKU-SafeRLHF
+    pairs (generation cost follows the budget, not the pair count), through the rewrite gate."""
     from conftest import PKU, shared_file
 
     from mars_ray.augment import run_epoch
@@ -293,34 +300,35 @@ def test_real_epoch_on_real_pairs(ray_local, tmp_path):
     cfg = Config.load(
         overrides={
             "data.path": str(shared_file(PKU)),
-            "data.max_pairs": "48",
+            "data.max_pairs": str(n),
             "data.val_fraction": "0",
             "data.test_fraction": "0",
-            "mars.budget": "8",
+            "mars.budget": str(budget),
             "mars.tau": "50",
             "mars.margin_scale": "raw",
             "semantic.enabled": "true",  # the built-in rewriter, through the rewrite gate
             "rewrite.max_attempts_rejected": "1",
             "rewrite.max_attempts_chosen": "1",
-            "rewrite.max_new_tokens": "40",
-            "paraphrase.max_new_tokens": "48",
-            "paraphrase.num_beams": "1",
+            "rewrite.max_new_tokens": str(rw_tokens),
+            "paraphrase.max_new_tokens": str(pp_tokens),
+            "paraphrase.num_beams": str(beams),
             "paraphrase.topup_rounds": "3",
-            "resources.in_process": "true",
+            "resources.in_process": "true" if in_process else "false",
+            "resources.actors": "1",
             "model.cache_dir": str(tmp_path / "cache"),
         }
     )
     pairs = read_preferences(cfg.data, seed=cfg.seed).table
-    assert pairs.num_rows == 48
+    assert pairs.num_rows == n
     res = run_epoch(cfg, pairs, reward_ref="builtin:minilm", epoch=1, log=print)
     s = res.summary
     print(json.dumps(s, indent=1, default=float))
     # The budget is spent exactly (top-up rounds refill pools the quality gate emptied).
-    assert s["budget_unspent"] == 0 and res.synthetic.num_rows == 8
+    assert s["budget_unspent"] == 0 and res.synthetic.num_rows == budget
     # The allocation went to the low margins.
     m, b = np.array(res.per_pair.column("margin").to_pylist()), np.array(res.per_pair.column("budget").to_pylist())
     order = np.argsort(m)
-    assert b.sum() == 8 and b[order[:24]].sum() > b[order[24:]].sum()
+    assert b.sum() == budget and b[order[: n // 2]].sum() > b[order[n // 2 :]].sum()
     ids = set(pairs.column("pair_id").to_pylist())
     assert set(res.synthetic.column("source_pair_id").to_pylist()) <= ids
     assert s["refine"]["candidates"] == sum(s["refine"]["by_status"].values())

@@ -25,7 +25,7 @@ import pytest
 from mars_ray.core import chaos
 from mars_ray.core import schema as S
 
-pytestmark = [pytest.mark.ray, pytest.mark.chaos]
+pytestmark = [pytest.mark.ray, pytest.mark.chaos, pytest.mark.e2e]
 
 
 def _same_metrics(got: dict, want: dict) -> None:

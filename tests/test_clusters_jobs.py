@@ -685,6 +685,7 @@ def _actors_by_node(address: str, job_id: str) -> dict[str, Counter]:
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_train_job_spans_two_nodes_and_stops_cleanly(two_node_cluster, tiny_bert_dir, tiny_llama_dir, tmp_path):
     from _ray_cluster import submit

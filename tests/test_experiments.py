@@ -109,6 +109,7 @@ def test_compare_two_strategies_two_seeds(ray_local, tmp_path, tiny_bert_dir, ti
     assert main(["compare", *args, "--compare.strategies", "[none]"]) == 2
 
 
+@pytest.mark.e2e
 def test_sweep_restores_after_a_killed_driver_and_exports_the_best_config(
     ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir
 ):

@@ -326,6 +326,7 @@ print(out, plain, sorted(m for m in ('ray', 'torch', 'deepspeed') if m in sys.mo
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_trl_grpo_two_steps_with_the_served_reward(served, tiny_llama_dir, tmp_path):
     """TRL's GRPOTrainer, outside mars-ray align: a tiny policy, the served encoder reward model
     through RewardFunction, 2 optimisation steps on a conversational dataset."""
@@ -515,6 +516,7 @@ def test_saved_models_load_the_way_each_framework_loads_them(tiny_llama_rm_dir, 
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_the_openrlhf_jobs_serve_command_starts_and_answers_openrlhf(tiny_llama_rm_dir, tmp_path):
     """jobs/openrlhf/ppo.sh's step 1, the serve command as written (cluster config, no token, on
     0.0.0.0), with only what this machine lacks overridden: the model (the tiny decoder), GPUs and

@@ -419,9 +419,9 @@ def _sigterm_load(url: str, *, clients: int):
 
 STOP_WAYS = [
     pytest.param("SIGTERM", "pid", id="sigterm-pid"),
-    pytest.param("SIGINT", "pid", id="sigint-pid", marks=pytest.mark.slow),
-    pytest.param("SIGTERM", "group", id="sigterm-group", marks=pytest.mark.slow),
-    pytest.param("SIGINT", "group", id="sigint-group", marks=pytest.mark.slow),
+    pytest.param("SIGINT", "pid", id="sigint-pid", marks=pytest.mark.e2e),
+    pytest.param("SIGTERM", "group", id="sigterm-group", marks=pytest.mark.e2e),
+    pytest.param("SIGINT", "group", id="sigint-group", marks=pytest.mark.e2e),
 ]
 
 

@@ -409,7 +409,7 @@ def test_ddp_two_workers_one_pass(ray_local, tiny_bert_dir, data_files, tmp_path
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage", [2])  # ZeRO-3 (save gathered from partitions, restore): test_train_faults.py
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.e2e)])
 def test_deepspeed_zero_matches_ddp_first_step_on_minilm(ray_local, data_files, tmp_path, stage):
     """The real MiniLM backbone (builtin:minilm), a few steps under Ray Train with DeepSpeed ZeRO on
     CPU (gloo): the loss equals the plain path's on the same batches; the saved model loads as a
