@@ -9,9 +9,10 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-pytestmark = pytest.mark.e2e  # restarts and resumes at full fidelity: `make test-all`
 from test_pipeline import loop_cfg
 from test_train import _cfg, _pairs, _score, _write
+
+pytestmark = pytest.mark.e2e  # restarts and resumes at full fidelity: `make test-all`
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
