@@ -8,7 +8,6 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-
 from test_pipeline import loop_cfg
 from test_train import _cfg, _pairs, _score, _write
 
