@@ -431,7 +431,7 @@ def run_ours(train, heldout, args, tmp: Path, *, lora: bool, precision: str, zer
     import ray
 
     from mars_ray.runtime import init_ray
-    from mars_ray.train.loop import fit_reward_model
+    from mars_ray.train.loop import FitSpec, fit_reward_model
 
     over = {"train.lora": lora, "train.precision": precision}
     if zero2:
@@ -449,11 +449,13 @@ def run_ours(train, heldout, args, tmp: Path, *, lora: bool, precision: str, zer
     t_ray = time.perf_counter() - t0
     m = fit_reward_model(
         cfg,
-        init_model=init,
-        train_path=train_path,
-        val_path=None,
-        run_dir=tmp / "runs",
-        name=f"bench_{int(time.time() * 1000)}",
+        FitSpec(
+            init_model=init,
+            train_path=train_path,
+            val_path=None,
+            run_dir=tmp / "runs",
+            name=f"bench_{int(time.time() * 1000)}",
+        ),
     )
     e2e = time.perf_counter() - t0
     ray.shutdown()  # not timed

@@ -66,7 +66,7 @@ def main() -> int:
     from mars_ray.data import read_preferences
     from mars_ray.runtime import pick_device
     from mars_ray.stages import common
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     out = Path(tempfile.mkdtemp(prefix="gpu_smoke_"))
     cfg = Config.load(
@@ -101,8 +101,8 @@ def main() -> int:
     common.clear_local_actors()
     pq.write_table(train, out / "train.parquet")
     t0 = time.perf_counter()
-    fit = fit_reward_model(cfg, init_model=cfg.model.reward, train_path=out / "train.parquet", val_path=out / "train.parquet",
-                           run_dir=out / "ray_train", name="smoke")  # fmt: skip
+    fit = fit_reward_model(cfg, FitSpec(init_model=cfg.model.reward, train_path=out / "train.parquet", val_path=out / "train.parquet",
+                           run_dir=out / "ray_train", name="smoke"))  # fmt: skip
     rows.append(
         (
             "training pass",

@@ -58,7 +58,7 @@ def _cols(table) -> tuple[list[str], list[str], list[str]]:
 
 def _train(train_path: Path, run_dir: Path, seed: int, precision: str, a) -> dict:
     from mars_ray.config import Config
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     cfg = Config.load(
         overrides={
@@ -74,11 +74,13 @@ def _train(train_path: Path, run_dir: Path, seed: int, precision: str, a) -> dic
     )
     m = fit_reward_model(
         cfg,
-        init_model="builtin:minilm",
-        train_path=train_path,
-        val_path=None,
-        run_dir=run_dir,
-        name=f"{precision}-{seed}",
+        FitSpec(
+            init_model="builtin:minilm",
+            train_path=train_path,
+            val_path=None,
+            run_dir=run_dir,
+            name=f"{precision}-{seed}",
+        ),
     )
     return {
         "model_dir": m["model_dir"],

@@ -427,7 +427,7 @@ def warmup_model(
     import fcntl
 
     from mars_ray.models.resolve import cache_root
-    from mars_ray.train.loop import fit_reward_model
+    from mars_ray.train.loop import FitSpec, fit_reward_model
 
     ids = pq.read_table(train_path, columns=[S.PAIR_ID]).column(S.PAIR_ID).to_pylist()
     key = warmup_key(cfg, ids)
@@ -445,16 +445,18 @@ def warmup_model(
             ) as st:
                 fit = fit_reward_model(
                     wcfg,
-                    init_model=cfg.model.reward,
-                    train_path=train_path,
-                    val_path=val_path,
-                    run_dir=run_dir / "ray_train",
-                    name="warmup",
-                    epoch=0,
-                    max_failures=cfg.train.max_failures,
-                    test_path=test_path,
-                    test_before=test_path is not None,
-                    score_path=train_path if score else None,
+                    FitSpec(
+                        init_model=cfg.model.reward,
+                        train_path=train_path,
+                        val_path=val_path,
+                        run_dir=run_dir / "ray_train",
+                        name="warmup",
+                        epoch=0,
+                        max_failures=cfg.train.max_failures,
+                        test_path=test_path,
+                        test_before=test_path is not None,
+                        score_path=train_path if score else None,
+                    ),
                 )
                 st.done(_fit_result(fit))
             tmp = root / f"{key}.tmp"
@@ -543,7 +545,6 @@ def run_mars(
     *,
     resume: bool = False,
     log: Callable[[str], None] = console.say,
-    _fault: dict | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     base_metrics: bool = False,
 ) -> dict[str, Any]:
@@ -556,9 +557,6 @@ def run_mars(
     the run's end summary, ``summary["base"]``), inside the first training run before its first
     step; a scoring pool only when no training run of this call could (resumed epochs, a shared r0).
 
-    ``_fault`` is for recovery tests only: a worker fault to inject (see
-    :func:`mars_ray.train.loop.train_loop_per_worker`).
-
     Returns the summary (also ``summary.json``).
 
     Raises:
@@ -566,7 +564,7 @@ def run_mars(
         ValueError / DataFileError: configuration or data problems, before anything is trained.
     """
     from mars_ray.runtime import init_ray
-    from mars_ray.train.loop import fit_reward_model
+    from mars_ray.train.loop import FitSpec, fit_reward_model
 
     cfg.validate()
     if cfg.mars.strategy not in STRATEGIES:
@@ -640,19 +638,20 @@ def run_mars(
         with console.stage(f"[epoch {t}/{T}] train on {grown.num_rows} pairs ({syn.num_rows} new)") as st:
             fit = fit_reward_model(
                 epoch_config(cfg, t),
-                init_model=prev_model,
-                train_path=ep / "train.parquet",
-                val_path=val_path,
-                run_dir=run_dir / "ray_train",
-                name=f"epoch_{t:03d}",
-                weights_column=LOSS_WEIGHT if weights is not None else None,
-                epoch=t,
-                max_failures=cfg.train.max_failures,
-                _fault=_fault,
-                test_path=test_path,
-                test_before=want_base and base is None and t == 1 and warm is None,
-                # the last epoch's scores are the final model's reward statistics (config.json mean/std)
-                score_path=run_dir / "data" / "train.parquet" if (score_in_training and t < T) or t == T else None,
+                FitSpec(
+                    init_model=prev_model,
+                    train_path=ep / "train.parquet",
+                    val_path=val_path,
+                    run_dir=run_dir / "ray_train",
+                    name=f"epoch_{t:03d}",
+                    weights_column=LOSS_WEIGHT if weights is not None else None,
+                    epoch=t,
+                    max_failures=cfg.train.max_failures,
+                    test_path=test_path,
+                    test_before=want_base and base is None and t == 1 and warm is None,
+                    # the last epoch's scores are the final model's reward statistics (config.json mean/std)
+                    score_path=run_dir / "data" / "train.parquet" if (score_in_training and t < T) or t == T else None,
+                ),
             )
             st.done(_fit_result(fit) + f", test accuracy {_fmt(fit.get('test_accuracy'))}")
         if want_base and base is None:

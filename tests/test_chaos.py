@@ -238,9 +238,12 @@ def test_disk_full_while_an_epoch_writes(ray_local, tmp_path, tiny_bert_dir, tin
 
         # A run that crashed at epoch 2's first training step (the driver trains: it is the crash).
         run = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "run", **over)
-        fault = {"marker": str(tmp_path / "crashed"), "at_step": 0, "epoch": 2}
-        with pytest.raises(RuntimeError, match="injected"):
-            run_mars(run, log=lambda m: None, _fault=fault)
+        os.environ[chaos.ENV] = f"train.step.epoch2@1:raise={tmp_path / 'crashed'}"
+        try:
+            with pytest.raises(RuntimeError, match="injected"):
+                run_mars(run, log=lambda m: None)
+        finally:
+            os.environ.pop(chaos.ENV, None)
         assert len(read_metrics(run.output.dir)) == 1
 
         out = disk / "run"

@@ -150,7 +150,7 @@ def _fit(tiny_bert_dir, tmp_path, precision: str, name: str):
     import pyarrow.parquet as pq
 
     from mars_ray.core.schema import PAIR_SCHEMA, human_row
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     rows = [
         human_row(
@@ -177,7 +177,7 @@ def _fit(tiny_bert_dir, tmp_path, precision: str, name: str):
         }
     )
     return fit_reward_model(
-        cfg, init_model=str(tiny_bert_dir), train_path=path, val_path=path, run_dir=tmp_path / name, name=name
+        cfg, FitSpec(init_model=str(tiny_bert_dir), train_path=path, val_path=path, run_dir=tmp_path / name, name=name)
     ), path
 
 
@@ -266,7 +266,7 @@ def test_deepspeed_bf16_on_a_cpu_with_bf16_trains_and_saves_fp32_weights(
     import pyarrow.parquet as pq
 
     from mars_ray.core.schema import PAIR_SCHEMA, human_row
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     rows = [
         human_row(
@@ -291,11 +291,7 @@ def test_deepspeed_bf16_on_a_cpu_with_bf16_trains_and_saves_fp32_weights(
     }
     m = fit_reward_model(
         Config.load(overrides=over),
-        init_model=str(tiny_bert_dir),
-        train_path=path,
-        val_path=path,
-        run_dir=tmp_path / "ds",
-        name="ds",
+        FitSpec(init_model=str(tiny_bert_dir), train_path=path, val_path=path, run_dir=tmp_path / "ds", name="ds"),
     )
     assert m["precision"] == "bf16" and m["steps"] == 8
     with safe_open(str(Path(m["model_dir"]) / "model.safetensors"), framework="pt") as st:

@@ -301,20 +301,22 @@ def test_lora_on_llama_targets_q_v_and_merges(tiny_llama_dir):
 def test_local_fit_learns_and_saves_plain_hf_folder(tiny_bert_dir, data_files, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     train_path, val_path = data_files
     m = fit_reward_model(
         _cfg(),
-        init_model=str(tiny_bert_dir),
-        train_path=train_path,
-        val_path=val_path,
-        run_dir=tmp_path,
-        name="local",
-        weights_column="weight",
-        test_path=val_path,  # the held-out pairs again: test_* must equal val_*
-        test_before=True,
-        score_path=train_path,
+        FitSpec(
+            init_model=str(tiny_bert_dir),
+            train_path=train_path,
+            val_path=val_path,
+            run_dir=tmp_path,
+            name="local",
+            weights_column="weight",
+            test_path=val_path,  # the held-out pairs again: test_* must equal val_*
+            test_before=True,
+            score_path=train_path,
+        ),
     )
     assert m["test_margin_mean"] == pytest.approx(m["val_margin_mean"], abs=1e-6) and m["test_n"] == m["val_n"]
     assert m["base_test_n"] == m["val_n"] and m["base_test_accuracy"] < m["test_accuracy"]
@@ -346,46 +348,52 @@ def test_local_fit_learns_and_saves_plain_hf_folder(tiny_bert_dir, data_files, t
     # warm start from the trained folder, full fine-tuning, margin term, max_steps
     m2 = fit_reward_model(
         _cfg(**{"train.lora": False, "train.lr": 1e-3, "train.max_steps": 2, "train.margin_term": True}),
-        init_model=str(mdir),
-        train_path=train_path,
-        val_path=val_path,
-        run_dir=tmp_path,
-        name="warm",
-        margin_column="weight",
-        epoch=2,
+        FitSpec(
+            init_model=str(mdir),
+            train_path=train_path,
+            val_path=val_path,
+            run_dir=tmp_path,
+            name="warm",
+            margin_column="weight",
+            epoch=2,
+        ),
     )
     assert m2["steps"] == 2
     assert m2["train_loss_first"] > 0.0
 
 
 def test_fit_rejects_missing_column(tiny_bert_dir, data_files, tmp_path):
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     with pytest.raises(ValueError, match="nope"):
         fit_reward_model(
             _cfg(),
-            init_model=str(tiny_bert_dir),
-            train_path=data_files[0],
-            val_path=None,
-            run_dir=tmp_path,
-            name="bad",
-            weights_column="nope",
+            FitSpec(
+                init_model=str(tiny_bert_dir),
+                train_path=data_files[0],
+                val_path=None,
+                run_dir=tmp_path,
+                name="bad",
+                weights_column="nope",
+            ),
         )
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_ddp_two_workers_one_pass(ray_local, tiny_bert_dir, data_files, tmp_path):
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     cfg = _cfg(**{"train.num_workers": 2, "train.passes": 1, "train.cpus_per_worker": 1.0})
     m = fit_reward_model(
         cfg,
-        init_model=str(tiny_bert_dir),
-        train_path=data_files[0],
-        val_path=data_files[1],
-        run_dir=tmp_path,
-        name="ddp2",
+        FitSpec(
+            init_model=str(tiny_bert_dir),
+            train_path=data_files[0],
+            val_path=data_files[1],
+            run_dir=tmp_path,
+            name="ddp2",
+        ),
     )
     assert m["world_size"] == 2
     assert m["steps"] == 4  # 64 pairs / 2 workers / 8 per micro-batch
@@ -396,11 +404,13 @@ def test_ddp_two_workers_one_pass(ray_local, tiny_bert_dir, data_files, tmp_path
     cfg2 = _cfg(**{"train.num_workers": 2, "train.passes": 2, "train.cpus_per_worker": 1.0})
     m2 = fit_reward_model(
         cfg2,
-        init_model=str(tiny_bert_dir),
-        train_path=data_files[0],
-        val_path=data_files[1],
-        run_dir=tmp_path,
-        name="ddp2",
+        FitSpec(
+            init_model=str(tiny_bert_dir),
+            train_path=data_files[0],
+            val_path=data_files[1],
+            run_dir=tmp_path,
+            name="ddp2",
+        ),
     )
     assert m2["passes_done"] == 2 and m2["steps"] == 8
     assert m2["train_loss_history"][:4] == pytest.approx(m["train_loss_history"])
@@ -417,13 +427,13 @@ def test_deepspeed_zero_matches_ddp_first_step_on_minilm(ray_local, data_files, 
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     over = {"train.passes": 1, "train.max_steps": 2, "train.lr": 1e-4}
     kw = dict(init_model="builtin:minilm", train_path=data_files[0], val_path=data_files[1], run_dir=tmp_path)
-    ref = fit_reward_model(_cfg(**over), name="ref", **kw)
+    ref = fit_reward_model(_cfg(**over), FitSpec(name="ref", **kw))
     cfg = _cfg(**over, **{"train.num_workers": 1, "deepspeed.enabled": True, "deepspeed.stage": stage})
-    m = fit_reward_model(cfg, name=f"ds{stage}", **kw)
+    m = fit_reward_model(cfg, FitSpec(name=f"ds{stage}", **kw))
     assert m["steps"] == 2
     assert m["train_loss_history"][0] == pytest.approx(ref["train_loss_history"][0], abs=1e-4)
     assert m["train_loss_history"][1] == pytest.approx(ref["train_loss_history"][1], abs=1e-3)
@@ -486,16 +496,12 @@ def test_train_state_loads_with_weights_only_and_rng_round_trips(tmp_path):
 
 
 def _fit_once(tiny_bert_dir, tmp_path, rows, name, **over):
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     train = _write(tmp_path / f"{name}.parquet", rows)
     return fit_reward_model(
         _cfg(**over),
-        init_model=str(tiny_bert_dir),
-        train_path=train,
-        val_path=train,
-        run_dir=tmp_path / name,
-        name=name,
+        FitSpec(init_model=str(tiny_bert_dir), train_path=train, val_path=train, run_dir=tmp_path / name, name=name),
     )
 
 

@@ -11,6 +11,8 @@ import pytest
 from test_pipeline import loop_cfg
 from test_train import _cfg, _pairs, _score, _write
 
+from mars_ray.core import chaos
+
 pytestmark = pytest.mark.e2e  # restarts and resumes at full fidelity: `make test-all`
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -24,7 +26,7 @@ def data_files(tmp_path_factory):
 
 @pytest.mark.ray
 def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
-    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir
+    ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, monkeypatch
 ):
     """train.checkpoint_steps 2: rank 0 fails before step 5 of a 10-step pass; FailureConfig
     restarts the worker group from the step-4 checkpoint at its place in the same batch order (not
@@ -33,7 +35,7 @@ def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
     import pyarrow as pa
 
     from mars_ray.data import read_preferences
-    from mars_ray.train.loop import fit_reward_model
+    from mars_ray.train.loop import FitSpec, fit_reward_model
 
     over = {"train.passes": "1", "train.num_workers": "1", "data.max_pairs": "40", "train.checkpoint_steps": "2"}
     cfg = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "midpass", **over)
@@ -49,9 +51,11 @@ def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
     )
     # The reference trains in this process (no worker group to start): the same loop, the same numbers.
     local = loop_cfg(tmp_path, tiny_bert_dir, tiny_llama_dir, "midpass", **over | {"train.num_workers": "0"})
-    clean = fit_reward_model(local, name="clean", **kw)
+    clean = fit_reward_model(local, FitSpec(name="clean", **kw))
     marker = tmp_path / "fault.marker"
-    faulted = fit_reward_model(cfg, name="faulted", max_failures=1, _fault={"marker": str(marker), "at_step": 5}, **kw)
+    # rank 0 raises before optimizer step 5 (the point's 6th visit), once: the marker file records it
+    monkeypatch.setenv(chaos.ENV, f"train.step.epoch1@6:raise={marker}")
+    faulted = fit_reward_model(cfg, FitSpec(name="faulted", max_failures=1, **kw))
     assert marker.exists(), "the fault was never injected"
     assert "resumed_from_step" not in clean and faulted["resumed_from_step"] == 4
     assert faulted["steps"] == clean["steps"] == steps
@@ -59,13 +63,15 @@ def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
     assert faulted["val_margin_mean"] == pytest.approx(clean["val_margin_mean"], rel=1e-3, abs=1e-5)
 
     marker.unlink()
-    with pytest.raises(Exception, match="injected worker fault"):  # no restarts allowed: the error surfaces
-        fit_reward_model(cfg, name="fatal", max_failures=0, _fault={"marker": str(marker), "at_step": 1}, **kw)
+    monkeypatch.setenv(chaos.ENV, f"train.step.epoch1@2:raise={marker}")
+    with pytest.raises(Exception, match="injected fault"):  # no restarts allowed: the error surfaces
+        fit_reward_model(cfg, FitSpec(name="fatal", max_failures=0, **kw))
+    monkeypatch.delenv(chaos.ENV)
 
     other = tmp_path / "other.parquet"
     pq.write_table(pa.concat_tables([t.slice(1), t.slice(0, 1)]), other)  # the same pairs, another order
     with pytest.raises(Exception, match="trained on other data"):
-        fit_reward_model(cfg, name="faulted", **{**kw, "train_path": other})
+        fit_reward_model(cfg, FitSpec(name="faulted", **{**kw, "train_path": other}))
 
 
 @pytest.mark.ray
@@ -82,7 +88,7 @@ def test_checkpoint_inside_a_pass_resumes_at_its_batch_and_refuses_other_data(
     ],
 )
 def test_deepspeed_two_workers_resume_mid_pass_with_their_optimizer_state(
-    ray_local, tiny_bert_dir, data_files, tmp_path, stage, batch, accum, every, fail_at, steps, resumed
+    ray_local, tiny_bert_dir, data_files, tmp_path, monkeypatch, stage, batch, accum, every, fail_at, steps, resumed
 ):
     """ZeRO-3 on 2 CPU workers (gloo): rank 0 fails mid-pass; the worker group restarts from the
     last checkpoint inside the pass, each rank loading its own optimizer and parameter partitions,
@@ -93,7 +99,7 @@ def test_deepspeed_two_workers_resume_mid_pass_with_their_optimizer_state(
     import numpy as np
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     over = {
         "train.num_workers": 2,
@@ -107,11 +113,10 @@ def test_deepspeed_two_workers_resume_mid_pass_with_their_optimizer_state(
     }
     cfg = _cfg(**over)
     kw = dict(init_model=str(tiny_bert_dir), train_path=data_files[0], val_path=data_files[1], run_dir=tmp_path)
-    clean = fit_reward_model(cfg, name="clean", **kw)
+    clean = fit_reward_model(cfg, FitSpec(name="clean", **kw))
     marker = tmp_path / "fault.marker"
-    faulted = fit_reward_model(
-        cfg, name="faulted", max_failures=1, _fault={"marker": str(marker), "at_step": fail_at}, **kw
-    )
+    monkeypatch.setenv(chaos.ENV, f"train.step.epoch1@{fail_at + 1}:raise={marker}")
+    faulted = fit_reward_model(cfg, FitSpec(name="faulted", max_failures=1, **kw))
     assert marker.exists(), "the fault was never injected"
     assert clean["steps"] == faulted["steps"] == clean["deepspeed_global_steps"] == steps
     assert faulted["deepspeed_global_steps"] == steps and faulted["resumed_from_step"] == resumed

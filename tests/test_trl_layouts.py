@@ -195,7 +195,7 @@ def test_decoder_backbone_trains_and_scores_conversational_pairs(tiny_llama_dir,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from mars_ray.core.losses import pair_metrics
-    from mars_ray.train import fit_reward_model
+    from mars_ray.train import FitSpec, fit_reward_model
 
     paths = {}
     for name, n, seed in (("train", 64, 1), ("val", 32, 2)):
@@ -218,11 +218,13 @@ def test_decoder_backbone_trains_and_scores_conversational_pairs(tiny_llama_dir,
     )
     m = fit_reward_model(
         cfg,
-        init_model=str(tiny_llama_dir),
-        train_path=paths["train"],
-        val_path=paths["val"],
-        run_dir=tmp_path / "run",
-        name="llama",
+        FitSpec(
+            init_model=str(tiny_llama_dir),
+            train_path=paths["train"],
+            val_path=paths["val"],
+            run_dir=tmp_path / "run",
+            name="llama",
+        ),
     )
     hist = m["train_loss_history"]
     assert np.mean(hist[-4:]) < np.mean(hist[:4]), hist

@@ -8,11 +8,15 @@ acts:
 - ``kill``: SIGKILL itself (a Ray Data actor or a training worker dies mid-work; with the stages
   in the driver, the driver does);
 - ``pause``: sleep until killed (at most ``MARS_RAY_CHAOS_PAUSE_S`` seconds, default 600), so a
-  test that waits for the marker can kill another process (the driver) at exactly this point.
+  test that waits for the marker can kill another process (the driver) at exactly this point;
+- ``raise``: raise RuntimeError (a training worker fails; Ray Train restarts the group from its
+  last checkpoint, or the run fails when ``max_failures`` is spent).
 
 Points: ``paraphrase.batch`` / ``refine.batch`` (a generation actor has generated, cached and gated
 a batch and is about to return it), ``train.checkpoint.epoch<t>`` (rank 0 of MARS epoch t's
-training run has reported a checkpoint; ``epoch0`` is the warm-up).
+training run has reported a checkpoint; ``epoch0`` is the warm-up), ``train.step.epoch<t>`` (rank 0
+is about to start an optimizer step: visit ``v`` comes before step ``v - 1``, counted from 0, in
+that process).
 Unset, :func:`point` is one dictionary lookup. Marker paths should be absolute (each process
 resolves a relative one against its own working directory). The driver's rules reach Ray Data
 stage actors (their ``runtime_env``) and Ray Train workers (the loop's config) on any cluster.
@@ -28,6 +32,7 @@ from collections import Counter
 
 ENV = "MARS_RAY_CHAOS"
 PAUSE_ENV = f"{ENV}_PAUSE_S"
+ACTIONS = ("kill", "pause", "raise")
 _hits: Counter[str] = Counter()
 
 
@@ -49,8 +54,8 @@ def parse(spec: str) -> list[tuple[str, int, str, str]]:
         head, sep, marker = raw.partition("=")
         where, _, action = head.partition(":")
         name, _, n = where.partition("@")
-        if not sep or not marker or action not in ("kill", "pause") or not name or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"{ENV}: bad rule {raw!r} (expected <point>@<n>:kill|pause=<marker file>)")
+        if not sep or not marker or action not in ACTIONS or not name or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"{ENV}: bad rule {raw!r} (expected <point>@<n>:kill|pause|raise=<marker file>)")
         rules.append((name, int(n), action, marker))
     return rules
 
@@ -74,6 +79,8 @@ def point(name: str) -> None:
         sys.stderr.flush()
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "raise":
+            raise RuntimeError(f"injected fault at {name} (visit {n}, {ENV} rule)")
         deadline = time.monotonic() + float(os.environ.get(PAUSE_ENV, "600"))
         while time.monotonic() < deadline:
             time.sleep(0.1)

@@ -4,6 +4,14 @@ checkpoints) and the DeepSpeed config. May import :mod:`mars_ray.config`, :mod:`
 """
 
 from mars_ray.train.deepspeed_config import build_ds_config
-from mars_ray.train.loop import MODEL_SUBDIR, TRAIN_STATE, fit_reward_model, train_loop_per_worker
+from mars_ray.train.loop import MODEL_SUBDIR, TRAIN_STATE, FitResult, FitSpec, fit_reward_model, train_loop_per_worker
 
-__all__ = ["MODEL_SUBDIR", "TRAIN_STATE", "build_ds_config", "fit_reward_model", "train_loop_per_worker"]
+__all__ = [
+    "MODEL_SUBDIR",
+    "TRAIN_STATE",
+    "FitResult",
+    "FitSpec",
+    "build_ds_config",
+    "fit_reward_model",
+    "train_loop_per_worker",
+]

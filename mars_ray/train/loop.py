@@ -22,7 +22,6 @@ The last report also carries validation metrics (:func:`mars_ray.core.losses.pai
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -30,6 +29,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,15 @@ from mars_ray.core import chaos
 from mars_ray.core import schema as S
 from mars_ray.core.jsonable import plain as plain_values
 from mars_ray.core.lengths import length_grouped_batches
+from mars_ray.train.stepper import DS_SUBDIR, DS_TAG
 
 __all__ = [
+    "DS_SUBDIR",
+    "DS_TAG",
     "MODEL_SUBDIR",
     "TRAIN_STATE",
+    "FitResult",
+    "FitSpec",
     "fit_reward_model",
     "lora_target_modules",
     "train_loop_per_worker",
@@ -52,8 +57,6 @@ __all__ = [
 
 MODEL_SUBDIR = "model"
 TRAIN_STATE = "train_state.pt"
-DS_SUBDIR = "deepspeed"  # the DeepSpeed engine's own checkpoint (every rank's shards) under tag DS_TAG
-DS_TAG = "state"
 SCORES_FILE = "scores.parquet"  # the trained model's rewards of score_path (the next epoch's margins)
 
 # LoRA targets per architecture (config.model_type); anything else falls back to peft's table.
@@ -142,22 +145,6 @@ def _plain_model(model: Any, fp32_state: dict[str, Any] | None = None) -> Any:
     if hasattr(m, "merge_and_unload"):
         m = m.merge_and_unload()
     return m
-
-
-def _master_weights(engine: Any, model: Any, rank: int) -> dict[str, Any] | None:
-    """The fp32 master copy of every trainable parameter of a DeepSpeed bf16 engine (collective:
-    every rank takes part, rank 0 gets the tensors); None when the engine is not in bf16."""
-    if engine is None or not engine.bfloat16_enabled():
-        return None
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p)
-            if rank == 0 and full is not None:
-                out[name] = full.detach().float().cpu()
-    return out if rank == 0 else None
 
 
 def _trainable_state(model: Any) -> dict[str, Any]:
@@ -266,6 +253,311 @@ def _shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# The per-worker loop: load, restore, passes, report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """One training run's pairs, read and encoded once."""
+
+    train: dict[str, list]
+    val: dict[str, list] | None
+    test: dict[str, list] | None
+    to_score: dict[str, list] | None
+    weights: np.ndarray | None
+    margins: np.ndarray | None
+    digest: str
+    enc_c: Any
+    enc_r: Any
+
+    @property
+    def n(self) -> int:
+        return len(self.train[S.PROMPT])
+
+    @property
+    def pair_len(self) -> np.ndarray:
+        return np.maximum(self.enc_c.lengths, self.enc_r.lengths)  # a pair's padded width in its batch
+
+
+def _read_data(config: dict, t: Any, tokenizer: Any, lim: dict[str, int]) -> _Data:
+    """The run's pairs and their loss weights / label margins (train.margin_term), checked."""
+    from mars_ray.core.losses import normalise_weights
+    from mars_ray.models.reward import encode_preferences
+
+    path = config["train_path"]
+    extra = [config.get("weights_column"), (config.get("margin_column") or S.MARGIN) if t.margin_term else None]
+    train = _read_pairs(path, [c for c in extra if c])
+    val = _read_pairs(config["val_path"], []) if config.get("val_path") else None
+    test = _read_pairs(config["test_path"], []) if config.get("test_path") else None
+    to_score = _read_pairs(config["score_path"], [S.PAIR_ID]) if config.get("score_path") else None
+    if len(train[S.PROMPT]) == 0:
+        raise ValueError(f"{path}: no training pairs")
+    weights = _column_floats(train, config.get("weights_column"), "weights", path)
+    if weights is not None:  # mean 1 over the training set: a pair's weight is the same in any batch
+        try:
+            weights = normalise_weights(weights)
+        except ValueError as e:
+            raise ValueError(f"{path}: column {config['weights_column']!r}: {e}") from None
+    margins = _column_floats(train, extra[1], "label margins, train.margin_term", path, missing=0.0)
+    enc_c, enc_r = encode_preferences(tokenizer, train[S.PROMPT], train[S.CHOSEN], train[S.REJECTED], **lim)
+    return _Data(train, val, test, to_score, weights, margins, data_hash(train, weights, margins), enc_c, enc_r)
+
+
+class _Worker:
+    """One rank's training run (see :func:`train_loop_per_worker`)."""
+
+    def __init__(self, config: dict) -> None:
+        import ray.train
+        import torch
+
+        self.config = config
+        self.cfg = Config.from_dict(config["config"])
+        self.t = self.cfg.train
+        self.epoch = int(config.get("epoch", 1))
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local = bool(config.get("local", False))
+        if not self.local:
+            t = self.t
+            torch.set_num_threads(int(config.get("threads") or t.threads or max(1, round(t.cpus_per_worker or 1))))
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.lim = dict(
+            max_prompt_tokens=self.cfg.data.max_prompt_tokens, max_response_tokens=self.cfg.data.max_response_tokens
+        )
+        self.step = 0
+        self.losses: list[float] = []
+        self.pending: list[Any] = []  # per-step losses still on the device
+        self.step_times: list[float] = []
+        self.train_tokens = 0
+        self.prev_local: Path | None = None
+
+    # ---- load
+    def load(self) -> None:
+        """The model (fp32 weights: the master copy; bf16 is a compute precision), LoRA, tokenizer."""
+        import torch
+
+        from mars_ray.models.precision import resolve_precision
+        from mars_ray.models.reward import disable_dropout, load_reward_model
+
+        cfg, t = self.cfg, self.t
+        self.device = "cuda" if (t.use_gpu and torch.cuda.is_available()) else "cpu"
+        self.precision = resolve_precision(t.precision, self.device)
+        model, self.tokenizer = load_reward_model(
+            self.config["init_model"],
+            seed=cfg.seed,
+            dtype="float32",
+            device=self.device,  # the worker's GPU (Ray Train reserved it: train.use_gpu), else the CPU
+            cache_dir=cfg.model.cache_dir,
+            offline=cfg.model.offline,
+            new_head=True,  # training from a backbone starts its head on purpose (the pipeline says so)
+        )
+        if t.disable_dropout:
+            disable_dropout(model)
+        torch.manual_seed(cfg.seed + 7919 * self.epoch)  # LoRA init + dropout: identical on every rank
+        if t.lora:
+            model = wrap_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout)
+        model.train()
+        self.model = model
+
+    # ---- restore
+    def restore(self) -> None:
+        """The checkpoint Ray Train hands a restarted group, the data, the stepper and the RNGs."""
+        import ray.train
+
+        from mars_ray.train.stepper import make_stepper
+
+        state, ckpt = None, ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                if (Path(d) / TRAIN_STATE).exists():
+                    state = load_train_state(Path(d) / TRAIN_STATE)
+        if state is not None:
+            missing = set(state["trainable"]) - {n for n, _ in self.model.named_parameters()}
+            if missing:
+                raise ValueError(f"checkpoint does not match the model (unknown parameters {sorted(missing)[:3]})")
+            self.model.load_state_dict(state["trainable"], strict=False)
+        self.data = _read_data(self.config, self.t, self.tokenizer, self.lim)
+        if state is not None and state.get("data_hash") not in (None, self.data.digest):
+            raise ValueError(
+                f"{self.config['train_path']}: the checkpoint to resume from was trained on other data (data hash "
+                f"{state['data_hash']}, this data {self.data.digest}); refusing to resume. Restore the data it was "
+                f"trained on, or delete that run's checkpoints (ray_train/{self.config.get('name') or '<name>'}) "
+                "to start over"
+            )
+        self.stepper = make_stepper(
+            self.model,
+            self.cfg,
+            device=self.device,
+            precision=self.precision,
+            world=self.world,
+            distributed=self.distributed,
+        )
+        if state is not None:
+            with ckpt.as_directory() as d:
+                self.stepper.restore(state, d)
+            _set_rng_state(state["rng"])
+        self.state = state
+        if state is not None:
+            self.step = int(state["step"])
+            self.losses = list(state.get("losses", []))
+
+    # ---- passes
+    def total_steps(self) -> int:
+        per_rank = math.ceil(self.data.n / self.world)
+        total = self.stepper.total_steps(math.ceil(per_rank / self.t.batch_size), self.t.passes)
+        return min(total, int(self.t.max_steps)) if self.t.max_steps is not None else total
+
+    def lr_at(self, step: int, total: int) -> float:
+        warmup = int(round(self.t.warmup_ratio * total))
+        return self.t.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+    def read_losses(self) -> None:
+        """Move the pending per-step losses to ``losses`` in one host copy; the wait for the
+        device (a GPU runs behind the host) lands in the last step's time, so a pass's step times
+        still add up to its compute."""
+        import torch
+
+        if self.pending:
+            t_wait = time.perf_counter()
+            self.losses.extend(torch.stack(self.pending).double().cpu().tolist())
+            self.pending.clear()
+            if self.step_times:
+                self.step_times[-1] += time.perf_counter() - t_wait
+
+    def micro_loss(self, idx: np.ndarray) -> Any:
+        """The Bradley-Terry loss of one micro-batch (chosen rows first, then rejected)."""
+        import torch
+
+        from mars_ray.core.losses import bt_loss, center_penalty
+        from mars_ray.models.reward import pad_batch
+
+        d, t = self.data, self.t
+        ids = [d.enc_c.input_ids[i] for i in idx] + [d.enc_r.input_ids[i] for i in idx]
+        has_types = d.enc_c.token_type_ids is not None
+        tts = (
+            ([d.enc_c.token_type_ids[i] for i in idx] + [d.enc_r.token_type_ids[i] for i in idx]) if has_types else None
+        )
+        batch = pad_batch(ids, tts, self.tokenizer.pad_token_id)
+        self.train_tokens += int(batch["attention_mask"].sum())
+        rewards = self.stepper.rewards({key: v.to(self.device) for key, v in batch.items()})
+        b = len(idx)
+        w = torch.from_numpy(d.weights[idx]).to(self.device) if d.weights is not None else None
+        m = torch.from_numpy(d.margins[idx]).to(self.device) if d.margins is not None else None
+        loss = bt_loss(rewards[:b], rewards[b:], weights=w, margin=m)
+        if t.center_rewards:
+            loss = loss + t.center_rewards * center_penalty(rewards[:b], rewards[b:])
+        return loss
+
+    def one_pass(self, p: int, skip: int, total: int) -> None:
+        """Pass ``p`` over this rank's shard (from micro-batch ``skip``: a checkpoint inside it)."""
+        cfg, t = self.cfg, self.t
+        rng = np.random.default_rng([cfg.seed, self.epoch, p])
+        mine = _shard(rng.permutation(self.data.n), self.rank, self.world)
+        micro = length_grouped_batches(mine, self.data.pair_len, t.batch_size, rng, group=t.length_group)
+        acc, n_acc, t0 = None, 0, time.perf_counter()
+        every = int(t.checkpoint_steps) if t.checkpoint_steps else 0
+        for k, idx in enumerate(micro):
+            if k < skip:
+                continue
+            if self.step >= total:
+                break
+            if self.rank == 0 and acc is None:  # the first micro-batch of optimizer step `self.step`
+                chaos.point(f"train.step.epoch{self.epoch}")  # visit v: before step v - 1 (fault tests)
+            loss = self.micro_loss(idx)
+            self.stepper.set_lr(self.lr_at(self.step, total))
+            took = self.stepper.backward(loss, micro=k, pass_end=k + 1 == len(micro))
+            # on the device: no host copy (and no wait for a GPU) per step; read at the pass end
+            acc = loss.detach() if acc is None else acc + loss.detach()
+            n_acc += 1
+            if not took:
+                continue
+            self.pending.append(acc / n_acc)
+            self.step_times.append(time.perf_counter() - t0)
+            self.step += 1
+            acc, n_acc, t0 = None, 0, time.perf_counter()
+            if every and self.step % every == 0 and k + 1 < len(micro) and self.step < total:
+                self.read_losses()
+                self.checkpoint(self.pass_metrics(p), p, position=k + 1)
+
+    # ---- report
+    def pass_metrics(self, passes_done: int) -> dict[str, Any]:
+        return _pass_metrics(
+            self.losses,
+            self.step_times,
+            self.train_tokens,
+            self.step,
+            passes_done,
+            self.epoch,
+            self.world,
+            self.distributed,
+        )
+
+    def held_out(self, pairs: dict[str, list], prefix: str) -> dict[str, Any]:
+        """Held-out metrics of ``pairs``, scored in the training precision (bf16 where native)."""
+        with self.stepper.autocast():
+            return _validate(self, pairs, prefix)
+
+    def final_scores(self) -> dict[str, Any] | None:
+        """The trained model's rewards of ``score_path`` (the next epoch's margins)."""
+        d = self.data.to_score
+        if d is None:
+            return None
+        with self.stepper.autocast():
+            rc, rr, _ = _score_sharded(self, d)
+        return {S.PAIR_ID: d[S.PAIR_ID], "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr}
+
+    def checkpoint(self, metrics: dict, passes: int, *, position: int = 0, scores: dict | None = None) -> None:
+        """Report ``metrics`` with a checkpoint at the current step (``position``: micro-batches of
+        pass ``passes`` done, inside a pass); an in-process run drops the one it supersedes."""
+        d = _report(self, metrics, _Progress(passes, position), scores)
+        if self.rank == 0:
+            chaos.point(f"train.checkpoint.epoch{self.epoch}")
+        if self.local and self.prev_local is not None:
+            shutil.rmtree(self.prev_local, ignore_errors=True)  # superseded in-process checkpoint
+        self.prev_local = d
+
+    # ---- the run
+    def run(self) -> dict[str, Any]:
+        self.load()
+        self.restore()
+        state, t = self.state, self.t
+        total = self.total_steps()
+        passes_done = int(state["passes_done"]) if state else 0
+        if state is not None and (passes_done >= t.passes or self.step >= total):
+            # Restarted after the last checkpoint was written: report it again and stop.
+            metrics = dict(state.get("metrics") or {})
+            self.checkpoint(metrics, passes_done)
+            return metrics
+        resumed_from = self.step if state is not None else None
+        position = int(state.get("pass_position", 0)) if state else 0  # micro-batches of a pass already trained
+        # The model as loaded, on the test pairs: the "before" of a run (a fresh start only).
+        before = {}
+        if self.data.test is not None and self.config.get("test_before") and state is None:
+            before = self.held_out(self.data.test, "base_test")
+        metrics: dict[str, Any] = {}
+        for p in range(passes_done, t.passes):
+            if self.step >= total:
+                break
+            self.one_pass(p, position if p == passes_done else 0, total)
+            last = p + 1 >= t.passes or self.step >= total
+            self.read_losses()
+            metrics = self.pass_metrics(p + 1)
+            metrics.update(precision=self.precision.compute, precision_reason=self.precision.reason)
+            for pairs, prefix in ((self.data.val, "val"), (self.data.test, "test")):
+                if last and pairs is not None:
+                    metrics.update(self.held_out(pairs, prefix))
+            metrics.update(before)
+            metrics.update(self.stepper.metrics())
+            if resumed_from is not None:
+                metrics["resumed_from_step"] = resumed_from
+            self.checkpoint(metrics, p + 1, scores=self.final_scores() if last else None)
+            if last:
+                break
+        return metrics
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Train one reward model; all inputs in ``config``:
 
@@ -276,304 +568,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     Returns the final metrics (also reported through ``ray.train.report``).
     """
-    import ray.train
-    import torch
-
     chaos.adopt(config.get("chaos"))  # the driver's fault-injection rules, on any cluster
-
-    from mars_ray.core.losses import bt_loss, center_penalty, normalise_weights, pair_metrics
-    from mars_ray.models.precision import resolve_precision
-    from mars_ray.models.reward import disable_dropout, encode_preferences, load_reward_model, pad_batch, score_pairs
-
-    cfg = Config.from_dict(config["config"])
-    t, dsc = cfg.train, cfg.deepspeed
-    epoch = int(config.get("epoch", 1))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not config.get("local"):
-        torch.set_num_threads(int(config.get("threads") or t.threads or max(1, round(t.cpus_per_worker or 1))))
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-
-    # ---- model: fp32 weights (the master copy); bf16 is a compute precision (autocast or DeepSpeed)
-    device = "cuda" if (t.use_gpu and torch.cuda.is_available()) else "cpu"
-    precision = resolve_precision(t.precision, device)
-    model, tokenizer = load_reward_model(
-        config["init_model"],
-        seed=cfg.seed,
-        dtype="float32",
-        device=device,  # the worker's GPU (Ray Train reserved it: train.use_gpu), else the CPU
-        cache_dir=cfg.model.cache_dir,
-        offline=cfg.model.offline,
-        new_head=True,  # training from a backbone starts its head on purpose (the pipeline says so)
-    )
-    if t.disable_dropout:
-        disable_dropout(model)
-    torch.manual_seed(cfg.seed + 7919 * epoch)  # LoRA init + dropout: identical on every rank
-    if t.lora:
-        model = wrap_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout)
-    model.train()
-
-    # ---- resume
-    state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            if (Path(d) / TRAIN_STATE).exists():
-                state = load_train_state(Path(d) / TRAIN_STATE)
-    resume_ckpt = ckpt if state is not None else None
-    if state is not None:
-        missing = set(state["trainable"]) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise ValueError(f"checkpoint does not match the model (unknown parameters {sorted(missing)[:3]})")
-        model.load_state_dict(state["trainable"], strict=False)
-
-    # ---- data
-    # train.margin_term reads the pairs' label margins (the schema's margin column unless told otherwise)
-    extra = [config.get("weights_column"), (config.get("margin_column") or S.MARGIN) if t.margin_term else None]
-    train = _read_pairs(config["train_path"], [c for c in extra if c])
-    val = _read_pairs(config["val_path"], []) if config.get("val_path") else None
-    test = _read_pairs(config["test_path"], []) if config.get("test_path") else None
-    to_score = _read_pairs(config["score_path"], [S.PAIR_ID]) if config.get("score_path") else None
-    n_train = len(train[S.PROMPT])
-    if n_train == 0:
-        raise ValueError(f"{config['train_path']}: no training pairs")
-    weights = _column_floats(train, config.get("weights_column"), "weights", config["train_path"])
-    if weights is not None:  # mean 1 over the training set: a pair's weight is the same in any batch
-        try:
-            weights = normalise_weights(weights)
-        except ValueError as e:
-            raise ValueError(f"{config['train_path']}: column {config['weights_column']!r}: {e}") from None
-    margins = _column_floats(train, extra[1], "label margins, train.margin_term", config["train_path"], missing=0.0)
-    digest = data_hash(train, weights, margins)
-    if state is not None and state.get("data_hash") not in (None, digest):
-        raise ValueError(
-            f"{config['train_path']}: the checkpoint to resume from was trained on other data (data hash "
-            f"{state['data_hash']}, this data {digest}); refusing to resume. Restore the data it was trained "
-            f"on, or delete that run's checkpoints (ray_train/{config.get('name') or '<name>'}) to start over"
-        )
-    lim = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens)
-    enc_c, enc_r = encode_preferences(tokenizer, train[S.PROMPT], train[S.CHOSEN], train[S.REJECTED], **lim)
-    has_types = enc_c.token_type_ids is not None
-    pair_len = np.maximum(enc_c.lengths, enc_r.lengths)  # a pair's padded width in its batch
-
-    # ---- distributed wrapping + optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    if dsc.enabled:
-        if device == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        from mars_ray.train.deepspeed_config import build_ds_config
-
-        ds_config = build_ds_config(dsc, t, world_size=world, bf16=precision.bf16)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
-        fwd = engine
-        if resume_ckpt is not None:
-            with resume_ckpt.as_directory() as d:
-                if not (Path(d) / DS_SUBDIR).is_dir():
-                    raise ValueError(
-                        f"the checkpoint to resume from ({d}) has no DeepSpeed state ({DS_SUBDIR}/): it was "
-                        "written without deepspeed.enabled; resume it with the same settings, or start over"
-                    )
-                # every rank loads its own partition of the optimizer (and, ZeRO-3, of the parameters)
-                engine.load_checkpoint(str(Path(d) / DS_SUBDIR), tag=DS_TAG, load_lr_scheduler_states=False)
-    else:
-        model.to(device)
-        # The fused kernel: one pass over the parameters (clip + step 32 ms vs 87 ms for MiniLM here).
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=device in ("cpu", "cuda"))
-        if distributed and world > 1:
-            fwd = ray.train.torch.prepare_model(model, move_to_device=False)
-        else:
-            fwd = model
-        engine = None
-    if state is not None and state.get("optimizer") is not None and engine is None:
-        optimizer.load_state_dict(state["optimizer"])
-    if state is not None:
-        _set_rng_state(state["rng"])
-
-    # bf16 autocast around the forward passes (fp32 master weights and optimizer state); DeepSpeed
-    # runs bf16 itself (its engine holds bf16 weights and the fp32 master copy).
-    amp = precision.autocast if engine is None else contextlib.nullcontext
-    per_rank = math.ceil(n_train / world)
-    micro_per_pass = math.ceil(per_rank / t.batch_size)
-    steps_per_pass = math.ceil(micro_per_pass / t.grad_accum)
-    total_steps = steps_per_pass * t.passes
-    if dsc.enabled:  # DeepSpeed accumulates across pass ends: whole groups of grad_accum micro-batches
-        total_steps = (micro_per_pass * t.passes) // t.grad_accum
-    if t.max_steps is not None:
-        total_steps = min(total_steps, int(t.max_steps))
-    warmup = int(round(t.warmup_ratio * total_steps))
-
-    def lr_at(step: int) -> float:
-        return t.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
-
-    passes_done = int(state["passes_done"]) if state else 0
-    step = int(state["step"]) if state else 0
-    resumed_from = step if state is not None else None
-    # micro-batches of pass `passes_done` already trained (a checkpoint inside a pass)
-    position = int(state.get("pass_position", 0)) if state else 0
-    ckpt_every = int(t.checkpoint_steps) if t.checkpoint_steps else 0
-    losses: list[float] = list(state.get("losses", [])) if state else []
-    step_times: list[float] = []
-    train_tokens = 0
-    metrics: dict[str, Any] = {}
-    ckpt_model = engine.module if engine is not None else model  # the module under DDP / DeepSpeed
-    pending: list[Any] = []  # per-step losses still on the device
-
-    def read_losses() -> None:
-        """Move the pending per-step losses to ``losses`` in one host copy; the wait for the
-        device (a GPU runs behind the host) lands in the last step's time, so a pass's step times
-        still add up to its compute."""
-        if pending:
-            t_wait = time.perf_counter()
-            losses.extend(torch.stack(pending).double().cpu().tolist())
-            pending.clear()
-            if step_times:
-                step_times[-1] += time.perf_counter() - t_wait
-
-    local = bool(config.get("local", False))
-    prev_local: Path | None = None
-
-    def checkpoint(report_metrics: dict, passes: int, *, position: int = 0, scores: dict | None = None) -> None:
-        """Report ``report_metrics`` with a checkpoint at the current step (``position``: micro-batches
-        of pass ``passes`` done, inside a pass); an in-process run drops the one it supersedes."""
-        nonlocal prev_local
-        d = _report(
-            report_metrics,
-            ckpt_model,
-            tokenizer,
-            optimizer if engine is None else None,
-            losses,
-            passes,
-            step,
-            rank,
-            local,
-            dsc.stage if dsc.enabled else None,
-            scores=scores,
-            data_digest=digest,
-            pass_position=position,
-            engine=engine,
-        )
-        if rank == 0:
-            chaos.point(f"train.checkpoint.epoch{epoch}")
-        if local and prev_local is not None:
-            shutil.rmtree(prev_local, ignore_errors=True)  # superseded in-process checkpoint
-        prev_local = d
-
-    if state is not None and (passes_done >= t.passes or step >= total_steps):
-        # Restarted after the last checkpoint was written: report it again and stop.
-        metrics = dict(state.get("metrics") or {})
-        checkpoint(metrics, passes_done)
-        return metrics
-    evaluate = (bt_loss, pair_metrics, score_pairs)
-    # The model as loaded, on the test pairs: the "before" of a run (a fresh start only).
-    before = {}
-    if test is not None and config.get("test_before") and state is None:
-        with amp():  # held-out scoring in the training precision, as inference is (bf16 where native)
-            before = _validate(
-                ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="base_test"
-            )
-    for p in range(passes_done, t.passes):
-        if step >= total_steps:
-            break
-        rng = np.random.default_rng([cfg.seed, epoch, p])
-        mine = _shard(rng.permutation(n_train), rank, world)
-        micro = length_grouped_batches(mine, pair_len, t.batch_size, rng, group=t.length_group)
-        acc_loss, n_acc, t0 = None, 0, time.perf_counter()
-        skip = position if p == passes_done else 0  # the same batch order, from the checkpoint's place
-        for k, idx in enumerate(micro):
-            if k < skip:
-                continue
-            if step >= total_steps:
-                break
-            _maybe_fail(config.get("fault"), step, rank, epoch)
-            ids = [enc_c.input_ids[i] for i in idx] + [enc_r.input_ids[i] for i in idx]
-            tts = (
-                ([enc_c.token_type_ids[i] for i in idx] + [enc_r.token_type_ids[i] for i in idx]) if has_types else None
-            )
-            batch = pad_batch(ids, tts, tokenizer.pad_token_id)
-            train_tokens += int(batch["attention_mask"].sum())
-            batch = {key: v.to(device) for key, v in batch.items()}
-            with amp():
-                rewards = fwd(**batch).logits[:, 0].float()
-            b = len(idx)
-            w = torch.from_numpy(weights[idx]).to(device) if weights is not None else None
-            m = torch.from_numpy(margins[idx]).to(device) if margins is not None else None
-            loss = bt_loss(rewards[:b], rewards[b:], weights=w, margin=m)
-            if t.center_rewards:
-                loss = loss + t.center_rewards * center_penalty(rewards[:b], rewards[b:])
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step)
-            if engine is not None:
-                engine.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
-                before_step = engine.global_steps
-                engine.step()
-                # DeepSpeed steps every grad_accum micro-batches by its own count, across passes: a
-                # step is counted only when it took one (not at a pass end mid-accumulation)
-                took = engine.global_steps > before_step
-            else:
-                (loss / t.grad_accum).backward()
-                took = (k + 1) % t.grad_accum == 0 or k + 1 == len(micro)
-            # on the device: no host copy (and no wait for a GPU) per step; read at the pass end
-            acc_loss = loss.detach() if acc_loss is None else acc_loss + loss.detach()
-            n_acc += 1
-            boundary = took
-            if boundary:
-                if engine is None:
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                pending.append(acc_loss / n_acc)
-                step_times.append(time.perf_counter() - t0)
-                step += 1
-                acc_loss, n_acc, t0 = None, 0, time.perf_counter()
-                if ckpt_every and step % ckpt_every == 0 and k + 1 < len(micro) and step < total_steps:
-                    read_losses()
-                    mid = _pass_metrics(losses, step_times, train_tokens, step, p, epoch, world, distributed)
-                    checkpoint(mid, p, position=k + 1)
-        passes_done = p + 1
-        last = passes_done >= t.passes or step >= total_steps
-        read_losses()
-        metrics = _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed)
-        metrics.update(precision=precision.compute, precision_reason=precision.reason)
-        if last and val is not None:
-            with amp():
-                metrics.update(_validate(ckpt_model, tokenizer, val, lim, cfg, rank, world, distributed, *evaluate))
-        if last and test is not None:
-            with amp():
-                metrics.update(
-                    _validate(ckpt_model, tokenizer, test, lim, cfg, rank, world, distributed, *evaluate, prefix="test")
-                )
-        metrics.update(before)
-        if engine is not None:
-            metrics["deepspeed_global_steps"] = int(engine.global_steps)
-        if resumed_from is not None:
-            metrics["resumed_from_step"] = resumed_from
-        scores = None
-        if last and to_score is not None:
-            with amp():
-                rc, rr = _score_sharded(
-                    ckpt_model, tokenizer, to_score, lim, cfg, rank, world, distributed, score_pairs
-                )
-            scores = {S.PAIR_ID: to_score[S.PAIR_ID], "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr}
-        checkpoint(metrics, passes_done, scores=scores)
-        if last:
-            break
-    return metrics
-
-
-def _maybe_fail(fault: dict | None, step: int, rank: int, epoch: int) -> None:
-    """Injected worker failure for recovery tests (see ``fit_reward_model(_fault=...)``); an
-    ``"epoch"`` key limits it to that MARS epoch's training run."""
-    if not fault or rank != 0 or step != int(fault["at_step"]):
-        return
-    if fault.get("epoch") is not None and int(fault["epoch"]) != epoch:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"failed at step {step}\n", encoding="utf-8")
-    raise RuntimeError(f"injected worker fault at step {step} (recovery test)")
+    return _Worker(config).run()
 
 
 def _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, world, distributed) -> dict:
@@ -600,17 +596,15 @@ def _pass_metrics(losses, step_times, train_tokens, step, passes_done, epoch, wo
     }
 
 
-def _validate(
-    model, tokenizer, val, lim, cfg, rank, world, distributed, bt_loss, pair_metrics, score_pairs, prefix: str = "val"
-) -> dict:
+def _validate(w: _Worker, pairs: dict[str, list], prefix: str) -> dict:
     """Held-out metrics (validation, or test under ``prefix``) from :func:`_score_sharded`."""
     import torch
 
-    n = len(val[S.PROMPT])
+    from mars_ray.core.losses import bt_loss, pair_metrics
+
+    n = len(pairs[S.PROMPT])
     t0 = time.perf_counter()
-    rc, rr, tokens = _score_sharded(
-        model, tokenizer, val, lim, cfg, rank, world, distributed, score_pairs, with_tokens=True
-    )
+    rc, rr, tokens = _score_sharded(w, pairs)
     elapsed = time.perf_counter() - t0
     out = {f"{prefix}_{k}": v for k, v in pair_metrics(rc, rr).items()}
     out[f"{prefix}_loss"] = float(bt_loss(torch.from_numpy(rc), torch.from_numpy(rr))) if n else float("nan")
@@ -618,31 +612,31 @@ def _validate(
     return out
 
 
-def _score_sharded(model, tokenizer, val, lim, cfg, rank, world, distributed, score_pairs, with_tokens=False):
-    """Rewards of every pair of ``val``, sharded by rank (equal-size shards), gathered to every rank:
-    ``(r_chosen, r_rejected)`` in input order (and the token count with ``with_tokens``)."""
+def _score_sharded(w: _Worker, pairs: dict[str, list]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rewards of every pair, sharded by rank (equal-size shards), gathered to every rank:
+    ``(r_chosen, r_rejected, tokens)`` in input order."""
     import torch
 
     from mars_ray.models.reward import encode_preferences, score_encoded_pairs
 
-    n = len(val[S.PROMPT])
-    mine = _shard(np.arange(n), rank, world) if n else np.arange(0)
+    model, n = w.stepper.module, len(pairs[S.PROMPT])
+    mine = _shard(np.arange(n), w.rank, w.world) if n else np.arange(0)
     was_training = model.training
     model.eval()
     # tokenised once: the same encodings are scored and counted
     ec, er = encode_preferences(
-        tokenizer,
-        [val[S.PROMPT][i] for i in mine],
-        [val[S.CHOSEN][i] for i in mine],
-        [val[S.REJECTED][i] for i in mine],
-        **lim,
+        w.tokenizer,
+        [pairs[S.PROMPT][i] for i in mine],
+        [pairs[S.CHOSEN][i] for i in mine],
+        [pairs[S.REJECTED][i] for i in mine],
+        **w.lim,
     )
-    rc, rr = score_encoded_pairs(model, tokenizer, ec, er, batch_size=2 * cfg.train.batch_size)
+    rc, rr = score_encoded_pairs(model, w.tokenizer, ec, er, batch_size=2 * w.t.batch_size)
     if was_training:
         model.train()
     tokens = int(ec.lengths.sum() + er.lengths.sum())
-    if distributed and world > 1:
-        parts: list = [None] * world
+    if w.distributed and w.world > 1:
+        parts: list = [None] * w.world
         torch.distributed.all_gather_object(parts, (mine, rc, rr, tokens))
         full_c = np.empty(n, dtype=np.float32)
         full_r = np.empty(n, dtype=np.float32)
@@ -650,33 +644,27 @@ def _score_sharded(model, tokenizer, val, lim, cfg, rank, world, distributed, sc
             full_c[idx], full_r[idx] = c, r
         tokens = sum(x[3] for x in parts)
         rc, rr = full_c, full_r
-    return (rc, rr, tokens) if with_tokens else (rc, rr)
+    return rc, rr, tokens
 
 
-def _report(
-    metrics,
-    model,
-    tokenizer,
-    optimizer,
-    losses,
-    passes_done,
-    step,
-    rank,
-    local,
-    ds_stage,
-    scores=None,
-    data_digest: str | None = None,
-    pass_position: int = 0,
-    engine: Any = None,
-) -> Path | None:
+@dataclass(frozen=True)
+class _Progress:
+    """Where a checkpoint is: passes done, and micro-batches of the next pass done (inside it)."""
+
+    passes_done: int
+    pass_position: int = 0
+
+
+def _report(w: _Worker, metrics: dict, where: _Progress, scores: dict | None) -> Path | None:
     """Rank 0 writes and reports the checkpoint (others report metrics only); returns the local
     directory when it still exists (in-process runs), else None. ``scores`` (columns) goes into the
     checkpoint as :data:`SCORES_FILE`."""
     import ray.train
     import torch
 
-    master = _master_weights(engine, model, rank)  # DeepSpeed bf16: save the fp32 masters, not bf16 copies
-    if ds_stage == 3:  # parameters are partitioned: gather them (collective) before saving
+    st, rank, model = w.stepper, w.rank, w.stepper.module
+    master = st.master_weights(rank)  # DeepSpeed bf16: save the fp32 masters, not bf16 copies
+    if st.ds_stage == 3:  # parameters are partitioned: gather them (collective) before saving
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
@@ -686,22 +674,20 @@ def _report(
         plain = _plain_model(model, master) if rank == 0 else None
         trainable = _trainable_state(model) if rank == 0 else None
     d = Path(tempfile.mkdtemp(prefix="mars_ray_ckpt_"))
-    if engine is not None:
-        # The engine's full state (module, optimizer partitions, step counters): collective, every
-        # rank writes its own shard files; Ray Train merges the ranks' directories into one checkpoint.
-        engine.save_checkpoint(str(d / DS_SUBDIR), tag=DS_TAG, save_latest=False)
+    st.save(d)
+    engine_files = st.ds_stage is not None
     if rank != 0:
-        if engine is None:
+        if not engine_files:
             shutil.rmtree(d, ignore_errors=True)
             ray.train.report(metrics, checkpoint=None)
             return None
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
-        if not local:
+        if not w.local:
             shutil.rmtree(d, ignore_errors=True)
         return None
     # In-process runs hand the directory itself back as the checkpoint: it must outlive this call.
     plain.save_pretrained(d / MODEL_SUBDIR)
-    tokenizer.save_pretrained(d / MODEL_SUBDIR)
+    w.tokenizer.save_pretrained(d / MODEL_SUBDIR)
     if scores is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -713,21 +699,21 @@ def _report(
     torch.save(
         {
             "trainable": trainable,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": st.optimizer_state(),
             "rng": _rng_state(),
-            "passes_done": passes_done,
-            "step": step,
-            "pass_position": int(pass_position),  # micro-batches of pass `passes_done` done (mid-pass)
-            "data_hash": data_digest,
+            "passes_done": where.passes_done,
+            "step": w.step,
+            "pass_position": int(where.pass_position),  # micro-batches of pass `passes_done` done (mid-pass)
+            "data_hash": w.data.digest,
             # the history averaged over workers (what was reported), identical on every rank;
             # plain Python values (no numpy scalars), so the file loads with weights_only
-            "losses": plain_values(list(metrics.get("train_loss_history", losses))),
+            "losses": plain_values(list(metrics.get("train_loss_history", w.losses))),
             "metrics": plain_values(metrics),
         },
         d / TRAIN_STATE,
     )
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
-    if not local:
+    if not w.local:
         shutil.rmtree(d, ignore_errors=True)  # uploaded synchronously to storage_path
         return None
     return d
@@ -738,39 +724,80 @@ def _report(
 # --------------------------------------------------------------------------------------------
 
 
-def fit_reward_model(
-    cfg: Config,
-    *,
-    init_model: str,
-    train_path: str | os.PathLike,
-    val_path: str | os.PathLike | None,
-    run_dir: str | os.PathLike,
-    name: str,
-    test_path: str | os.PathLike | None = None,
-    test_before: bool = False,
-    score_path: str | os.PathLike | None = None,
-    weights_column: str | None = None,
-    margin_column: str | None = None,
-    epoch: int = 1,
-    max_failures: int = 0,
-    _fault: dict | None = None,
-) -> dict:
-    """Train a reward model with Ray Train; returns the final metrics plus ``model_dir`` (a plain
-    HF folder, LoRA merged) and ``checkpoint_dir``.
+@dataclass(frozen=True)
+class FitSpec:
+    """One training run: what it starts from, trains on and scores, and where it lives.
 
     ``test_path``: also score these pairs with the final model (``test_*`` metrics, as
-    ``mars_ray.pipeline`` computes them; it saves a scoring pool per epoch); ``test_before``: and
-    with the model as loaded, before any step (``base_test_*``; a fresh start only).
-    ``score_path``: the trained model's rewards of these pairs go into the checkpoint
-    (``scores_path`` in the result: pair_id, reward_chosen, reward_rejected, margin), the next MARS
-    epoch's margins without another model load.
+    ``mars_ray.pipeline`` computes them); ``test_before``: and with the model as loaded, before any
+    step (``base_test_*``; a fresh start only). ``score_path``: the trained model's rewards of these
+    pairs go into the checkpoint (``scores_path`` in the result: pair_id, reward_chosen,
+    reward_rejected, margin), the next MARS epoch's margins without another model load.
+    ``weights_column`` / ``margin_column``: per-pair loss weights and label margins
+    (``train.margin_term``). ``epoch`` seeds the shuffle. ``max_failures``: worker-group restarts
+    (from the last checkpoint) before giving up.
+    """
+
+    init_model: str
+    train_path: str | os.PathLike
+    val_path: str | os.PathLike | None
+    run_dir: str | os.PathLike
+    name: str
+    test_path: str | os.PathLike | None = None
+    test_before: bool = False
+    score_path: str | os.PathLike | None = None
+    weights_column: str | None = None
+    margin_column: str | None = None
+    epoch: int = 1
+    max_failures: int = 0
+
+    def loop_config(self, cfg: Config, *, local: bool, threads: int | None) -> dict[str, Any]:
+        """What every worker receives (plain values: no globals, no config object)."""
+
+        def absolute(p: str | os.PathLike | None) -> str | None:
+            return str(Path(p).resolve()) if p else None
+
+        return {
+            "config": cfg.to_dict(),
+            "init_model": str(self.init_model),
+            "train_path": absolute(self.train_path),
+            "val_path": absolute(self.val_path),
+            "test_path": absolute(self.test_path),
+            "test_before": bool(self.test_before),
+            "score_path": absolute(self.score_path),
+            "weights_column": self.weights_column,
+            "margin_column": self.margin_column,
+            "epoch": int(self.epoch),
+            "local": local,
+            "chaos": chaos.settings(),
+            "name": self.name,
+            "threads": threads,
+        }
+
+
+class FitResult(dict):
+    """A finished training run's final metrics (what the last report carried), plus where its
+    model (``model_dir``: a plain HF folder, LoRA merged), checkpoint and scores are."""
+
+    @property
+    def model_dir(self) -> str:
+        return str(self["model_dir"])
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return str(self["checkpoint_dir"])
+
+    @property
+    def scores_path(self) -> str | None:
+        return self.get("scores_path")
+
+
+def fit_reward_model(cfg: Config, spec: FitSpec) -> FitResult:
+    """Train a reward model with Ray Train (the run :class:`FitSpec` describes).
 
     ``train.num_workers=0`` runs the loop in this process (no workers; tests). Re-running with the
-    same ``run_dir`` / ``name`` resumes from the latest checkpoint (Ray Train's behaviour).
-    ``max_failures``: worker-group restarts (from the last checkpoint) before giving up.
-    ``_fault`` (recovery tests only): ``{"marker": path, "at_step": k}`` makes rank 0 raise once,
-    before optimizer step ``k``, if ``marker`` does not exist yet (it is created first); with
-    ``"epoch": t`` only in MARS epoch t's training run.
+    same ``run_dir`` / ``name`` resumes from the latest checkpoint (Ray Train's behaviour). Faults
+    for the recovery tests come through :mod:`mars_ray.core.chaos` (point ``train.step.epoch<t>``).
 
     Raises:
         ValueError: invalid configuration (checked before anything starts).
@@ -792,28 +819,11 @@ def fit_reward_model(
 
         init_ray(cfg.resources)
         threads = t.threads or max(1, round(auto_cpus(t.cpus_per_worker, t.num_workers)))
-    run_dir = Path(run_dir).resolve()
+    run_dir = Path(spec.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    loop_config = {
-        "config": cfg.to_dict(),
-        "init_model": str(init_model),
-        "train_path": str(Path(train_path).resolve()),
-        "val_path": str(Path(val_path).resolve()) if val_path else None,
-        "test_path": str(Path(test_path).resolve()) if test_path else None,
-        "test_before": bool(test_before),
-        "score_path": str(Path(score_path).resolve()) if score_path else None,
-        "weights_column": weights_column,
-        "margin_column": margin_column,
-        "epoch": int(epoch),
-        "local": local,
-        "fault": _fault,
-        "chaos": chaos.settings(),
-        "name": name,
-        "threads": threads,
-    }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=spec.loop_config(cfg, local=local, threads=threads),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -822,9 +832,9 @@ def fit_reward_model(
             else {"CPU": t.cpus_per_worker if t.cpus_per_worker is not None else 1.0},
         ),
         run_config=RunConfig(
-            name=name,
+            name=spec.name,
             storage_path=str(run_dir),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -832,24 +842,24 @@ def fit_reward_model(
     if getattr(result, "error", None) is not None:
         raise result.error
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {name!r} reported no checkpoint")
+        raise RuntimeError(f"training run {spec.name!r} reported no checkpoint")
     ckpt_dir = Path(result.checkpoint.path)
     if local:  # move the in-process checkpoint next to the Ray runs
         from mars_ray.core.atomic import move_dir
 
         try:
-            ckpt_dir = move_dir(ckpt_dir, run_dir / name / "checkpoint_local")
+            ckpt_dir = move_dir(ckpt_dir, run_dir / spec.name / "checkpoint_local")
         except OSError:
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # a temporary checkpoint no one resumes from
             raise
-    metrics = dict(result.metrics or {})
-    metrics["checkpoint_dir"] = str(ckpt_dir)
-    metrics["model_dir"] = str(ckpt_dir / MODEL_SUBDIR)
-    if score_path and (ckpt_dir / SCORES_FILE).exists():
-        metrics["scores_path"] = str(ckpt_dir / SCORES_FILE)
+    out = FitResult(result.metrics or {})
+    out["checkpoint_dir"] = str(ckpt_dir)
+    out["model_dir"] = str(ckpt_dir / MODEL_SUBDIR)
+    if spec.score_path and (ckpt_dir / SCORES_FILE).exists():
+        out["scores_path"] = str(ckpt_dir / SCORES_FILE)
     if local:
         from mars_ray.runtime import release_memory
 
         del trainer, result
         release_memory()  # the model and optimizer this process trained are garbage now
-    return metrics
+    return out
