@@ -42,7 +42,7 @@ from mars_ray.core.allocation import (
     split_counts,
 )
 from mars_ray.core.audit import audit_examples, audit_markdown, audit_operations
-from mars_ray.core.pairs import draw_synthetic_pairs, fit_budgets, pool_capacity
+from mars_ray.core.pairs import SyntheticDraw, draw_synthetic_pairs, fit_budgets, pool_capacity
 from mars_ray.core.semantic import semantic_labels
 
 AUGMENTING = ("mars", "mars-nosem", "uniform")
@@ -53,6 +53,7 @@ class EpochResult:
     synthetic: pa.Table  # PAIR_SCHEMA rows, origin "synthetic", with lineage
     per_pair: pa.Table  # one row per original pair: margin, q, budget, distance, refine status, ...
     summary: dict[str, Any] = field(default_factory=dict)
+    loss_weights: np.ndarray | None = None  # one per pair of the current training set (AdaBoost's)
 
 
 _EPOCH_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("epoch_label", default="[augment]")
@@ -105,165 +106,226 @@ def run_epoch(
         _EPOCH_LABEL.reset(token)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a paraphrase strategy changes in an epoch: whether the budget follows r^{t-1}'s
+    margins (else it is spread evenly) and whether the semantic step rewrites close pairs first."""
+
+    strategy: str
+    by_margin: bool
+    semantic: bool
+
+
+PLANS = {
+    "mars": Plan("mars", by_margin=True, semantic=True),
+    "mars-nosem": Plan("mars-nosem", by_margin=True, semantic=False),
+    "uniform": Plan("uniform", by_margin=False, semantic=False),
+}
+
+
 def _run_epoch(
     cfg: Config, pairs: pa.Table, *, reward_ref: str, epoch: int, log: Callable[[str], None], margins: pa.Table | None
 ) -> EpochResult:
-    from mars_ray.runtime import init_ray
-
     strategy = cfg.mars.strategy
     if strategy not in AUGMENTING + ("none",):
         raise ValueError(f"mars.strategy={strategy} does not augment with paraphrases; `mars-ray train` runs it")
-    rng = np.random.default_rng([cfg.seed, epoch])
-    n = pairs.num_rows
-    times: dict[str, float] = {}
-    ids = pairs.column(S.PAIR_ID).to_pylist()
-    per_pair: dict[str, Any] = {S.PAIR_ID: ids}
-    summary: dict[str, Any] = {"epoch": epoch, "strategy": strategy, "pairs": n, "budget": cfg.mars.budget}
-    if strategy == "none" or cfg.mars.budget == 0 or n == 0:
-        summary.update(synthetic=0, stage_seconds=times)
-        return EpochResult(pa.Table.from_pylist([], schema=S.PAIR_SCHEMA), pa.table(per_pair), summary)
+    if strategy == "none" or cfg.mars.budget == 0 or pairs.num_rows == 0:
+        summary = {"epoch": epoch, "strategy": strategy, "pairs": pairs.num_rows, "budget": cfg.mars.budget}
+        summary.update(synthetic=0, stage_seconds={})
+        per_pair = pa.table({S.PAIR_ID: pairs.column(S.PAIR_ID).to_pylist()})
+        return EpochResult(pa.Table.from_pylist([], schema=S.PAIR_SCHEMA), per_pair, summary)
+    from mars_ray.runtime import init_ray
+
     init_ray(cfg.resources)
+    return _Epoch(cfg, pairs, PLANS[strategy], reward_ref=reward_ref, epoch=epoch, log=log).run(margins)
+
+
+class _Epoch:
+    """One epoch of a paraphrase strategy, step by step (Algorithm 1, steps 1-6)."""
+
+    def __init__(self, cfg: Config, pairs: pa.Table, plan: Plan, *, reward_ref: str, epoch: int, log) -> None:
+        self.cfg, self.pairs, self.plan, self.reward_ref, self.epoch, self.log = (
+            cfg,
+            pairs,
+            plan,
+            reward_ref,
+            epoch,
+            log,
+        )
+        self.rng = np.random.default_rng([cfg.seed, epoch])
+        self.n = pairs.num_rows
+        self.times: dict[str, float] = {}
+        self.ids = pairs.column(S.PAIR_ID).to_pylist()
+        self.per_pair: dict[str, Any] = {S.PAIR_ID: self.ids}
+        self.summary: dict[str, Any] = {
+            "epoch": epoch,
+            "strategy": plan.strategy,
+            "pairs": self.n,
+            "budget": cfg.mars.budget,
+        }
+
+    def run(self, scored: pa.Table | None) -> EpochResult:
+        margins = self.margins(scored)
+        q, b, tiebreak, diagnostics = self.allocate(margins)
+        sem, reserve = self.semantic_step(q, b, tiebreak)
+        kept_c, kept_r, para, b_fit, unspent = self.fill_pools(sem, q, b, tiebreak, reserve)
+        rows = self.draw(sem, kept_c, kept_r, b_fit, q)
+        para["reserve_used"] = int(((b_fit > 0) & (reserve > 0)).sum())
+        if sem.ref:
+            self.summary["refine"] = sem.ref
+        self.per_pair.update(reserve=reserve, budget_spent=b_fit, refine_status=sem.status)
+        synthetic = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
+        self.summary.update(
+            synthetic=synthetic.num_rows,
+            budget_unspent=unspent,
+            operations=dict(Counter(r[S.OPERATION] for r in rows)),
+            allocation=_allocation_summary(margins if self.plan.by_margin else None, q, b),
+            diagnostics={**diagnostics, "gate_pass_rate": _gate_pass_rate(para)},
+            generation=dict(sem.gen_stats),
+            bank=bank_counts(dict(sem.gen_stats)),
+            audit={
+                "operations": audit_operations(para, sem.audit),
+                "examples": audit_examples(
+                    rows,
+                    self.pairs.select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED]).to_pylist(),
+                    np.random.default_rng([self.cfg.seed, self.epoch, 1]),
+                ),
+            },
+            stage_seconds=self.times,
+        )
+        return EpochResult(synthetic, pa.table(self.per_pair), self.summary)
 
     # 1. Margins with r^{t-1}.
-    scored = margins
-    margins = np.zeros(n)
-    if strategy != "uniform":
+    def margins(self, scored: pa.Table | None) -> np.ndarray:
+        if not self.plan.by_margin:
+            return np.zeros(self.n)
         from mars_ray.stages.score import score_margins
 
-        with _stage("score margins", times, log, total=n, unit="pairs") as st:
+        with _stage("score margins", self.times, self.log, total=self.n, unit="pairs") as st:
             where = " (scored by the training run)" if scored is not None else ""
             if scored is None:
-                scored = score_margins(pairs, model_ref=reward_ref, cfg=cfg)
-            margins = _align(ids, scored, "margin")
+                scored = score_margins(self.pairs, model_ref=self.reward_ref, cfg=self.cfg)
+            margins = _align(self.ids, scored, "margin")
             st.done(
                 f"margin mean {margins.mean():+.3f}, std {margins.std():.3f}; "
                 f"{np.mean(margins < 0):.0%} mis-ranked{where}"
             )
-        per_pair["margin"] = margins
+        self.per_pair["margin"] = margins
+        return margins
 
     # 2. Allocation.
-    mode = "uniform" if strategy == "uniform" else cfg.mars.allocation
-    q = allocation_weights(margins, cfg.mars.tau, mode, cfg.mars.margin_scale)
-    b = integer_budgets(q, cfg.mars.budget, rng)
-    # Equal weights (all of them under uniform) are ordered at random under the seed wherever
-    # pairs are picked in order of q: the reserve, the shortfall moves and the top-up rounds.
-    tiebreak = rng.permutation(n)
-    per_pair.update(q=q, budget=b)
-    diagnostics = allocation_diagnostics(q, b, margins if strategy != "uniform" else None)
-    if strategy != "uniform":
-        log(
-            f"{_EPOCH_LABEL.get()} allocation of {cfg.mars.budget} synthetic pairs: effective sample size "
-            f"{diagnostics['ess_ratio']:.2f} x N (1 = uniform); the lowest-margin 10% of pairs hold "
-            f"{diagnostics['q_share_lowest_decile']:.0%} of q"
-        )
+    def allocate(self, margins: np.ndarray):
+        m = self.cfg.mars
+        q = allocation_weights(margins, m.tau, m.allocation if self.plan.by_margin else "uniform", m.margin_scale)
+        b = integer_budgets(q, m.budget, self.rng)
+        # Equal weights (all of them under uniform) are ordered at random under the seed wherever
+        # pairs are picked in order of q: the reserve, the shortfall moves and the top-up rounds.
+        tiebreak = self.rng.permutation(self.n)
+        self.per_pair.update(q=q, budget=b)
+        diagnostics = allocation_diagnostics(q, b, margins if self.plan.by_margin else None)
+        if self.plan.by_margin:
+            self.log(
+                f"{_EPOCH_LABEL.get()} allocation of {m.budget} synthetic pairs: effective sample size "
+                f"{diagnostics['ess_ratio']:.2f} x N (1 = uniform); the lowest-margin 10% of pairs hold "
+                f"{diagnostics['q_share_lowest_decile']:.0%} of q"
+            )
+        return q, b, tiebreak, diagnostics
 
-    # 3-4. Semantic labels and refinement of low-distance pairs that may receive budget: those
-    # with budget and the reserve (reserve_pairs); pairs a top-up round reaches are refined there.
-    # Every pair that ends up with synthetic pairs has been through the semantic step.
-    chosen = np.array(pairs.column(S.CHOSEN).to_pylist(), dtype=object)
-    rejected = np.array(pairs.column(S.REJECTED).to_pylist(), dtype=object)
-    check = cfg.rewrite.label_check
-    if check == "auto":
-        check = "reward" if epoch > 1 or cfg.mars.warmup_passes > 0 else "none"
-    sem = _Semantic(cfg, pairs, ids, chosen, rejected, per_pair, times, log, reward_ref=reward_ref, label_check=check)
-    reserve = reserve_pairs(b, q, cfg.paraphrase.reserve, tiebreak)
-    if strategy == "mars" and not cfg.semantic.active(cfg.rewrite.model):
-        why = (
-            "semantic.enabled false"
-            if cfg.semantic.enabled is False
-            else f"the built-in rewriter {cfg.rewrite.model} fails the rewrite quality figure (docs/results.md); "
-            "set semantic.enabled true, or a capable rewrite.model"
-        )
-        summary["semantic"] = {"off": why}
-        if epoch == 1:
-            log(f"{_EPOCH_LABEL.get()} semantic step off: {why}")
-    elif strategy == "mars":
-        summary["semantic"] = sem.label()
-        summary["semantic"]["low_with_budget"] = int((sem.low & (b > 0)).sum())
-        summary["semantic"]["low_in_reserve"] = int((sem.low & (reserve > 0)).sum())
-        sem.refine((b > 0) | (reserve > 0), "first round")
+    # 3-4. Semantic labels and refinement of the low-distance pairs that may receive budget: those
+    # with budget and the reserve; pairs a top-up round reaches are refined there. Every pair that
+    # ends up with synthetic pairs has been through the semantic step.
+    def semantic_step(self, q: np.ndarray, b: np.ndarray, tiebreak: np.ndarray):
+        cfg, pairs = self.cfg, self.pairs
+        chosen = np.array(pairs.column(S.CHOSEN).to_pylist(), dtype=object)
+        rejected = np.array(pairs.column(S.REJECTED).to_pylist(), dtype=object)
+        check = cfg.rewrite.label_check
+        if check == "auto":
+            check = "reward" if self.epoch > 1 or cfg.mars.warmup_passes > 0 else "none"
+        ledger = _Ledger(Counter(), self.times, self.log)
+        texts = _Texts(self.ids, chosen, rejected)
+        sem = _Semantic(cfg, pairs, texts, self.per_pair, ledger, reward_ref=self.reward_ref, label_check=check)
+        reserve = reserve_pairs(b, q, cfg.paraphrase.reserve, tiebreak)
+        if self.plan.semantic and not cfg.semantic.active(cfg.rewrite.model):
+            why = (
+                "semantic.enabled false"
+                if cfg.semantic.enabled is False
+                else f"the built-in rewriter {cfg.rewrite.model} fails the rewrite quality figure (docs/results.md); "
+                "set semantic.enabled true, or a capable rewrite.model"
+            )
+            self.summary["semantic"] = {"off": why}
+            if self.epoch == 1:
+                self.log(f"{_EPOCH_LABEL.get()} semantic step off: {why}")
+        elif self.plan.semantic:
+            self.summary["semantic"] = sem.label()
+            self.summary["semantic"]["low_with_budget"] = int((sem.low & (b > 0)).sum())
+            self.summary["semantic"]["low_in_reserve"] = int((sem.low & (reserve > 0)).sum())
+            sem.refine((b > 0) | (reserve > 0), "first round")
+        return sem, reserve
 
-    # 5. Paraphrases of the (refined) responses, plus the reserve's rejected responses.
-    n_plus, n_minus = split_counts(b)
-    gen_stats = sem.gen_stats
-    refined, status = sem.refined, sem.status
-    kept_c, kept_r, para = _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus + reserve, gen_stats, times, log)
-    para["reserve_texts"] = int(reserve.sum())
-    summary["paraphrase"] = para
+    # 5-6. Paraphrases of the (refined) responses, plus the reserve's rejected responses; pools that
+    # fit the budget. When the quality gate left the pools too small, top-up rounds ask one more
+    # paraphrase per side (further down each text's bank walk) for the pairs with the largest
+    # allocation weight until the budget fits or the rounds run out.
+    def fill_pools(self, sem: _Semantic, q: np.ndarray, b: np.ndarray, tiebreak: np.ndarray, reserve: np.ndarray):
+        cfg, n = self.cfg, self.n
+        n_plus, n_minus = split_counts(b)
+        ask = _Texts(self.ids, sem.chosen, sem.rejected)
+        kept_c, kept_r, para = _paraphrase(cfg, ask, n_plus, n_minus + reserve, self._ledger(sem))
+        para["reserve_texts"] = int(reserve.sum())
+        self.summary["paraphrase"] = para
 
-    # 6. Pools -> exactly B synthetic pairs. When the quality gate left the pools too small, top-up
-    # rounds ask one more paraphrase per side (further down each text's bank walk) for the pairs
-    # with the largest allocation weight until the budget fits or the rounds run out.
-    def fit():
-        cap = np.array([pool_capacity(len(kept_c[i]), len(kept_r[i]), bool(refined[i])) for i in range(n)])
-        return fit_budgets(b, cap, q, tiebreak)
+        def fit():
+            cap = np.array([pool_capacity(len(kept_c[i]), len(kept_r[i]), bool(sem.refined[i])) for i in range(n)])
+            return fit_budgets(b, cap, q, tiebreak)
 
-    b_fit, unspent = fit()
-    para["topup_rounds"] = []
-    for rnd in range(1, cfg.paraphrase.topup_rounds + 1):
-        if unspent == 0:
-            break
-        order = priority_order(q, tiebreak)
-        extra = np.zeros(n, dtype=np.int64)
-        extra[order[: min(n, 2 * unspent)]] = 1  # twice the shortfall: about half pass the gate
-        sem.refine(extra > 0, f"top-up {rnd}")
-        # One more paraphrase per side: the bank walk for (text, kept + 1) repeats the cached
-        # candidates and continues past them, so its answer extends what the pair already has.
-        want_c = np.where(extra > 0, [len(k) + 1 for k in kept_c], 0)
-        want_r = np.where(extra > 0, [len(k) + 1 for k in kept_r], 0)
-        more_c, more_r, info = _paraphrase(cfg, ids, chosen, rejected, want_c, want_r, gen_stats, times, log, topup=rnd)
-        for i in np.flatnonzero(extra):
-            kept_c[i], kept_r[i] = more_c[i], more_r[i]
-        info["extra_asked"] = int(2 * extra.sum())
         b_fit, unspent = fit()
-        para["topup_rounds"].append({**info, "unspent_after": unspent})
-    prompts = pairs.column(S.PROMPT).to_pylist()
-    subsets = pairs.column(S.SUBSET).to_pylist()
-    refined_by = f"rewrite={cfg.rewrite.model};paraphrase={cfg.paraphrase.model}"
-    rows = draw_synthetic_pairs(
-        pair_ids=ids,
-        prompts=prompts,
-        subsets=subsets,
-        chosen=chosen,
-        rejected=rejected,
-        kept_chosen=kept_c,
-        kept_rejected=kept_r,
-        budgets=b_fit,
-        refined=refined,
-        q=q,
-        seed=cfg.seed,
-        epoch=epoch,
-        generator=cfg.paraphrase.model,
-        refined_generator=refined_by,
-        margins=pairs.column(S.MARGIN).to_pylist() if S.MARGIN in pairs.column_names else None,
-    )
-    para["reserve_used"] = int(((b_fit > 0) & (reserve > 0)).sum())
-    if sem.ref:
-        summary["refine"] = sem.ref
-    per_pair.update(reserve=reserve, budget_spent=b_fit, refine_status=status)
-    synthetic = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
-    summary.update(
-        synthetic=synthetic.num_rows,
-        budget_unspent=unspent,
-        operations=dict(Counter(r[S.OPERATION] for r in rows)),
-        allocation=_allocation_summary(margins if strategy != "uniform" else None, q, b),
-        diagnostics={
-            **diagnostics,
-            "gate_pass_rate": _gate_pass_rate(para),
-        },
-        generation=dict(gen_stats),
-        bank=bank_counts(dict(gen_stats)),
-        audit={
-            "operations": audit_operations(para, sem.audit),
-            "examples": audit_examples(
-                rows,
-                pairs.select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED]).to_pylist(),
-                np.random.default_rng([cfg.seed, epoch, 1]),
+        para["topup_rounds"] = []
+        for rnd in range(1, cfg.paraphrase.topup_rounds + 1):
+            if unspent == 0:
+                break
+            order = priority_order(q, tiebreak)
+            extra = np.zeros(n, dtype=np.int64)
+            extra[order[: min(n, 2 * unspent)]] = 1  # twice the shortfall: about half pass the gate
+            sem.refine(extra > 0, f"top-up {rnd}")
+            # One more paraphrase per side: the bank walk for (text, kept + 1) repeats the cached
+            # candidates and continues past them, so its answer extends what the pair already has.
+            want_c = np.where(extra > 0, [len(k) + 1 for k in kept_c], 0)
+            want_r = np.where(extra > 0, [len(k) + 1 for k in kept_r], 0)
+            more_c, more_r, info = _paraphrase(
+                cfg, _Texts(self.ids, sem.chosen, sem.rejected), want_c, want_r, self._ledger(sem), topup=rnd
+            )
+            for i in np.flatnonzero(extra):
+                kept_c[i], kept_r[i] = more_c[i], more_r[i]
+            info["extra_asked"] = int(2 * extra.sum())
+            b_fit, unspent = fit()
+            para["topup_rounds"].append({**info, "unspent_after": unspent})
+        return kept_c, kept_r, para, b_fit, unspent
+
+    def _ledger(self, sem: _Semantic) -> _Ledger:
+        return sem.ledger
+
+    # 6. Pools -> exactly B synthetic pairs, with lineage.
+    def draw(self, sem: _Semantic, kept_c, kept_r, b_fit: np.ndarray, q: np.ndarray) -> list[dict[str, Any]]:
+        cfg, pairs = self.cfg, self.pairs
+        return draw_synthetic_pairs(
+            SyntheticDraw(
+                pair_ids=self.ids,
+                prompts=pairs.column(S.PROMPT).to_pylist(),
+                subsets=pairs.column(S.SUBSET).to_pylist(),
+                chosen=sem.chosen,
+                rejected=sem.rejected,
+                kept_chosen=kept_c,
+                kept_rejected=kept_r,
+                budgets=b_fit,
+                refined=sem.refined,
+                q=q,
+                margins=pairs.column(S.MARGIN).to_pylist() if S.MARGIN in pairs.column_names else None,
             ),
-        },
-        stage_seconds=times,
-    )
-    return EpochResult(synthetic, pa.table(per_pair), summary)
+            seed=cfg.seed,
+            epoch=self.epoch,
+            generator=cfg.paraphrase.model,
+            refined_generator=f"rewrite={cfg.rewrite.model};paraphrase={cfg.paraphrase.model}",
+        )
 
 
 def _check_failures(cfg: Config, operation: str, out: pa.Table, generator: str) -> None:
@@ -290,17 +352,28 @@ class _Semantic:
     """The semantic step of one epoch: distances once, then refinement of the low-distance pairs
     among any set of pairs, each pair at most once (its rewrite replaces ``chosen``/``rejected``)."""
 
-    def __init__(self, cfg, pairs, ids, chosen, rejected, per_pair, times, log, *, reward_ref: str, label_check: str):
-        self.cfg, self.pairs, self.ids, self.per_pair, self.times, self.log = cfg, pairs, ids, per_pair, times, log
+    def __init__(
+        self,
+        cfg: Config,
+        pairs: pa.Table,
+        texts: _Texts,
+        per_pair: dict,
+        ledger: _Ledger,
+        *,
+        reward_ref: str,
+        label_check: str,
+    ):
+        self.cfg, self.pairs, self.per_pair, self.ledger = cfg, pairs, per_pair, ledger
+        self.ids, self.chosen, self.rejected = texts.ids, texts.chosen, texts.rejected
+        self.times, self.log = ledger.times, ledger.log
         self.reward_ref, self.label_check = reward_ref, label_check
-        self.chosen, self.rejected = chosen, rejected
-        n = len(ids)
+        n = len(self.ids)
         self.refined = np.zeros(n, dtype=bool)
         self.status = np.full(n, "", dtype=object)
         self.attempted = np.zeros(n, dtype=bool)
         self.low = np.zeros(n, dtype=bool)
         self.dist: np.ndarray | None = None
-        self.gen_stats: Counter = Counter()
+        self.gen_stats: Counter = ledger.gen_stats
         self.ref: dict[str, Any] = {}
         self.audit: dict[str, Counter] = {}  # rewrite outputs by operation and what became of them
 
@@ -371,10 +444,31 @@ class _Semantic:
         )
 
 
-def _paraphrase(cfg, ids, chosen, rejected, n_plus, n_minus, gen_stats, times, log, topup: int = 0):
+@dataclass
+class _Texts:
+    """The pairs' current responses (rewrites replace them) by pair id."""
+
+    ids: list[str]
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+
+@dataclass
+class _Ledger:
+    """Where a stage records its generation counts, its time and its console line."""
+
+    gen_stats: Counter
+    times: dict[str, float]
+    log: Callable[[str], None]
+
+
+def _paraphrase(cfg: Config, texts_of: _Texts, n_plus, n_minus, ledger: _Ledger, topup: int = 0):
+    """Gated paraphrases: ``n_plus[i]`` of pair i's chosen response, ``n_minus[i]`` of its rejected."""
     from mars_ray.stages.common import map_with_actors
     from mars_ray.stages.generate import STAT_COLUMNS, ParaphraseActor, longest_first, paraphrase_actor_kwargs
 
+    ids, chosen, rejected = texts_of.ids, texts_of.chosen, texts_of.rejected
+    gen_stats, times, log = ledger.gen_stats, ledger.times, ledger.log
     n = len(ids)
     keys, texts, counts = [], [], []
     for i in range(n):

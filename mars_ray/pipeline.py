@@ -44,6 +44,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,13 @@ from mars_ray import console
 from mars_ray.config import CONFIG_FILENAME, Config
 from mars_ray.core import atomic
 from mars_ray.core import schema as S
-from mars_ray.train.loop import SCORES_FILE
+from mars_ray.strategies import LOSS_WEIGHT, EpochContext, Strategy, strategy_for
+from mars_ray.strategies import STRATEGIES as STRATEGY_TABLE
+from mars_ray.train.loop import SCORES_FILE, FitResult
 
 METRICS_JSONL, METRICS_CSV, SUMMARY_FILE, MANIFEST = "metrics.jsonl", "metrics.csv", "summary.json", "manifest.json"
-LOSS_WEIGHT = "loss_weight"  # per-epoch AdaBoost weights (train.parquet of that epoch only)
 MODEL_DIR = "model"
-STRATEGIES = ("none", "uniform", "mars", "mars-nosem", "west-of-n", "adaboost")
+STRATEGIES = tuple(STRATEGY_TABLE)
 
 # Columns of metrics.csv, in order (metrics.jsonl has these and more).
 CSV_COLUMNS = (
@@ -173,184 +175,6 @@ def _load_data(cfg: Config, run_dir: Path, resume: bool, log) -> dict[str, pa.Ta
     if out["val"].num_rows == 0:
         log("[data] warning: no validation pairs (data.val_fraction=0): val_* metrics will be NaN")
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# What each strategy adds in one epoch
-# --------------------------------------------------------------------------------------------
-
-
-def _empty_pairs() -> pa.Table:
-    return S.PAIR_SCHEMA.empty_table()
-
-
-def _augment(
-    cfg: Config,
-    originals: pa.Table,
-    current: pa.Table,
-    prev_model: str,
-    epoch: int,
-    ep: Path,
-    log,
-    scores: pa.Table | None = None,
-):
-    """Returns (synthetic table, per-epoch summary, AdaBoost weights for ``current`` or None).
-    ``scores``: ``prev_model``'s margins of ``originals`` when its training run scored them."""
-    strategy = cfg.mars.strategy
-    if strategy in ("mars", "mars-nosem", "uniform", "none"):
-        from mars_ray.augment import run_epoch, summary_markdown
-
-        res = run_epoch(
-            cfg,
-            originals,
-            reward_ref=prev_model,
-            epoch=epoch,
-            log=log,
-            label=f"[epoch {epoch}/{cfg.mars.epochs}]",
-            margins=scores,
-        )
-        _write_parquet(res.per_pair, ep / "allocation.parquet")
-        atomic.write_text(ep / "augment_summary.md", summary_markdown(res.summary))
-        return res.synthetic, res.summary, None
-    if strategy == "west-of-n":
-        return (*_west_of_n(cfg, originals, prev_model, epoch, log), None)
-    if strategy == "adaboost":
-        from mars_ray.core.losses import adaboost_weights
-        from mars_ray.stages.score import score_margins
-
-        t0 = time.perf_counter()
-        with console.stage(
-            f"[epoch {epoch}/{cfg.mars.epochs}] score margins", total=current.num_rows, unit="pairs"
-        ) as st:
-            scored = score_margins(current, model_ref=prev_model, cfg=cfg)
-            margins = np.asarray(scored.column("margin").to_numpy(), dtype=np.float64)
-            st.done(f"margin mean {margins.mean():+.3f}, std {margins.std():.3f}")
-        w = adaboost_weights(margins, cfg.mars.adaboost_beta)
-        _write_parquet(
-            pa.table({S.PAIR_ID: current.column(S.PAIR_ID), "margin": margins, LOSS_WEIGHT: w}),
-            ep / "allocation.parquet",
-        )
-        summary = {
-            "epoch": epoch,
-            "strategy": strategy,
-            "pairs": current.num_rows,
-            "synthetic": 0,
-            "weights": {"min": float(w.min()), "max": float(w.max()), "beta": cfg.mars.adaboost_beta},
-            "stage_seconds": {"score margins": round(time.perf_counter() - t0, 3)},
-        }
-        return _empty_pairs(), summary, w
-    raise ValueError(f"unknown mars.strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
-
-
-def _west_of_n(cfg: Config, originals: pa.Table, prev_model: str, epoch: int, log):
-    from collections import Counter
-
-    from mars_ray.core.west_of_n import group_counts
-    from mars_ray.runtime import init_ray
-    from mars_ray.stages.west_of_n import west_of_n_groups
-
-    t0 = time.perf_counter()
-    prompts = originals.column(S.PROMPT).to_pylist()
-    ids = originals.column(S.PAIR_ID).to_pylist()
-    subsets = originals.column(S.SUBSET).to_pylist()
-    first: dict[str, int] = {}
-    for i, p in enumerate(prompts):
-        first.setdefault(p, i)
-    uniq = sorted(first.values())  # one source pair per distinct prompt (its first occurrence)
-    rng = np.random.default_rng([cfg.seed, epoch, 17])
-    groups = group_counts(len(uniq), cfg.mars.budget, rng)
-    summary: dict[str, Any] = {
-        "epoch": epoch,
-        "strategy": "west-of-n",
-        "pairs": originals.num_rows,
-        "budget": cfg.mars.budget,
-        "prompts": int((groups > 0).sum()),
-        "n": cfg.mars.west_of_n,
-    }
-    if cfg.mars.budget == 0:
-        summary.update(synthetic=0, budget_unspent=0)
-        return _empty_pairs(), summary
-    init_ray(cfg.resources)
-    table = pa.table({"key": [str(i) for i in uniq], "prompt": [prompts[i] for i in uniq]})
-    with console.stage(
-        f"[epoch {epoch}/{cfg.mars.epochs}] west-of-n: {int(groups.sum())} groups of {cfg.mars.west_of_n} responses",
-        total=int((groups > 0).sum()),
-        unit="prompts",
-    ):
-        out = west_of_n_groups(table, cfg, reward_ref=prev_model, groups=groups, epoch=epoch)
-    rows = []
-    status = Counter(out.column("status").to_pylist())
-    for r in sorted(out.to_pylist(), key=lambda r: tuple(int(x) for x in r["key"].split(":"))):
-        if r["status"] != "ok":
-            continue
-        i = int(r["key"].split(":")[0])
-        rows.append(
-            {
-                S.PAIR_ID: S.pair_id(prompts[i], r["chosen"], r["rejected"]),
-                S.PROMPT: prompts[i],
-                S.CHOSEN: r["chosen"],
-                S.REJECTED: r["rejected"],
-                S.SUBSET: subsets[i],
-                S.SPLIT: "train",
-                S.SOURCE_FILE: None,
-                S.SOURCE_LINE: None,
-                S.FLAGS: [],
-                S.META: None,
-                S.ORIGIN: S.ORIGIN_SYNTHETIC,
-                S.SOURCE_PAIR_ID: ids[i],
-                S.EPOCH: int(epoch),
-                S.OPERATION: f"west-of-{cfg.mars.west_of_n}",
-                S.GENERATOR: cfg.paraphrase.model,
-                S.WEIGHT: float(r["best_score"] - r["worst_score"]),
-            }
-        )
-    from mars_ray.generation import check_failure_rate
-
-    syn = pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA)
-    gen = {
-        c.removeprefix("gen_"): int(np.sum(out.column(c).to_numpy()))
-        for c in ("gen_requested", "gen_hits", "gen_generated", "gen_failed", "gen_corrupt")
-        if c in out.column_names
-    }
-    check_failure_rate(
-        "west-of-n",
-        gen.get("generated", 0),
-        gen.get("failed", 0),
-        cfg.augment.max_failure_rate,
-        f"{cfg.paraphrase.backend}:{cfg.paraphrase.model}",
-    )
-    summary.update(
-        synthetic=syn.num_rows,
-        budget_unspent=int(groups.sum()) - syn.num_rows,
-        groups=dict(status),
-        generation=gen,
-        audit=_west_of_n_audit(cfg, gen, status, rows, originals, epoch),
-        stage_seconds={"west-of-n": round(time.perf_counter() - t0, 3)},
-    )
-    return syn, summary
-
-
-def _west_of_n_audit(cfg: Config, gen: dict[str, int], status, rows: list[dict], originals: pa.Table, epoch: int):
-    """The audit of a West-of-N epoch: every sampled response is kept (the best or worst of its
-    group), failed, or unused (a middle response, or one of a group that made no pair: ``groups``
-    counts the groups by status)."""
-    from mars_ray.core.audit import audit_examples
-
-    generated = int(gen.get("requested", 0))
-    kept, failed = 2 * len(rows), int(gen.get("failed", 0))
-    op = {
-        "generated": generated,
-        "kept": kept,
-        "unused": generated - kept - failed,
-        "generation_failed": failed,
-        "rejected": {},
-        "groups": {str(k): int(v) for k, v in sorted(status.items())},
-    }
-    originals_rows = originals.select([S.PAIR_ID, S.PROMPT, S.CHOSEN, S.REJECTED]).to_pylist()
-    return {
-        "operations": {"west-of-n": op},
-        "examples": audit_examples(rows, originals_rows, np.random.default_rng([cfg.seed, epoch, 1])),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,206 +387,290 @@ def run_mars(
         RunDirError: the output directory is in use (and neither resume nor overwrite was asked).
         ValueError / DataFileError: configuration or data problems, before anything is trained.
     """
-    from mars_ray.runtime import init_ray
-    from mars_ray.train.loop import FitSpec, fit_reward_model
-
     cfg.validate()
-    if cfg.mars.strategy not in STRATEGIES:
-        raise ValueError(f"unknown mars.strategy {cfg.mars.strategy!r}; one of {', '.join(STRATEGIES)}")
-    run_dir = Path(cfg.output.dir).resolve()
-    _prepare_run_dir(cfg, run_dir, resume)
-    cfg.save(run_dir)
-    t_run = time.perf_counter()
-    splits = _load_data(cfg, run_dir, resume, log)
-    originals = splits["train"]
-    val_path = run_dir / "data" / "val.parquet" if splits["val"].num_rows else None
-    init_ray(cfg.resources)
-    _say_new_head(cfg, log)
-    test_path = run_dir / "data" / "test.parquet" if splits["test"].num_rows else None
-    base_path = run_dir / "data" / BASE_FILE
-    base = json.loads(base_path.read_text(encoding="utf-8")) if base_metrics and base_path.exists() else None
-    # The "before": scored by the first training run of this run, before its first step.
-    want_base = base_metrics and base is None and test_path is not None
+    strategy = strategy_for(cfg.mars.strategy)
+    run = _Run.start(cfg, resume=resume, log=log, base_metrics=base_metrics, strategy=strategy)
+    for t in range(1, cfg.mars.epochs + 1):
+        row = run.resumed_epoch(t) or run.epoch(t)
+        if on_epoch is not None:
+            on_epoch(row)
+    return run.finish()
 
-    prev_model, current = cfg.model.reward, originals
-    # The next epoch's margins of the original pairs, scored by the training run of r^t.
-    score_in_training = cfg.mars.margins_in_training and cfg.mars.strategy in ("mars", "mars-nosem")
-    prev_scores: str | None = None
-    warm = None
-    if cfg.mars.warmup_passes > 0:
-        warm = warmup_model(
-            cfg,
-            run_dir,
-            run_dir / "data" / "train.parquet",
-            val_path,
-            log,
-            test_path=test_path if want_base else None,
-            score=score_in_training,
+
+class _Run:
+    """A `mars-ray train` run in progress: its directory and data, r^{t-1} and its scores of the
+    human pairs, the training set so far, the epochs' metrics rows, the "before" metrics."""
+
+    def __init__(self, cfg: Config, run_dir: Path, strategy: Strategy, log: Callable[[str], None]) -> None:
+        self.cfg, self.run_dir, self.strategy, self.log = cfg, run_dir, strategy, log
+        self.t_run = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+        self.prev_scores: str | None = None
+        self.warm: dict[str, Any] | None = None
+
+    @classmethod
+    def start(cls, cfg: Config, *, resume: bool, log, base_metrics: bool, strategy: Strategy) -> _Run:
+        """Prepare the run directory and data, start Ray, build or reuse r^0."""
+        from mars_ray.runtime import init_ray
+
+        run_dir = Path(cfg.output.dir).resolve()
+        _prepare_run_dir(cfg, run_dir, resume)
+        cfg.save(run_dir)
+        run = cls(cfg, run_dir, strategy, log)
+        run.splits = _load_data(cfg, run_dir, resume, log)
+        run.originals = run.current = run.splits["train"]
+        run.val_path = run_dir / "data" / "val.parquet" if run.splits["val"].num_rows else None
+        init_ray(cfg.resources)
+        _say_new_head(cfg, log)
+        run.test_path = run_dir / "data" / "test.parquet" if run.splits["test"].num_rows else None
+        run.base_path = run_dir / "data" / BASE_FILE
+        has_base = base_metrics and run.base_path.exists()
+        run.base = json.loads(run.base_path.read_text(encoding="utf-8")) if has_base else None
+        # The "before": scored by the first training run of this run, before its first step.
+        run.want_base = base_metrics and run.base is None and run.test_path is not None
+        run.prev_model = cfg.model.reward
+        # The next epoch's margins of the original pairs, scored by the training run of r^t.
+        run.score_in_training = cfg.mars.margins_in_training and strategy.margins_from_training
+        if cfg.mars.warmup_passes > 0:
+            run.warm_up()
+        return run
+
+    def warm_up(self) -> None:
+        train = self.run_dir / "data" / "train.parquet"
+        self.warm = warmup_model(
+            self.cfg,
+            self.run_dir,
+            train,
+            self.val_path,
+            self.log,
+            test_path=self.test_path if self.want_base else None,
+            score=self.score_in_training,
         )
-        prev_model = warm["model_dir"]
-        prev_scores = warm.get("scores_path")
-        if want_base:
-            base = warm.get("base")
-    rows: list[dict[str, Any]] = []
-    T = cfg.mars.epochs
-    for t in range(1, T + 1):
-        ep = epoch_dir(run_dir, t)
-        man_path = ep / MANIFEST
-        if man_path.exists():
-            man = json.loads(man_path.read_text(encoding="utf-8"))
-            rows.append(man["metrics"])
-            prev_model = man["model_dir"]
-            if not Path(prev_model).exists() and (run_dir / MODEL_DIR / "config.json").exists():
-                prev_model = str(run_dir / MODEL_DIR)  # a finished run's checkpoints were deleted: its final model
-            prev_scores = man.get("scores_path")
-            current = S.conform(pq.read_table(ep / "train.parquet"))
-            log(f"[epoch {t}/{T}] done earlier: val_accuracy {_fmt(man['metrics'].get('val_accuracy'))} (resumed)")
-            if on_epoch is not None:
-                on_epoch(man["metrics"])
-            continue
+        self.prev_model = self.warm["model_dir"]
+        self.prev_scores = self.warm.get("scores_path")
+        if self.want_base:
+            self.base = self.warm.get("base")
+
+    def resumed_epoch(self, t: int) -> dict[str, Any] | None:
+        """Epoch ``t``'s metrics when an earlier run finished it (its manifest exists), else None."""
+        ep = epoch_dir(self.run_dir, t)
+        if not (ep / MANIFEST).exists():
+            return None
+        man = json.loads((ep / MANIFEST).read_text(encoding="utf-8"))
+        self.rows.append(man["metrics"])
+        self.prev_model = man["model_dir"]
+        if not Path(self.prev_model).exists() and (self.run_dir / MODEL_DIR / "config.json").exists():
+            self.prev_model = str(
+                self.run_dir / MODEL_DIR
+            )  # a finished run's checkpoints were deleted: its final model
+        self.prev_scores = man.get("scores_path")
+        self.current = S.conform(pq.read_table(ep / "train.parquet"))
+        T = self.cfg.mars.epochs
+        self.log(f"[epoch {t}/{T}] done earlier: val_accuracy {_fmt(man['metrics'].get('val_accuracy'))} (resumed)")
+        return man["metrics"]
+
+    def epoch(self, t: int) -> dict[str, Any]:
+        """Augment, train, evaluate; the epoch is done when its manifest is written (last)."""
+        cfg, T, ep = self.cfg, self.cfg.mars.epochs, epoch_dir(self.run_dir, t)
         ep.mkdir(parents=True, exist_ok=True)
-        scorer = f"r{t - 1}" if t > 1 else ("r0 (warm-up)" if warm else "the base model")
-        log(f"[epoch {t}/{T}] {cfg.mars.strategy}: augment {originals.num_rows} pairs, margins from {scorer}")
+        scorer = f"r{t - 1}" if t > 1 else ("r0 (warm-up)" if self.warm else "the base model")
+        self.log(f"[epoch {t}/{T}] {cfg.mars.strategy}: augment {self.originals.num_rows} pairs, margins from {scorer}")
         t0 = time.perf_counter()
-        scores = pq.read_table(prev_scores) if prev_scores and Path(prev_scores).exists() else None
-        syn, aug_summary, weights = _augment(cfg, originals, current, prev_model, t, ep, log, scores)
+        grown, res, weights = self.augment(t, ep)
         augment_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fit = self.train(t, ep, grown, weights)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        test = {k: v for k, v in fit.items() if k.startswith("test_")}
+        if (
+            self.test_path is not None and "test_accuracy" not in test
+        ):  # e.g. a restart that reported its last checkpoint
+            test = _test_metrics(cfg, self.splits["test"], fit["model_dir"])
+        eval_s = time.perf_counter() - t0
+        row = _epoch_row(
+            cfg, t, _Counts(self.originals.num_rows, res.synthetic.num_rows, grown.num_rows), res.summary, fit
+        )
+        row.update({**test, "augment_s": round(augment_s, 2), "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)})
+        row = _ordered_row(row, fit)
+        self.rows.append(row)
+        if self.want_base and self.base is not None:  # kept for a resumed run
+            _write_json(self.base_path, self.base)
+            self.want_base = False
+        self.write_manifest(t, ep, fit, grown, row)
+        self.log(
+            f"[epoch {t}/{T}] done: val accuracy {_fmt(row.get('val_accuracy'))}, val SNR {_fmt(row.get('val_snr'))}, "
+            f"test accuracy {_fmt(row.get('test_accuracy'))} (augment {augment_s:.0f}s, train {train_s:.0f}s)"
+        )
+        self.prev_model, self.current, self.prev_scores = fit["model_dir"], grown, fit.get("scores_path")
+        return row
+
+    def augment(self, t: int, ep: Path) -> tuple[pa.Table, Any, np.ndarray | None]:
+        """The strategy's epoch; writes synthetic.parquet, augment_summary.json and train.parquet."""
+        scores = pq.read_table(self.prev_scores) if self.prev_scores and Path(self.prev_scores).exists() else None
+        ctx = EpochContext(self.cfg, self.originals, self.current, self.prev_model, t, ep, self.log, scores)
+        res = self.strategy.augment(ctx)
+        syn = res.synthetic
         _write_parquet(syn, ep / "synthetic.parquet")
-        _write_json(ep / "augment_summary.json", aug_summary)
-        grown = pa.concat_tables([current, syn.cast(S.PAIR_SCHEMA)]) if syn.num_rows else current
-        weights = loss_weights(grown, weights, cfg.train.synthetic_weight)
+        _write_json(ep / "augment_summary.json", res.summary)
+        grown = pa.concat_tables([self.current, syn.cast(S.PAIR_SCHEMA)]) if syn.num_rows else self.current
+        weights = loss_weights(grown, res.loss_weights, self.cfg.train.synthetic_weight)
         to_train = grown.append_column(LOSS_WEIGHT, pa.array(weights, pa.float64())) if weights is not None else grown
         _write_parquet(to_train, ep / "train.parquet")
+        return grown, res, weights
 
-        t0 = time.perf_counter()
-        with console.stage(f"[epoch {t}/{T}] train on {grown.num_rows} pairs ({syn.num_rows} new)") as st:
+    def train(self, t: int, ep: Path, grown: pa.Table, weights: np.ndarray | None) -> FitResult:
+        from mars_ray.train.loop import FitSpec, fit_reward_model
+
+        cfg, T = self.cfg, self.cfg.mars.epochs
+        n_new = grown.num_rows - self.current.num_rows
+        with console.stage(f"[epoch {t}/{T}] train on {grown.num_rows} pairs ({n_new} new)") as st:
             fit = fit_reward_model(
                 epoch_config(cfg, t),
                 FitSpec(
-                    init_model=prev_model,
+                    init_model=self.prev_model,
                     train_path=ep / "train.parquet",
-                    val_path=val_path,
-                    run_dir=run_dir / "ray_train",
+                    val_path=self.val_path,
+                    run_dir=self.run_dir / "ray_train",
                     name=f"epoch_{t:03d}",
                     weights_column=LOSS_WEIGHT if weights is not None else None,
                     epoch=t,
                     max_failures=cfg.train.max_failures,
-                    test_path=test_path,
-                    test_before=want_base and base is None and t == 1 and warm is None,
+                    test_path=self.test_path,
+                    test_before=self.want_base and self.base is None and t == 1 and self.warm is None,
                     # the last epoch's scores are the final model's reward statistics (config.json mean/std)
-                    score_path=run_dir / "data" / "train.parquet" if (score_in_training and t < T) or t == T else None,
+                    score_path=self.run_dir / "data" / "train.parquet"
+                    if (self.score_in_training and t < T) or t == T
+                    else None,
                 ),
             )
             st.done(_fit_result(fit) + f", test accuracy {_fmt(fit.get('test_accuracy'))}")
-        if want_base and base is None:
-            base = _base_from_fit(fit)
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        test = {k: v for k, v in fit.items() if k.startswith("test_")}
-        if test_path is not None and "test_accuracy" not in test:  # e.g. a restart that reported its last checkpoint
-            test = _test_metrics(cfg, splits["test"], fit["model_dir"])
-        eval_s = time.perf_counter() - t0
-        row = {
-            "epoch": t,
-            "strategy": cfg.mars.strategy,
-            "train_pairs": grown.num_rows,
-            "original_pairs": originals.num_rows,
-            "synthetic": syn.num_rows,
-            "synthetic_total": grown.num_rows - originals.num_rows,
-            "budget": cfg.mars.budget,
-            "budget_unspent": int(aug_summary.get("budget_unspent", 0) or 0),
-            "synthetic_share": (grown.num_rows - originals.num_rows) / max(grown.num_rows, 1),
-            "synthetic_weight": cfg.train.synthetic_weight,
-            "passes": epoch_config(cfg, t).train.passes,
-            **{k: v for k, v in fit.items() if k.startswith("val_")},
-            **test,
-            "train_loss": fit.get("train_loss"),
-            "train_loss_first": fit.get("train_loss_first"),
-            "train_loss_last": fit.get("train_loss_last"),
-            "train_tokens_per_s": fit.get("train_tokens_per_s"),
-            "step_time_s": fit.get("step_time_s"),
-            "steps": fit.get("steps"),
-            "precision": fit.get("precision"),
-            "precision_reason": fit.get("precision_reason"),
-            "world_size": fit.get("world_size"),
-            "augment_s": round(augment_s, 2),
-            "train_s": round(train_s, 2),
-            "eval_s": round(eval_s, 2),
-        }
-        if fit.get("resumed_from_step") is not None:  # this training run continued a checkpoint inside it
-            row["resumed_from_step"] = fit["resumed_from_step"]
-        rows.append(row)
-        if want_base and base is not None:  # kept for a resumed run
-            _write_json(base_path, base)
-            want_base = False
+        if self.want_base and self.base is None:
+            self.base = _base_from_fit(fit)
+        return fit
+
+    def write_manifest(self, t: int, ep: Path, fit: FitResult, grown: pa.Table, row: dict[str, Any]) -> None:
         manifest = {
             "epoch": t,
             "model_dir": fit["model_dir"],
             "checkpoint_dir": fit["checkpoint_dir"],
             "scores_path": fit.get("scores_path"),
-            "init_model": prev_model,
+            "init_model": self.prev_model,
             "train_file": str(ep / "train.parquet"),
             "train_pairs": grown.num_rows,
             "synthetic_file": str(ep / "synthetic.parquet"),
-            "config_hash": cfg.hash(),
+            "config_hash": self.cfg.hash(),
             "metrics": row,
         }
-        write_metrics(run_dir, rows)
-        _write_json(man_path, manifest)  # last: the epoch is done
-        log(
-            f"[epoch {t}/{T}] done: val accuracy {_fmt(row.get('val_accuracy'))}, val SNR {_fmt(row.get('val_snr'))}, "
-            f"test accuracy {_fmt(row.get('test_accuracy'))} (augment {augment_s:.0f}s, train {train_s:.0f}s)"
-        )
-        prev_model, current, prev_scores = fit["model_dir"], grown, fit.get("scores_path")
-        if on_epoch is not None:
-            on_epoch(row)
+        write_metrics(self.run_dir, self.rows)
+        _write_json(ep / MANIFEST, manifest)  # last: the epoch is done
 
-    write_metrics(run_dir, rows)
-    if want_base:  # not scored by a training run (resumed epochs, a shared r0): score it now
-        base = base or _base_metrics(cfg, splits["test"])
-        _write_json(base_path, base)
-    final = run_dir / MODEL_DIR
-    tmp = run_dir / (MODEL_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(prev_model, tmp)
-    describe_model(
-        cfg, run_dir, tmp, originals=originals, current=current, rows=rows, base=base, scores_path=prev_scores
-    )
-    atomic.replace_dir(tmp, final)  # model/ is complete at every moment (the old one until the swap)
-    checkpoints = "kept"
-    if not cfg.output.keep_checkpoints:
-        freed, left = drop_checkpoints(run_dir / "ray_train")
+    def finish(self) -> dict[str, Any]:
+        """The final model (self-describing), the checkpoints dropped, the summary and report."""
+        cfg, run_dir = self.cfg, self.run_dir
+        write_metrics(run_dir, self.rows)
+        if self.want_base:  # not scored by a training run (resumed epochs, a shared r0): score it now
+            self.base = self.base or _base_metrics(cfg, self.splits["test"])
+            _write_json(self.base_path, self.base)
+        final = run_dir / MODEL_DIR
+        tmp = run_dir / (MODEL_DIR + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(self.prev_model, tmp)
+        describe_model(
+            cfg,
+            run_dir,
+            tmp,
+            originals=self.originals,
+            current=self.current,
+            rows=self.rows,
+            base=self.base,
+            scores_path=self.prev_scores,
+        )
+        atomic.replace_dir(tmp, final)  # model/ is complete at every moment (the old one until the swap)
+        summary = {
+            "run_dir": str(run_dir),
+            "strategy": cfg.mars.strategy,
+            "epochs": cfg.mars.epochs,
+            "model": str(final),
+            "final": self.rows[-1] if self.rows else {},
+            "seconds": round(time.perf_counter() - self.t_run, 1),
+            "config_hash": cfg.hash(),
+            "warmup": self.warm,
+            "base": self.base,
+            "checkpoints": self.drop_checkpoints(),
+        }
+        _write_json(
+            run_dir / SUMMARY_FILE,
+            {
+                k: (_finite(v) if not isinstance(v, dict) else {a: _finite(b) for a, b in v.items()})
+                for k, v in summary.items()
+            },
+        )
+        try:
+            from mars_ray.report import run_report
+
+            run_report(run_dir)
+        except Exception as e:  # a report must never cost a finished run
+            self.log(f"report not written: {type(e).__name__}: {e}")
+        return summary
+
+    def drop_checkpoints(self) -> str:
+        if self.cfg.output.keep_checkpoints:
+            return "kept"
+        freed, left = drop_checkpoints(self.run_dir / "ray_train")
         checkpoints = f"deleted ({freed / 2**20:.0f} MiB)"
         if left:
             checkpoints += f"; could not delete {len(left)}: " + "; ".join(left)
-            log(f"warning: {checkpoints}")
-    summary = {
-        "run_dir": str(run_dir),
-        "strategy": cfg.mars.strategy,
-        "epochs": T,
-        "model": str(final),
-        "final": rows[-1] if rows else {},
-        "seconds": round(time.perf_counter() - t_run, 1),
-        "config_hash": cfg.hash(),
-        "warmup": warm,
-        "base": base,
-        "checkpoints": checkpoints,
-    }
-    _write_json(
-        run_dir / SUMMARY_FILE,
-        {
-            k: (_finite(v) if not isinstance(v, dict) else {a: _finite(b) for a, b in v.items()})
-            for k, v in summary.items()
-        },
-    )
-    try:
-        from mars_ray.report import run_report
+            self.log(f"warning: {checkpoints}")
+        return checkpoints
 
-        run_report(run_dir)
-    except Exception as e:  # a report must never cost a finished run
-        log(f"report not written: {type(e).__name__}: {e}")
-    return summary
+
+@dataclass(frozen=True)
+class _Counts:
+    human: int
+    new: int
+    total: int
+
+
+def _epoch_row(cfg: Config, t: int, n: _Counts, aug: dict[str, Any], fit: FitResult) -> dict[str, Any]:
+    """An epoch's metrics row (metrics.jsonl): the data it trained on and what training reported."""
+    return {
+        "epoch": t,
+        "strategy": cfg.mars.strategy,
+        "train_pairs": n.total,
+        "original_pairs": n.human,
+        "synthetic": n.new,
+        "synthetic_total": n.total - n.human,
+        "budget": cfg.mars.budget,
+        "budget_unspent": int(aug.get("budget_unspent", 0) or 0),
+        "synthetic_share": (n.total - n.human) / max(n.total, 1),
+        "synthetic_weight": cfg.train.synthetic_weight,
+        "passes": epoch_config(cfg, t).train.passes,
+        **{k: v for k, v in fit.items() if k.startswith("val_")},
+    }
+
+
+_FIT_KEYS = (
+    "train_loss",
+    "train_loss_first",
+    "train_loss_last",
+    "train_tokens_per_s",
+    "step_time_s",
+    "steps",
+    "precision",
+    "precision_reason",
+    "world_size",
+)
+
+
+def _ordered_row(row: dict[str, Any], fit: FitResult) -> dict[str, Any]:
+    """The row's keys in metrics.jsonl's order: data, validation, test, training, times."""
+    times = {k: row.pop(k) for k in ("augment_s", "train_s", "eval_s")}
+    out = {**row, **{k: fit.get(k) for k in _FIT_KEYS}, **times}
+    if fit.get("resumed_from_step") is not None:  # this training run continued a checkpoint inside it
+        out["resumed_from_step"] = fit["resumed_from_step"]
+    return out
 
 
 def drop_checkpoints(root: Path) -> tuple[int, list[str]]:

@@ -17,7 +17,7 @@ from mars_ray.core.filters import (
     is_degenerate,
     paraphrase_rejection,
 )
-from mars_ray.core.pairs import Draw, fit_budgets, operation_name, pool_capacity, sample_pool, synthetic_rows
+from mars_ray.core.pairs import Draw, Lineage, fit_budgets, operation_name, pool_capacity, sample_pool, synthetic_rows
 from mars_ray.core.refine import RefineItem, refine_batch, refine_summary
 from mars_ray.core.semantic import cosine_distance, semantic_labels
 
@@ -135,15 +135,11 @@ def test_fit_budgets_moves_shortfall_by_weight():
 
 def test_synthetic_rows_carry_lineage():
     rows = synthetic_rows(
-        source_pair_id="abc",
-        prompt="p",
-        chosen_variants=["c", "c1"],
-        rejected_variants=["r", "r1", "r2"],
-        draws=[Draw(1, 0), Draw(0, 2), Draw(1, 1)],
-        epoch=2,
-        generator="builtin:smollm2",
-        weight=0.25,
-        refined=False,
+        "p",
+        ["c", "c1"],
+        ["r", "r1", "r2"],
+        [Draw(1, 0), Draw(0, 2), Draw(1, 1)],
+        Lineage(source_pair_id="abc", epoch=2, generator="builtin:smollm2", weight=0.25, refined=False),
     )
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("c1", "r"), ("c", "r2"), ("c1", "r1")]
     assert [r["operation"] for r in rows] == ["paraphrase:chosen", "paraphrase:rejected", "paraphrase:both"]
@@ -394,12 +390,12 @@ def test_allocation_diagnostics():
 
 
 def _draw(kept_c, kept_r, budgets, *, order=None, seed=0):
-    from mars_ray.core.pairs import draw_synthetic_pairs
+    from mars_ray.core.pairs import SyntheticDraw, draw_synthetic_pairs
 
     n = len(budgets)
     order = list(range(n)) if order is None else order
     ids = [f"pair{i}" for i in range(n)]
-    rows = draw_synthetic_pairs(
+    pools = SyntheticDraw(
         pair_ids=[ids[i] for i in order],
         prompts=[f"q{i}" for i in order],
         subsets=[None] * n,
@@ -410,11 +406,8 @@ def _draw(kept_c, kept_r, budgets, *, order=None, seed=0):
         budgets=np.array([budgets[i] for i in order]),
         refined=np.zeros(n, dtype=bool),
         q=np.full(n, 1 / n),
-        seed=seed,
-        epoch=1,
-        generator="g",
-        refined_generator="g+r",
     )
+    rows = draw_synthetic_pairs(pools, seed=seed, epoch=1, generator="g", refined_generator="g+r")
     by_pair: dict[str, list] = {}
     for r in rows:
         by_pair.setdefault(r["source_pair_id"], []).append((r["chosen"], r["rejected"]))

@@ -254,7 +254,7 @@ def test_margin_column_is_read_validated_and_inherited(tmp_path):
     import numpy as np
 
     from mars_ray.core import schema as S
-    from mars_ray.core.pairs import draw_synthetic_pairs
+    from mars_ray.core.pairs import SyntheticDraw, draw_synthetic_pairs
 
     rows = [
         {"prompt": "q1", "chosen": "good one", "rejected": "bad one", "margin": 2.5},
@@ -272,7 +272,7 @@ def test_margin_column_is_read_validated_and_inherited(tmp_path):
     assert res.report["read"] == res.report["kept"] + res.report["quarantined"] == 5
     # synthetic pairs carry their source pair's margin (lineage)
     t = res.table
-    syn = draw_synthetic_pairs(
+    pools = SyntheticDraw(
         pair_ids=t.column(S.PAIR_ID).to_pylist(),
         prompts=t.column(S.PROMPT).to_pylist(),
         subsets=t.column(S.SUBSET).to_pylist(),
@@ -283,12 +283,9 @@ def test_margin_column_is_read_validated_and_inherited(tmp_path):
         budgets=np.full(t.num_rows, 2),
         refined=np.zeros(t.num_rows, bool),
         q=np.full(t.num_rows, 1 / t.num_rows),
-        seed=0,
-        epoch=1,
-        generator="g",
-        refined_generator="g",
         margins=t.column(S.MARGIN).to_pylist(),
     )
+    syn = draw_synthetic_pairs(pools, seed=0, epoch=1, generator="g", refined_generator="g")
     by_source = {r[S.PAIR_ID]: r[S.MARGIN] for r in t.to_pylist()}
     assert len(syn) == 2 * t.num_rows
     assert all(r[S.MARGIN] == by_source[r[S.SOURCE_PAIR_ID]] for r in syn)

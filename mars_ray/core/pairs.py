@@ -84,47 +84,53 @@ def pool_rng(seed: int, epoch: int, pair_id: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), key])
 
 
+@dataclass(frozen=True)
+class SyntheticDraw:
+    """Everything the pools hold, pair by pair (index i of every sequence is pair i): its id, prompt
+    and subset, its (possibly refined) responses and their kept paraphrases, its budget, whether the
+    semantic step refined it, its allocation weight and its label margin (None: no margin column)."""
+
+    pair_ids: Sequence[str]
+    prompts: Sequence[str]
+    subsets: Sequence[str | None]
+    chosen: Sequence[str]
+    rejected: Sequence[str]
+    kept_chosen: Sequence[Sequence[str]]
+    kept_rejected: Sequence[Sequence[str]]
+    budgets: np.ndarray
+    refined: np.ndarray
+    q: np.ndarray
+    margins: Sequence[float | None] | None = None
+
+
 def draw_synthetic_pairs(
-    *,
-    pair_ids: Sequence[str],
-    prompts: Sequence[str],
-    subsets: Sequence[str | None],
-    chosen: Sequence[str],
-    rejected: Sequence[str],
-    kept_chosen: Sequence[Sequence[str]],
-    kept_rejected: Sequence[Sequence[str]],
-    budgets: np.ndarray,
-    refined: np.ndarray,
-    q: np.ndarray,
-    seed: int,
-    epoch: int,
-    generator: str,
-    refined_generator: str,
-    margins: Sequence[float | None] | None = None,
+    pools: SyntheticDraw, *, seed: int, epoch: int, generator: str, refined_generator: str
 ) -> list[dict]:
     """PAIR_SCHEMA rows: ``budgets[i]`` draws from pair i's pool (its, possibly refined, responses
-    and their kept paraphrases), each pair with its own :func:`pool_rng` stream."""
+    and their kept paraphrases), each pair with its own :func:`pool_rng` stream; ``generator`` (or
+    ``refined_generator`` for a refined pair) is recorded as the rows' lineage."""
+    p = pools
     rows: list[dict] = []
-    for i in (int(j) for j in np.flatnonzero(np.asarray(budgets))):
+    for i in (int(j) for j in np.flatnonzero(np.asarray(p.budgets))):
+        refined = bool(p.refined[i])
         draws = sample_pool(
-            len(kept_chosen[i]),
-            len(kept_rejected[i]),
-            int(budgets[i]),
-            pool_rng(seed, epoch, pair_ids[i]),
-            refined=bool(refined[i]),
+            len(p.kept_chosen[i]),
+            len(p.kept_rejected[i]),
+            int(p.budgets[i]),
+            pool_rng(seed, epoch, p.pair_ids[i]),
+            refined=refined,
+        )
+        lineage = Lineage(
+            source_pair_id=p.pair_ids[i],
+            epoch=epoch,
+            generator=refined_generator if refined else generator,
+            weight=float(p.q[i]),
+            refined=refined,
+            subset=p.subsets[i],
+            margin=p.margins[i] if p.margins is not None else None,
         )
         rows += synthetic_rows(
-            source_pair_id=pair_ids[i],
-            prompt=prompts[i],
-            chosen_variants=[chosen[i], *kept_chosen[i]],
-            rejected_variants=[rejected[i], *kept_rejected[i]],
-            draws=draws,
-            epoch=epoch,
-            generator=refined_generator if refined[i] else generator,
-            weight=float(q[i]),
-            refined=bool(refined[i]),
-            subset=subsets[i],
-            margin=margins[i] if margins is not None else None,
+            p.prompts[i], [p.chosen[i], *p.kept_chosen[i]], [p.rejected[i], *p.kept_rejected[i]], draws, lineage
         )
     return rows
 
@@ -142,22 +148,29 @@ def operation_name(draw: Draw, refined: bool) -> str:
     return op if not refined or op == "rewrite" else f"rewrite+{op}"
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """What every synthetic pair drawn from one source pair records about where it came from."""
+
+    source_pair_id: str
+    epoch: int
+    generator: str
+    weight: float
+    refined: bool
+    subset: str | None = None
+    split: str = "train"
+    margin: float | None = None
+
+
 def synthetic_rows(
-    *,
-    source_pair_id: str,
     prompt: str,
     chosen_variants: Sequence[str],
     rejected_variants: Sequence[str],
     draws: Sequence[Draw],
-    epoch: int,
-    generator: str,
-    weight: float,
-    refined: bool,
-    subset: str | None = None,
-    split: str = "train",
-    margin: float | None = None,
+    lineage: Lineage,
 ) -> list[dict]:
     """PAIR_SCHEMA rows for the draws, each carrying its lineage."""
+    lin = lineage
     rows: list[dict] = []
     for d in draws:
         c, r = chosen_variants[d.chosen_index], rejected_variants[d.rejected_index]
@@ -167,19 +180,19 @@ def synthetic_rows(
                 S.PROMPT: prompt,
                 S.CHOSEN: c,
                 S.REJECTED: r,
-                S.SUBSET: subset,
-                S.SPLIT: split,
+                S.SUBSET: lin.subset,
+                S.SPLIT: lin.split,
                 S.SOURCE_FILE: None,
                 S.SOURCE_LINE: None,
                 S.FLAGS: [],
                 S.META: None,
                 S.ORIGIN: S.ORIGIN_SYNTHETIC,
-                S.SOURCE_PAIR_ID: source_pair_id,
-                S.EPOCH: int(epoch),
-                S.OPERATION: operation_name(d, refined),
-                S.GENERATOR: generator,
-                S.WEIGHT: float(weight),
-                S.MARGIN: margin,
+                S.SOURCE_PAIR_ID: lin.source_pair_id,
+                S.EPOCH: int(lin.epoch),
+                S.OPERATION: operation_name(d, lin.refined),
+                S.GENERATOR: lin.generator,
+                S.WEIGHT: float(lin.weight),
+                S.MARGIN: lin.margin,
             }
         )
     return rows
