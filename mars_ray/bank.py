@@ -65,6 +65,8 @@ def build_bank(
     )
 
     t0 = time.perf_counter()
+    if cfg.bank.actors is not None:  # the bank's own pool size (its stages only)
+        cfg = cfg.copy({"resources.actors": int(cfg.bank.actors)})
     if pairs is None:
         from mars_ray.data.load import read_preferences
 

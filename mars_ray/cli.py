@@ -402,7 +402,33 @@ def cmd_eval(args, extra) -> int:
     cfg = build_config(args, extra)
     if not args.model:
         raise UsageError("--model RUN_DIR|PATH|HUB_ID is required")
-    evaluate(cfg, args.model)
+    from mars_ray.runtime import on_reserved_gpus
+
+    on_reserved_gpus(cfg.resources, evaluate, cfg, args.model)  # on a GPU when resources.gpus_per_actor asks
+    return EXIT_OK
+
+
+def placement_commands() -> tuple[str, ...]:
+    from mars_ray.placement import COMMANDS
+
+    return COMMANDS
+
+
+def cmd_cluster_check(args, extra) -> int:
+    import ray
+
+    from mars_ray.placement import check_phases, command_phases, describe
+    from mars_ray.runtime import init_ray
+
+    cfg = build_config(args, extra)
+    phases = command_phases(args.command, cfg)
+    init_ray(cfg.resources)
+    rows = check_phases(phases, timeout_s=args.timeout)
+    print(describe(rows, ray.cluster_resources()))
+    pending = [r["phase"] for r in rows if not r["fits"]]
+    if pending:
+        print(f"{len(pending)} phase(s) would stay pending: {'; '.join(pending)}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -483,7 +509,9 @@ def cmd_winrate(args, extra) -> int:
     names = tuple(args.names.split(",")) if args.names else None
     if names is not None and len(names) != 2:
         raise UsageError("--names takes two comma-separated names, e.g. --names mars,uniform")
-    winrate(cfg, args.policy_a, args.policy_b, names=names)
+    from mars_ray.runtime import on_reserved_gpus
+
+    on_reserved_gpus(cfg.resources, winrate, cfg, args.policy_a, args.policy_b, names=names)
     return EXIT_OK
 
 
@@ -588,6 +616,15 @@ def _parser() -> argparse.ArgumentParser:
         help="a training run directory (its model/), a Hugging Face folder, a hub id or builtin:minilm",
     )
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser(
+        "cluster-check",
+        parents=[common],
+        help="will COMMAND's job fit the running cluster? reserve each phase's resources, report what stays pending",
+    )
+    s.add_argument("command", choices=placement_commands(), help="the mars-ray command the config is for")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each phase (default 30)")
+    s.set_defaults(func=cmd_cluster_check)
 
     s = sub.add_parser(
         "compare",

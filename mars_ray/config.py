@@ -209,14 +209,17 @@ class EndpointConfig:
     # Requests per Ray Data batch and per local generate call. On a CPU a decoding step reads all
     # the weights whatever the rows, so 32 rows cost ~1.5x the time of 4 (SmolLM2, 2 cores).
     # "auto" follows the device: GENERATION_BATCH_AUTO rows on GPU actors (resources.gpus_per_actor
-    # > 0), 32 on CPU actors.
+    # > 0), 32 on CPU actors. The openai back end takes at least `concurrency` rows per batch, so
+    # one batch keeps that many requests in flight (an actor sends one batch at a time).
     batch_size: int | Literal["auto"] = 32
 
     def batch(self, gpus_per_actor: float) -> int:
         """``batch_size`` as a number for actors with ``gpus_per_actor`` GPUs each."""
         if self.batch_size == "auto":
-            return GENERATION_BATCH_AUTO if float(gpus_per_actor) > 0 else 32
-        return int(self.batch_size)
+            n = GENERATION_BATCH_AUTO if float(gpus_per_actor) > 0 else 32
+        else:
+            n = int(self.batch_size)
+        return max(n, int(self.concurrency)) if self.backend == "openai" else n
 
     # Weights of a local generator: auto = bfloat16 where the hardware has native bf16 matmuls (a
     # CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX: ~1.8x faster generation here), else float32.
@@ -333,6 +336,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_workers: int = 1
     use_gpu: bool = False
+    # torch.distributed backend of the training workers: "auto" is NCCL when the workers hold GPUs
+    # and run on them, gloo otherwise (also when resources.device is cpu, e.g. on a simulated GPU
+    # cluster whose nodes advertise GPUs they do not have).
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     # CPUs (and torch threads) per training worker; null: reserve 1, use the cluster's CPUs /
     # num_workers as threads (max 8).
     cpus_per_worker: float | None = None
@@ -657,6 +664,10 @@ class BankConfig:
     rewrites: bool = True
     # `compare`: build the bank once before the trials.
     before_compare: bool = True
+    # Actors of the bank's generation and embedding pools (null: resources.actors). A compare on
+    # a cluster runs one GPU per trial (resources.actors 1) but builds its bank before the trials,
+    # when every GPU is free: set it to the cluster's GPUs (with resources.gpus_per_actor 1).
+    actors: int | None = None
 
 
 @dataclass
@@ -1081,6 +1092,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"data.columns has unknown keys {sorted(unknown_cols)}; use prompt, chosen, rejected, subset, margin")
     if cfg.bank.paraphrases is not None and cfg.bank.paraphrases < 0:
         p.append(f"bank.paraphrases={cfg.bank.paraphrases} must be >= 0 (or null: from the budget)")
+    if cfg.bank.actors is not None and cfg.bank.actors < 1:
+        p.append(f"bank.actors={cfg.bank.actors} must be >= 1 (or null: resources.actors)")
     if m.warmup_passes < 0:
         p.append(f"mars.warmup_passes={m.warmup_passes} must be >= 0 (0: start from a fresh score head)")
     if not 0.0 <= cfg.augment.max_failure_rate <= 1.0:

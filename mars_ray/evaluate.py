@@ -31,7 +31,7 @@ from mars_ray.core.metrics import (
     rewardbench_sections,
     subset_accuracy,
 )
-from mars_ray.runtime import pick_device
+from mars_ray.runtime import pick_device, placement
 
 RESULTS_FILE = "rewardbench_results.json"
 
@@ -110,6 +110,7 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
         "prompts_cut": int(enc_c.prompt_truncated),
         "responses_cut": int(enc_c.response_truncated + enc_r.response_truncated),
         "seconds": {"score": round(score_s, 3)},
+        "ran_on": placement(str(next(model.parameters()).device)),
     }
     subsets = [s or "" for s in table.column(S.SUBSET).to_pylist()]
     if any(subsets):

@@ -52,6 +52,7 @@ def mars_trial(config: dict[str, Any]) -> None:
 
     from mars_ray.evaluate import evaluate
     from mars_ray.pipeline import run_mars
+    from mars_ray.runtime import on_reserved_gpus
 
     overrides = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = trial_config(config["_base"], overrides, config["_root"])
@@ -78,7 +79,7 @@ def mars_trial(config: dict[str, Any]) -> None:
         ecfg.eval.exclude_pairs = str(run_dir) if config.get("_exclude_training", True) else None
         ecfg.output.dir = str(run_dir / "heldout" / f"{k}_{Path(path).stem}")
         if not (Path(ecfg.output.dir) / "eval.json").exists():
-            evaluate(ecfg, summary["model"], log=lambda m: None)
+            on_reserved_gpus(ecfg.resources, evaluate, ecfg, summary["model"], log=lambda m: None)  # the trial's GPU
 
 
 def heldout_config(cfg: Config, path: str, max_pairs: int | None) -> Config:

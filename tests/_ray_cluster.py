@@ -77,13 +77,28 @@ class LocalRayCluster:
     procs: list[subprocess.Popen] = field(default_factory=list)
     temp_dirs: list[str] = field(default_factory=list)
 
+    # Extra `ray start` arguments of every node (e.g. a small object store for simulated nodes).
+    node_args: list[str] = field(default_factory=list)
+
     @classmethod
-    def start(cls, *, head_cpus: int = 2, worker_cpus: tuple[int, ...] = (), timeout: float = 120) -> LocalRayCluster:
-        c = cls(env=ray_env())
+    def start(
+        cls,
+        *,
+        head_cpus: int = 2,
+        worker_cpus: tuple[int, ...] = (),
+        worker_gpus: int = 0,
+        worker_resources: dict[str, float] | None = None,
+        node_args: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> LocalRayCluster:
+        """``worker_gpus`` / ``worker_resources``: what every extra node advertises (a simulated GPU
+        node: Ray hands out GPU ids and sets CUDA_VISIBLE_DEVICES; torch still sees no CUDA)."""
+        c = cls(env={**ray_env(), **(extra_env or {})}, node_args=list(node_args))
         try:
             c._start_head(head_cpus, timeout)
             for n in worker_cpus:
-                c.add_node(n)
+                c.add_node(n, num_gpus=worker_gpus, resources=worker_resources)
             if worker_cpus:
                 c.wait_for_nodes(1 + len(worker_cpus), timeout)
         except BaseException:
@@ -113,6 +128,7 @@ class LocalRayCluster:
                 "127.0.0.1",
                 "--num-cpus",
                 str(num_cpus),
+                *self.node_args,
                 "--port",
                 str(gcs),
                 "--dashboard-host",
@@ -125,8 +141,13 @@ class LocalRayCluster:
         self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
         wait_http(f"{self.address}/api/version", timeout=timeout)
 
-    def add_node(self, num_cpus: int) -> None:
+    def add_node(self, num_cpus: int, *, num_gpus: int = 0, resources: dict[str, float] | None = None) -> None:
         """Start one more node that joins the head (returns at once; see :meth:`wait_for_nodes`)."""
+        import json
+
+        extra = ["--num-gpus", str(num_gpus)]
+        if resources:
+            extra += ["--resources", json.dumps(resources)]
         self._popen(
             [
                 f"--address={self.gcs_address}",
@@ -134,6 +155,8 @@ class LocalRayCluster:
                 "127.0.0.1",
                 "--num-cpus",
                 str(num_cpus),
+                *extra,
+                *self.node_args,
                 *_node_ports(head=False),
             ]
         )

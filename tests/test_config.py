@@ -131,3 +131,20 @@ def test_generation_batch_size_auto_follows_the_actors_device():
     assert cfg.rewrite.batch(1.0) == 16  # a number is kept as it is
     with pytest.raises(ValueError, match="batch_size"):
         Config.load(overrides={"paraphrase.batch_size": "big"})
+
+
+def test_openai_batches_fill_the_endpoints_requests_in_flight():
+    """Issue 39, defect 11: an actor sends one batch at a time, so a batch smaller than
+    `concurrency` capped the requests in flight at batch_size (32)."""
+    from mars_ray.config import RewriteConfig
+
+    assert RewriteConfig(backend="openai", concurrency=256, batch_size=32).batch(0) == 256
+    assert RewriteConfig(backend="openai", concurrency=4, batch_size=32).batch(0) == 32
+    assert RewriteConfig(backend="local", concurrency=256, batch_size=32).batch(1) == 32
+
+
+def test_bank_actors_must_be_positive():
+    cfg = Config()
+    cfg.bank.actors = 0
+    with pytest.raises(ValueError, match="bank.actors=0 must be >= 1"):
+        cfg.validate()

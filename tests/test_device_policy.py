@@ -134,3 +134,108 @@ def test_stages_put_their_models_on_the_reserved_gpu(tiny_bert_dir, tiny_llama_d
         cache_dir=None,
     )
     assert next(won.model.parameters()).device.type == "cuda"
+
+
+_RESERVED_GPU_PROBE = """
+import json, os, sys, ray
+ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, logging_level="ERROR",
+         runtime_env={"env_vars": json.loads(sys.argv[1])})
+
+@ray.remote(num_gpus=1, num_cpus=0)
+def probe():
+    from mars_ray.runtime import pick_device
+    try:
+        return {"device": pick_device(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    except ValueError as e:
+        return {"error": str(e), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+print("OUT" + json.dumps(ray.get(probe.remote())))
+"""
+
+
+def _probe(env_vars: dict[str, str]) -> dict:
+    """pick_device inside a Ray task that reserved a GPU from a local Ray advertising one (this
+    machine has none: Ray hands out the id, torch sees no CUDA)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in (D.DEVICE_ENV, "RAY_ADDRESS")}
+    out = subprocess.run(
+        [sys.executable, "-c", _RESERVED_GPU_PROBE, json.dumps(env_vars)],
+        capture_output=True,
+        text=True,
+        env={**env, "RAY_AUTH_MODE": "disabled"},
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.split("OUT", 1)[1])
+
+
+@pytest.mark.ray
+def test_a_reserved_gpu_is_used_or_the_run_stops_never_a_silent_cpu():
+    """Issue 39, defect 9: an actor that reserved a GPU used to fall back to the CPU when CUDA was
+    unusable (a torch/driver mismatch); now it fails naming the node and the torch/CUDA build,
+    unless the device is set to cpu on purpose (the simulated cluster)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here: the failure path needs a GPU Ray hands out but torch cannot use")
+    failed = _probe({})
+    assert failed["gpu_ids"] == ["0"]
+    assert "reserved GPU(s)" in failed["error"] and "CUDA is not available on node" in failed["error"]
+    assert f"torch {torch.__version__}" in failed["error"] and "resources.device cpu" in failed["error"]
+    assert _probe({D.DEVICE_ENV: "cpu"}) == {"device": "cpu", "gpu_ids": ["0"]}
+
+
+def test_cuda_ordinals_stay_in_the_driver_and_job_env_keeps_its_own_values(monkeypatch):
+    """Defect 8: resources.device reaches a `ray job submit` run's workers (our env merged into
+    the job's without a key both set, which Ray refuses), and cuda:N, a GPU of the driver's
+    machine, becomes the worker's own reserved GPU (cuda) instead of an invalid ordinal."""
+    import json
+
+    monkeypatch.setenv(D.DEVICE_ENV, "cuda:3")
+    assert D.worker_env()[D.DEVICE_ENV] == "cuda"
+    monkeypatch.setenv(D.DEVICE_ENV, "cpu")
+    assert D.worker_env()[D.DEVICE_ENV] == "cpu"
+    job = {"runtime_env": {"env_vars": {"HF_HOME": "/mnt/shared/hf"}, "working_dir": "x"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    ours = {"HF_HOME": "/root/.cache", D.DEVICE_ENV: "cpu"}
+    assert D._env_missing_from_job(ours) == {D.DEVICE_ENV: "cpu"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert D._env_missing_from_job(ours) == ours
+
+
+def test_training_backend_is_gloo_where_the_workers_run_on_cpus(monkeypatch):
+    monkeypatch.delenv(D.DEVICE_ENV, raising=False)
+    assert D.torch_config(use_gpu=False).backend == "gloo"
+    assert D.torch_config(use_gpu=True).backend == "nccl"
+    assert D.torch_config(use_gpu=True, device="cpu").backend == "gloo"  # a simulated GPU cluster
+    assert D.torch_config(use_gpu=True, backend="gloo").backend == "gloo"
+    monkeypatch.setenv(D.DEVICE_ENV, "cpu")
+    assert D.torch_config(use_gpu=True).backend == "gloo"
+
+
+def test_placement_log_names_who_chose_which_device(tmp_path, monkeypatch):
+    import json
+
+    log = tmp_path / "placement.jsonl"
+    monkeypatch.setenv(D.PLACEMENT_LOG_ENV, str(log))
+
+    class Loader:
+        def load(self):
+            return D.pick_device("cpu")
+
+    assert Loader().load() == "cpu"
+    row = json.loads(log.read_text().splitlines()[-1])
+    assert row["who"] == "Loader.load" and row["device"] == "cpu" and row["gpu_ids"] == []
+
+
+def test_a_train_worker_sharing_its_nodes_gpus_uses_its_own():
+    """Found on the simulated cluster: Ray Train gives every worker of a node the node's GPUs in
+    CUDA_VISIBLE_DEVICES ("0,1"), so plain "cuda" put both workers on GPU 0."""
+    assert D.reserved_device(["1"], "0,1") == "cuda:1"
+    assert D.reserved_device(["0"], "0,1") == "cuda:0"
+    assert D.reserved_device(["5"], "5") == "cuda"  # an actor: Ray shows it its own GPU only
+    assert D.reserved_device(["3"], None) == "cuda"

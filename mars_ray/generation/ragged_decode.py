@@ -19,7 +19,8 @@ bans exactly the tokens that would repeat an n-gram of that row's own prompt + o
 floating-point summation order differs from a one-row ``generate`` (as it does for any batch).
 
 The same loop samples (:func:`ragged_decode` with ``temperature > 0``): each row draws its tokens
-from its own seeded ``torch.Generator`` (softmax of logits / temperature, nucleus ``top_p``), so a
+from its own seeded ``torch.Generator`` on the model's device (softmax of logits / temperature,
+nucleus ``top_p``, drawn by the Gumbel-max trick: no per-step copy of the logits to the host), so a
 row's output depends on its prompt and its seed only, never on which other rows share its batch.
 That makes sampled candidate k of a text the same in every epoch, trial and batch (the generation
 bank keys it on k). Beam search stays with ``model.generate``.
@@ -142,22 +143,29 @@ def ragged_greedy(model: Any, prompts: Sequence[Sequence[int]], caps: Sequence[i
     return ragged_decode(model, prompts, caps, **kw)
 
 
-def _sampler(temperature: float, top_p: float, seeds: Sequence[int]):
+def _sampler(temperature: float, top_p: float, seeds: Sequence[int], device: Any = "cpu"):
     """``choose(logits, rows) -> next tokens``: row r samples from softmax(logits / temperature),
-    cut to the smallest set of tokens whose probability reaches ``top_p``, with its own generator."""
+    cut to the smallest set of tokens whose probability reaches ``top_p``, with its own generator.
+
+    Everything stays on the logits' device (a GPU's): the nucleus cut is one batched sort, and the
+    draw is the Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), which picks token v
+    with probability softmax(logits / T)[v]. Each row's uniforms U come from its own generator
+    (seeded by its seed, on the device), one per vocabulary entry per step, so a row's tokens
+    depend on its prompt and seed only, never on the rows beside it."""
     import torch
 
-    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    tiny = torch.finfo(torch.float32).tiny
 
     def choose(logits: Any, rows: Sequence[int]) -> Any:
-        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        scores = logits.float() / temperature
         if top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
+            sorted_p, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
             drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # tokens after the nucleus is full
-            sorted_p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        toks = [int(torch.multinomial(probs[j], 1, generator=gens[r])) for j, r in enumerate(rows)]
-        return torch.tensor(toks, dtype=torch.long, device=logits.device)
+            scores = scores.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
+        vocab = scores.shape[-1]
+        u = torch.stack([torch.rand(vocab, generator=gens[r], device=scores.device, dtype=torch.float32) for r in rows])
+        return (scores - torch.log(-torch.log(u.clamp_min(tiny)))).argmax(dim=-1)
 
     return choose
 
@@ -228,7 +236,7 @@ def ragged_decode(
         logits = forward(input_ids=ids, attention_mask=mask, position_ids=pos[:, p:])
         last_pos = pos[:, -1]
         bans = [_NoRepeat(no_repeat_ngram_size, prompts[i]) for i in rows] if no_repeat_ngram_size > 0 else None
-        choose = _sampler(temperature, top_p, [seeds[i] for i in rows]) if temperature > 0 and seeds else None
+        choose = _sampler(temperature, top_p, [seeds[i] for i in rows], device) if temperature > 0 and seeds else None
         active = list(range(b))  # positions in `rows` of the rows still decoding, in batch order
         while True:
             if bans is not None:

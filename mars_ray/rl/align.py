@@ -249,13 +249,12 @@ def align_loop_per_worker(config: dict) -> None:
     from mars_ray.runtime import pick_device
 
     # the worker's GPU when rl.use_gpu (Ray Train reserved it; TRL keeps the model there), else the CPU
-    model, tokenizer = load_causal_lm(
-        config["policy_path"], device=pick_device() if bool(r.use_gpu) and torch.cuda.is_available() else "cpu"
-    )
+    device = pick_device() if bool(r.use_gpu) else "cpu"  # an error if a reserved GPU is unusable
+    model, tokenizer = load_causal_lm(config["policy_path"], device=device)
     model.train()
     reward = config["reward"]
     ConfigCls, TrainerCls = _trl_classes(r.algorithm)
-    use_gpu = bool(r.use_gpu) and torch.cuda.is_available()
+    use_gpu = device.startswith("cuda")
     from mars_ray.models.precision import native_bf16
 
     args = ConfigCls(
@@ -455,7 +454,7 @@ def align(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
 
     from mars_ray.models.resolve import load_tokenizer, resolve_model
     from mars_ray.rl.rewards import ServedReward
-    from mars_ray.runtime import init_ray
+    from mars_ray.runtime import init_ray, torch_config
 
     cfg.validate()
     r = cfg.rl
@@ -512,6 +511,7 @@ def align(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         trainer = TorchTrainer(
             align_loop_per_worker,
             train_loop_config=loop_config,
+            torch_config=torch_config(use_gpu=r.use_gpu, device=cfg.resources.device),
             scaling_config=ScalingConfig(
                 num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": cpus}
             ),

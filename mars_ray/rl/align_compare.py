@@ -45,6 +45,7 @@ def reward_model_names(refs: list[str]) -> list[str]:
 def align_compare(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     from mars_ray.rl.align import SUMMARY_FILE, align
     from mars_ray.rl.winrate import winrate
+    from mars_ray.runtime import on_reserved_gpus
 
     cfg.validate()
     refs = list(cfg.rl.reward_models)
@@ -81,7 +82,9 @@ def align_compare(cfg: Config, *, log: Callable[[str], None] = print) -> dict[st
             if wpath.exists():
                 res = json.loads(wpath.read_text())
             else:
-                res = winrate(sub, policies[a]["dir"], policies[b]["dir"], names=(a, b), log=log)
+                res = on_reserved_gpus(
+                    sub.resources, winrate, sub, policies[a]["dir"], policies[b]["dir"], names=(a, b), log=log
+                )
             pairs[f"{a} vs {b}"] = {
                 k: res.get(k)
                 for k in (

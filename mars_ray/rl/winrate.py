@@ -63,7 +63,14 @@ def generate_responses(cfg: Config, ref: str, prompts: list[list[dict[str, str]]
     inner.model_id = f"{inner.model_id}@{str(dtype).removeprefix('torch.')}"  # the dtype changes outputs: cache key
     gen = CachedGenerator(inner, default_cache(cfg.model.cache_dir, cfg.model.cache_backend))
     outs = [o[0].strip() if o and o[0] is not None else None for o in gen.generate(prompts, 1)]
-    stats = {"model": inner.model_id, **gen.stats.as_dict(), "seconds": round(time.perf_counter() - t0, 2)}
+    from mars_ray.runtime import placement
+
+    stats = {
+        "model": inner.model_id,
+        **gen.stats.as_dict(),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "ran_on": placement(device),
+    }
     del inner, gen
     gc.collect()
     return outs, stats

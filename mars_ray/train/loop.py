@@ -342,13 +342,17 @@ class _Worker:
         from mars_ray.models.reward import disable_dropout, load_reward_model
 
         cfg, t = self.cfg, self.t
-        self.device = "cuda" if (t.use_gpu and torch.cuda.is_available()) else "cpu"
+        from mars_ray.runtime import pick_device
+
+        # the worker's GPU (Ray Train reserved it: train.use_gpu; an error if CUDA cannot use it),
+        # the CPU without train.use_gpu or with resources.device cpu (a simulated GPU cluster)
+        self.device = pick_device() if t.use_gpu else "cpu"
         self.precision = resolve_precision(t.precision, self.device)
         model, self.tokenizer = load_reward_model(
             self.config["init_model"],
             seed=cfg.seed,
             dtype="float32",
-            device=self.device,  # the worker's GPU (Ray Train reserved it: train.use_gpu), else the CPU
+            device=self.device,
             cache_dir=cfg.model.cache_dir,
             offline=cfg.model.offline,
             new_head=True,  # training from a backbone starts its head on purpose (the pipeline says so)
@@ -806,6 +810,8 @@ def fit_reward_model(cfg: Config, spec: FitSpec) -> FitResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from mars_ray.runtime import torch_config
+
     cfg.validate()
     t = cfg.train
     if cfg.deepspeed.enabled:
@@ -824,6 +830,7 @@ def fit_reward_model(cfg: Config, spec: FitSpec) -> FitResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.loop_config(cfg, local=local, threads=threads),
+        torch_config=torch_config(use_gpu=t.use_gpu, backend=t.backend, device=cfg.resources.device),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,

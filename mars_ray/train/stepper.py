@@ -78,7 +78,10 @@ class PlainStepper(Stepper):
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The fused kernel: one pass over the parameters (clip + step 32 ms vs 87 ms for MiniLM here).
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=train.lr, weight_decay=train.weight_decay, fused=device in ("cpu", "cuda")
+            self.params,
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+            fused=torch.device(device).type in ("cpu", "cuda"),
         )
         self.forward = ray.train.torch.prepare_model(model, move_to_device=False) if distributed else model
 
