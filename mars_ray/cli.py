@@ -433,10 +433,14 @@ def cmd_cluster_check(args, extra) -> int:
 
 
 def cmd_compare(args, extra) -> int:
-    from mars_ray.experiments import compare
+    from mars_ray.experiments import TrialsFailed, compare
 
     cfg = _tune_config(args, extra)
-    compare(cfg, restore=bool(args.resume))
+    try:
+        compare(cfg, restore=bool(args.resume))
+    except TrialsFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"report: {cfg.output.dir}/compare.md (and .html, .json)")
     return EXIT_OK
 

@@ -268,7 +268,7 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
         "mars.strategy": tune.grid_search(list(cfg.compare.strategies)),
         "seed": tune.grid_search(list(cfg.compare.seeds)),
     }
-    run_trials(
+    grid = run_trials(
         cfg,
         space,
         root=root,
@@ -280,6 +280,9 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
         restore=restore,
         log=log,
     )
+    failed = [r for r in grid if r.error is not None]
+    if len(failed) == n:
+        raise TrialsFailed(f"compare: all {n} trials failed; {_failures(failed)}")
     result = summarise_compare(trial_rows(root), cfg)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(root / "compare.json", result, default=float)
@@ -287,7 +290,27 @@ def compare(cfg: Config, *, restore: bool = False, log: Callable[[str], None] = 
 
     compare_report(result, trial_rows(root), root)
     log(result["table_md"])
+    if failed:  # the report holds the finished trials; the run still fails, loudly
+        raise TrialsFailed(
+            f"compare: {len(failed)} of {n} trials failed (the report covers the others); {_failures(failed)}; "
+            "`mars-ray compare --resume` retries them"
+        )
     return result
+
+
+class TrialsFailed(RuntimeError):
+    """Trials of a compare failed (after Tune's retry); the message names them and their errors."""
+
+
+def _failures(failed: list) -> str:
+    """The failed trials' overrides and the last line of each error."""
+    out = []
+    for r in failed[:5]:
+        over = {k: v for k, v in (r.config or {}).items() if not k.startswith("_")}
+        last = str(r.error).strip().splitlines()[-1] if str(r.error).strip() else type(r.error).__name__
+        out.append(f"{over}: {last}")
+    more = f" (+{len(failed) - 5} more)" if len(failed) > 5 else ""
+    return "; ".join(out) + more
 
 
 def _bank_for_trials(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:

@@ -287,7 +287,16 @@ def on_reserved_gpus(resources: Any, fn: Any, /, *args: Any, **kwargs: Any) -> A
 
     init_ray(resources)
     cpus = float(resources.cpus_per_actor) if resources.cpus_per_actor is not None else 1.0
-    task = ray.remote(num_gpus=float(resources.gpus_per_actor), num_cpus=cpus, max_retries=0)(fn)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # Not inside the caller's placement group (a Tune trial's holds only the trial's own CPU):
+    # the task reserves its GPU from the cluster.
+    task = ray.remote(
+        num_gpus=float(resources.gpus_per_actor),
+        num_cpus=cpus,
+        max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )(fn)
     return ray.get(task.remote(*args, **kwargs))
 
 

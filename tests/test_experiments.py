@@ -158,3 +158,26 @@ def test_tune_commands_refuse_training_in_the_driver(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 1 and "train.num_workers=0" in err and "num_workers 1" in err, err
         assert not (tmp_path / cmd[0]).exists()
+
+
+def test_compare_fails_loudly_when_its_trials_fail(ray_local, tmp_path, tiny_bert_dir, tiny_llama_dir, capsys):
+    """Found on the simulated GPU cluster: every trial errored (their evaluation could not be
+    placed) and `mars-ray compare` still exited 0 with an empty table. A held-out file with no
+    usable pair makes each trial's evaluation fail; the command now exits 1 naming them."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "", "rejected": "x"}) + "\n" for i in range(3)))
+    args = _tiny_overrides(tmp_path, tiny_bert_dir, tiny_llama_dir, "cmpbad", **{"mars.budget": "0"})
+    code = main(
+        [
+            "compare",
+            *args,
+            "--compare.strategies",
+            "[none]",
+            "--compare.seeds",
+            "[0]",
+            "--compare.eval_paths",
+            f"[{bad}]",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "compare: all 1 trials failed" in err and "'mars.strategy': 'none'" in err, err

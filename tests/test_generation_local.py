@@ -162,16 +162,15 @@ def test_batched_equals_one_at_a_time_and_order_kept(llama_parts, t5_parts):
 
 
 def test_per_request_caps_share_a_chunk_and_equal_separate_calls(llama_parts, t5_parts):
-    """Greedy and sampled: requests with different output caps share one batch (sampled seq2seq:
-    one model.generate per row, each with its own seed), and each output is what a call with that
+    """Greedy and sampled: requests with different output caps share one batch (each sampled row
+    with its own seed), and each output is what a call with that
     cap alone gives, for sampling too (every output slot has its own seed)."""
     caps = [2, 9, 5, 9, 1]
     for params in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 3}):
         for g in both(llama_parts, t5_parts, batch_size=8, max_new_tokens=9, **params):
             before, tokens = g.batches, g.generated_tokens
             mixed = g.generate(REQUESTS, 1, max_new_tokens=caps)
-            per_row = params["temperature"] > 0 and g.is_encoder_decoder
-            assert g.batches == before + (len(caps) if per_row else 1), type(g).__name__
+            assert g.batches == before + 1, type(g).__name__  # one batch, sampled seq2seq too
             assert 0 < g.generated_tokens - tokens <= sum(caps)
             for r, c, out in zip(REQUESTS, caps, mixed):
                 assert out == g.generate([r], 1, max_new_tokens=[c])[0], (type(g).__name__, c)
@@ -311,7 +310,7 @@ def test_failing_chunk_yields_none_and_does_not_raise(llama_parts, t5_parts, mon
         def flaky(_calls=calls, _real=real, **kw):
             _calls.append(kw["input_ids"].shape[0])
             if len(_calls) == 2:
-                raise RuntimeError("simulated out of memory")
+                raise RuntimeError("simulated device failure")
             return _real(**kw)
 
         monkeypatch.setattr(g.model, "generate", flaky)
@@ -323,11 +322,33 @@ def test_failing_chunk_yields_none_and_does_not_raise(llama_parts, t5_parts, mon
         ok = [i for i, row in enumerate(out) if all(isinstance(t, str) for t in row)]
         assert len(failed) == 2 and len(ok) == 3
         assert g.failed == 4
-        assert "RuntimeError" in caplog.text and "simulated out of memory" in caplog.text
+        assert "RuntimeError" in caplog.text and "simulated device failure" in caplog.text
         # the successful outputs are the ones an unfailing run gives
         clean = g.generate(REQUESTS, 2)
         assert all(out[i] == clean[i] for i in ok)
         caplog.clear()
+
+
+def test_out_of_memory_splits_the_chunk_instead_of_losing_it(llama_parts, t5_parts, monkeypatch):
+    """Issue 39, defect 6: an out-of-memory chunk used to become None outputs; now it is halved and
+    run again, down to single requests, and every output is the one an unsplit run gives."""
+    import torch
+
+    for g in both(llama_parts, t5_parts, batch_size=4):
+        clean = g.generate(REQUESTS, 2)
+        real, sizes = g.model.generate, []
+
+        def small_only(_real=real, _sizes=sizes, **kw):
+            _sizes.append(kw["input_ids"].shape[0])
+            if kw["input_ids"].shape[0] > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB")
+            return _real(**kw)
+
+        monkeypatch.setattr(g.model, "generate", small_only)
+        out = g.generate(REQUESTS, 2)
+        monkeypatch.undo()
+        assert out == clean and g.failed == 0 and g.oom_splits >= 2, (sizes, g.oom_splits)
+        assert g.stats()["oom_splits"] == g.oom_splits
 
 
 def test_unencodable_request_fails_alone(llama_parts):
@@ -583,3 +604,23 @@ def test_a_corrupted_cache_entry_is_detected_regenerated_and_counted(llama_parts
         con.execute("UPDATE gen SET digest = NULL")
     legacy = CachedGenerator(inner, GenerationCache(tmp_path / "gen.sqlite"))
     assert legacy.generate(REQUESTS[:3], 1) == first and legacy.stats.hits == 3 and legacy.stats.corrupt == 0
+
+
+def test_sampled_seq2seq_rows_run_as_one_batch_and_depend_on_their_seed_only(t5_parts, monkeypatch):
+    """Issue 39, defect 5: sampled T5 paraphrases ran one row per `model.generate` call; now a
+    chunk is one call, and each row's sample is the same alone or beside others."""
+    g = s2s_gen(t5_parts, batch_size=8, temperature=1.0)
+    real, sizes = g.model.generate, []
+
+    def spy(_real=real, _sizes=sizes, **kw):
+        _sizes.append(kw["input_ids"].shape[0])
+        return _real(**kw)
+
+    monkeypatch.setattr(g.model, "generate", spy)
+    together = g.generate(REQUESTS, 3)
+    assert sizes == [len(REQUESTS) * 3]  # one call for 5 requests x 3 samples
+    alone = g.generate([REQUESTS[1]], 3)
+    assert alone[0] == together[1]
+    later = g.generate([REQUESTS[1]], 1, first_slot=2)
+    assert later[0] == [together[1][2]]  # slot 2 is slot 2 whichever call asks for it
+    assert len(set(together[1])) > 1  # three slots, three draws

@@ -101,6 +101,7 @@ class _LocalGenerator:
         self.generated_tokens = 0  # new tokens up to and including the first EOS, summed over outputs
         self.seconds = 0.0  # wall time inside model.generate() + decoding
         self.failed = 0  # outputs returned as None
+        self.oom_splits = 0  # chunks split in two after running out of memory
 
     # ---- to be provided by subclasses -----------------------------------------------------
 
@@ -156,15 +157,29 @@ class _LocalGenerator:
                     n,
                 )
                 self.failed += n
-        for idxs in self._chunks(encoded, caps, n):
+
+        def run(idxs: list[int]) -> list[list[str | None]]:
+            """One chunk; out of memory: the two halves one after the other (rows do not depend
+            on their batch: sampled rows have their own generators), down to single rows."""
             try:
                 if self.params.temperature > 0:
-                    outs = self._sample_chunk(
+                    return self._sample_chunk(
                         [encoded[i] for i in idxs], n, [caps[i] for i in idxs], [firsts[i] for i in idxs]
                     )
-                else:
-                    outs = self._generate_chunk([encoded[i] for i in idxs], n, [caps[i] for i in idxs])
-            except Exception as exc:  # one bad chunk (OOM, ...) must not sink the call
+                return self._generate_chunk([encoded[i] for i in idxs], n, [caps[i] for i in idxs])
+            except Exception as exc:
+                if len(idxs) < 2 or not _out_of_memory(exc):
+                    raise
+                _free_accelerator_memory()
+                self.oom_splits += 1
+                half = len(idxs) // 2
+                logger.warning("%s: out of memory on %d requests; splitting the chunk", self.model_id, len(idxs))
+                return run(idxs[:half]) + run(idxs[half:])
+
+        for idxs in self._chunks(encoded, caps, n):
+            try:
+                outs = run(idxs)
+            except Exception as exc:  # one bad chunk (a single request out of memory, ...) must not sink the call
                 logger.warning(
                     "%s: generation failed for a chunk of %d requests (%s: %s); its %d outputs are None",
                     self.model_id,
@@ -201,6 +216,7 @@ class _LocalGenerator:
             "generated_tokens": self.generated_tokens,
             "seconds": round(self.seconds, 3),
             "failed": self.failed,
+            "oom_splits": self.oom_splits,
             "tokens_per_s": round(self.generated_tokens / self.seconds, 2) if self.seconds > 0 else 0.0,
         }
 
@@ -230,7 +246,6 @@ class _LocalGenerator:
 
     def _sample_chunk(self, chunk: list[list[int]], n: int, caps: list[int], firsts: list[int]) -> list[list[str]]:
         """Slots ``firsts[r] ..`` of each request r, every row with its own seed (:meth:`_slot_seed`)."""
-        import torch
 
         t0 = time.perf_counter()
         prompts = [ids for ids in chunk for _ in range(n)]
@@ -250,28 +265,48 @@ class _LocalGenerator:
                 top_p=p.top_p,
                 seeds=seeds,
             )
-        else:  # one row at a time: model.generate draws a batch's samples from one generator
-            kw = self._decoding_kwargs(1, 0)
-            device = getattr(self.model, "device", None)
-            rows = []
-            for ids, cap, seed in zip(prompts, row_caps, seeds):
-                input_ids, mask = self._pad([ids], left=not self.is_encoder_decoder)
-                if device is not None:
-                    input_ids, mask = input_ids.to(device), mask.to(device)
-                self.batches += 1
-                with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    if torch.cuda.is_available():
-                        torch.cuda.manual_seed_all(seed)
-                    out = self.model.generate(input_ids=input_ids, attention_mask=mask, **{**kw, "max_new_tokens": cap})
-                if not torch.is_tensor(out):
-                    out = out.sequences
-                new = out[:, 1:] if self.is_encoder_decoder else out[:, input_ids.shape[1] :]
-                rows += self._cut(new.tolist(), [cap])
+        else:
+            rows = self._sample_batched(prompts, row_caps, seeds)
         texts = [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
         self.generated_tokens += sum(len(r) for r in rows)
         self.seconds += time.perf_counter() - t0
         return [texts[r * n : (r + 1) * n] for r in range(len(chunk))]
+
+    def _sample_batched(self, prompts: list[list[int]], caps: list[int], seeds: list[int]) -> list[list[int]]:
+        """Sampled rows through ``model.generate`` in one batch (seq2seq models, and decoders the
+        ragged loop cannot run), each row from its own generator: ``generate`` runs greedy, and a
+        last logits processor turns each row's scores into its draw (temperature, nucleus, and the
+        Gumbel-max trick of :func:`~mars_ray.generation.ragged_decode._sampler`), after the
+        no-repeat ban. Every row draws once per step from step 0, so its tokens do not depend on the
+        rows beside it (``generate``'s own sampling draws a batch from one generator)."""
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        from mars_ray.generation.ragged_decode import _sampler
+
+        p = self.params
+        device = getattr(self.model, "device", torch.device("cpu"))
+        choose = _sampler(p.temperature, p.top_p, seeds, device)
+        everyone = list(range(len(prompts)))
+
+        class _Draw(LogitsProcessor):
+            def __call__(self, input_ids: Any, scores: Any) -> Any:
+                tok = choose(scores, everyone)
+                return torch.full_like(scores, float("-inf")).scatter_(1, tok[:, None], 0.0)
+
+        kw = self._decoding_kwargs(1, max(caps))
+        for k in ("temperature", "top_p", "top_k"):
+            kw.pop(k, None)
+        kw.update(do_sample=False, num_beams=1, logits_processor=LogitsProcessorList([_Draw()]))
+        input_ids, mask = self._pad(prompts, left=not self.is_encoder_decoder)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        self.batches += 1
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
+        if not torch.is_tensor(out):
+            out = out.sequences
+        new = out[:, 1:] if self.is_encoder_decoder else out[:, input_ids.shape[1] :]
+        return self._cut(new.tolist(), caps)
 
     def _pad(self, chunk: list[list[int]], left: bool) -> tuple[Any, Any]:
         import torch
@@ -345,6 +380,19 @@ class _LocalGenerator:
         self.generated_tokens += sum(len(r) for r in rows)
         self.seconds += time.perf_counter() - t0
         return [texts[r * n : (r + 1) * n] for r in range(len(chunk))]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):  # pragma: no cover - torch without the CUDA module
+        pass
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and ("out of memory" in text or "can't allocate" in text)
 
 
 def _free_accelerator_memory() -> None:
