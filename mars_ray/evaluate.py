@@ -127,7 +127,7 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
         )
         if any(s in SUBSET_SECTION for s in per):
             rb_file = rewardbench_results(per, model=model_ref, chat_template=_chat_template_name(tok))
-            _write_json(out_dir / RESULTS_FILE, rb_file)
+            write_json(out_dir / RESULTS_FILE, rb_file)
     else:
         result["sections"] = {}
     bins = min(cfg.eval.curvature_bins, n)
@@ -137,7 +137,7 @@ def evaluate(cfg: Config, model_ref: str, *, log: Callable[[str], None] = print)
     result["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     with atomic_path(out_dir / "scores.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, pair_id=np.array(table.column(S.PAIR_ID).to_pylist()), r_chosen=rc, r_rejected=rr)
-    _write_json(out_dir / "eval.json", result)
+    write_json(out_dir / "eval.json", result)
     from mars_ray.report import eval_report
 
     eval_report(result, margins, out_dir)
@@ -166,10 +166,6 @@ def _load_model(cfg: Config, ref: str) -> tuple[Any, Any]:
         offline=cfg.model.offline,
     )
     return model.eval(), tok
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_json(path, obj)
 
 
 def _chat_template_name(tokenizer: Any) -> str | None:
@@ -314,11 +310,11 @@ def evaluate_best_of_n(cfg: Config, model_ref: str, *, log: Callable[[str], None
         from mars_ray.data.load import write_quarantine
 
         write_quarantine(quarantine, out_dir / "quarantine.jsonl")
-    _write_json(
+    write_json(
         out_dir / RESULTS_FILE,
         rewardbench_results(rb2["subsets"], model=model_ref, chat_template=_chat_template_name(tok)),
     )
-    _write_json(out_dir / "eval.json", result)
+    write_json(out_dir / "eval.json", result)
     lines = ["# RewardBench 2", "", f"Model `{model_ref}`, {len(rows)} rows, {len(texts)} completions.", ""]
     lines += ["| subset | rows | score |", "|---|---|---|"]
     lines += [f"| {s} | {v['n']} | {v['score']:.4f} |" for s, v in rb2["subsets"].items()]

@@ -102,10 +102,6 @@ def epoch_dir(run_dir: Path, epoch: int) -> Path:
     return run_dir / "epochs" / f"{epoch:03d}"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    atomic.write_json(path, obj)
-
-
 def _write_parquet(table: pa.Table, path: Path) -> None:
     with atomic.atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -160,7 +156,7 @@ def _load_data(cfg: Config, run_dir: Path, resume: bool, log) -> dict[str, pa.Ta
         d.mkdir(parents=True, exist_ok=True)
         res = read_preferences(cfg.data, seed=cfg.seed)
         write_quarantine(res.quarantine, d / "quarantine.jsonl")
-        _write_json(d / "data_report.json", res.report)
+        atomic.write_json(d / "data_report.json", res.report)
         r = res.report
         log(
             f"[data] read {r['read']} = kept {r['kept']} + quarantined {r['quarantined']}; selected {r['selected']} "
@@ -299,13 +295,13 @@ def warmup_model(
                 **{k: _finite(v) for k, v in fit.items() if k.startswith("val_") or k == "train_loss"},
                 "base": _base_from_fit(fit),
             }
-            _write_json(tmp / WARMUP_FILE, info)
+            atomic.write_json(tmp / WARMUP_FILE, info)
             os.replace(tmp, done)  # complete or absent: a reader never sees half a model
         info = json.loads((done / WARMUP_FILE).read_text(encoding="utf-8"))
     info = {**info, "model_dir": str(done / MODEL_DIR), "built_by_this_run": built}
     if (done / SCORES_FILE).exists():
         info["scores_path"] = str(done / SCORES_FILE)
-    _write_json(run_dir / WARMUP_FILE, info)
+    atomic.write_json(run_dir / WARMUP_FILE, info)
     if not built:
         log(f"[warm-up] r0 shared from an earlier run ({done}): val accuracy {_fmt(info.get('val_accuracy'))}")
     return info
@@ -495,7 +491,7 @@ class _Run:
         row = _ordered_row(row, fit)
         self.rows.append(row)
         if self.want_base and self.base is not None:  # kept for a resumed run
-            _write_json(self.base_path, self.base)
+            atomic.write_json(self.base_path, self.base)
             self.want_base = False
         self.write_manifest(t, ep, fit, grown, row)
         self.log(
@@ -512,7 +508,7 @@ class _Run:
         res = self.strategy.augment(ctx)
         syn = res.synthetic
         _write_parquet(syn, ep / "synthetic.parquet")
-        _write_json(ep / "augment_summary.json", res.summary)
+        atomic.write_json(ep / "augment_summary.json", res.summary)
         grown = pa.concat_tables([self.current, syn.cast(S.PAIR_SCHEMA)]) if syn.num_rows else self.current
         weights = loss_weights(grown, res.loss_weights, self.cfg.train.synthetic_weight)
         to_train = grown.append_column(LOSS_WEIGHT, pa.array(weights, pa.float64())) if weights is not None else grown
@@ -563,7 +559,7 @@ class _Run:
             "metrics": row,
         }
         write_metrics(self.run_dir, self.rows)
-        _write_json(ep / MANIFEST, manifest)  # last: the epoch is done
+        atomic.write_json(ep / MANIFEST, manifest)  # last: the epoch is done
 
     def finish(self) -> dict[str, Any]:
         """The final model (self-describing), the checkpoints dropped, the summary and report."""
@@ -571,7 +567,7 @@ class _Run:
         write_metrics(run_dir, self.rows)
         if self.want_base:  # not scored by a training run (resumed epochs, a shared r0): score it now
             self.base = self.base or _base_metrics(cfg, self.splits["test"])
-            _write_json(self.base_path, self.base)
+            atomic.write_json(self.base_path, self.base)
         final = run_dir / MODEL_DIR
         tmp = run_dir / (MODEL_DIR + ".tmp")
         if tmp.exists():
@@ -600,7 +596,7 @@ class _Run:
             "base": self.base,
             "checkpoints": self.drop_checkpoints(),
         }
-        _write_json(
+        atomic.write_json(
             run_dir / SUMMARY_FILE,
             {
                 k: (_finite(v) if not isinstance(v, dict) else {a: _finite(b) for a, b in v.items()})

@@ -68,6 +68,7 @@ def write_jsonl(path: Path, rows) -> Path:
 # pipeline ~160 s, augment ~140 s, cluster jobs ~125 s, chaos ~125 s, train faults ~120 s,
 # train ~110 s, serve ~70 s, ray entry ~35 s, bank ~30 s.
 LONGEST_MODULES = (
+    "test_gpu_sim.py",
     "test_align.py",
     "test_experiments.py",
     "test_pipeline.py",

@@ -195,6 +195,7 @@ def sim_cluster(request):
         c.shutdown()
 
 
+@pytest.mark.e2e  # a simulated cluster per definition: ~40 s each
 def test_every_phase_fits_the_cluster_it_is_written_for(sim_cluster):
     cluster, (nodes, cpus, gpus, _acc) = sim_cluster
     rows = _check_on(cluster, all_phases(), timeout_s=20)
@@ -202,6 +203,7 @@ def test_every_phase_fits_the_cluster_it_is_written_for(sim_cluster):
     assert not pending, f"on {nodes} x ({gpus} GPUs, {cpus} CPUs) these would stay pending:\n" + "\n".join(pending)
 
 
+@pytest.mark.e2e  # a simulated cluster per definition: ~40 s each
 def test_the_check_names_what_cannot_fit(sim_cluster, tmp_path):
     """The same check says no where the cluster says no: the OpenRLHF recipe as it was (critic on 4
     GPUs: 16 beside the 2 reward replicas), and one GPU more than the cluster has."""
@@ -218,6 +220,7 @@ def test_the_check_names_what_cannot_fit(sim_cluster, tmp_path):
     assert [r["fits"] for r in rows] == [False, False], rows
 
 
+@pytest.mark.e2e  # a simulated cluster per definition: ~40 s each
 def test_cluster_check_command_reports_each_phase(sim_cluster):
     """`mars-ray cluster-check` against the running cluster: exit 0 and a line per phase when the
     job fits; exit 1 naming the phase when it does not."""
@@ -351,7 +354,13 @@ def _jobs_on_gpus(cluster, nodes: set[str], tmp_path: Path, bert: Path, llama: P
     assert len({r["node_id"] for r in rows}) == len(nodes), rows  # the pools spread over the GPU nodes
 
     # 2. compare: trials at once, each training on a GPU, each evaluated in a GPU task
-    heldout = run / "data" / "test.parquet"
+    heldout = tmp_path / "heldout.jsonl"  # not the run's own data: a trial leaves out the pairs it trained on
+    heldout.write_text(
+        "".join(
+            json.dumps({"prompt": f"q{i}", "chosen": f"a good answer {i}", "rejected": f"no {i}"}) + "\n"
+            for i in range(8)
+        )
+    )
     cmp_dir = tmp_path / "compare"
     before = len(_placements(log))
     cmp_over = {
