@@ -363,6 +363,10 @@ class DeepSpeedConfig:
     offload_params: bool = False
     # Use torch's AdamW inside DeepSpeed (no fused-Adam compilation).
     torch_adam: bool = True
+    # ZeRO-2/3: overlap the gradient reduction with the backward pass (extra communication
+    # buffers). null: on when the workers train on GPUs (NCCL runs beside the kernels), off on CPUs
+    # (gloo shares the cores the backward pass uses).
+    overlap_comm: bool | None = None
 
 
 @dataclass

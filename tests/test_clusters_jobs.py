@@ -413,6 +413,10 @@ def test_launcher_yaml_cpu_head_gpu_workers_pinned_ray(path):
         # GPU nodes: the plain pip install (CUDA torch from PyPI), never the CPU wheel index.
         setup = " ".join(t.get("worker_setup_commands", []) + c["worker_setup_commands"] + c["setup_commands"])
         assert "whl/cpu" not in setup and "~/mars_ray" in setup
+        # torch pinned before anything pulls an unpinned one, and CUDA checked at set-up (issue 39)
+        own = t["worker_setup_commands"]
+        assert own[0] == 'pip install --no-cache-dir "torch==2.13.0"', own
+        assert any("torch.cuda.is_available()" in cmd for cmd in own), own
     assert any("whl/cpu" in cmd for cmd in c["head_setup_commands"]), "the CPU head installs CPU torch first"
     d = c["docker"]
     assert d["head_image"] == f"rayproject/ray:{v}-py311-cpu" and d["worker_image"] == f"rayproject/ray:{v}-py311-gpu"

@@ -135,6 +135,11 @@ def test_build_ds_config():
         "torch_adam": True,
     }
     assert c["bf16"]["enabled"] is False
+    # overlap_comm (issue 39, defect 14): on for GPU workers by default, off on CPUs, or as set
+    assert c["zero_optimization"]["overlap_comm"] is False
+    assert build_ds_config(DeepSpeedConfig(stage=2), t, world_size=2, on_gpu=True)["zero_optimization"]["overlap_comm"]
+    forced = build_ds_config(DeepSpeedConfig(stage=2, overlap_comm=False), t, world_size=2, on_gpu=True)
+    assert forced["zero_optimization"]["overlap_comm"] is False
     c3 = build_ds_config(
         DeepSpeedConfig(stage=3, offload_params=True, offload_optimizer=True), t, world_size=1, bf16=True
     )

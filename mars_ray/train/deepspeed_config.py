@@ -10,7 +10,9 @@ from mars_ray.config import DeepSpeedConfig, TrainConfig
 __all__ = ["build_ds_config"]
 
 
-def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int, bf16: bool = False) -> dict[str, Any]:
+def build_ds_config(
+    ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int, bf16: bool = False, on_gpu: bool = False
+) -> dict[str, Any]:
     """The ``config`` dict for ``deepspeed.initialize``.
 
     ``bf16``: the run's resolved precision is bf16 (:func:`mars_ray.models.precision.resolve_precision`
@@ -51,7 +53,7 @@ def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int,
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if ds.stage in (2, 3):
-        zero["overlap_comm"] = False
+        zero["overlap_comm"] = bool(on_gpu if ds.overlap_comm is None else ds.overlap_comm)
         zero["contiguous_gradients"] = True
 
     return {

@@ -123,7 +123,9 @@ class DeepSpeedStepper(Stepper):
 
         self.train, self.ds_stage = cfg.train, int(cfg.deepspeed.stage)
         params = [p for p in model.parameters() if p.requires_grad]
-        ds_config = build_ds_config(cfg.deepspeed, cfg.train, world_size=world, bf16=precision.bf16)
+        ds_config = build_ds_config(
+            cfg.deepspeed, cfg.train, world_size=world, bf16=precision.bf16, on_gpu=device.startswith("cuda")
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
         self.forward = self.engine
         self.module = self.engine.module
