@@ -166,6 +166,7 @@ class ShardedCache:
         self.corrupt = 0
         self._index: dict[str, tuple[str, str]] = {}  # key -> (text, model)
         self._offsets: dict[str, int] = {}
+        self._tail_tries: dict[str, int] = {}  # shard -> times its last line failed its check
         self._own: Path | None = None
         self._own_pid = -1
         self._lock = threading.Lock()
@@ -180,30 +181,59 @@ class ShardedCache:
             self._own_pid = os.getpid()
         return self._own
 
+    # A complete line that fails its check at the very end of a shard is read again this many
+    # times before it counts as corrupt: on NFS a read can see the line's length before its bytes.
+    TAIL_RETRIES = 3
+
     def _refresh(self) -> None:
-        for f in sorted(self.dir.glob("shard-*.jsonl")):
-            start = self._offsets.get(f.name, 0)
+        """Read what the shards gained since the last read. A shard whose size has not grown is not
+        opened (a miss costs one directory listing with sizes, not a read of every shard)."""
+        try:
+            entries = sorted(
+                (e for e in os.scandir(self.dir) if e.name.startswith("shard-") and e.name.endswith(".jsonl")),
+                key=lambda e: e.name,
+            )
+        except FileNotFoundError:
+            return
+        for e in entries:
+            start = self._offsets.get(e.name, 0)
             try:
-                with open(f, "rb") as fh:
+                if e.stat().st_size <= start:
+                    continue
+                with open(e.path, "rb") as fh:
                     fh.seek(start)
                     data = fh.read()
             except FileNotFoundError:
                 continue
             end = data.rfind(b"\n") + 1  # complete lines only: the rest is a write in progress
-            for raw in data[:end].splitlines():
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                    key, text = row["k"], row["t"]
-                except (ValueError, KeyError, TypeError):
+            lines = data[:end].split(b"\n")[:-1]
+            pos = 0
+            for n, raw in enumerate(lines):
+                row = self._parse(raw) if raw.strip() else None
+                if raw.strip() and row is None:
+                    last = n == len(lines) - 1
+                    tries = self._tail_tries.get(e.name, 0)
+                    if last and tries < self.TAIL_RETRIES:  # maybe torn: read it again next time
+                        self._tail_tries[e.name] = tries + 1
+                        break
                     self.corrupt += 1
-                    continue
-                if not isinstance(text, str) or row.get("d") != text_digest(text):
-                    self.corrupt += 1
-                    continue
-                self._index.setdefault(key, (text, str(row.get("m") or "")))
-            self._offsets[f.name] = start + end
+                elif row is not None:
+                    self._index.setdefault(row[0], (row[1], row[2]))
+                pos += len(raw) + 1
+                self._tail_tries.pop(e.name, None)
+            self._offsets[e.name] = start + pos
+
+    @staticmethod
+    def _parse(raw: bytes) -> tuple[str, str, str] | None:
+        """(key, text, model) of a shard line, or None when it is not whole or fails its checksum."""
+        try:
+            row = json.loads(raw)
+            key, text = row["k"], row["t"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(text, str) or row.get("d") != text_digest(text):
+            return None
+        return key, text, str(row.get("m") or "")
 
     def get_many(self, keys: Sequence[str]) -> dict[str, str]:
         with self._lock:
