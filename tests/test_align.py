@@ -385,3 +385,64 @@ def test_vllm_rollouts_need_gpus_and_pass_their_mode():
     cfg = Config.load(overrides={"rl.use_vllm": True, "rl.use_gpu": True, "rl.vllm_mode": "server"})
     args = trl_args(cfg.rl, hf_dir="x", seed=0, use_gpu=True, bf16=True)
     assert args["use_vllm"] is True and args["vllm_mode"] == "server" and args["bf16"] and not args["use_cpu"]
+
+
+def test_a_reward_token_missing_where_the_rewards_are_fetched_is_named():
+    """`rl.reward_token_env` names a variable the Ray workers read; unset there, the first reward
+    call stops with what to do, instead of a 401 deep inside TRL."""
+    from mars_ray.rl.rewards import RewardTarget, ServedReward
+
+    os.environ.pop("MARS_TEST_NO_SUCH_TOKEN", None)
+    reward = ServedReward(RewardTarget(url="http://127.0.0.1:9", token_env="MARS_TEST_NO_SUCH_TOKEN"))
+    with pytest.raises(RuntimeError, match="MARS_TEST_NO_SUCH_TOKEN is not set.*secrets.env"):
+        reward.score(["p"], ["r"])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_rloo_full_finetune_without_kl_on_two_workers_against_a_reward_url(
+    ray_local, tmp_path, tiny_bert_rm_dir, tiny_llama_dir
+):
+    """The options no other test runs end to end: `rl.algorithm rloo`, `rl.lora false`,
+    `rl.kl_coef 0`, `rl.num_workers 2`, rewards from an already running `mars-ray serve`
+    (`rl.reward_url`, nothing deployed), `rl.max_failures` reaching Ray Train."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    port = _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "mars_ray.cli", "serve", "--model", str(tiny_bert_rm_dir)]
+    cmd += ["--serve.port", str(port), "--resources.num_cpus", "1", "--serve.num_cpus", "0.5"]
+    cmd += ["--output.dir", str(tmp_path / "serve")]
+    with log.open("w") as out_f:
+        proc = subprocess.Popen(cmd, env=env, stdout=out_f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while "serving " not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert f"127.0.0.1:{port}" in log.read_text(), log.read_text()[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        out = tmp_path / "rloo"
+        over = {
+            "rl.algorithm": "rloo",
+            "rl.lora": "false",
+            "rl.kl_coef": "0",
+            "rl.num_workers": "2",
+            "rl.cpus_per_worker": "0.5",
+            "rl.max_failures": "0",
+            "rl.reward_url": url,
+        }
+        assert main(["align", *_tiny(tiny_bert_rm_dir, tiny_llama_dir, out, **over)]) == 0
+        s = json.loads((out / "align_summary.json").read_text())
+        assert (s["algorithm"], s["lora"], s["kl_coef"], s["num_workers"]) == ("rloo", False, 0.0, 2)
+        assert s["worker"]["world_size"] == 2 and s["reward_source"] == f"HTTP {url}" and s["adapter"] is None
+        assert s["reward_items"] > 0 and not (out / "policy_adapter").exists(), s
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        pol = dict(AutoModelForCausalLM.from_pretrained(out / "policy").named_parameters())
+        moved = [n for n, p in base.named_parameters() if not torch.equal(p, pol[n])]
+        assert len(moved) > 10, moved  # full fine-tuning: the layers moved, not an adapter
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -70,8 +70,17 @@ class ServedReward:
 
                 self._client = serve.get_app_handle(self.target.app)
             else:
+                import os
+
                 from mars_ray.serve.client import RewardClient
 
+                name = self.target.token_env
+                if name and not os.environ.get(name):
+                    raise RuntimeError(
+                        f"rl.reward_token_env={name!r}, but {name} is not set in this process's environment "
+                        f"(a Ray worker on {os.uname().nodename}); Ray workers get it from the environment "
+                        "`ray start` ran in (clusters/README.md: secrets.env) or from the job's runtime_env"
+                    )
                 self._client = RewardClient(
                     self.target.url, token_env=self.target.token_env, timeout=(3.05, self.target.timeout_s)
                 )
