@@ -207,7 +207,7 @@ class EndpointConfig:
     # index in the generation cache (the bank), so every epoch, strategy, seed and trial shares it.
     gen_seed: int = 0
     # Requests per Ray Data batch and per local generate call. On a CPU a decoding step reads all
-    # the weights whatever the rows, so 32 rows cost ~1.5x the time of 4 (SmolLM2, 2 cores).
+    # the weights whatever the rows, so big batches cost little more than small ones.
     # "auto" follows the device: GENERATION_BATCH_AUTO rows on GPU actors (resources.gpus_per_actor
     # > 0), 32 on CPU actors. The openai back end takes at least `concurrency` rows per batch, so
     # one batch keeps that many requests in flight (an actor sends one batch at a time).
@@ -222,7 +222,7 @@ class EndpointConfig:
         return max(n, int(self.concurrency)) if self.backend == "openai" else n
 
     # Weights of a local generator: auto = bfloat16 where the hardware has native bf16 matmuls (a
-    # CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX: ~1.8x faster generation here), else float32.
+    # CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX), else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
@@ -306,8 +306,8 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    # Train the backbone without dropout (TRL's RewardTrainer default; LoRA
-    # keeps lora_dropout). With dropout a MiniLM step on 2 CPU cores takes about 2x as long.
+    # Train the backbone without dropout (TRL's RewardTrainer default; LoRA keeps lora_dropout);
+    # dropout also makes a CPU step markedly slower.
     disable_dropout: bool = True
     # Subtract each pair's label margin (the data's optional "margin" column, as in TRL and
     # OpenRLHF; synthetic pairs inherit their source pair's) inside the Bradley-Terry sigmoid:
@@ -411,8 +411,7 @@ class ServeConfig:
     # at most forward_batch_size sequences and forward_max_tokens padded token slots (null: no
     # slot limit), so a long request does not make every short one in its batch pad to its length.
     # 512 suits CPUs, where a forward pass is already efficient for one sequence and bigger
-    # passes only add padding (MiniLM, 2 cores, 32 HH pairs: 32 pairs/s at 512 slots, 25 at
-    # 2048, 11 with no limit); on a GPU raise it (jobs/cluster/serve.yaml: 16384).
+    # passes only add padding; on a GPU raise it (jobs/cluster/serve.yaml: 16384).
     forward_batch_size: int = 32
     forward_max_tokens: int | None = 512
     # End-to-end HTTP request timeout in the proxy (null: none).
@@ -707,9 +706,9 @@ class OutputConfig:
     # Refuse to write into a non-empty directory unless set.
     overwrite: bool = False
     # Keep Ray Train's checkpoints (each training run's model, optimizer and RNG states, under
-    # ray_train/) after the run has finished. Default: deleted once model/ is written (a 2-epoch
-    # MiniLM full fine-tune otherwise keeps ~0.7 GB per run, 12 GB per 18-trial compare); a run cut
-    # off keeps them for --resume either way.
+    # ray_train/) after the run has finished. Default: deleted once model/ is written (they hold
+    # the optimizer state too: several times the model per run); a run cut off keeps them for
+    # --resume either way.
     keep_checkpoints: bool = False
 
 
