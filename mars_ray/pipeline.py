@@ -122,29 +122,15 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
 def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
     if resume:
         return
-    used = run_dir.exists() and any(run_dir.iterdir())
-    if used and not cfg.output.overwrite:
-        raise RunDirError(
-            f"{run_dir} is not empty; resume it with `mars-ray train --resume {run_dir}`, choose another "
+    atomic.prepare_output_dir(
+        run_dir,
+        overwrite=cfg.output.overwrite,
+        owned=("epochs", "ray_train", "data", MODEL_DIR, METRICS_JSONL, METRICS_CSV, SUMMARY_FILE, CONFIG_FILENAME),
+        in_use=lambda d: RunDirError(
+            f"{d} is not empty; resume it with `mars-ray train --resume {d}`, choose another "
             "--output.dir, or pass --output.overwrite true to replace it"
-        )
-    if used:
-        for name in (
-            "epochs",
-            "ray_train",
-            "data",
-            MODEL_DIR,
-            METRICS_JSONL,
-            METRICS_CSV,
-            SUMMARY_FILE,
-            CONFIG_FILENAME,
-        ):
-            p = run_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+        ),
+    )
 
 
 def _load_data(cfg: Config, run_dir: Path, resume: bool, log) -> dict[str, pa.Table]:

@@ -176,3 +176,20 @@ def test_move_dir_across_file_systems_on_a_full_disk_keeps_both_sides(tmp_path, 
     with pytest.raises(FileNotFoundError):
         atomic.move_dir(tmp_path / "missing", target)
     assert (target / "m" / "b.bin").exists()
+
+
+def test_prepare_output_dir_refuses_a_used_dir_and_overwrites_only_what_it_owns(tmp_path):
+    """One helper for `train` and `align` (they had a copy each): a non-empty directory is refused
+    unless overwrite; with it, only the command's own entries go."""
+    from mars_ray.core.atomic import prepare_output_dir
+
+    out = tmp_path / "run"
+    prepare_output_dir(out, overwrite=False, owned=("model",), in_use=lambda d: ValueError(f"{d} in use"))
+    assert out.is_dir()
+    (out / "model").mkdir()
+    (out / "model" / "w.bin").write_text("x")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="run in use"):
+        prepare_output_dir(out, overwrite=False, owned=("model",), in_use=lambda d: ValueError(f"{d} in use"))
+    prepare_output_dir(out, overwrite=True, owned=("model", "metrics.jsonl"), in_use=ValueError)
+    assert not (out / "model").exists() and (out / "notes.txt").read_text() == "mine"

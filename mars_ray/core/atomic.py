@@ -231,3 +231,22 @@ def _copy_tree(src: Path, tmp: Path, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def prepare_output_dir(
+    path: Path, *, overwrite: bool, owned: tuple[str, ...], in_use: Callable[[Path], Exception]
+) -> None:
+    """Make ``path`` ready for a new run of a command: a non-empty directory is refused with
+    ``in_use(path)`` unless ``overwrite``; with it, the entries the command writes (``owned``) are
+    removed and anything else a user put there is left alone. Creates the directory."""
+    used = path.exists() and any(path.iterdir())
+    if used and not overwrite:
+        raise in_use(path)
+    if used:
+        for name in owned:
+            p = path / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    path.mkdir(parents=True, exist_ok=True)

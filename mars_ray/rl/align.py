@@ -367,14 +367,10 @@ def _prepare_dir(cfg: Config, out: Path, resume: bool) -> None:
         if not (out / "config.yaml").exists() or not (out / PROMPTS_FILE).exists():
             raise AlignDirError(f"{out}: not a mars-ray align directory (no config.yaml + {PROMPTS_FILE}) to resume")
         return
-    used = out.exists() and any(out.iterdir())
-    if used and not cfg.output.overwrite:
-        raise AlignDirError(
-            f"{out} is not empty; resume it with `mars-ray align --resume {out}`, choose another "
-            "--output.dir, or pass --output.overwrite true to replace it"
-        )
-    if used:
-        for name in (
+    atomic.prepare_output_dir(
+        out,
+        overwrite=cfg.output.overwrite,
+        owned=(
             PROMPTS_FILE,
             METRICS_FILE,
             SUMMARY_FILE,
@@ -385,13 +381,12 @@ def _prepare_dir(cfg: Config, out: Path, resume: bool) -> None:
             "worker_info.json",
             "config.yaml",
             "prompt_info.json",
-        ):
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        ),
+        in_use=lambda d: AlignDirError(
+            f"{d} is not empty; resume it with `mars-ray align --resume {d}`, choose another "
+            "--output.dir, or pass --output.overwrite true to replace it"
+        ),
+    )
 
 
 def deploy_reward(cfg: Config, log: Callable[[str], None] = print):
