@@ -6,7 +6,7 @@ Variants, each in its own process, in one run:
 
 - ``host-multinomial``: what ``ragged_decode`` did before: softmax of the logits copied to the host,
   then one ``torch.multinomial`` per row with the row's own generator (a Python loop);
-- ``device-gumbel``: the sampler now (``ragged_decode._sampler``): the nucleus cut as one batched
+- ``device-gumbel``: the sampler now (``ragged_decode.row_sampler``): the nucleus cut as one batched
   sort and a Gumbel-max draw from each row's own generator, on the logits' device.
 
 On this CPU machine both run on the CPU, so this measures the arithmetic and the per-row loop; on
@@ -53,13 +53,13 @@ def _host_multinomial(temperature: float, top_p: float, seeds: list[int]):
 def child(args) -> None:
     import torch
 
-    from mars_ray.generation.ragged_decode import _sampler
+    from mars_ray.generation.ragged_decode import row_sampler
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     logits = torch.randn(args.rows, args.vocab) * 3
     seeds = list(range(args.rows))
-    make = _host_multinomial if args.variant == "host-multinomial" else _sampler
+    make = _host_multinomial if args.variant == "host-multinomial" else row_sampler
     choose = make(1.0, args.top_p, seeds)
     rows = list(range(args.rows))
     choose(logits, rows)  # warm-up

@@ -407,21 +407,14 @@ def test_rloo_full_finetune_without_kl_on_two_workers_against_a_reward_url(
     `rl.kl_coef 0`, `rl.num_workers 2`, rewards from an already running `mars-ray serve`
     (`rl.reward_url`, nothing deployed), `rl.max_failures` reaching Ray Train."""
     import torch
+    from _serve_proc import start_serve
     from transformers import AutoModelForCausalLM
 
     port = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "mars_ray.cli", "serve", "--model", str(tiny_bert_rm_dir)]
-    cmd += ["--serve.port", str(port), "--resources.num_cpus", "1", "--serve.num_cpus", "0.5"]
-    cmd += ["--output.dir", str(tmp_path / "serve")]
-    with log.open("w") as out_f:
-        proc = subprocess.Popen(cmd, env=env, stdout=out_f, stderr=subprocess.STDOUT, start_new_session=True)
+    args = ["--model", str(tiny_bert_rm_dir), "--serve.port", str(port), "--resources.num_cpus", "1"]
+    proc = start_serve([*args, "--serve.num_cpus", "0.5", "--output.dir", str(tmp_path / "serve")], log)
     try:
-        deadline = time.time() + 180
-        while "serving " not in log.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
         assert f"127.0.0.1:{port}" in log.read_text(), log.read_text()[-3000:]
         url = f"http://127.0.0.1:{port}"
         out = tmp_path / "rloo"

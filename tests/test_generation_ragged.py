@@ -283,20 +283,20 @@ def test_sampler_draws_from_the_tempered_nucleus_distribution():
     the logits' device with no host copy of the vocabulary."""
     import torch
 
-    from mars_ray.generation.ragged_decode import _sampler
+    from mars_ray.generation.ragged_decode import row_sampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
     t, n = 0.8, 4000
     want = torch.softmax(logits[0] / t, dim=-1)
     counts = torch.zeros(5)
     for s in range(n):
-        counts[int(_sampler(t, 1.0, [s])(logits, [0])[0])] += 1
+        counts[int(row_sampler(t, 1.0, [s])(logits, [0])[0])] += 1
     freq = counts / n
     assert torch.all((freq - want).abs() < 4 * torch.sqrt(want * (1 - want) / n) + 1e-3), (freq, want)
     # top_p 0.7: token 0 alone holds 0.72, so it is the nucleus; top_p 0.9 adds token 1 (0.92)
-    assert {int(_sampler(t, 0.7, [s])(logits, [0])[0]) for s in range(300)} == {0}
-    assert {int(_sampler(t, 0.9, [s])(logits, [0])[0]) for s in range(300)} == {0, 1}
+    assert {int(row_sampler(t, 0.7, [s])(logits, [0])[0]) for s in range(300)} == {0}
+    assert {int(row_sampler(t, 0.9, [s])(logits, [0])[0]) for s in range(300)} == {0, 1}
     # one generator per row: a row's draw is the same whatever rows share its batch
-    batch = _sampler(1.0, 0.9, [5, 6, 7])(logits.repeat(3, 1), [0, 1, 2])
-    alone = _sampler(1.0, 0.9, [6])(logits, [0])
+    batch = row_sampler(1.0, 0.9, [5, 6, 7])(logits.repeat(3, 1), [0, 1, 2])
+    alone = row_sampler(1.0, 0.9, [6])(logits, [0])
     assert int(batch[1]) == int(alone[0]) and batch.device == logits.device

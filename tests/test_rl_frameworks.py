@@ -556,29 +556,20 @@ def test_the_openrlhf_jobs_serve_command_starts_and_answers_openrlhf(tiny_llama_
         "--resources.num_cpus",
         "2",
     ]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
+    from _serve_proc import start_serve
+
+    assert args[1] == "serve", args
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mars_ray.cli", *args[1:], *local],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_serve([*args[2:], *local], log)
+    try:
+        assert "serving " in log.read_text(), log.read_text()[-3000:]
+        q = _render("qwen2_5", CONV[:-1], "qwen2_5") + CONV[-1]["content"] + "<|im_end|>"
+        body = _get_reward(f"http://127.0.0.1:{port}", {"query": [q], "prompts": [""], "labels": [""]})
+        assert len(body["rewards"]) == 1 and body["extra_logs"]["format_chatml"] == [1.0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
         try:
-            deadline = time.time() + 180
-            while "serving " not in log.read_text() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.5)
-            assert "serving " in log.read_text(), log.read_text()[-3000:]
-            q = _render("qwen2_5", CONV[:-1], "qwen2_5") + CONV[-1]["content"] + "<|im_end|>"
-            body = _get_reward(f"http://127.0.0.1:{port}", {"query": [q], "prompts": [""], "labels": [""]})
-            assert len(body["rewards"]) == 1 and body["extra_logs"]["format_chatml"] == [1.0]
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

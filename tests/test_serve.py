@@ -16,8 +16,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -431,52 +429,35 @@ def test_cli_serve_blocks_prints_url_and_stops_on_sigterm(tiny_bert_rm_dir, tmp_
     within 15 s however the stop signal comes: SIGTERM or SIGINT, to its PID or to its whole
     process group (`kill -- -PGID`, what a supervisor sends a job), every request in flight answered
     or refused with 503, none lost."""
+    from _serve_proc import start_serve
+
     port = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mars_ray.cli",
-        "serve",
-        "--model",
-        str(tiny_bert_rm_dir),
-        "--serve.port",
-        str(port),
-        "--resources.num_cpus",
-        "1",
-        "--serve.num_cpus",
-        "0.5",
-    ]
+    args = ["--model", str(tiny_bert_rm_dir), "--serve.port", str(port), "--resources.num_cpus", "1"]
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 120
-            while "serving " not in log.read_text() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.5)
-            text = log.read_text()
-            assert f"at http://127.0.0.1:{port}" in text, text[-3000:]
-            r = requests.post(f"http://127.0.0.1:{port}/score", json={"prompts": ["p"], "responses": ["r"]}, timeout=30)
-            assert r.status_code == 200 and len(r.json()["rewards"]) == 1
-            # SIGTERM under load: 12 clients that honour Retry-After; every request is answered or
-            # refused (503 while draining, or no connection once the server is gone), none is lost.
-            counts, lost, stop = _sigterm_load(f"http://127.0.0.1:{port}/score", clients=12)
-            time.sleep(2)
-            t0 = time.time()
-            sig = getattr(signal, signame)
-            if target == "group":
-                os.killpg(os.getpgid(proc.pid), sig)
-            else:
-                proc.send_signal(sig)
-            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
-            exit_s = time.time() - t0
-            time.sleep(1)
-            stop()
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    proc = start_serve([*args, "--serve.num_cpus", "0.5"], log, timeout=120)
+    try:
+        text = log.read_text()
+        assert f"at http://127.0.0.1:{port}" in text, text[-3000:]
+        r = requests.post(f"http://127.0.0.1:{port}/score", json={"prompts": ["p"], "responses": ["r"]}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["rewards"]) == 1
+        # SIGTERM under load: 12 clients that honour Retry-After; every request is answered or
+        # refused (503 while draining, or no connection once the server is gone), none is lost.
+        counts, lost, stop = _sigterm_load(f"http://127.0.0.1:{port}/score", clients=12)
+        time.sleep(2)
+        t0 = time.time()
+        sig = getattr(signal, signame)
+        if target == "group":
+            os.killpg(os.getpgid(proc.pid), sig)
+        else:
+            proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        exit_s = time.time() - t0
+        time.sleep(1)
+        stop()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     print(f"\n{signame} to the {target} under load: exit in {exit_s:.1f}s; {dict(counts)}")
     assert "stopped" in log.read_text() and "draining: 1 of 1 replica(s)" in log.read_text()
     assert exit_s < 15, exit_s  # Kubernetes, systemd and Docker send SIGKILL after 10-30 s

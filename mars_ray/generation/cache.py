@@ -220,6 +220,7 @@ class ShardedCache:
                 elif row is not None:
                     self._index.setdefault(row[0], (row[1], row[2]))
                 pos += len(raw) + 1
+            else:  # read to the end: no tail left to retry
                 self._tail_tries.pop(e.name, None)
             self._offsets[e.name] = start + pos
 

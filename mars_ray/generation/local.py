@@ -276,17 +276,17 @@ class _LocalGenerator:
         """Sampled rows through ``model.generate`` in one batch (seq2seq models, and decoders the
         ragged loop cannot run), each row from its own generator: ``generate`` runs greedy, and a
         last logits processor turns each row's scores into its draw (temperature, nucleus, and the
-        Gumbel-max trick of :func:`~mars_ray.generation.ragged_decode._sampler`), after the
+        Gumbel-max trick of :func:`~mars_ray.generation.ragged_decode.row_sampler`), after the
         no-repeat ban. Every row draws once per step from step 0, so its tokens do not depend on the
         rows beside it (``generate``'s own sampling draws a batch from one generator)."""
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        from mars_ray.generation.ragged_decode import _sampler
+        from mars_ray.generation.ragged_decode import row_sampler
 
         p = self.params
         device = getattr(self.model, "device", torch.device("cpu"))
-        choose = _sampler(p.temperature, p.top_p, seeds, device)
+        choose = row_sampler(p.temperature, p.top_p, seeds, device)
         everyone = list(range(len(prompts)))
 
         class _Draw(LogitsProcessor):

@@ -32,7 +32,7 @@ import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["common_prefix_len", "ragged_decode", "ragged_greedy", "supports_ragged_greedy"]
+__all__ = ["common_prefix_len", "ragged_decode", "ragged_greedy", "row_sampler", "supports_ragged_greedy"]
 
 # Generation-config fields that would add logits processors or stopping criteria this path does
 # not apply.
@@ -143,7 +143,7 @@ def ragged_greedy(model: Any, prompts: Sequence[Sequence[int]], caps: Sequence[i
     return ragged_decode(model, prompts, caps, **kw)
 
 
-def _sampler(temperature: float, top_p: float, seeds: Sequence[int], device: Any = "cpu"):
+def row_sampler(temperature: float, top_p: float, seeds: Sequence[int], device: Any = "cpu"):
     """``choose(logits, rows) -> next tokens``: row r samples from softmax(logits / temperature),
     cut to the smallest set of tokens whose probability reaches ``top_p``, with its own generator.
 
@@ -236,7 +236,9 @@ def ragged_decode(
         logits = forward(input_ids=ids, attention_mask=mask, position_ids=pos[:, p:])
         last_pos = pos[:, -1]
         bans = [_NoRepeat(no_repeat_ngram_size, prompts[i]) for i in rows] if no_repeat_ngram_size > 0 else None
-        choose = _sampler(temperature, top_p, [seeds[i] for i in rows], device) if temperature > 0 and seeds else None
+        choose = (
+            row_sampler(temperature, top_p, [seeds[i] for i in rows], device) if temperature > 0 and seeds else None
+        )
         active = list(range(b))  # positions in `rows` of the rows still decoding, in batch order
         while True:
             if bans is not None:
